@@ -1,0 +1,15 @@
+"""Benchmarks: ``scalegen bench NAME``. Each prints a table and returns the figures for --json.
+Numbers and the commands that produced them go to docs/performance.md."""
+from __future__ import annotations
+
+from scalegen.errors import ScalegenError
+
+NAMES = ("saturation",)
+
+
+def run_bench(name: str, overrides: list[str], out_root: str = "runs/bench") -> dict:
+    if name == "saturation":
+        from scalegen.bench.saturation import bench_saturation  # noqa: PLC0415
+
+        return bench_saturation(overrides, out_root)
+    raise ScalegenError(f"unknown benchmark {name!r}; choose from {', '.join(NAMES)}")

@@ -1,0 +1,214 @@
+"""Command line: ``scalegen train | eval | generate | bench | info``.
+
+Errors a user can cause (``ScalegenError``) print one line and exit 2, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from scalegen.errors import ScalegenError
+
+
+def _write_json(path: str | None, data: dict) -> None:
+    if path:
+        p = Path(path)
+        if not p.parent.is_dir():
+            raise ScalegenError(f"cannot write '{path}': folder '{p.parent}' does not exist")
+        p.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    cells = [header] + [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
+
+
+# ---------------------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from scalegen.config import load_config, load_yaml, from_dict, parse_overrides, _deep_merge  # noqa
+    from scalegen.train.loop import train
+
+    if args.resume:
+        if args.config:
+            raise ScalegenError("pass either --config (new run) or --resume (continue a run), not both")
+        if not args.out:
+            raise ScalegenError("--resume needs --out RUN_DIR, the run to continue")
+        cfg_path = Path(args.out) / "config.yaml"
+        if not cfg_path.is_file():
+            raise ScalegenError(f"'{args.out}' has no config.yaml; it is not a run directory (drop --resume)")
+        cfg = from_dict(_deep_merge(load_yaml(cfg_path), parse_overrides(args.overrides)))
+    else:
+        cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    out = args.out or cfg.train.out_dir
+    if not args.out and not args.resume and Path(out).exists():
+        stem = Path(args.config).stem if args.config else "oracle-default"
+        out = str(Path(out).parent / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    t0 = time.perf_counter()
+    ckpt = train(cfg, out, resume=args.resume)
+    print(f"trained {cfg.train.max_steps} steps in {time.perf_counter() - t0:.0f} s; checkpoint: {ckpt}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from scalegen.priors import build_world
+    from scalegen.train.model import build_model, load_run
+
+    cfg, text_encoder, model, ckpt = load_run(args.ckpt)
+    if cfg.prior.name != "oracle":
+        raise ScalegenError(f"'{args.ckpt}' was trained with prior {cfg.prior.name}; oracle metrics need an "
+                            "oracle-world run (use `scalegen eval clip` for real priors)")
+    from scalegen.eval.oracle import evaluate_oracle
+
+    world = build_world(cfg)
+    t0 = time.perf_counter()
+    res = evaluate_oracle(cfg, model, text_encoder, world, max_prompts=args.max_prompts)
+    res["checkpoint"] = str(ckpt)
+    res["eval_s"] = time.perf_counter() - t0
+    if args.baseline:
+        import torch
+
+        torch.manual_seed(cfg.train.seed)
+        _, init_model = build_model(cfg)
+        base = evaluate_oracle(cfg, init_model.eval(), text_encoder, world, max_prompts=args.max_prompts)
+        res["untrained"] = {k: {m: base[k][m] for m in ("psnr", "iou", "color_error")} for k in base}
+    rows = [[split, r["psnr"], r["iou"], r["color_error"], r["n_prompts"]]
+            for split, r in res.items() if split in ("seen", "unseen")]
+    if "untrained" in res:
+        rows += [[f"untrained/{k}", r["psnr"], r["iou"], r["color_error"], "-"] for k, r in res["untrained"].items()]
+    print(_table(rows, ["split", "PSNR (dB)", "mask IoU", "colour err", "prompts"]))
+    print(f"({res['eval_s']:.0f} s, checkpoint {ckpt})")
+    _write_json(args.json, res)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from scalegen.data.prompts import read_corpus
+    from scalegen.export.mesh import FORMATS, export_prompt
+    from scalegen.train.model import load_run
+
+    if bool(args.prompt) == bool(args.prompts):
+        raise ScalegenError("give exactly one of --prompt TEXT or --prompts FILE")
+    if args.prompt is not None and not args.prompt.strip():
+        raise ScalegenError("--prompt is empty; describe the asset, e.g. --prompt 'a large red cube'")
+    t_load = time.perf_counter()
+    cfg, text_encoder, model, _ = load_run(args.ckpt)
+    t_load = time.perf_counter() - t_load
+    if args.prompt:
+        jobs = [(args.prompt, Path(args.out))]
+    else:
+        out_dir = Path(args.out)
+        if out_dir.suffix.lower() in FORMATS:
+            raise ScalegenError("with --prompts, --out must be a folder (one asset per prompt)")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        prompts = read_corpus(args.prompts, split=args.split)
+        jobs = [(p, out_dir / f"{i:04d}_{_slug(p)}.{args.format}") for i, p in enumerate(prompts)]
+    for prompt, path in jobs:
+        info = export_prompt(model, text_encoder, prompt, path, cfg.render.bound, args.resolution)
+        print(f"{info['path']}: {info['vertices']} vertices, {info['faces']} faces in {info['total_s']:.2f} s "
+              f"(generator {info['generate_s'] * 1000:.0f} ms, SDF grid + marching cubes {info['mesh_s']:.2f} s, "
+              f"write {info['write_s']:.2f} s)")
+    print(f"(checkpoint loaded in {t_load:.1f} s)")
+    return 0
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "prompt"
+
+
+def cmd_info(args) -> int:
+    from scalegen.config import load_config
+    from scalegen.train.model import build_model
+
+    cfg = load_config(args.config, args.overrides)
+    _, model = build_model(cfg)
+    groups = {name: sum(p.numel() for p in ps) for name, ps in model.generator.param_groups().items()}
+    params = {"generator": sum(p.numel() for p in model.generator.parameters()),
+              "background": sum(p.numel() for p in model.background.parameters()),
+              **{f"generator.{k}": v for k, v in groups.items()}}
+    batch = cfg.data.prompts_per_step
+    res = {"params": params, "prompts_per_step_per_process": batch,
+           "images_per_step_per_process": batch * cfg.camera.views_per_prompt}
+    print(_table([[k, f"{v:,}"] for k, v in params.items()], ["module", "parameters"]))
+    print(f"effective batch per process: {batch} prompts x {cfg.camera.views_per_prompt} views "
+          f"(multiply by the number of processes under accelerate launch)")
+    _write_json(args.json, res)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from scalegen.bench import run_bench
+
+    res = run_bench(args.name, args.overrides, out_root=args.out)
+    _write_json(args.json, res)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="scalegen", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a generator (no arguments: the embedded oracle-world default)")
+    p.add_argument("--config", help="YAML experiment file (configs/...)")
+    p.add_argument("--out", help="run directory (default: train.out_dir)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="oracle-world metrics of a run (PSNR, mask IoU, colour error)")
+    p.add_argument("--ckpt", required=True, help="run directory or checkpoint folder")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--baseline", action="store_true", help="also evaluate the untrained generator")
+    p.add_argument("--max-prompts", type=int, default=None, help="per split (default: eval.max_prompts)")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("generate", help="export a mesh (GLB/OBJ/PLY) for a prompt, no optimisation")
+    p.add_argument("--ckpt", required=True, help="run directory or checkpoint folder")
+    p.add_argument("--prompt", help="one prompt")
+    p.add_argument("--prompts", help="a corpus file: one asset per prompt")
+    p.add_argument("--split", default="test", help="split of a JSON corpus (default: test)")
+    p.add_argument("--out", required=True, help="output file (.glb/.obj/.ply), or folder with --prompts")
+    p.add_argument("--format", default="glb", choices=["glb", "obj", "ply"], help="with --prompts")
+    p.add_argument("--resolution", type=int, default=128, help="marching-cubes grid (default 128)")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("info", help="parameter counts and effective batch of a config")
+    p.add_argument("--config", help="YAML experiment file")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("bench", help="benchmarks (numbers for docs/performance.md)")
+    p.add_argument("name", help="saturation")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--out", default="runs/bench", help="folder for the benchmark's runs")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
+    p.set_defaults(fn=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ScalegenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue a training run with `scalegen train --out RUN_DIR --resume`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,404 @@
+"""Typed experiment schema.
+
+Every key has a typed default here; YAML files under ``configs/`` and ``key=value`` overrides
+only change values. An unknown key or a value of the wrong type is a ``ConfigError`` that names
+the key (and the closest valid keys), so a typo can never silently fall back to a default.
+
+Scheduled weights (``Schedule``) are either a number or ``[start_step, start_value, end_value,
+end_step]`` (threestudio's order, linear in between). Step values below 1.0 are fractions of
+``train.max_steps``, so a config keeps its shape when the budget changes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from scalegen.errors import ConfigError
+
+Schedule = Union[float, list]
+
+
+def schedule_value(value: Schedule, step: int, max_steps: int) -> float:
+    """Evaluate a ``Schedule`` at ``step``."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    s0, v0, v1, s1 = value
+    s0 = s0 * max_steps if s0 < 1.0 else s0
+    s1 = s1 * max_steps if s1 < 1.0 else s1
+    if step <= s0:
+        return float(v0)
+    if step >= s1:
+        return float(v1)
+    return float(v0 + (v1 - v0) * (step - s0) / max(s1 - s0, 1e-9))
+
+
+@dataclass
+class WorldConfig:
+    """The procedural oracle world: prompts are `a <size> <color> <shape>`."""
+
+    colors: list[str] = field(default_factory=lambda: ["red", "green", "blue", "yellow", "purple", "orange"])
+    shapes: list[str] = field(default_factory=lambda: ["sphere", "cube", "cylinder", "cone", "torus"])
+    sizes: list[str] = field(default_factory=lambda: ["small", "large"])
+    n_unseen: int = 10  # attribute combinations held out of training (every attribute stays seen)
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    prompts: str = "oracle"  # "oracle" (the world's seen prompts) or a corpus file (JSON/TXT/CSV)
+    split: str = "train"
+    prompts_per_step: int = 8  # per process
+    shards: Optional[str] = None  # webdataset shards with cached text embeddings
+
+
+@dataclass
+class CameraConfig:
+    """ScaleDreamer's Stable Diffusion camera distribution, plus the evaluation orbit."""
+
+    views_per_prompt: int = 4
+    share_across_prompts: bool = True  # one camera set per step: grid features computed once
+    resolution: int = 32
+    elevation_range: list[float] = field(default_factory=lambda: [-10.0, 45.0])
+    sphere_uniform_fraction: float = 0.5  # half the elevations uniform on the sphere, half in degrees
+    distance_range: list[float] = field(default_factory=lambda: [1.0, 1.5])
+    fovy_range: list[float] = field(default_factory=lambda: [40.0, 70.0])
+    eval_elevation: float = 15.0
+    eval_distance: float = 1.5
+    eval_fovy: float = 60.0
+    eval_views: int = 8
+    eval_resolution: int = 64
+
+
+@dataclass
+class TextConfig:
+    encoder: Literal["bow"] = "bow"  # offline token-hash bag of words (oracle world)
+    dim: int = 128
+    max_tokens: int = 16
+
+
+@dataclass
+class OracleConfig:
+    sharpness: float = 0.1  # s: per-component std of the pixel-space Gaussian mixture
+    mode: Literal["camera_aware", "view_agnostic"] = "camera_aware"
+    n_uncond: int = 16  # components of the unconditional mixture (prompts), own prompt always in
+    n_fixed_views: int = 8  # view-agnostic mode: renders per prompt from fixed cameras
+    samples: int = 48  # ground-truth proposal samples per ray (SDF only)
+    importance_samples: int = 32  # ground-truth samples composited (midpoint rule)
+
+
+@dataclass
+class PriorConfig:
+    name: Literal["oracle"] = "oracle"
+    oracle: OracleConfig = field(default_factory=OracleConfig)
+
+
+@dataclass
+class GeneratorConfig:
+    name: Literal["hyper_ingp"] = "hyper_ingp"
+    # Multi-resolution hash grid shared by all prompts (paper: 16 x 2, 2^19, 16 -> 4096).
+    hash_levels: int = 8
+    hash_features: int = 2
+    hash_log2_size: int = 16
+    hash_base_resolution: int = 16
+    hash_max_resolution: int = 256
+    # Per-prompt bias-free MLPs emitted by the hypernetwork.
+    mlp_hidden: int = 64
+    hyper_hidden: int = 64
+    hyper_out_gain: float = 1.0  # xavier gain of the hypernetwork's last layer
+    sdf_radius: float = 0.5  # SDF bias |x| - r: every prompt starts as this sphere
+    backend: Literal["torch", "tcnn"] = "torch"
+
+
+@dataclass
+class RenderConfig:
+    bound: float = 0.75  # scene box half-size; near/far are this box's ray intersections
+    samples: int = 32  # stratified proposal samples per ray
+    importance_samples: int = 32
+    composite: Literal["fine", "all"] = "fine"  # fine: only importance samples carry gradients
+    uniform_mix: float = 0.2  # share of the importance pdf that is uniform along the ray
+    beta: float = 1.0 / 30.0  # VolSDF Laplace scale (ScaleDreamer: fixed, 1/30)
+    near_min: float = 0.05
+    normal_eps: float = 0.01
+    eikonal_points: int = 4096  # ray samples per step used for the eikonal term
+    background: Literal["env", "solid"] = "env"
+    bg_random_prob: float = 0.0  # random solid-colour background augmentation (SD runs: 0.2)
+
+
+@dataclass
+class DistillConfig:
+    name: Literal["sds", "asd"] = "sds"
+    guidance_scale: float = 7.5
+    weighting: Literal["sds", "uniform"] = "sds"  # w(t) = 1 - alphabar_t, or 1
+    t_range_start: list[float] = field(default_factory=lambda: [0.50, 0.98])
+    t_range_end: list[float] = field(default_factory=lambda: [0.02, 0.50])
+    t_anneal_steps: float = 1.0  # steps of the linear anneal (below 1.0: fraction of max_steps)
+    t_per: Literal["image", "prompt"] = "image"  # SD: per image; MVDream: per view group
+    asd_eta: float = 0.1  # dt = floor(U(0,1) * eta * (t - t_min_now))
+
+
+@dataclass
+class LossConfig:
+    distill: float = 1.0
+    eikonal: Schedule = 0.1
+    sparsity: Schedule = 0.0
+    opacity_entropy: Schedule = 0.0
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "adamw"] = "adam"
+    lr: float = 1e-3  # every generator parameter group not named in group_lr
+    group_lr: dict[str, float] = field(default_factory=lambda: {"grid": 1e-2})  # per-module rates
+    lr_background: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: Optional[float] = 1.0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 400
+    seed: int = 0
+    out_dir: str = "runs/default"
+    log_every: int = 10
+    val_every: int = 200
+    ckpt_every: int = 100
+    keep_ckpts: int = 2
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    logger: Literal["wandb", "none"] = "wandb"
+    wandb_project: str = "scalegen"
+    progress: bool = True
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+
+
+@dataclass
+class EvalConfig:
+    samples: int = 32
+    importance_samples: int = 32
+    max_prompts: int = 0  # per split; 0 = all
+
+
+@dataclass
+class Config:
+    world: WorldConfig = field(default_factory=WorldConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    camera: CameraConfig = field(default_factory=CameraConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides and validation
+
+
+def _keys(cls) -> list[str]:
+    """All dotted keys of a config dataclass (for 'did you mean')."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += [f"{f.name}.{k}" for k in _keys(tp)]
+        else:
+            out.append(f.name)
+    return out
+
+
+def _unknown(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}; `scalegen train --print-config` lists every key")
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert where it is lossless."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, a, value)
+            except ConfigError as e:
+                errors.append(str(e))
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in args if a is not type(None))
+        raise ConfigError(f"config key '{key}' must be {names}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        if args:
+            return {_coerce(f"{key}", args[0], k): _coerce(f"{key}.{k}", args[1], v) for k, v in value.items()}
+        return value
+    if origin in (list, tuple) or tp in (list, tuple):
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        if args:
+            return [_coerce(f"{key}[{i}]", args[0], v) for i, v in enumerate(value)]
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, data: dict, prefix: str, valid: list[str]):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            raise _unknown(prefix + str(k), valid)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name] or {}, prefix + f.name + ".", valid)
+        else:
+            kwargs[f.name] = _coerce(prefix + f.name, tp, data[f.name])
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, new: dict) -> dict:
+    out = dict(base)
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train.max_steps=10", "distill.name=asd"]`` -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value, e.g. train.max_steps=100")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; pass a YAML file such as configs/oracle/default.yaml")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}; fix the syntax and retry") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def from_dict(data: dict) -> Config:
+    cfg = _build(Config, data, "", _keys(Config))
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, validated."""
+    data = load_yaml(path) if path else {}
+    if overrides:
+        data = _deep_merge(data, parse_overrides(overrides))
+    return from_dict(data)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-key checks that types alone cannot express."""
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    c = cfg.camera
+    need(len(c.elevation_range) == 2 and c.elevation_range[0] <= c.elevation_range[1],
+         "camera.elevation_range must be [low, high] in degrees")
+    need(len(c.distance_range) == 2 and 0 < c.distance_range[0] <= c.distance_range[1],
+         "camera.distance_range must be [low, high] with 0 < low <= high")
+    need(len(c.fovy_range) == 2 and 0 < c.fovy_range[0] <= c.fovy_range[1] < 180,
+         "camera.fovy_range must be [low, high] degrees inside (0, 180)")
+    need(c.views_per_prompt >= 1, "camera.views_per_prompt must be at least 1")
+    need(c.resolution >= 8, "camera.resolution must be at least 8 pixels")
+    need(cfg.data.prompts_per_step >= 1, "data.prompts_per_step must be at least 1")
+    need(cfg.render.samples >= 2, "render.samples must be at least 2")
+    need(cfg.render.importance_samples >= 0, "render.importance_samples must be >= 0")
+    need(cfg.render.beta > 0, "render.beta must be positive")
+    need(cfg.render.bound > 0, "render.bound must be positive")
+    for name in ("t_range_start", "t_range_end"):
+        r = getattr(cfg.distill, name)
+        need(len(r) == 2 and 0.0 <= r[0] <= r[1] <= 1.0, f"distill.{name} must be [low, high] fractions of T in [0, 1]")
+    need(cfg.distill.guidance_scale >= 0, "distill.guidance_scale must be >= 0")
+    need(len(cfg.optim.betas) == 2, "optim.betas must be [beta1, beta2]")
+    need(cfg.train.max_steps >= 1, "train.max_steps must be at least 1")
+    need(cfg.prior.oracle.sharpness > 0, "prior.oracle.sharpness must be positive")
+    need(cfg.generator.hash_max_resolution >= cfg.generator.hash_base_resolution,
+         "generator.hash_max_resolution must be >= generator.hash_base_resolution")
+    w = cfg.world
+    need(len(w.colors) >= 2 and len(w.shapes) >= 2 and len(w.sizes) >= 1,
+         "world needs at least 2 colors, 2 shapes and 1 size")
+    n_total = len(w.colors) * len(w.shapes) * len(w.sizes)
+    need(0 <= w.n_unseen <= n_total // 2, f"world.n_unseen must be between 0 and {n_total // 2} for this grammar")
+    for key in ("eikonal", "sparsity", "opacity_entropy"):
+        v = getattr(cfg.loss, key)
+        need(isinstance(v, (int, float)) or (isinstance(v, list) and len(v) == 4),
+             f"loss.{key} must be a number or [start_step, start_value, end_value, end_step]")

@@ -1,0 +1,28 @@
+"""Generators: text condition (+ noise) -> a batch of per-prompt 3D fields.
+
+Interface: ``forward(cond: TextCond, z=None) -> Field`` where ``Field.query(points [P, N, 3])``
+returns ``sdf [B, N]`` and ``rgb [B, N, 3]`` (P == 1 broadcasts shared points to every prompt),
+``Field.sdf(points)`` returns the SDF alone, and ``param_groups()`` names parameter groups for
+per-module learning rates (``optim.group_lr``).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from scalegen.generators.hyper_ingp import HyperINGP, HyperINGPField
+
+
+def build_generator(cfg, text_dim: int) -> nn.Module:
+    """``cfg`` is the whole ``Config``; ``generator.name`` picks the class."""
+    g = cfg.generator
+    if g.name == "hyper_ingp":
+        return HyperINGP(
+            text_dim=text_dim, bound=cfg.render.bound, hash_levels=g.hash_levels, hash_features=g.hash_features,
+            hash_log2_size=g.hash_log2_size, hash_base_resolution=g.hash_base_resolution,
+            hash_max_resolution=g.hash_max_resolution, mlp_hidden=g.mlp_hidden, hyper_hidden=g.hyper_hidden,
+            hyper_out_gain=g.hyper_out_gain, sdf_radius=g.sdf_radius, backend=g.backend,
+        )
+    raise AssertionError(f"unhandled generator {g.name}")  # config validation prevents this
+
+
+__all__ = ["HyperINGP", "HyperINGPField", "build_generator"]

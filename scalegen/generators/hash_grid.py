@@ -1,0 +1,140 @@
+"""Multi-resolution hash grid encoding (Instant-NGP) in pure PyTorch.
+
+Level l has resolution ``N_l = floor(N_min * b^l)`` with ``b = exp((ln N_max - ln N_min)/(L-1))``.
+A level whose ``(N_l + 1)^3`` vertices fit the table is indexed densely (one entry per vertex,
+exact at grid vertices); finer levels hash vertex ``(x, y, z)`` to
+``(x*1 ^ y*2654435761 ^ z*805459861) mod T``. Features are trilinearly interpolated from the 8
+corners and concatenated over levels: ``[N, L*F]``.
+
+Speed on CPU: the corner indices are built per axis and combined (8 cheap int32 ops on [N, L]
+tensors instead of materialising [N, L, 8, 3]); a custom autograd function walks the points in
+cache-sized chunks, gathers with ``index_select`` and scatters gradients with ``index_add_``
+(much faster than advanced indexing), and rebuilds indices in the backward pass instead of
+storing them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+_PRIMES = (1, 2654435761 - 2**32, 805459861)  # iNGP's primes as wrapped int32
+
+
+class _HashEncode(torch.autograd.Function):
+    """Trilinear hash-grid features, computed over cache-sized chunks of points.
+
+    Corner indices and weights are rebuilt per chunk (they are cheap integer arithmetic) instead
+    of being kept for the backward pass, which would cost 96 bytes per point and level."""
+
+    @staticmethod
+    def forward(ctx, table: Tensor, x: Tensor, grid: "HashGrid", chunk: int) -> Tensor:
+        out = table.new_empty(x.shape[0], grid.n_levels, table.shape[1])
+        for s in range(0, x.shape[0], chunk):
+            idx, w = grid.corner_indices(x[s:s + chunk])
+            acc = None
+            for c in range(8):
+                v = table.index_select(0, idx[c].reshape(-1)).view(*idx.shape[1:], -1).mul_(w[c].unsqueeze(-1))
+                acc = v if acc is None else acc.add_(v)
+            out[s:s + chunk] = acc
+        ctx.save_for_backward(x)
+        ctx.grid, ctx.chunk, ctx.shape = grid, chunk, table.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (x,) = ctx.saved_tensors
+        grad_table = grad_out.new_zeros(ctx.shape)
+        f = ctx.shape[1]
+        for s in range(0, x.shape[0], ctx.chunk):
+            idx, w = ctx.grid.corner_indices(x[s:s + ctx.chunk])
+            g = grad_out[s:s + ctx.chunk]
+            contrib = (g.unsqueeze(0) * w.unsqueeze(-1)).reshape(-1, f)
+            grad_table.index_add_(0, idx.reshape(-1).long(), contrib)  # int32 index_add_ is ~30x slower
+        return grad_table, None, None, None
+
+
+class HashGrid(nn.Module):
+    def __init__(self, n_levels: int = 16, n_features: int = 2, log2_size: int = 19,
+                 base_resolution: int = 16, max_resolution: int = 4096, init_scale: float = 1e-4):
+        super().__init__()
+        self.n_levels, self.n_features = n_levels, n_features
+        self.table_size = 2**log2_size
+        b = math.exp((math.log(max_resolution) - math.log(base_resolution)) / max(n_levels - 1, 1))
+        res = [int(math.floor(base_resolution * b**level)) for level in range(n_levels)]
+        dense = [(r + 1) ** 3 <= self.table_size for r in res]
+        # Dense levels use exactly (r+1)^3 rows; hashed levels use T rows.
+        sizes = [(r + 1) ** 3 if d else self.table_size for r, d in zip(res, dense)]
+        offsets = [0]
+        for s in sizes:
+            offsets.append(offsets[-1] + s)
+        # int32 keys: hashing wraps like iNGP's uint32 arithmetic and the table offsets fit easily.
+        assert offsets[-1] < 2**31, "hash grid too large for int32 indices"
+        self.register_buffer("resolution", torch.tensor(res, dtype=torch.int32), persistent=False)
+        self.register_buffer("dense", torch.tensor(dense), persistent=False)
+        self.register_buffer("level_offset", torch.tensor(offsets[:-1], dtype=torch.int32), persistent=False)
+        self.hash_mask = self.table_size - 1
+        self.table = nn.Parameter(torch.empty(offsets[-1], n_features).uniform_(-init_scale, init_scale))
+
+    @property
+    def out_dim(self) -> int:
+        return self.n_levels * self.n_features
+
+    def corner_indices(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Table rows and trilinear weights of the 8 corners of ``x`` [N, 3] in [0, 1]: [8, N, L]."""
+        res = self.resolution
+        pos = x.unsqueeze(1) * res.view(1, -1, 1).to(x.dtype)  # [N, L, 3]
+        p0 = pos.floor()
+        frac = pos - p0
+        p0 = p0.int()
+        r1 = res + 1
+        dense_mult = (r1 * r1, r1, torch.ones_like(r1))
+        keys_dense, keys_hash, weights = [], [], []
+        for d in range(3):
+            lo = p0[..., d]
+            corners = (lo, lo + 1)
+            keys_dense.append([c * dense_mult[d] for c in corners])
+            keys_hash.append([c * _PRIMES[d] for c in corners])
+            weights.append((1.0 - frac[..., d], frac[..., d]))
+        idx, w = [], []
+        for c in range(8):
+            i, j, k = (c >> 2) & 1, (c >> 1) & 1, c & 1
+            kd = keys_dense[0][i] + keys_dense[1][j] + keys_dense[2][k]
+            kh = keys_hash[0][i] ^ keys_hash[1][j] ^ keys_hash[2][k]
+            key = torch.where(self.dense, kd, kh & self.hash_mask)  # dense keys are < (r+1)^3 already
+            idx.append(key + self.level_offset)
+            w.append(weights[0][i] * weights[1][j] * weights[2][k])
+        return torch.stack(idx), torch.stack(w)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Encode points ``x`` [N, 3] in [0, 1]^3 (clamped) -> features [N, L*F]."""
+        x = x.detach().clamp(0.0, 1.0).to(self.table.dtype)
+        out = _HashEncode.apply(self.table, x, self, 32768)
+        return out.reshape(x.shape[0], self.out_dim)
+
+
+class TCNNHashGrid(nn.Module):
+    """Optional tiny-cuda-nn backend (CUDA only). Same interface as ``HashGrid``.
+
+    Untested on our CPU-only CI; selected with ``generator.backend=tcnn``.
+    """
+
+    def __init__(self, n_levels: int, n_features: int, log2_size: int, base_resolution: int,
+                 max_resolution: int, init_scale: float = 1e-4):
+        super().__init__()
+        import tinycudann as tcnn  # noqa: PLC0415 - optional dependency
+
+        b = math.exp((math.log(max_resolution) - math.log(base_resolution)) / max(n_levels - 1, 1))
+        self.encoding = tcnn.Encoding(3, {
+            "otype": "HashGrid", "n_levels": n_levels, "n_features_per_level": n_features,
+            "log2_hashmap_size": log2_size, "base_resolution": base_resolution, "per_level_scale": b,
+        })
+        self.n_levels, self.n_features = n_levels, n_features
+
+    @property
+    def out_dim(self) -> int:
+        return self.n_levels * self.n_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.encoding(x.clamp(0.0, 1.0)).float()

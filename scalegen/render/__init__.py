@@ -1,0 +1,26 @@
+"""Renderers: a batch of fields + cameras -> images (VolSDF), and backgrounds."""
+from __future__ import annotations
+
+from torch import nn
+
+from scalegen.render.background import EnvironmentBackground, SolidBackground
+from scalegen.render.volsdf import RenderOutput, VolSDFRenderer
+
+
+def build_renderer(cfg) -> VolSDFRenderer:
+    r = cfg.render
+    return VolSDFRenderer(bound=r.bound, samples=r.samples, importance_samples=r.importance_samples,
+                          beta=r.beta, near_min=r.near_min, normal_eps=r.normal_eps,
+                          eikonal_points=r.eikonal_points, composite=r.composite,
+                          uniform_mix=r.uniform_mix)
+
+
+def build_background(cfg, text_dim: int) -> nn.Module:
+    r = cfg.render
+    if r.background == "env":
+        return EnvironmentBackground(text_dim, random_prob=r.bg_random_prob)
+    return SolidBackground(text_dim, random_prob=r.bg_random_prob)
+
+
+__all__ = ["VolSDFRenderer", "RenderOutput", "EnvironmentBackground", "SolidBackground",
+           "build_renderer", "build_background"]

@@ -1,0 +1,20 @@
+"""Text encoders: frozen maps from prompts to conditions for the generators.
+
+``build_text_encoder(cfg)`` maps ``text.encoder`` to a constructor; every encoder returns a
+``TextCond`` and carries an ``id`` (recorded in shard manifests and checkpoints).
+"""
+from __future__ import annotations
+
+from scalegen.text.base import TextCond, TextEncoder
+from scalegen.text.bow import BagOfWordsEncoder
+
+
+def build_text_encoder(cfg) -> TextEncoder:
+    """``cfg`` is the whole ``Config``."""
+    t = cfg.text
+    if t.encoder == "bow":
+        return BagOfWordsEncoder(dim=t.dim, max_tokens=t.max_tokens)
+    raise AssertionError(f"unhandled text encoder {t.encoder}")  # config validation prevents this
+
+
+__all__ = ["TextCond", "TextEncoder", "BagOfWordsEncoder", "build_text_encoder"]

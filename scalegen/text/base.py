@@ -1,0 +1,44 @@
+"""The text-condition container and the encoder interface."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TextCond:
+    """Frozen text condition of a batch of prompts.
+
+    ``pooled`` [B, D] is the global embedding (Hyper-iNGP, 3DConv-Net); ``tokens`` [B, L, D] the
+    per-token embeddings (Triplane-Transformer, cross-attention) with ``mask`` [B, L] (True = real).
+    """
+
+    pooled: Tensor
+    tokens: Tensor
+    mask: Tensor
+
+    def __len__(self) -> int:
+        return self.pooled.shape[0]
+
+    def to(self, device) -> "TextCond":
+        return TextCond(self.pooled.to(device), self.tokens.to(device), self.mask.to(device))
+
+    def index(self, idx) -> "TextCond":
+        return TextCond(self.pooled[idx], self.tokens[idx], self.mask[idx])
+
+    @staticmethod
+    def cat(conds: list["TextCond"]) -> "TextCond":
+        return TextCond(torch.cat([c.pooled for c in conds]), torch.cat([c.tokens for c in conds]),
+                        torch.cat([c.mask for c in conds]))
+
+
+class TextEncoder:
+    """Interface: ``encode(prompts) -> TextCond``; ``dim``; ``id`` (stable identifier)."""
+
+    dim: int
+    id: str
+
+    def encode(self, prompts: list[str]) -> TextCond:  # pragma: no cover - interface
+        raise NotImplementedError

@@ -1,0 +1,276 @@
+"""The training loop (accelerate), in the shape of accelerate's examples:
+
+    prompts -> text cond -> generator -> fields -> render [B*V images] -> prior.encode -> distiller
+            + eikonal / sparsity / opacity-entropy regularisers -> backward -> clip -> step
+
+Runs on one CPU, one GPU or many GPUs (``accelerate launch train.py --config ...``). Seeds are
+``train.seed + rank``; data order is a function of (seed, epoch, rank); checkpoints hold weights,
+optimizer, data position and RNG, so ``--resume`` continues exactly where a run stopped (on CPU,
+the losses after resume equal those of an uninterrupted run; tested).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import imageio.v3 as iio
+import torch
+
+from scalegen.config import Config, schedule_value
+from scalegen.data.cameras import orbit_cameras, sample_train_cameras
+from scalegen.data.prompts import PromptSampler, read_corpus
+from scalegen.distill import build_distiller
+from scalegen.errors import CheckpointError, ConfigError, TrainingError
+from scalegen.priors import build_prior, build_world
+from scalegen.render import build_renderer
+from scalegen.render.images import image_grid
+from scalegen.train.checkpoint import (latest_checkpoint, load_training_state, load_weights, rng_state,
+                                       save_checkpoint, set_rng_state)
+from scalegen.train.logger import MetricLogger
+from scalegen.train.model import build_model
+
+
+def build_optimizer(cfg: Config, model, distiller) -> torch.optim.Optimizer:
+    """Adam/AdamW with one parameter group per generator module (``optim.group_lr``), the
+    background, and any parameters the distiller owns."""
+    o = cfg.optim
+    named = model.generator.param_groups()
+    unknown = set(o.group_lr) - set(named)
+    if unknown:
+        raise ConfigError(f"optim.group_lr names unknown group(s) {sorted(unknown)}; "
+                          f"{cfg.generator.name} has groups {sorted(named)}")
+    groups = [{"params": ps, "lr": o.group_lr.get(name, o.lr), "name": name} for name, ps in named.items()]
+    groups.append({"params": list(model.background.parameters()), "lr": o.lr_background, "name": "background"})
+    for name, ps, lr in getattr(distiller, "param_groups", lambda: [])():
+        groups.append({"params": ps, "lr": lr, "name": f"distill_{name}"})
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def training_prompts(cfg: Config, world) -> list[str]:
+    if cfg.data.prompts == "oracle":
+        if world is None:
+            raise ConfigError("data.prompts=oracle needs prior.name=oracle; give a corpus file for other priors")
+        return world.seen
+    prompts = read_corpus(cfg.data.prompts, cfg.data.split)
+    if world is not None:
+        for p in prompts:
+            world.parse(p)  # fails with a clear message for prompts outside the oracle world
+    return prompts
+
+
+def regularisers(cfg: Config, out, step: int) -> tuple[torch.Tensor, dict]:
+    m = cfg.train.max_steps
+    total = out.rgb.new_zeros(())
+    logs = {}
+    lam = schedule_value(cfg.loss.eikonal, step, m)
+    if lam > 0 and out.eikonal is not None:
+        total = total + lam * out.eikonal
+        logs["eikonal"] = out.eikonal.item()
+    lam = schedule_value(cfg.loss.sparsity, step, m)
+    if lam > 0:
+        sparsity = (out.opacity.pow(2) + 0.01).sqrt().mean()
+        total = total + lam * sparsity
+        logs["sparsity"] = sparsity.item()
+    lam = schedule_value(cfg.loss.opacity_entropy, step, m)
+    if lam > 0:
+        o = out.opacity.clamp(1e-4, 1 - 1e-4)
+        ent = -(o * o.log() + (1 - o) * (1 - o).log()).mean()
+        total = total + lam * ent
+        logs["opacity_entropy"] = ent.item()
+    return total, logs
+
+
+class Validator:
+    """Renders a fixed set of prompts on the evaluation orbit into a PNG grid (ground truth rows
+    interleaved in the oracle world). Uses no randomness, so it never perturbs a run's RNG."""
+
+    def __init__(self, cfg: Config, world, prior, prompts: list[str]):
+        c = cfg.camera
+        self.cams = orbit_cameras(4, c.eval_elevation, c.eval_distance, c.eval_fovy, c.eval_resolution)
+        if world is not None:
+            self.prompts = world.seen[:3] + world.unseen[:3]
+        else:
+            self.prompts = prompts[:6]
+        self.world, self.prior, self.cfg = world, prior, cfg
+        self.renderer = build_renderer(cfg).eval()
+
+    @torch.no_grad()
+    def __call__(self, model, text_encoder, path: Path):
+        was_training = model.training
+        model.eval()
+        field, bg = model(text_encoder.encode(self.prompts))
+        out = self.renderer(field, self.cams, background=bg, samples=self.cfg.eval.samples,
+                            importance_samples=self.cfg.eval.importance_samples)
+        pred = out.rgb.view(len(self.prompts), -1, *out.rgb.shape[1:])
+        rows = []
+        gt = None
+        if self.world is not None:
+            ids = [self.world.index(p) for p in self.prompts]
+            gt = self.prior.render(ids, self.cams)
+        for i in range(len(self.prompts)):
+            rows.append(pred[i])
+            if gt is not None:
+                rows.append(gt[i])
+        grid = image_grid(rows)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        iio.imwrite(path, grid)
+        model.train(was_training)
+        return grid
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
+    """Train (or resume) a run in ``run_dir``; returns the last checkpoint's path."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs  # noqa: PLC0415 - slow import
+
+    run_dir = Path(run_dir)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.render.bg_random_prob > 0)
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(),
+                      kwargs_handlers=[ddp])
+    rank, world_size, main = acc.process_index, acc.num_processes, acc.is_main_process
+
+    ckpt = None
+    if resume:
+        if not run_dir.is_dir():
+            raise CheckpointError(f"run directory '{run_dir}' does not exist; drop --resume to start a new run")
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None and main:
+            print(f"no checkpoint in {run_dir} yet: starting from step 0")
+    elif latest_checkpoint(run_dir) is not None:
+        raise CheckpointError(f"'{run_dir}' already holds checkpoints; pass --resume to continue it or choose "
+                              "another --out")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    acc.wait_for_everyone()
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    text_encoder, model = build_model(cfg)
+    world = build_world(cfg) if cfg.prior.name == "oracle" else None
+    prompts = training_prompts(cfg, world)
+    prior = build_prior(cfg, world)
+    distiller = build_distiller(cfg, prior)
+    renderer = build_renderer(cfg).train()
+    optimizer = build_optimizer(cfg, model, distiller)
+    sampler = PromptSampler(prompts, cfg.data.prompts_per_step, seed=cfg.train.seed, rank=rank,
+                            world_size=world_size)
+    start = 0
+    if ckpt is not None:
+        weights = load_weights(ckpt)
+        model.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("model.")})
+        if hasattr(distiller, "load_state_dict"):
+            distiller.load_state_dict({k[9:]: v for k, v in weights.items() if k.startswith("distiller.")})
+        opt_state, rng, state = load_training_state(ckpt)
+        optimizer.load_state_dict(opt_state)
+        sampler.load_state_dict(state["data"][str(rank)] if str(rank) in state["data"] else state["data"]["0"])
+        start = int(state["step"])
+        set_rng_state(rng["ranks"].get(str(rank), rng["ranks"]["0"]) if "ranks" in rng else rng)
+    else:
+        torch.manual_seed(cfg.train.seed + rank)
+    model, optimizer = acc.prepare(model, optimizer)
+    raw_model = acc.unwrap_model(model)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    logger = MetricLogger(run_dir, cfg, enabled=main, resume_step=start)
+    validator = Validator(cfg, world, prior, prompts) if main else None
+    text_cache: dict[str, object] = {}
+    prior_text_cache: dict[str, torch.Tensor] = {}
+    v = cfg.camera.views_per_prompt
+    max_steps = cfg.train.max_steps
+
+    def encode(batch: list[str]):
+        missing = [p for p in batch if p not in text_cache]
+        if missing:
+            c = text_encoder.encode(missing)
+            for i, p in enumerate(missing):
+                text_cache[p] = c.index(slice(i, i + 1))
+            pt = prior.text_embeddings(missing)
+            for i, p in enumerate(missing):
+                prior_text_cache[p] = pt[i:i + 1]
+        from scalegen.text import TextCond  # noqa: PLC0415
+
+        cond = TextCond.cat([text_cache[p] for p in batch]).to(acc.device)
+        return cond, torch.cat([prior_text_cache[p] for p in batch])
+
+    bar = None
+    if main and cfg.train.progress:
+        from tqdm.auto import tqdm  # noqa: PLC0415
+
+        bar = tqdm(total=max_steps, initial=start, desc="train", dynamic_ncols=True, unit="step")
+    last = ckpt
+    step_time = None
+    try:
+        for step in range(start, max_steps):
+            t0 = time.perf_counter()
+            batch = sampler.next_batch()
+            cond, prior_text = encode(batch)
+            with acc.autocast():
+                field, background = model(cond)
+                cams = sample_train_cameras(cfg.camera, len(batch)).to(acc.device)
+                lam_eik = schedule_value(cfg.loss.eikonal, step, max_steps)
+                out = renderer(field, cams, background=background, with_eikonal=lam_eik > 0)
+                latents = prior.encode(out.rgb)
+            loss_d, dlogs = distiller(latents, prior_text.repeat_interleave(v), cams.expand(len(batch)), step)
+            reg, rlogs = regularisers(cfg, out, step)
+            loss = cfg.loss.distill * loss_d + reg
+            if not torch.isfinite(loss):
+                raise TrainingError(f"loss is {loss.item()} at step {step}: training diverged; lower the "
+                                    "learning rates or resume from the last checkpoint")
+            optimizer.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            grad_norm = None
+            if cfg.optim.grad_clip:
+                grad_norm = acc.clip_grad_norm_(params, cfg.optim.grad_clip)
+            optimizer.step()
+            if hasattr(distiller, "update"):
+                dlogs.update(distiller.update(latents.detach(), prior_text.repeat_interleave(v),
+                                              cams.expand(len(batch)), step))
+            done = step + 1
+            dt = time.perf_counter() - t0
+            step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
+            if main and (done % cfg.train.log_every == 0 or done == max_steps or done == start + 1):
+                metrics = {"loss": loss.item(), "loss_distill": loss_d.item(), "opacity": out.opacity.mean().item(),
+                           "step_s": dt, **{f"distill/{k}": x for k, x in dlogs.items()}, **rlogs}
+                if grad_norm is not None:
+                    metrics["param_grad_norm"] = float(grad_norm)
+                logger.log(done, metrics)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3g}", opacity=f"{out.opacity.mean().item():.2f}",
+                                s_per_step=f"{step_time:.2f}")
+            if validator is not None and (done % cfg.train.val_every == 0 or done == max_steps):
+                grid = validator(raw_model, text_encoder, run_dir / "val" / f"step_{done:07d}.png")
+                logger.log_image(done, "val/grid", grid)
+            if done % cfg.train.ckpt_every == 0 or done == max_steps:
+                last = _save(acc, run_dir, done, raw_model, optimizer, distiller, sampler, cfg)
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+    return last
+
+
+def _save(acc, run_dir: Path, step: int, model, optimizer, distiller, sampler, cfg: Config) -> Path:
+    """Gather every rank's data position and RNG, then write one checkpoint from the main rank."""
+    data = {str(acc.process_index): sampler.state_dict()}
+    rng = {str(acc.process_index): rng_state()}
+    if acc.num_processes > 1:
+        import torch.distributed as dist  # noqa: PLC0415
+
+        gathered: list = [None] * acc.num_processes
+        dist.all_gather_object(gathered, (data, rng))
+        data, rng = {}, {}
+        for d, r in gathered:
+            data.update(d)
+            rng.update(r)
+    path = run_dir / "checkpoints" / f"step_{step:07d}"
+    if acc.is_main_process:
+        state = {f"model.{k}": t for k, t in model.state_dict().items()}
+        if hasattr(distiller, "state_dict"):
+            state.update({f"distiller.{k}": t for k, t in distiller.state_dict().items()})
+        path = save_checkpoint(run_dir, step, state, optimizer.state_dict(),
+                               {"data": data, "world_size": acc.num_processes}, {"ranks": rng},
+                               keep=cfg.train.keep_ckpts)
+    acc.wait_for_everyone()
+    return path

@@ -1,0 +1,57 @@
+"""The trainable 3D part of a run (generator + background) and how to rebuild it from a
+checkpoint. Everything a checkpoint's ``model.safetensors`` holds lives in ``SceneModel``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from scalegen.config import Config, from_dict, load_yaml
+from scalegen.errors import CheckpointError
+from scalegen.generators import build_generator
+from scalegen.render import build_background
+from scalegen.text import TextCond, build_text_encoder
+from scalegen.train.checkpoint import load_weights, resolve_checkpoint, run_dir_of
+
+
+class SceneModel(nn.Module):
+    def __init__(self, generator: nn.Module, background: nn.Module):
+        super().__init__()
+        self.generator, self.background = generator, background
+
+    def forward(self, cond: TextCond):
+        """(field, background) of a batch of prompts. Called through the (possibly DDP-wrapped)
+        module so distributed gradient sync sees a forward pass."""
+        return self.generator(cond), self.background.bind(cond)
+
+
+def build_model(cfg: Config):
+    """(text encoder, SceneModel) freshly initialised from ``cfg``."""
+    text_encoder = build_text_encoder(cfg)
+    model = SceneModel(build_generator(cfg, text_encoder.dim), build_background(cfg, text_encoder.dim))
+    return text_encoder, model
+
+
+def load_run(path: str | Path):
+    """(cfg, text encoder, model in eval mode, checkpoint path) from a run dir or checkpoint."""
+    ckpt = resolve_checkpoint(path)
+    cfg_path = run_dir_of(ckpt) / "config.yaml"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"'{cfg_path}' is missing; a run directory needs the config.yaml that "
+                              "`scalegen train` writes")
+    cfg = from_dict(load_yaml(cfg_path))
+    text_encoder, model = build_model(cfg)
+    state = {k[len("model."):]: v for k, v in load_weights(ckpt).items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint '{ckpt}' does not match its config (missing {list(missing)[:3]}, "
+                              f"unexpected {list(unexpected)[:3]}); was config.yaml edited?")
+    return cfg, text_encoder, model.eval(), ckpt
+
+
+@torch.no_grad()
+def field_for(model: SceneModel, text_encoder, prompts: list[str]):
+    """Fields and backgrounds of ``prompts`` (inference)."""
+    cond = text_encoder.encode(prompts)
+    return model(cond)

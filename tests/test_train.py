@@ -1,0 +1,101 @@
+"""The training loop: exact resume, one batched prior call per step, atomic checkpoints."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY
+from scalegen.config import load_config
+from scalegen.errors import CheckpointError
+from scalegen.train.loop import train
+
+
+def _losses(run):
+    return {json.loads(x)["step"]: json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()}
+
+
+def test_resume_is_exact(tmp_path, monkeypatch):
+    extra = ["train.log_every=1", "train.val_every=1000", "train.ckpt_every=2", "train.max_steps=5"]
+    full = tmp_path / "full"
+    train(load_config(None, TINY + extra), full)
+    # Same run, killed during step 4 (after the step-2 checkpoint), then resumed.
+    import scalegen.train.loop as loop
+
+    real, calls = loop.sample_train_cameras, []
+
+    def crash_on_fourth(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "sample_train_cameras", crash_on_fourth)
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, TINY + extra), part)
+    monkeypatch.setattr(loop, "sample_train_cameras", real)
+    train(load_config(None, TINY + extra), part, resume=True)
+    assert _losses(full) == _losses(part)
+    a = load_file(str(full / "checkpoints" / "step_0000005" / "model.safetensors"))
+    b = load_file(str(part / "checkpoints" / "step_0000005" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refuses_to_overwrite_and_resume_needs_a_run(tmp_path):
+    cfg = load_config(None, TINY + ["train.max_steps=1"])
+    train(cfg, tmp_path / "r")
+    with pytest.raises(CheckpointError, match="--resume"):
+        train(cfg, tmp_path / "r")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train(cfg, tmp_path / "nope", resume=True)
+
+
+def test_one_prior_call_per_step(tmp_path, monkeypatch):
+    from scalegen.priors import oracle
+
+    calls = []
+    original = oracle.OraclePrior.predict_eps
+
+    def counting(self, *a, **k):
+        calls.append(1)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(oracle.OraclePrior, "predict_eps", counting)
+    for name in ("sds", "asd"):
+        calls.clear()
+        train(load_config(None, TINY + ["train.max_steps=3", f"distill.name={name}"]), tmp_path / name)
+        assert len(calls) == 3, name
+
+
+def test_checkpoint_is_atomic_and_pruned(tmp_path):
+    run = tmp_path / "r"
+    train(load_config(None, TINY + ["train.max_steps=3", "train.ckpt_every=1", "train.keep_ckpts=2"]), run)
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["latest", "step_0000002", "step_0000003"]
+    assert (run / "checkpoints" / "latest").read_text() == "step_0000003"
+    # A half-written checkpoint (crash during save) is ignored: resume uses the last complete one.
+    (run / "checkpoints" / ".tmp-step_0000004-1").mkdir()
+    from scalegen.train.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(run).name == "step_0000003"
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "scalegen.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "train.max_step=3"], "did you mean 'train.max_steps'"),
+    (["train", "--config", "missing.yaml"], "does not exist"),
+    (["eval", "--ckpt", "no/such/run"], "does not exist"),
+    (["generate", "--ckpt", "no/such/run", "--prompt", "a red cube", "--out", "x.glb"], "does not exist"),
+    (["train", "--resume", "--out", "no/such/run"], "not a run directory"),
+])
+def test_bad_input_is_one_line_without_traceback(args, needle, tmp_path):
+    r = _cli(*args, cwd=tmp_path)
+    assert r.returncode == 2
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
