@@ -77,9 +77,10 @@ class CameraConfig:
 
 @dataclass
 class TextConfig:
-    encoder: Literal["bow"] = "bow"  # offline token-hash bag of words (oracle world)
-    dim: int = 128
-    max_tokens: int = 16
+    encoder: Literal["bow", "clip"] = "bow"  # bow: offline token-hash bag of words (oracle world)
+    dim: int = 128  # bow only (CLIP's width comes from its weights)
+    max_tokens: int = 16  # bow only (CLIP: 77)
+    model: str = "stabilityai/stable-diffusion-2-1-base"  # clip: diffusers folder or hub id
 
 
 @dataclass

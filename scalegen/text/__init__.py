@@ -14,6 +14,12 @@ def build_text_encoder(cfg) -> TextEncoder:
     t = cfg.text
     if t.encoder == "bow":
         return BagOfWordsEncoder(dim=t.dim, max_tokens=t.max_tokens)
+    if t.encoder == "clip":
+        import torch  # noqa: PLC0415
+
+        from scalegen.text.clip import CLIPTextEncoder  # noqa: PLC0415 - needs the [sd] extra
+
+        return CLIPTextEncoder(t.model, device="cuda" if torch.cuda.is_available() else "cpu")
     raise AssertionError(f"unhandled text encoder {t.encoder}")  # config validation prevents this
 
 
