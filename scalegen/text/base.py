@@ -42,3 +42,12 @@ class TextEncoder:
 
     def encode(self, prompts: list[str]) -> TextCond:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+# View-dependent prompting (DreamFusion / threestudio): the prior sees "<prompt>, <view> view".
+VIEWS = ("front", "side", "back", "overhead")
+
+
+def view_prompt(prompt: str, view: str) -> str:
+    """The view-dependent variant of ``prompt`` for ``view`` in ``VIEWS``."""
+    return f"{prompt}, {view} view"
