@@ -78,12 +78,13 @@ def cmd_eval(args) -> int:
         torch.manual_seed(cfg.train.seed)
         _, init_model = build_model(cfg)
         base = evaluate_oracle(cfg, init_model.eval(), text_encoder, world, max_prompts=args.max_prompts)
-        res["untrained"] = {k: {m: base[k][m] for m in ("psnr", "iou", "color_error")} for k in base}
-    rows = [[split, r["psnr"], r["iou"], r["color_error"], r["n_prompts"]]
+        res["untrained"] = {k: {m: base[k][m] for m in ("psnr", "psnr_fg", "iou", "color_error")} for k in base}
+    rows = [[split, r["psnr"], r["psnr_fg"], r["iou"], r["color_error"], r["n_prompts"]]
             for split, r in res.items() if split in ("seen", "unseen")]
     if "untrained" in res:
-        rows += [[f"untrained/{k}", r["psnr"], r["iou"], r["color_error"], "-"] for k, r in res["untrained"].items()]
-    print(_table(rows, ["split", "PSNR (dB)", "mask IoU", "colour err", "prompts"]))
+        rows += [[f"untrained/{k}", r["psnr"], r["psnr_fg"], r["iou"], r["color_error"], "-"]
+                 for k, r in res["untrained"].items()]
+    print(_table(rows, ["split", "PSNR (dB)", "PSNR fg", "mask IoU", "colour err", "prompts"]))
     print(f"({res['eval_s']:.0f} s, checkpoint {ckpt})")
     _write_json(args.json, res)
     return 0

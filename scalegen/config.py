@@ -161,6 +161,9 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: Optional[float] = 1.0
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1
+    warmup_steps: float = 0.0  # linear warm-up (below 1.0: fraction of max_steps)
 
 
 @dataclass

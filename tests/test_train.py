@@ -18,7 +18,8 @@ def _losses(run):
 
 
 def test_resume_is_exact(tmp_path, monkeypatch):
-    extra = ["train.log_every=1", "train.val_every=1000", "train.ckpt_every=2", "train.max_steps=5"]
+    extra = ["train.log_every=1", "train.val_every=1000", "train.ckpt_every=2", "train.max_steps=5",
+             "optim.lr_schedule=cosine", "optim.warmup_steps=2"]
     full = tmp_path / "full"
     train(load_config(None, TINY + extra), full)
     # Same run, killed during step 4 (after the step-2 checkpoint), then resumed.
@@ -99,3 +100,17 @@ def test_bad_input_is_one_line_without_traceback(args, needle, tmp_path):
     assert r.returncode == 2
     assert needle in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_wandb_offline_logging(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: must fall back to offline mode
+    from scalegen.train.logger import wandb_mode
+
+    assert wandb_mode() == "offline"
+    run = tmp_path / "r"
+    train(load_config(None, TINY + ["train.max_steps=2", "train.logger=wandb", "train.val_every=2"]), run)
+    assert list((run / "wandb").glob("offline-run-*")), "an offline wandb run should be written"
+    assert (run / "val" / "step_0000002.png").is_file()

@@ -10,6 +10,7 @@ the losses after resume equal those of an uninterrupted run; tested).
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -57,6 +58,16 @@ def training_prompts(cfg: Config, world) -> list[str]:
         for p in prompts:
             world.parse(p)  # fails with a clear message for prompts outside the oracle world
     return prompts
+
+
+def lr_factor(cfg: Config, step: int) -> float:
+    """Learning-rate multiplier at ``step``: a pure function of the step, so resume is exact."""
+    o, m = cfg.optim, cfg.train.max_steps
+    warm = o.warmup_steps * m if o.warmup_steps < 1.0 else o.warmup_steps
+    f = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+    if o.lr_schedule == "cosine":
+        f *= o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(step / m, 1.0)))
+    return f
 
 
 def regularisers(cfg: Config, out, step: int) -> tuple[torch.Tensor, dict]:
@@ -154,6 +165,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
     distiller = build_distiller(cfg, prior)
     renderer = build_renderer(cfg).train()
     optimizer = build_optimizer(cfg, model, distiller)
+    base_lr = [g["lr"] for g in optimizer.param_groups]  # before a resumed state overwrites them
     sampler = PromptSampler(prompts, cfg.data.prompts_per_step, seed=cfg.train.seed, rank=rank,
                             world_size=world_size)
     start = 0
@@ -219,6 +231,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
                                     "learning rates or resume from the last checkpoint")
             optimizer.zero_grad(set_to_none=True)
             acc.backward(loss)
+            factor = lr_factor(cfg, step)
+            for group, lr in zip(optimizer.param_groups, base_lr):
+                group["lr"] = lr * factor
             grad_norm = None
             if cfg.optim.grad_clip:
                 grad_norm = acc.clip_grad_norm_(params, cfg.optim.grad_clip)
