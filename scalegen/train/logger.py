@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ class MetricLogger:
                 raise ConfigError("train.logger=wandb needs the wandb package: pip install wandb, "
                                   "or set train.logger=none") from None
             id_file = run_dir / "wandb_id.txt"
-            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
             id_file.write_text(run_id)
             self.wandb = wandb.init(project=cfg.train.wandb_project, dir=str(run_dir), id=run_id,
                                     resume="allow", name=run_dir.name, config=cfg.to_dict(),
