@@ -30,7 +30,7 @@ def _table(rows: list[list], header: list[str]) -> str:
 
 # ---------------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
-    from scalegen.config import load_config, load_yaml, from_dict, parse_overrides, _deep_merge  # noqa
+    from scalegen.config import load_config, load_run_config
     from scalegen.train.loop import train
 
     if args.resume:
@@ -41,7 +41,7 @@ def cmd_train(args) -> int:
         cfg_path = Path(args.out) / "config.yaml"
         if not cfg_path.is_file():
             raise ScalegenError(f"'{args.out}' has no config.yaml; it is not a run directory (drop --resume)")
-        cfg = from_dict(_deep_merge(load_yaml(cfg_path), parse_overrides(args.overrides)))
+        cfg = load_run_config(args.out, args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
     if args.print_config:

@@ -360,6 +360,14 @@ def from_dict(data: dict) -> Config:
     return cfg
 
 
+def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
+    """The saved ``config.yaml`` of a run directory, with ``key=value`` overrides on top."""
+    data = load_yaml(Path(run_dir) / "config.yaml")
+    if overrides:
+        data = _deep_merge(data, parse_overrides(overrides))
+    return from_dict(data)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- ``key=value`` overrides, validated."""
     data = load_yaml(path) if path else {}

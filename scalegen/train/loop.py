@@ -25,6 +25,7 @@ from scalegen.errors import CheckpointError, ConfigError, TrainingError
 from scalegen.priors import build_prior, build_world
 from scalegen.render import build_renderer
 from scalegen.render.images import image_grid
+from scalegen.text import TextCond
 from scalegen.train.checkpoint import (latest_checkpoint, load_training_state, load_weights, rng_state,
                                        save_checkpoint, set_rng_state)
 from scalegen.train.logger import MetricLogger
@@ -200,8 +201,6 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
             pt = prior.text_embeddings(missing)
             for i, p in enumerate(missing):
                 prior_text_cache[p] = pt[i:i + 1]
-        from scalegen.text import TextCond  # noqa: PLC0415
-
         cond = TextCond.cat([text_cache[p] for p in batch]).to(acc.device)
         return cond, torch.cat([prior_text_cache[p] for p in batch])
 
