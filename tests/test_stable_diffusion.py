@@ -351,3 +351,17 @@ def test_adan_matches_its_recurrence():
         theta = (theta - lr * upd) / (1 + lr * wd)
         prev = g
         assert torch.allclose(p.detach(), theta, atol=1e-6), k
+
+
+def test_flop_count_uses_the_real_sd21_architecture():
+    """The FLOPs benchmark counts SD 2.1-base's real modules (on the meta device, no weights):
+    parameter counts match the published model and the UNet count is linear in stacked branches."""
+    from scalegen.bench.flops_sd import text_flops, unet_flops, vae_encode_flops
+
+    f1, n_unet = unet_flops(1, latent=16)
+    f3, _ = unet_flops(3, latent=16)
+    assert n_unet == 865_910_724 and f3 == 3 * f1 > 0
+    vf, vb, n_vae = vae_encode_flops(1, resolution=64)
+    assert n_vae == 34_163_664 and 0.8 * vf < vb < 1.2 * vf  # backward to the input only ~ forward
+    tf, n_text = text_flops(1)
+    assert n_text == 340_387_840 and tf > 2 * 0.9 * 300e6 * 77  # ~2 * params * tokens
