@@ -365,3 +365,16 @@ def test_flop_count_uses_the_real_sd21_architecture():
     assert n_vae == 34_163_664 and 0.8 * vf < vb < 1.2 * vf  # backward to the input only ~ forward
     tf, n_text = text_flops(1)
     assert n_text == 340_387_840 and tf > 2 * 0.9 * 300e6 * 77  # ~2 * params * tokens
+
+
+def test_v_prediction_models_are_turned_into_eps(tiny_sd, encoder):
+    """SD 2.1 (768) predicts v; the prior hands distillers eps = a_t v + s_t x_t."""
+    prior = _prior(tiny_sd, encoder, view_dependent=False)
+    ids = prior.text_embeddings(["a lamp"])
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([600])
+    with torch.no_grad():
+        v = _direct_unet(prior, x, t, encoder.encode(["a lamp"]).tokens)
+    prior.prediction_type = "v_prediction"
+    ab = prior.alphas_cumprod[600]
+    eps = prior.predict_eps(x, t, ids, _cams([0.0], [0.0]))
+    assert torch.allclose(eps, ab.sqrt() * v + (1 - ab).sqrt() * x, atol=1e-5)
