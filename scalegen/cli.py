@@ -1,4 +1,4 @@
-"""Command line: ``scalegen train | eval | generate | bench | info``.
+"""Command line: ``scalegen train | eval | generate | bench | info | prior``.
 
 Errors a user can cause (``ScalegenError``) print one line and exit 2, without a traceback.
 """
@@ -154,6 +154,17 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_prior_make_tiny(args) -> int:
+    from scalegen.priors.stable_diffusion import make_tiny_sd
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ScalegenError(f"'{out}' is not empty; give a new folder for the tiny Stable Diffusion")
+    make_tiny_sd(out, seed=args.seed)
+    print(f"wrote a tiny random Stable Diffusion to {out} (use prior.model={out} text.model={out})")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="scalegen", description=__doc__)
@@ -190,8 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(fn=cmd_info)
 
+    p = sub.add_parser("prior", help="prior tools: make-tiny (a tiny random Stable Diffusion for tests)")
+    prior_sub = p.add_subparsers(dest="prior_command", required=True)
+    q = prior_sub.add_parser("make-tiny", help="write a tiny random SD (unet, vae, scheduler, CLIP) in diffusers layout")
+    q.add_argument("--out", required=True, help="new folder")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(fn=cmd_prior_make_tiny)
+
     p = sub.add_parser("bench", help="benchmarks (numbers for docs/performance.md)")
-    p.add_argument("name", help="saturation")
+    p.add_argument("name", help="saturation | flops-sd")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--out", default="runs/bench", help="folder for the benchmark's runs")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")

@@ -95,13 +95,32 @@ class OracleConfig:
 
 @dataclass
 class PriorConfig:
-    name: Literal["oracle"] = "oracle"
+    name: Literal["oracle", "stable_diffusion"] = "oracle"
     oracle: OracleConfig = field(default_factory=OracleConfig)
+    # --- stable_diffusion (scalegen/priors/stable_diffusion.py) ---------------------------------
+    model: str = "stabilityai/stable-diffusion-2-1-base"  # diffusers folder or hub id (unet/ vae/ scheduler/)
+    dtype: Literal["fp16", "bf16", "fp32"] = "fp16"  # UNet + VAE weights (fp32 on CPU)
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the UNet (first steps are slow; GPU only)
+    encode_resolution: int = 512  # render -> bilinear upsample to this -> VAE encode (with grad)
+    latent_resolution: int = 64  # latents are resized to this when the VAE returns another size
+    negative_prompt: str = ""  # the unconditional branch's prompt
+    view_dependent: bool = True  # "<prompt>, <front|side|back|overhead> view" by camera angle
+    front_threshold: float = 30.0  # degrees of azimuth either side of +x that count as front
+    back_threshold: float = 30.0  # degrees either side of -x that count as back
+    overhead_threshold: float = 60.0  # elevation above which a view is overhead
+    perp_neg: float = 0.0  # Perp-Neg strength (0 = off); ScaleDreamer 0.5 (guidance_perp_neg -0.5)
+    perp_neg_f_fs: list[float] = field(default_factory=lambda: [4.0, 0.5, -2.426])  # a e^(-b r) + c
+    perp_neg_f_sf: list[float] = field(default_factory=lambda: [4.0, 0.5, -2.426])
+    perp_neg_f_sb: list[float] = field(default_factory=lambda: [1.0, 0.5, -0.606])
+    perp_neg_f_fsb: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.967])
+    text_cache_size: int = 1024  # prompts whose view-dependent UNet embeddings stay on the device (LRU)
 
 
 @dataclass
 class GeneratorConfig:
-    name: Literal["hyper_ingp"] = "hyper_ingp"
+    # conv3d / triplane_transformer: accepted so configs/sd validate; built by their own issue.
+    name: Literal["hyper_ingp", "conv3d", "triplane_transformer"] = "hyper_ingp"
     # Multi-resolution hash grid shared by all prompts (paper: 16 x 2, 2^19, 16 -> 4096).
     hash_levels: int = 8
     hash_features: int = 2
@@ -153,7 +172,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adam", "adamw"] = "adam"
+    name: Literal["adam", "adamw", "adan"] = "adam"  # adan: 3 betas (ScaleDreamer CP100k: 0.98, 0.92, 0.99)
     lr: float = 1e-3  # every generator parameter group not named in group_lr
     group_lr: dict[str, float] = field(default_factory=lambda: {"grid": 1e-2})  # per-module rates
     lr_background: float = 1e-3
@@ -400,9 +419,21 @@ def validate(cfg: Config) -> None:
         r = getattr(cfg.distill, name)
         need(len(r) == 2 and 0.0 <= r[0] <= r[1] <= 1.0, f"distill.{name} must be [low, high] fractions of T in [0, 1]")
     need(cfg.distill.guidance_scale >= 0, "distill.guidance_scale must be >= 0")
-    need(len(cfg.optim.betas) == 2, "optim.betas must be [beta1, beta2]")
+    if cfg.optim.name == "adan":
+        need(len(cfg.optim.betas) == 3, "optim.betas must be [beta1, beta2, beta3] for adan, e.g. [0.98, 0.92, 0.99]")
+    else:
+        need(len(cfg.optim.betas) == 2, "optim.betas must be [beta1, beta2]")
     need(cfg.train.max_steps >= 1, "train.max_steps must be at least 1")
     need(cfg.prior.oracle.sharpness > 0, "prior.oracle.sharpness must be positive")
+    p = cfg.prior
+    need(p.encode_resolution >= 8 and p.latent_resolution >= 1,
+         "prior.encode_resolution must be >= 8 and prior.latent_resolution >= 1")
+    need(p.text_cache_size >= 1, "prior.text_cache_size must be at least 1")
+    need(p.perp_neg >= 0, "prior.perp_neg must be >= 0 (0 disables Perp-Neg)")
+    need(not (p.perp_neg > 0 and not p.view_dependent),
+         "prior.perp_neg needs prior.view_dependent=true (its negatives are the other views' prompts)")
+    for key in ("perp_neg_f_fs", "perp_neg_f_sf", "perp_neg_f_sb", "perp_neg_f_fsb"):
+        need(len(getattr(p, key)) == 3, f"prior.{key} must be [a, b, c] of a*exp(-b*r)+c")
     need(cfg.generator.hash_max_resolution >= cfg.generator.hash_base_resolution,
          "generator.hash_max_resolution must be >= generator.hash_base_resolution")
     w = cfg.world

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from scalegen.errors import ScalegenError
 
-NAMES = ("saturation",)
+NAMES = ("saturation", "flops-sd")
 
 
 def run_bench(name: str, overrides: list[str], out_root: str = "runs/bench") -> dict:
@@ -12,4 +12,8 @@ def run_bench(name: str, overrides: list[str], out_root: str = "runs/bench") -> 
         from scalegen.bench.saturation import bench_saturation  # noqa: PLC0415
 
         return bench_saturation(overrides, out_root)
+    if name == "flops-sd":
+        from scalegen.bench.flops_sd import bench_flops_sd  # noqa: PLC0415
+
+        return bench_flops_sd(overrides)
     raise ScalegenError(f"unknown benchmark {name!r}; choose from {', '.join(NAMES)}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from scalegen.errors import ConfigError
+
 from scalegen.generators.hyper_ingp import HyperINGP, HyperINGPField
 
 
@@ -22,6 +24,9 @@ def build_generator(cfg, text_dim: int) -> nn.Module:
             hash_max_resolution=g.hash_max_resolution, mlp_hidden=g.mlp_hidden, hyper_hidden=g.hyper_hidden,
             hyper_out_gain=g.hyper_out_gain, sdf_radius=g.sdf_radius, backend=g.backend,
         )
+    if g.name in ("conv3d", "triplane_transformer"):
+        raise ConfigError(f"generator {g.name} is not built yet (it lands with its own issue); use "
+                          "generator.name=hyper_ingp for now")
     raise AssertionError(f"unhandled generator {g.name}")  # config validation prevents this
 
 

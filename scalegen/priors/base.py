@@ -7,6 +7,9 @@ A ``Prior`` exposes:
   ``uncond_like(text) -> text``               the unconditional rows matching ``text``
   ``predict_eps(x_t, t, text, cameras) -> eps``  for a whole stacked batch of branches at once
 Distillers stack every branch of a step (cond/uncond, t/t+dt, ...) into ONE ``predict_eps`` call.
+A prior may add branches of its own inside that call: Stable Diffusion with Perp-Neg returns, for a
+conditional row whose unconditional partner (same prompt, t and x_t) is in the same call, a corrected
+``eps_c'`` such that ``eps_u + s (eps_c' - eps_u)`` is its guided prediction (stable_diffusion.py).
 """
 from __future__ import annotations
 

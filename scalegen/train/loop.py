@@ -45,6 +45,10 @@ def build_optimizer(cfg: Config, model, distiller) -> torch.optim.Optimizer:
     groups.append({"params": list(model.background.parameters()), "lr": o.lr_background, "name": "background"})
     for name, ps, lr in getattr(distiller, "param_groups", lambda: [])():
         groups.append({"params": ps, "lr": lr, "name": f"distill_{name}"})
+    if o.name == "adan":
+        from scalegen.train.adan import Adan  # noqa: PLC0415
+
+        return Adan(groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
     return cls(groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
@@ -162,7 +166,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
     text_encoder, model = build_model(cfg)
     world = build_world(cfg) if cfg.prior.name == "oracle" else None
     prompts = training_prompts(cfg, world)
-    prior = build_prior(cfg, world)
+    prior = build_prior(cfg, world, text_encoder=text_encoder, device=acc.device)  # SD reuses the CLIP tower
     distiller = build_distiller(cfg, prior)
     renderer = build_renderer(cfg).train()
     optimizer = build_optimizer(cfg, model, distiller)

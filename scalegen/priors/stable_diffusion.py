@@ -1,0 +1,426 @@
+"""Stable Diffusion (2.1-base by default) as a frozen prior, through diffusers.
+
+What the trainer sees (``Prior`` interface, see ``base.py``):
+
+* ``encode(rgb)``: the reference path of ScaleDreamer/threestudio: bilinear upsample of the render
+  to ``encode_resolution`` (512), ``2 rgb - 1``, VAE encode WITH grad (a posterior sample), times
+  the VAE's ``scaling_factor`` (0.18215). Gradients reach the render only through the VAE
+  encoder's activations (the VAE's weights are frozen). ``encode_resolution=256`` is the cheap
+  option: 4x fewer VAE FLOPs, latents 32x32 upsampled (bilinear) to ``latent_resolution`` for the
+  UNet; it loses latent detail above 32x32 (docs/performance.md has the numbers).
+* ``text_embeddings(prompts)``: integer ids (one per prompt, stable for the prior's life). The
+  UNet embeddings behind an id (the 4 view-dependent prompts ``view_prompt(p, v)`` for ``v`` in
+  ``VIEWS``, or the plain prompt when ``view_dependent`` is off) are computed once per prompt by
+  the SAME ``CLIPTextEncoder`` that conditions the generator and kept in an LRU on the device;
+  an evicted prompt is re-encoded on its next use. Precomputed embeddings (e.g. from shards) go
+  in through ``text_embeddings(prompts, tokens=...)``. Unconditional rows are ``-1 - id`` and use
+  ``negative_prompt``.
+* ``predict_eps(x_t, t, text, cameras)``: ONE UNet call for every row, with each conditional row's
+  embedding chosen from its camera: threestudio's view-dependent prompting (front if
+  ``|azimuth| < front_threshold``, back if ``|azimuth| > 180 - back_threshold``, overhead if
+  ``elevation > overhead_threshold``, else side; azimuth 0 is +x, counter-clockwise from above).
+
+Perp-Neg (Armandpour et al. 2023, as in threestudio/ScaleDreamer), with ``perp_neg > 0``. The
+positive embedding interpolates between views by azimuth: ``|az| < 90``: ``r = 1 - |az|/90``,
+``pos = r front + (1 - r) side``, negatives (front, side) with weights ``f_fs(r), f_sf(1 - r)``;
+else ``r = 2 - |az|/90``, ``pos = r side + (1 - r) back``, negatives (side, front) with weights
+``f_sb(r), f_fsb(r)``; overhead rows use the overhead prompt and no negatives. ``f(r) = a e^(-b r) + c``
+and each weight is ``w = -perp_neg * f(r)``. A conditional row is *guided* when the same call holds
+an unconditional row of the same prompt at the same ``t`` and ``x_t`` (matched one to one, in
+order, so ASD's ``cond @ t+dt`` stays plain even when dt = 0). For a guided row the prior appends
+its two negative branches to the same UNet batch and returns
+
+    eps_c' = eps_c + sum_i w_i perp(eps_neg_i - eps_u, eps_c - eps_u),
+    perp(x, y) = x - (<x, y> / max(<y, y>, 1e-6)) y            (per image)
+
+so any distiller's CFG ``eps_u + s (eps_c' - eps_u)`` is exactly Perp-Neg guidance
+``eps_u + s (e_pos + sum_i w_i perp(...))``: SDS/ASD stay prior-agnostic and a step is still one
+UNet forward (ASD: cond@t, uncond@t, 2 negatives@t, cond@t+dt = 5 branches).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from scalegen.errors import WeightsError
+from scalegen.priors.base import T, Prior
+from scalegen.text.base import VIEWS, view_prompt
+from scalegen.text.clip import hf_offline
+
+FRONT, SIDE, BACK, OVERHEAD = (VIEWS.index(v) for v in ("front", "side", "back", "overhead"))
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# Perp-Neg weighting functions a * exp(-b r) + c (threestudio's defaults; f_fs(1) = f_sf(1) = 0).
+PERP_NEG_F = {"fs": (4.0, 0.5, -2.426), "sf": (4.0, 0.5, -2.426), "sb": (1.0, 0.5, -0.606), "fsb": (1.0, 0.5, 0.967)}
+
+
+# ---------------------------------------------------------------------------------------------
+# View-dependent prompting and Perp-Neg weights (pure functions of the camera angles)
+
+
+def shift_azimuth(azimuth: Tensor) -> Tensor:
+    """Degrees to [-180, 180)."""
+    return (azimuth + 180.0) % 360.0 - 180.0
+
+
+def view_index(azimuth: Tensor, elevation: Tensor, front: float = 30.0, back: float = 30.0,
+               overhead: float = 60.0) -> Tensor:
+    """Index into ``VIEWS`` per camera (threestudio's rule; later rules win: side < front < back < overhead)."""
+    az = shift_azimuth(azimuth.float())
+    idx = torch.full(az.shape, SIDE, dtype=torch.long, device=az.device)
+    idx[(az > -front) & (az < front)] = FRONT
+    idx[(az > 180.0 - back) | (az < -180.0 + back)] = BACK
+    idx[elevation.float() > overhead] = OVERHEAD
+    return idx
+
+
+def exp_decay(abc, r: Tensor) -> Tensor:
+    a, b, c = abc
+    return a * torch.exp(-b * r) + c
+
+
+def perp_neg_plan(azimuth: Tensor, elevation: Tensor, overhead: float = 60.0, scale: float = 1.0,
+                  f: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per camera: ``mix`` [N, 4] weights of the positive embedding over ``VIEWS``, ``neg_views``
+    [N, 2] indices into ``VIEWS`` and ``neg_w`` [N, 2] = -scale * f(r) (0 for overhead views)."""
+    f = {**PERP_NEG_F, **(f or {})}
+    az = shift_azimuth(azimuth.float()).abs()
+    n = az.shape[0]
+    mix = torch.zeros(n, len(VIEWS))
+    neg_views = torch.zeros(n, 2, dtype=torch.long)
+    neg_w = torch.zeros(n, 2)
+    fs = az < 90.0
+    r = torch.where(fs, 1.0 - az / 90.0, 2.0 - az / 90.0)
+    # front-side: r = 1 is fully front, 0 fully side; side-back: r = 1 is fully side, 0 fully back.
+    mix[:, FRONT] = torch.where(fs, r, 0.0)
+    mix[:, SIDE] = torch.where(fs, 1.0 - r, r)
+    mix[:, BACK] = torch.where(fs, 0.0, 1.0 - r)
+    neg_views[:, 0] = torch.where(fs, FRONT, SIDE)
+    neg_views[:, 1] = torch.where(fs, SIDE, FRONT)
+    neg_w[:, 0] = torch.where(fs, exp_decay(f["fs"], r), exp_decay(f["sb"], r))
+    neg_w[:, 1] = torch.where(fs, exp_decay(f["sf"], 1.0 - r), exp_decay(f["fsb"], r))
+    top = elevation.float() > overhead
+    mix[top] = 0.0
+    mix[top, OVERHEAD] = 1.0
+    neg_w[top] = 0.0
+    return mix, neg_views, -scale * neg_w
+
+
+def perpendicular(x: Tensor, y: Tensor) -> Tensor:
+    """Component of ``x`` perpendicular to ``y``, per image: x - (<x,y> / max(<y,y>, 1e-6)) y."""
+    dims = tuple(range(1, x.dim()))
+    coef = (x * y).sum(dims, keepdim=True) / (y * y).sum(dims, keepdim=True).clamp(min=1e-6)
+    return x - coef * y
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _load_error(model: str, what: str, err: Exception) -> WeightsError:
+    where = ("it is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading"
+             if hf_offline() else "it could not be loaded or downloaded")
+    return WeightsError(
+        f"cannot load the Stable Diffusion {what} from '{model}' ({where}); set prior.model to a diffusers folder with "
+        f"unet/, vae/, scheduler/, text_encoder/ and tokenizer/, e.g. one made by `huggingface-cli download "
+        f"stabilityai/stable-diffusion-2-1-base --local-dir DIR` on a machine with network access "
+        f"({err.__class__.__name__})")
+
+
+def _same_model(a: str, b: str) -> bool:
+    if Path(a).is_dir() and Path(b).is_dir():
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a == b
+
+
+class StableDiffusionPrior(Prior):
+    def __init__(self, model: str = "stabilityai/stable-diffusion-2-1-base", text_encoder=None,
+                 device: str | torch.device = "cpu", dtype: str = "fp16", channels_last: bool = True,
+                 compile: bool = False, encode_resolution: int = 512, latent_resolution: int = 64,
+                 negative_prompt: str = "", view_dependent: bool = True, front_threshold: float = 30.0,
+                 back_threshold: float = 30.0, overhead_threshold: float = 60.0, perp_neg: float = 0.0,
+                 perp_neg_f: dict | None = None, text_cache_size: int = 1024):
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: PLC0415 - [sd] extra
+
+        self.device = torch.device(device)
+        # Half precision on CPU is slow or unsupported for some kernels: CPU runs use fp32.
+        self.dtype = DTYPES[dtype] if self.device.type != "cpu" else torch.float32
+        local = Path(model).is_dir()
+        if local:
+            missing = [s for s in ("unet", "vae", "scheduler") if not (Path(model) / s).is_dir()]
+            if missing:
+                raise WeightsError(f"'{model}' has no {'/, '.join(missing)}/ folder; point prior.model at a diffusers "
+                                   "Stable Diffusion folder (unet/, vae/, scheduler/, text_encoder/, tokenizer/)")
+        offline = hf_offline() or local
+        kw = {"local_files_only": offline}
+        try:
+            self.scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", **kw)
+        except Exception as e:  # noqa: BLE001 - many loader exceptions mean the same to a user
+            raise _load_error(model, "noise schedule", e) from None
+        try:
+            unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=self.dtype, **kw)
+        except Exception as e:  # noqa: BLE001
+            raise _load_error(model, "UNet", e) from None
+        try:
+            vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=self.dtype, **kw)
+        except Exception as e:  # noqa: BLE001
+            raise _load_error(model, "VAE", e) from None
+        if self.scheduler.config.num_train_timesteps != T:
+            raise WeightsError(f"'{model}' has a {self.scheduler.config.num_train_timesteps}-step noise schedule; "
+                               f"scalegen's timestep schedules assume T = {T} (Stable Diffusion's)")
+        self.prediction_type = self.scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise WeightsError(f"'{model}' predicts {self.prediction_type!r}; scalegen supports epsilon and "
+                               "v_prediction Stable Diffusion models")
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.float().clone()
+        # Frozen: eval mode, no parameter needs a gradient (the VAE still passes gradients to its input).
+        self.unet = unet.to(self.device).eval().requires_grad_(False)
+        self.vae = vae.to(self.device).eval().requires_grad_(False)
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        self.channels_last = channels_last
+        self._unet_fn = torch.compile(self.unet) if compile else self.unet
+        self.latent_channels = self.unet.config.in_channels
+        self.scaling = float(getattr(self.vae.config, "scaling_factor", None) or 0.18215)
+        self.encode_resolution, self.latent_resolution = encode_resolution, latent_resolution
+
+        if text_encoder is None:
+            from scalegen.text.clip import CLIPTextEncoder  # noqa: PLC0415
+
+            text_encoder = CLIPTextEncoder(model, device=self.device)
+        if text_encoder.dim != self.unet.config.cross_attention_dim:
+            raise WeightsError(f"the text encoder's width {text_encoder.dim} does not match the UNet's "
+                               f"cross_attention_dim {self.unet.config.cross_attention_dim}; set text.model to the "
+                               "same folder as prior.model")
+        self.text_encoder = text_encoder
+        self.view_dependent = view_dependent
+        self.thresholds = (front_threshold, back_threshold, overhead_threshold)
+        self.perp_neg, self.perp_neg_f = perp_neg, {**PERP_NEG_F, **(perp_neg_f or {})}
+        self.negative_prompt = negative_prompt
+        self.uncond_tokens = self._encode_strings([negative_prompt])[0]  # [L, D]
+        self.cache_size = text_cache_size
+        self._ids: dict[str, int] = {}
+        self._prompts: list[str] = []
+        self._cache: OrderedDict[int, Tensor] = OrderedDict()
+        self.n_calls = 0  # predict_eps calls
+        self.n_text_encodes = 0  # prompts encoded (cache misses), for tests and logs
+
+    # --- image space <-> latents ---------------------------------------------------------------
+    def encode(self, rgb: Tensor) -> Tensor:
+        """rgb [N, 3, h, w] in [0, 1] -> latents [N, 4, latent_resolution, latent_resolution] (with grad)."""
+        r = self.encode_resolution
+        with torch.autocast(self.device.type, enabled=False):
+            x = rgb.float()
+            if x.shape[-2:] != (r, r):
+                x = F.interpolate(x, (r, r), mode="bilinear", align_corners=False)
+            z = self.vae.encode((x * 2.0 - 1.0).to(self.dtype)).latent_dist.sample() * self.scaling
+            z = z.float()
+            if z.shape[-2:] != (self.latent_resolution,) * 2:
+                z = F.interpolate(z, (self.latent_resolution,) * 2, mode="bilinear", align_corners=False)
+        return z
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        img = self.vae.decode((latents / self.scaling).to(self.dtype)).sample.float()
+        return (img * 0.5 + 0.5).clamp(0, 1)
+
+    # --- text ------------------------------------------------------------------------------------
+    def _encode_strings(self, strings: list[str]) -> Tensor:
+        return self.text_encoder.encode(strings).tokens.to(self.device, self.dtype)
+
+    def _views(self, prompt: str) -> list[str]:
+        return [view_prompt(prompt, v) for v in VIEWS] if self.view_dependent else [prompt]
+
+    def text_embeddings(self, prompts: list[str], tokens: Tensor | None = None) -> Tensor:
+        """Ids of ``prompts`` (long [B]); their UNet embeddings are computed now (once per prompt)
+        unless cached. ``tokens`` [B, K, L, D] are precomputed embeddings of ``_views(prompt)``
+        (K = 4 in ``VIEWS`` order with view-dependent prompting, else 1), e.g. read from shards."""
+        ids = []
+        for p in prompts:
+            if p not in self._ids:
+                self._ids[p] = len(self._prompts)
+                self._prompts.append(p)
+            ids.append(self._ids[p])
+        if tokens is not None:
+            k = 4 if self.view_dependent else 1
+            if tokens.dim() != 4 or tokens.shape[:2] != (len(prompts), k):
+                raise WeightsError(f"precomputed text embeddings have shape {tuple(tokens.shape)}, expected "
+                                   f"[{len(prompts)}, {k}, L, D] (views {VIEWS if k == 4 else 'plain'})")
+            for i, t in zip(ids, tokens):
+                self._cache[i] = t.to(self.device, self.dtype)
+                self._cache.move_to_end(i)
+            self._evict()
+        else:
+            self._lookup(ids)
+        return torch.tensor(ids, dtype=torch.long)
+
+    def _lookup(self, ids: list[int]) -> dict[int, Tensor]:
+        """{id: [K, L, D]} for ``ids``, encoding the missing prompts in one text-encoder call."""
+        need = list(dict.fromkeys(ids))
+        missing = [i for i in need if i not in self._cache]
+        if missing:
+            strings = [s for i in missing for s in self._views(self._prompts[i])]
+            tok = self._encode_strings(strings)
+            k = len(strings) // len(missing)
+            self.n_text_encodes += len(missing)
+            for j, i in enumerate(missing):
+                self._cache[i] = tok[j * k:(j + 1) * k]
+        out = {}
+        for i in need:
+            self._cache.move_to_end(i)
+            out[i] = self._cache[i]
+        self._evict()
+        return out
+
+    def _evict(self) -> None:
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    def uncond_like(self, text: Tensor) -> Tensor:
+        return -1 - text.clamp(min=0)
+
+    def prompt_of(self, text_id: int) -> str:
+        return self._prompts[text_id]
+
+    # --- the denoiser ----------------------------------------------------------------------------
+    def _guided_pairs(self, x_t: Tensor, t: Tensor, text: Tensor) -> tuple[list[int], list[int]]:
+        """(cond rows, uncond rows): each conditional row with an unconditional row of the same
+        prompt, t and x_t in this call (one to one, first come first served)."""
+        free: dict[tuple[int, int], list[int]] = {}
+        for j in (text < 0).nonzero().flatten().tolist():
+            free.setdefault((-1 - int(text[j]), int(t[j])), []).append(j)
+        ci, ui = [], []
+        for i in (text >= 0).nonzero().flatten().tolist():
+            cands = free.get((int(text[i]), int(t[i])), [])
+            for j in cands:
+                if torch.equal(x_t[i], x_t[j]):
+                    cands.remove(j)
+                    ci.append(i)
+                    ui.append(j)
+                    break
+        return ci, ui
+
+    def _unet(self, x: Tensor, t: Tensor, emb: Tensor) -> Tensor:
+        x = x.to(self.device, self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = self._unet_fn(x, t.to(self.device), encoder_hidden_states=emb).sample.float()
+        if self.prediction_type == "v_prediction":  # eps = a_t v + s_t x_t
+            ab = self.alphas_cumprod.to(self.device)[t.to(self.device)].view(-1, 1, 1, 1)
+            out = ab.sqrt() * out + (1 - ab).sqrt() * x.float()
+        return out.contiguous()
+
+    @torch.no_grad()
+    def predict_eps(self, x_t: Tensor, t: Tensor, text: Tensor, cameras) -> Tensor:
+        self.n_calls += 1
+        n = x_t.shape[0]
+        text, t = text.cpu(), t.cpu()
+        rows = cameras.rows()
+        az, el = rows.azimuth.reshape(-1).float().cpu(), rows.elevation.reshape(-1).float().cpu()
+        if az.shape[0] != n:
+            raise ValueError(f"predict_eps got {n} rows but {az.shape[0]} cameras")
+        is_cond = text >= 0
+        table = self._lookup(text[is_cond].tolist())
+        emb = self.uncond_tokens.expand(n, *self.uncond_tokens.shape).clone()
+        front, back, overhead = self.thresholds
+        use_pn = self.perp_neg > 0 and self.view_dependent
+        if use_pn:
+            mix, neg_views, neg_w = perp_neg_plan(az, el, overhead, self.perp_neg, self.perp_neg_f)
+        elif self.view_dependent:
+            views = view_index(az, el, front, back, overhead)
+        for i in is_cond.nonzero().flatten().tolist():
+            vd = table[int(text[i])]
+            if use_pn:
+                emb[i] = torch.einsum("k,kld->ld", mix[i].to(vd), vd)
+            else:
+                emb[i] = vd[views[i]] if self.view_dependent else vd[0]
+
+        x_all, t_all, emb_all = [x_t], [t], [emb]
+        ci, ui = [], []
+        if use_pn:
+            ci, ui = self._guided_pairs(x_t, t, text)
+            keep = [k for k, i in enumerate(ci) if bool((neg_w[i] != 0).any())]  # overhead: no negatives
+            ci, ui = [ci[k] for k in keep], [ui[k] for k in keep]
+            if ci:
+                src = torch.tensor(ci).repeat_interleave(2)
+                x_all.append(x_t[src.to(x_t.device)])
+                t_all.append(t[src])
+                emb_all.append(torch.stack([table[int(text[i])][neg_views[i, k]] for i in ci for k in range(2)]))
+        eps_all = self._unet(torch.cat(x_all), torch.cat(t_all), torch.cat(emb_all))
+        eps = eps_all[:n]
+        if ci:
+            c, u = torch.tensor(ci, device=eps.device), torch.tensor(ui, device=eps.device)
+            e_u = eps[u]
+            e_pos = eps[c] - e_u
+            e_neg = eps_all[n:].view(len(ci), 2, *eps.shape[1:]) - e_u[:, None]
+            w = neg_w[ci].to(eps)
+            acc = sum(w[:, k].view(-1, 1, 1, 1) * perpendicular(e_neg[:, k], e_pos) for k in range(2))
+            eps = eps.clone()
+            eps[c] = eps[c] + acc
+        return eps.to(x_t.device, x_t.dtype)
+
+
+def build_sd_prior(cfg, text_encoder=None, device=None) -> StableDiffusionPrior:
+    """The prior of ``cfg.prior``; reuses ``text_encoder`` when it is the same CLIP tower
+    (``text.encoder=clip`` with ``text.model`` = ``prior.model``), so it is loaded once."""
+    p = cfg.prior
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    share = (text_encoder is not None and cfg.text.encoder == "clip" and _same_model(cfg.text.model, p.model))
+    return StableDiffusionPrior(
+        p.model, text_encoder=text_encoder if share else None, device=device, dtype=p.dtype,
+        channels_last=p.channels_last, compile=p.compile, encode_resolution=p.encode_resolution,
+        latent_resolution=p.latent_resolution, negative_prompt=p.negative_prompt, view_dependent=p.view_dependent,
+        front_threshold=p.front_threshold, back_threshold=p.back_threshold, overhead_threshold=p.overhead_threshold,
+        perp_neg=p.perp_neg, text_cache_size=p.text_cache_size,
+        perp_neg_f={"fs": tuple(p.perp_neg_f_fs), "sf": tuple(p.perp_neg_f_sf), "sb": tuple(p.perp_neg_f_sb),
+                    "fsb": tuple(p.perp_neg_f_fsb)})
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny random Stable Diffusion in the real diffusers layout (tests and CPU smoke runs)
+
+
+def make_tiny_sd(out_dir: str | Path, seed: int = 0, text_hidden: int = 32) -> Path:
+    """Write unet/, vae/, scheduler/, text_encoder/, tokenizer/ and model_index.json of a tiny
+    randomly initialised Stable Diffusion (SD 2.x architecture: linear projections, 8x VAE,
+    scaled-linear DDPM betas 0.00085 -> 0.012, epsilon prediction). Built offline; it loads through
+    exactly the ``from_pretrained`` calls real weights take."""
+    import diffusers  # noqa: PLC0415
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel  # noqa: PLC0415
+
+    from scalegen.text.clip import make_tiny_clip  # noqa: PLC0415
+
+    out = Path(out_dir)
+    make_tiny_clip(out, hidden=text_hidden, seed=seed)
+    torch.manual_seed(seed)
+    UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=text_hidden, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32,
+    ).save_pretrained(out / "unet")
+    AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
+        sample_size=64, scaling_factor=0.18215,
+    ).save_pretrained(out / "vae")
+    # SD 2.1-base ships a PNDM config; the prior reads it as DDPM (same betas), like threestudio.
+    PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=T,
+                  prediction_type="epsilon", set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+                  ).save_pretrained(out / "scheduler")
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+             "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
+             "safety_checker": [None, None], "scheduler": ["diffusers", "PNDMScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out
+
+
+__all__ = ["StableDiffusionPrior", "build_sd_prior", "make_tiny_sd", "view_index", "perp_neg_plan",
+           "perpendicular", "shift_azimuth", "exp_decay", "PERP_NEG_F"]
