@@ -187,7 +187,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 400
+    max_steps: int = 300
     seed: int = 0
     out_dir: str = "runs/default"
     log_every: int = 10
