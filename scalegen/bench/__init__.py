@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from scalegen.errors import ScalegenError
 
-NAMES = ("saturation", "flops-sd")
+NAMES = ("saturation", "sharpness", "flops-sd")
 
 
 def run_bench(name: str, overrides: list[str], out_root: str = "runs/bench") -> dict:
@@ -12,6 +12,10 @@ def run_bench(name: str, overrides: list[str], out_root: str = "runs/bench") -> 
         from scalegen.bench.saturation import bench_saturation  # noqa: PLC0415
 
         return bench_saturation(overrides, out_root)
+    if name == "sharpness":
+        from scalegen.bench.sharpness import bench_sharpness  # noqa: PLC0415
+
+        return bench_sharpness(overrides, out_root)
     if name == "flops-sd":
         from scalegen.bench.flops_sd import bench_flops_sd  # noqa: PLC0415
 
