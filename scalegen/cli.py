@@ -112,7 +112,8 @@ def cmd_generate(args) -> int:
         prompts = read_corpus(args.prompts, split=args.split)
         jobs = [(p, out_dir / f"{i:04d}_{_slug(p)}.{args.format}") for i, p in enumerate(prompts)]
     for prompt, path in jobs:
-        info = export_prompt(model, text_encoder, prompt, path, cfg.render.bound, args.resolution)
+        info = export_prompt(model, text_encoder, prompt, path, cfg.render.bound, args.resolution,
+                             0.0 if args.keep_fragments else 0.02)
         print(f"{info['path']}: {info['vertices']} vertices, {info['faces']} faces in {info['total_s']:.2f} s "
               f"(generator {info['generate_s'] * 1000:.0f} ms, SDF grid + marching cubes {info['mesh_s']:.2f} s, "
               f"write {info['write_s']:.2f} s)")
@@ -193,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file (.glb/.obj/.ply), or folder with --prompts")
     p.add_argument("--format", default="glb", choices=["glb", "obj", "ply"], help="with --prompts")
     p.add_argument("--resolution", type=int, default=128, help="marching-cubes grid (default 128)")
+    p.add_argument("--keep-fragments", action="store_true",
+                   help="keep pieces smaller than 2%% of the largest (floaters are dropped by default)")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("info", help="parameter counts and effective batch of a config")

@@ -88,3 +88,27 @@ def test_generate_bad_input(red_run, tmp_path, args, needle):
                        capture_output=True, text=True)
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
     assert not list(tmp_path.glob("*.glb"))
+
+
+def test_floaters_are_dropped_but_real_parts_kept():
+    from scalegen.export.mesh import extract_mesh
+
+    class TwoBallsAndDust:
+        """Two equal balls (a two-part object) and a speck far away."""
+
+        n_prompts = 1
+
+        def sdf(self, p):
+            d1 = (p - torch.tensor([0.3, 0, 0])).norm(dim=-1) - 0.2
+            d2 = (p + torch.tensor([0.3, 0, 0])).norm(dim=-1) - 0.2
+            d3 = (p - torch.tensor([0, 0.6, 0.6])).norm(dim=-1) - 0.03
+            return torch.minimum(torch.minimum(d1, d2), d3)
+
+        def query(self, p):
+            return self.sdf(p), torch.ones(*p.shape[:2], 3)
+
+    v, f, _ = extract_mesh(TwoBallsAndDust(), 0.75, 64)
+    assert np.abs(v[:, 1]).max() < 0.3  # the speck at y = 0.6 is gone
+    assert v[:, 0].min() < -0.4 and v[:, 0].max() > 0.4  # both balls stay
+    v_all, _, _ = extract_mesh(TwoBallsAndDust(), 0.75, 64, min_fragment=0)
+    assert np.abs(v_all[:, 1]).max() > 0.5

@@ -45,9 +45,30 @@ def sdf_grid(field, bound: float, resolution: int) -> torch.Tensor:
     return out
 
 
+def drop_fragments(verts: np.ndarray, faces: np.ndarray, min_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Remove connected pieces with fewer than ``min_fraction`` of the largest piece's faces
+    (floaters: small closed blobs of negative SDF in regions no camera constrained)."""
+    from scipy.sparse import coo_matrix  # noqa: PLC0415
+    from scipy.sparse.csgraph import connected_components  # noqa: PLC0415
+
+    n = len(verts)
+    edges = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]]])
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    _, label = connected_components(graph, directed=False)
+    face_label = label[faces[:, 0]]
+    counts = np.bincount(face_label)
+    keep_faces = counts[face_label] >= min_fraction * counts.max()
+    faces = faces[keep_faces]
+    used = np.unique(faces)
+    remap = np.full(n, -1, dtype=np.int64)
+    remap[used] = np.arange(len(used))
+    return verts[used], remap[faces]
+
+
 @torch.no_grad()
-def extract_mesh(field, bound: float, resolution: int = 128):
-    """(vertices [V, 3] z-up world units, faces [F, 3], colours [V, 3] in [0, 1])."""
+def extract_mesh(field, bound: float, resolution: int = 128, min_fragment: float = 0.02):
+    """(vertices [V, 3] z-up world units, faces [F, 3], colours [V, 3] in [0, 1]).
+    Pieces smaller than ``min_fragment`` of the largest piece are dropped (0 keeps all)."""
     from skimage.measure import marching_cubes  # noqa: PLC0415 - heavy import
 
     grid = sdf_grid(field, bound, resolution).cpu().numpy()
@@ -60,6 +81,8 @@ def extract_mesh(field, bound: float, resolution: int = 128):
     if len(faces) < 4:
         raise ExportError("the extracted mesh is degenerate (fewer than 4 faces); raise --resolution")
     verts = verts - bound
+    if min_fragment > 0:
+        verts, faces = drop_fragments(verts, faces, min_fragment)
     vt = torch.from_numpy(verts.copy()).float()
     colours = _eval_chunks(lambda p: field.query(p)[1], vt).clamp(0, 1).numpy()
     return verts.astype(np.float32), faces.astype(np.int64), colours
@@ -97,14 +120,15 @@ def write_mesh(verts: np.ndarray, faces: np.ndarray, colours: np.ndarray, path: 
     return p
 
 
-def export_prompt(model, text_encoder, prompt: str, path: str | Path, bound: float, resolution: int = 128) -> dict:
+def export_prompt(model, text_encoder, prompt: str, path: str | Path, bound: float, resolution: int = 128,
+                  min_fragment: float = 0.02) -> dict:
     """Generate ``prompt``'s asset and write it; returns timings and sizes."""
     check_output_path(path)
     t0 = time.perf_counter()
     with torch.no_grad():
         field, _ = model(text_encoder.encode([prompt]))
     t1 = time.perf_counter()
-    verts, faces, colours = extract_mesh(field, bound, resolution)
+    verts, faces, colours = extract_mesh(field, bound, resolution, min_fragment)
     t2 = time.perf_counter()
     out = write_mesh(verts, faces, colours, path)
     t3 = time.perf_counter()
