@@ -23,3 +23,18 @@ def test_saturation_bench_json(tmp_path):
 def test_unknown_bench_is_a_clear_error():
     r = subprocess.run([sys.executable, "-m", "scalegen.cli", "bench", "nope"], capture_output=True, text=True)
     assert r.returncode == 2 and "choose from" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_guidance_bench_shows_cfg_vanishing_at_low_t():
+    """The mechanism behind the saturation results: once the unconditional mixture recognises a
+    prompt's class (low t), eps_c - eps_u vanishes and CFG 100 no longer pushes colours; at high t
+    it does. Both distillers pull a colour error back toward the ground truth."""
+    from scalegen.bench.guidance import bench_guidance
+
+    tiny = [o for o in TINY if not o.startswith(("data.prompts_per_step", "prior.oracle.n_uncond"))]
+    res = bench_guidance([*tiny, "data.prompts_per_step=4", "prior.oracle.n_uncond=6"])
+    rows = {r["t"]: r for r in res["rows"]}
+    lo, hi = rows[20], rows[980]
+    assert lo["r_own"] > 0.99 and hi["r_own"] < 0.9
+    assert abs(lo["sat_sds100"]) < 1e-3 < hi["sat_sds100"]
+    assert all(r["pull_sds"] > 0 and r["pull_asd"] > 0 for r in res["rows"])

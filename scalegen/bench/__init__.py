@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from scalegen.errors import ScalegenError
 
-NAMES = ("saturation", "sharpness", "flops-sd")
+NAMES = ("saturation", "sharpness", "guidance", "flops-sd")
 
 
 def run_bench(name: str, overrides: list[str], out_root: str = "runs/bench") -> dict:
@@ -16,6 +16,10 @@ def run_bench(name: str, overrides: list[str], out_root: str = "runs/bench") -> 
         from scalegen.bench.sharpness import bench_sharpness  # noqa: PLC0415
 
         return bench_sharpness(overrides, out_root)
+    if name == "guidance":
+        from scalegen.bench.guidance import bench_guidance  # noqa: PLC0415
+
+        return bench_guidance(overrides)
     if name == "flops-sd":
         from scalegen.bench.flops_sd import bench_flops_sd  # noqa: PLC0415
 
