@@ -167,7 +167,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
     world = build_world(cfg) if cfg.prior.name == "oracle" else None
     prompts = training_prompts(cfg, world)
     prior = build_prior(cfg, world, text_encoder=text_encoder, device=acc.device)  # SD reuses the CLIP tower
-    distiller = build_distiller(cfg, prior)
+    distiller = build_distiller(cfg, prior, cond_dim=getattr(text_encoder, "dim", 0))
     renderer = build_renderer(cfg).train()
     optimizer = build_optimizer(cfg, model, distiller)
     base_lr = [g["lr"] for g in optimizer.param_groups]  # before a resumed state overwrites them
@@ -188,7 +188,10 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
         torch.manual_seed(cfg.train.seed + rank)
     model, optimizer = acc.prepare(model, optimizer)
     raw_model = acc.unwrap_model(model)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    # Clip the generator's gradients only: a distiller's own model (VSD's phi, VDM's psi) trains on its
+    # own loss and must not shrink the generator's step.
+    params = [p for g in optimizer.param_groups if not str(g.get("name", "")).startswith("distill_")
+              for p in g["params"]]
     logger = MetricLogger(run_dir, cfg, enabled=main, resume_step=start)
     validator = Validator(cfg, world, prior, prompts) if main else None
     text_cache: dict[str, object] = {}
@@ -226,7 +229,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
                 lam_eik = schedule_value(cfg.loss.eikonal, step, max_steps)
                 out = renderer(field, cams, background=background, with_eikonal=lam_eik > 0)
                 latents = prior.encode(out.rgb)
-            loss_d, dlogs = distiller(latents, prior_text.repeat_interleave(v), cams.expand(len(batch)), step)
+            loss_d, dlogs = distiller(latents, prior_text.repeat_interleave(v), cams.expand(len(batch)), step,
+                                      pooled=cond.pooled.repeat_interleave(v, 0))
             reg, rlogs = regularisers(cfg, out, step)
             loss = cfg.loss.distill * loss_d + reg
             if not torch.isfinite(loss):
