@@ -37,11 +37,15 @@ class VSD:
         return [("vsd_phi", self.parameters(), self.lr)]
 
     def state_dict(self):
-        return {k: v for k, v in self.model.state_dict().items()}
+        """The trainable tensors only (a LoRA copy's frozen UNet weights are the prior's)."""
+        return {k: p.detach() for k, p in self.model.named_parameters() if p.requires_grad}
 
     def load_state_dict(self, state):
         if state:
-            self.model.load_state_dict(state)
+            missing = set(self.state_dict()) - set(state)
+            if missing:
+                raise KeyError(f"checkpoint lacks the VSD model's {sorted(missing)[:3]}...")
+            self.model.load_state_dict(state, strict=False)
 
     # --- the gradient ----------------------------------------------------------------------------
     def gradient_and_loss(self, latents: Tensor, text: Tensor, cameras, t: Tensor, eps: Tensor, t_tr: Tensor,

@@ -178,7 +178,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
         weights = load_weights(ckpt)
         model.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("model.")})
         if hasattr(distiller, "load_state_dict"):
-            distiller.load_state_dict({k[9:]: v for k, v in weights.items() if k.startswith("distiller.")})
+            distiller.load_state_dict({k[len("distiller."):]: v for k, v in weights.items()
+                                       if k.startswith("distiller.")})
         opt_state, rng, state = load_training_state(ckpt)
         optimizer.load_state_dict(opt_state)
         sampler.load_state_dict(state["data"][str(rank)] if str(rank) in state["data"] else state["data"]["0"])
@@ -192,6 +193,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
     # own loss and must not shrink the generator's step.
     params = [p for g in optimizer.param_groups if not str(g.get("name", "")).startswith("distill_")
               for p in g["params"]]
+    distiller_params = list(distiller.parameters())
     logger = MetricLogger(run_dir, cfg, enabled=main, resume_step=start)
     validator = Validator(cfg, world, prior, prompts) if main else None
     text_cache: dict[str, object] = {}
@@ -238,6 +240,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
                                     "learning rates or resume from the last checkpoint")
             optimizer.zero_grad(set_to_none=True)
             acc.backward(loss)
+            if world_size > 1 and distiller_params:  # the distiller's own model is not DDP-wrapped: average by hand
+                _all_reduce_mean(distiller_params, world_size)
             factor = lr_factor(cfg, step)
             for group, lr in zip(optimizer.param_groups, base_lr):
                 group["lr"] = lr * factor
@@ -271,6 +275,16 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
             bar.close()
         logger.close()
     return last
+
+
+def _all_reduce_mean(params, world_size: int) -> None:
+    import torch.distributed as dist  # noqa: PLC0415
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world_size
 
 
 def _save(acc, run_dir: Path, step: int, model, optimizer, distiller, sampler, cfg: Config) -> Path:
