@@ -50,7 +50,7 @@ def test_toy2d_bench_writes_pngs_and_counts_components(tmp_path):
     cov = coverage(x, prior.mu_c, 0.05)
     assert cov["components_hit"] == 3 and cov["on_mode_frac"] == 1.0 and cov["within_std_over_sigma"] == 0.0
     res = bench_toy2d(["toy.steps=8", "toy.particles=16", f"toy.out_dir={tmp_path}"])
-    assert set(res["methods"]) == {"sds", "csd", "vsd", "asd", "vdm"}
+    assert set(res["methods"]) == {"sds", "csd", "vsd", "asd", "vdm", "vdm_pure"}
     for name in res["methods"]:
         assert (tmp_path / f"{name}.png").stat().st_size > 0
     assert (tmp_path / "grad_norm.png").exists() and (tmp_path / "particles.png").exists()
