@@ -1,6 +1,7 @@
 """`scalegen bench toy2d`: ScaleDreamer's 2D toy (Fig. 3). Particles in R^2 are distilled against a
 2D Gaussian-mixture "diffusion model" whose denoiser is exact, by the SAME distiller classes the
-trainer uses (SDS, CSD, VSD, ASD, VDM; particles are latents of shape [N, 2, 1, 1], so VSD's
+trainer uses (SDS, CSD, VSD, ASD, VDM with its default DCA, and ``vdm_pure`` = VDM with lambda = 1 at
+every t; particles are latents of shape [N, 2, 1, 1], so VSD's
 correction net and VDM's M_psi, 3x3 convs on a 1x1 image, act as small conditioned MLPs).
 
 The "prompt" distribution: ``K`` equal components on a ring (radius ``radius``, std ``sigma``).
