@@ -308,6 +308,7 @@ class ShardStream:
         """The next batch, or None after the last one of an eval pass."""
         chunks = []
         need = self.batch_size
+        empty = 0  # groups in a row that held nothing (all their shards skipped as corrupt)
         while need > 0:
             if self._cur is None or self.offset >= len(self._cur["keys"]):
                 if self._cur is not None:  # move past the finished group
@@ -322,6 +323,9 @@ class ShardStream:
                         self.group += 1
                 if not self._load_group():
                     break
+                empty = empty + 1 if not self._cur["keys"] else 0
+                if empty > len(self.plan.groups(self.epoch)):
+                    raise DataError(f"every shard of this rank in '{self.source}' is corrupt; rebuild the shards")
                 continue
             take = min(need, len(self._cur["keys"]) - self.offset)
             sl = slice(self.offset, self.offset + take)
