@@ -8,7 +8,7 @@ random fp16 embeddings of the real SD 2.1 shapes (pooled 1024 + 77 x 1024) and s
 same way, and measures the store / recompute / compress trade-off.
 
 Overrides: ``sizes=[1000,10000,100000] clip_sizes=[1000,10000,100000] sd_sizes=[2000,16000] stream=200000
-batch=64 workdir=runs/bench/data keep=false``.
+batch=64 shard_size=250 workdir=runs/bench/data keep=false``.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch
 
 def _opts(overrides: list[str], out_root: str) -> dict:
     o = {"sizes": [1000, 10000, 100000], "clip_sizes": [1000, 10000, 100000], "sd_sizes": [2000, 16000],
-         "stream": 200_000, "sd_stream": 4000, "batch": 64, "workdir": str(Path(out_root) / "data"), "keep": False}
+         "stream": 200_000, "sd_stream": 4000, "batch": 64, "shard_size": 250, "workdir": str(Path(out_root) / "data"), "keep": False}
     for kv in overrides:
         k, _, v = kv.partition("=")
         if k not in o:
@@ -169,7 +169,7 @@ def bench_data(overrides: list[str], out_root: str = "runs/bench") -> dict:
             d = work / f"{name}-{n}"
             if d.exists():
                 shutil.rmtree(d)
-            b = _build(corpus, d, enc, store, shard_size=1000)
+            b = _build(corpus, d, enc, store, shard_size=o["shard_size"])
             s = stream_in_subprocess(str(d), o["stream"], o["batch"])
             r = {"prompts": n, "encoder": name, "store": store, **b, **s}
             rows.append(r)
