@@ -40,6 +40,7 @@ def test_guidance_bench_shows_cfg_vanishing_at_low_t():
     assert all(r["pull_sds"] > 0 and r["pull_asd"] > 0 for r in res["rows"])
 
 
+@pytest.mark.slow
 def test_data_bench_json(tmp_path):
     """`bench data` on a tiny budget: JSON keys per size, loader figures measured in a subprocess."""
     import os
