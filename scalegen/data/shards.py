@@ -23,10 +23,8 @@ rerun with the same arguments skips finished shards and rewrites missing or dama
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import tarfile
 import time
 import zlib
 from dataclasses import dataclass
@@ -161,12 +159,6 @@ def _plan_hash(keys: list[str], info: dict | None) -> str:
     for k in keys:
         h.update(k.encode())
     return h.hexdigest()[:16]
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
-    ti = tarfile.TarInfo(name)
-    ti.size, ti.mtime, ti.mode = len(data), mtime, 0o644
-    tar.addfile(ti, io.BytesIO(data))
 
 
 def write_shard(path: Path, prompts: list[str], records: list[bytes] | None, info: dict | None) -> dict:
