@@ -172,6 +172,9 @@ def cmd_data_build(args) -> int:
     from scalegen.config import load_config
     from scalegen.data.shards import build_shards, summary_lines, write_manifest
 
+    if args.split:  # `--split train val text.dim=64`: nargs="+" also swallows the key=value overrides
+        args.overrides = list(args.overrides or []) + [x for x in args.split if "=" in x]
+        args.split = [x for x in args.split if "=" not in x] or None
     state = PartialState(cpu=args.cpu)
     encoder = None
     if args.encoder != "none":
