@@ -38,3 +38,22 @@ def test_guidance_bench_shows_cfg_vanishing_at_low_t():
     assert lo["r_own"] > 0.99 and hi["r_own"] < 0.9
     assert abs(lo["sat_sds100"]) < 1e-3 < hi["sat_sds100"]
     assert all(r["pull_sds"] > 0 and r["pull_asd"] > 0 for r in res["rows"])
+
+
+@pytest.mark.slow
+def test_data_bench_json(tmp_path):
+    """`bench data` on a tiny budget: JSON keys per size, loader figures measured in a subprocess."""
+    import os
+    from pathlib import Path
+
+    out = tmp_path / "data.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-m", "scalegen.cli", "bench", "data", "--out", str(tmp_path), "--json",
+                        str(out), "sizes=[200,400]", "clip_sizes=[]", "sd_sizes=[64]", "stream=2000", "sd_stream=64"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    for n in ("200", "400"):
+        assert data[n]["prompts_per_s"] > 0 and 100 < data[n]["peak_rss_mb"] < 2000
+    assert data["sd21_shapes"][0]["bytes_per_prompt"] > 2 * (1024 + 77 * 1024)
+    assert not (tmp_path / "data" / "bow-200").exists()  # shards deleted after measuring
