@@ -166,6 +166,54 @@ def cmd_prior_make_tiny(args) -> int:
     return 0
 
 
+def cmd_data_build(args) -> int:
+    from accelerate import PartialState
+
+    from scalegen.config import load_config
+    from scalegen.data.shards import build_shards, summary_lines, write_manifest
+
+    if args.split:  # `--split train val text.dim=64`: nargs="+" also swallows the key=value overrides
+        args.overrides = list(args.overrides or []) + [x for x in args.split if "=" in x]
+        args.split = [x for x in args.split if "=" not in x] or None
+    state = PartialState(cpu=args.cpu)
+    encoder = None
+    if args.encoder != "none":
+        cfg = load_config(None, [f"text.encoder={args.encoder}"] + list(args.overrides or []))
+        if args.encoder == "clip":
+            from scalegen.text.clip import CLIPTextEncoder
+
+            encoder = CLIPTextEncoder(cfg.text.model, device=state.device)
+        else:
+            from scalegen.text import build_text_encoder
+
+            encoder = build_text_encoder(cfg)
+    store = args.store or ("none" if encoder is None else "views" if args.encoder == "clip" else "plain")
+    t0 = time.perf_counter()
+    res = build_shards(args.corpus, args.out, encoder, shard_size=args.shard_size, splits=args.split, column=args.column,
+                       store=store, compress=args.compress, batch_size=args.batch_size,
+                       process_index=state.process_index, num_processes=state.num_processes,
+                       log=lambda m: print(m, flush=True))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        m = write_manifest(args.corpus, args.out, res["plans"], res["report"], res["encoder"])
+        for line in summary_lines(res["report"]):
+            print(line)
+        nbytes = sum(sh["bytes"] for sp in m["splits"].values() for sh in sp["shards"])
+        print(f"wrote {sum(len(sp['shards']) for sp in m['splits'].values())} shards ({nbytes / 2**20:.1f} MiB, "
+              f"store={store}, encoder={res['encoder']['id'] if res['encoder'] else 'none'}) to {args.out} in "
+              f"{time.perf_counter() - t0:.1f} s; train with data.shards={args.out}")
+    return 0
+
+
+def cmd_data_compose(args) -> int:
+    from scalegen.data.compose import write_composed
+
+    c = write_composed(args.out, n_train=args.n, n_unseen_pairs=args.unseen_pairs, n_val=args.n_val, seed=args.seed)
+    print(f"wrote {len(c['train'])} training prompts and {len(c['val'])} prompts of {len(c['unseen_pairs'])} held-out "
+          f"subject-activity pairs (val/test) to {args.out}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="scalegen", description=__doc__)
@@ -211,8 +259,34 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(fn=cmd_prior_make_tiny)
 
+    p = sub.add_parser("data", help="corpus tools: build (webdataset shards), compose (a compositional corpus)")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("build", help="write a corpus as webdataset shards, optionally with text embeddings")
+    q.add_argument("--corpus", required=True, help="ScaleDreamer JSON, JSON lines, text (a prompt per line) or CSV")
+    q.add_argument("--out", required=True, help="output folder (rerun the same command to resume a build)")
+    q.add_argument("--encoder", default="none", choices=["none", "bow", "clip"],
+                   help="text encoder whose embeddings to store (text.* overrides configure it)")
+    q.add_argument("--store", choices=["none", "pooled", "plain", "views"],
+                   help="embeddings to store: pooled only, plain prompt, or prompt + 4 view variants "
+                        "(default: views for clip, plain for bow)")
+    q.add_argument("--compress", default="none", choices=["none", "zlib"], help="compress stored embeddings")
+    q.add_argument("--shard-size", type=int, default=1000, help="prompts per shard (default 1000)")
+    q.add_argument("--split", nargs="+", help="splits to write (default: all splits of the corpus)")
+    q.add_argument("--column", default="prompt", help="CSV column / JSON-lines key holding the prompt")
+    q.add_argument("--batch-size", type=int, default=256, help="prompts per encoder call")
+    q.add_argument("--cpu", action="store_true", help="encode on CPU even when a GPU is present")
+    q.add_argument("overrides", nargs="*", help="text.* overrides, e.g. text.model=DIR text.dim=128")
+    q.set_defaults(fn=cmd_data_build)
+    q = data_sub.add_parser("compose", help="write an ATT3D-style compositional corpus with unseen combinations")
+    q.add_argument("--out", required=True, help="output JSON ({train, val, test}; val = test = unseen)")
+    q.add_argument("--n", type=int, default=100_000, help="training prompts (default 100000)")
+    q.add_argument("--unseen-pairs", type=int, default=20, help="subject-activity pairs held out (default 20)")
+    q.add_argument("--n-val", type=int, default=2000, help="unseen prompts written to val/test (default 2000)")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(fn=cmd_data_compose)
+
     p = sub.add_parser("bench", help="benchmarks (numbers for docs/performance.md)")
-    p.add_argument("name", help="saturation | flops-sd")
+    p.add_argument("name", help="saturation | sharpness | guidance | flops-sd | data")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--out", default="runs/bench", help="folder for the benchmark's runs")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")

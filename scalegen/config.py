@@ -54,7 +54,12 @@ class DataConfig:
     prompts: str = "oracle"  # "oracle" (the world's seen prompts) or a corpus file (JSON/TXT/CSV)
     split: str = "train"
     prompts_per_step: int = 8  # per process
-    shards: Optional[str] = None  # webdataset shards with cached text embeddings
+    shards: Optional[str] = None  # `scalegen data build` folder (or its manifest.json); replaces data.prompts
+    shard_url: Optional[str] = None  # URL template of a shard, e.g. "pipe:aws s3 cp s3://b/c/{name} -" (default: local)
+    shuffle_shards: int = 4  # shuffle buffer: samples of this many consecutive shards are permuted together
+    num_workers: int = 0  # dataloader workers reading shards (the batch order does not depend on it)
+    on_corrupt: Literal["fail", "skip"] = "fail"  # a corrupt/truncated shard: stop, or skip it and count it
+    embed_cache: int = 4096  # prompts whose text embeddings are kept in memory when shards carry none (LRU)
 
 
 @dataclass
@@ -419,6 +424,8 @@ def validate(cfg: Config) -> None:
     need(c.views_per_prompt >= 1, "camera.views_per_prompt must be at least 1")
     need(c.resolution >= 8, "camera.resolution must be at least 8 pixels")
     need(cfg.data.prompts_per_step >= 1, "data.prompts_per_step must be at least 1")
+    need(cfg.data.shuffle_shards >= 1 and cfg.data.num_workers >= 0 and cfg.data.embed_cache >= 1,
+         "data.shuffle_shards and data.embed_cache must be >= 1, data.num_workers >= 0")
     need(cfg.render.samples >= 2, "render.samples must be at least 2")
     need(cfg.render.importance_samples >= 0, "render.importance_samples must be >= 0")
     need(cfg.render.beta > 0, "render.beta must be positive")

@@ -68,3 +68,20 @@ def test_distill_bench_oracle_json(tmp_path):
     assert set(data) == {"sds", "csd", "vsd", "asd", "vdm"}
     for v in data.values():
         assert {"psnr_seen", "psnr_unseen", "color_error", "step_s"} <= set(v) and v["prior_calls"] == 1
+@pytest.mark.slow
+def test_data_bench_json(tmp_path):
+    """`bench data` on a tiny budget: JSON keys per size, loader figures measured in a subprocess."""
+    import os
+    from pathlib import Path
+
+    out = tmp_path / "data.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-m", "scalegen.cli", "bench", "data", "--out", str(tmp_path), "--json",
+                        str(out), "sizes=[200,400]", "clip_sizes=[]", "sd_sizes=[64]", "stream=2000", "sd_stream=64"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    for n in ("200", "400"):
+        assert data[n]["prompts_per_s"] > 0 and 100 < data[n]["peak_rss_mb"] < 2000
+    assert data["sd21_shapes"][0]["bytes_per_prompt"] > 2 * (1024 + 77 * 1024)
+    assert not (tmp_path / "data" / "bow-200").exists()  # shards deleted after measuring

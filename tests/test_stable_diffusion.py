@@ -410,3 +410,27 @@ def test_v_prediction_models_are_turned_into_eps(tiny_sd, encoder):
     ab = prior.alphas_cumprod[600]
     eps = prior.predict_eps(x, t, ids, _cams([0.0], [0.0]))
     assert torch.allclose(eps, ab.sqrt() * v + (1 - ab).sqrt() * x, atol=1e-5)
+
+
+def test_shards_with_view_variants_feed_the_prior_without_re_encoding(tiny_sd, encoder, tmp_path):
+    """`data build --encoder clip` stores the 4 view-dependent variants; the training loop hands them
+    to the prior, which then never runs its text encoder for those prompts."""
+    from types import SimpleNamespace
+
+    from scalegen.cli import main
+    from scalegen.data.stream import ShardStream
+    from scalegen.train.loop import BatchEncoder
+
+    corpus = shared_path("corpora", "magic3d_15_prompt_library.json")
+    assert main(["data", "build", "--corpus", str(corpus), "--out", str(tmp_path / "sh"), "--encoder", "clip",
+                 "--shard-size", "4", "--split", "train", "--cpu", f"text.model={tiny_sd}"]) == 0
+    stream = ShardStream(str(tmp_path / "sh"), batch_size=3)
+    assert stream.info["id"] == encoder.id and stream.info["store"] == "views"
+    prior = _prior(tiny_sd, encoder)
+    be = BatchEncoder(SimpleNamespace(data=SimpleNamespace(embed_cache=8)), encoder, prior, "cpu", stream)
+    assert be.prior_tokens == "views"
+    prompts, cond, ids = be(stream.next_batch())
+    assert prior.n_text_encodes == 0 and be.n_encoded == 0
+    ref = encoder.encode([view_prompt(prompts[0], v) for v in VIEWS]).tokens
+    assert torch.allclose(prior._cache[int(ids[0])].float(), ref, atol=2e-3)
+    assert torch.allclose(cond.tokens[0], encoder.encode(prompts[:1]).tokens[0], atol=2e-3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from scalegen.errors import ScalegenError
 
-NAMES = ("saturation", "sharpness", "guidance", "flops-sd", "distill", "toy2d")
+NAMES = ("saturation", "sharpness", "guidance", "flops-sd", "data", "distill", "toy2d")
 
 
 def run_bench(name: str, overrides: list[str], out_root: str = "runs/bench") -> dict:
@@ -32,4 +32,8 @@ def run_bench(name: str, overrides: list[str], out_root: str = "runs/bench") -> 
         from scalegen.bench.toy2d import bench_toy2d  # noqa: PLC0415
 
         return bench_toy2d(overrides)
+    if name == "data":
+        from scalegen.bench.data import bench_data  # noqa: PLC0415
+
+        return bench_data(overrides, out_root)
     raise ScalegenError(f"unknown benchmark {name!r}; choose from {', '.join(NAMES)}")

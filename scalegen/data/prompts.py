@@ -21,12 +21,35 @@ def normalise(prompt: str) -> str:
 
 
 def read_corpus(path: str | Path, split: str = "train", column: str = "prompt") -> list[str]:
-    """Prompts of one split from ScaleDreamer JSON (``{"train": [...], ...}``), plain text (one
-    prompt per line) or CSV (column ``column``). Whitespace is normalised; empty lines dropped."""
+    """Prompts of one split from ScaleDreamer JSON (``{"train": [...], ...}``), JSON lines, plain text
+    (one prompt per line) or CSV (column ``column``). Whitespace is normalised; empty lines dropped."""
+    prompts = [x for x, _ in read_corpus_lines(path, split, column)]
+    if not prompts:
+        raise DataError(f"corpus '{path}' (split '{split}') holds no prompts")
+    return prompts
+
+
+def corpus_splits(path: str | Path) -> list[str]:
+    """Splits a corpus file offers: the keys of a ScaleDreamer JSON mapping, else just ``train``."""
+    p = Path(path)
+    if p.suffix.lower() == ".json" and p.is_file():
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); fix the file and retry") from None
+        if isinstance(data, dict):
+            return list(data)
+    return ["train"]
+
+
+def read_corpus_lines(path: str | Path, split: str = "train", column: str = "prompt") -> list[tuple[str, int]]:
+    """(normalised prompt, source line or item number) pairs, empty prompts dropped, duplicates kept.
+    A malformed line raises a ``DataError`` naming the file and the line."""
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"corpus '{path}' does not exist; give a .json, .txt or .csv prompt file")
+        raise DataError(f"corpus '{path}' does not exist; give a .json, .jsonl, .txt or .csv prompt file")
     suffix = p.suffix.lower()
+    out: list[tuple[str, int]] = []
     if suffix == ".json":
         try:
             data = json.loads(p.read_text())
@@ -44,19 +67,43 @@ def read_corpus(path: str | Path, split: str = "train", column: str = "prompt") 
         for i, it in enumerate(items):
             if not isinstance(it, str):
                 raise DataError(f"{path}: item {i} of split '{split}' is not a string: {it!r}")
-        prompts = [normalise(x) for x in items]
+            out.append((normalise(it), i + 1))
+    elif suffix == ".jsonl":
+        for n, line in enumerate(p.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                it = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: invalid JSON line ({e.msg}); fix or delete that line") from None
+            if isinstance(it, dict):
+                it = it.get(column)
+            if not isinstance(it, str):
+                raise DataError(f"{path}:{n}: expected a string or an object with a '{column}' string")
+            out.append((normalise(it), n))
     elif suffix == ".csv":
         with p.open(newline="") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None or column not in reader.fieldnames:
-                raise DataError(f"{path}: no column '{column}' (columns: {reader.fieldnames}); name the prompt column")
-            prompts = [normalise(row[column] or "") for row in reader]
+            reader = csv.DictReader(f, strict=True)
+            try:
+                if reader.fieldnames is None or column not in reader.fieldnames:
+                    raise DataError(f"{path}: no column '{column}' (columns: {reader.fieldnames}); name the prompt column")
+                width = len(reader.fieldnames)
+                for row in reader:
+                    if None in row or any(v is None for v in row.values()):
+                        n = len(row) - (None in row) + len(row.get(None, []))
+                        raise DataError(f"{path}:{reader.line_num}: malformed CSV row ({n} fields, the header has "
+                                        f"{width}); quote prompts that contain commas")
+                    out.append((normalise(row[column]), reader.line_num))
+            except csv.Error as e:
+                raise DataError(f"{path}:{reader.line_num}: malformed CSV ({e}); fix that line") from None
     else:
-        prompts = [normalise(line) for line in p.read_text().splitlines()]
-    prompts = [x for x in prompts if x]
-    if not prompts:
-        raise DataError(f"corpus '{path}' (split '{split}') holds no prompts")
-    return prompts
+        try:
+            text = p.read_text()
+        except UnicodeDecodeError as e:
+            line = p.read_bytes()[:e.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: not UTF-8 text; re-encode the file as UTF-8") from None
+        out = [(normalise(line), n) for n, line in enumerate(text.splitlines(), 1)]
+    return [(x, n) for x, n in out if x]
 
 
 class PromptSampler:

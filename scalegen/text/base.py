@@ -51,3 +51,31 @@ VIEWS = ("front", "side", "back", "overhead")
 def view_prompt(prompt: str, view: str) -> str:
     """The view-dependent variant of ``prompt`` for ``view`` in ``VIEWS``."""
     return f"{prompt}, {view} view"
+
+
+class LRU:
+    """A bounded prompt -> value cache (least recently used evicted first): text embeddings computed
+    on the fly stay in memory for repeated prompts without growing with the corpus."""
+
+    def __init__(self, capacity: int):
+        from collections import OrderedDict  # noqa: PLC0415
+
+        self.capacity, self._d = capacity, OrderedDict()
+
+    def __contains__(self, key) -> bool:
+        return key in self._d
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def get(self, key):
+        v = self._d.get(key)
+        if v is not None:
+            self._d.move_to_end(key)
+        return v
+
+    def put(self, key, value) -> None:
+        self._d[key] = value
+        self._d.move_to_end(key)
+        while len(self._d) > self.capacity:
+            self._d.popitem(last=False)

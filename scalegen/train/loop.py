@@ -20,12 +20,15 @@ import torch
 from scalegen.config import Config, schedule_value
 from scalegen.data.cameras import orbit_cameras, sample_train_cameras
 from scalegen.data.prompts import PromptSampler, read_corpus
+from scalegen.data.shards import check_encoder
+from scalegen.data.stream import ShardStream
 from scalegen.distill import build_distiller
 from scalegen.errors import CheckpointError, ConfigError, TrainingError
 from scalegen.priors import build_prior, build_world
 from scalegen.render import build_renderer
 from scalegen.render.images import image_grid
 from scalegen.text import TextCond
+from scalegen.text.base import LRU
 from scalegen.train.checkpoint import (latest_checkpoint, load_training_state, load_weights, rng_state,
                                        save_checkpoint, set_rng_state)
 from scalegen.train.logger import MetricLogger
@@ -63,6 +66,53 @@ def training_prompts(cfg: Config, world) -> list[str]:
         for p in prompts:
             world.parse(p)  # fails with a clear message for prompts outside the oracle world
     return prompts
+
+
+class BatchEncoder:
+    """Text conditions of a batch: read from shards when they carry embeddings, else computed by the
+    frozen encoder and kept in an LRU of ``data.embed_cache`` prompts. View-variant tokens stored in
+    shards go straight into the prior's cache (``text_embeddings(prompts, tokens=...)``), so the
+    prior never re-encodes them."""
+
+    def __init__(self, cfg: Config, text_encoder, prior, device, sampler):
+        import inspect  # noqa: PLC0415
+
+        self.text_encoder, self.prior, self.device = text_encoder, prior, device
+        self.cache, self.prior_cache = LRU(cfg.data.embed_cache), LRU(cfg.data.embed_cache)
+        info = getattr(sampler, "info", None)
+        prior_enc = getattr(prior, "text_encoder", None)
+        self.n_encoded = 0  # prompts encoded on the fly (cache misses)
+        self.prior_tokens = None  # which stored rows the prior wants: "views" (4 variants) or "plain"
+        if (info is not None and info["store"] != "pooled" and prior_enc is not None
+                and getattr(prior_enc, "id", None) == info["id"]
+                and "tokens" in inspect.signature(prior.text_embeddings).parameters):
+            if getattr(prior, "view_dependent", False):
+                self.prior_tokens = "views" if info["store"] == "views" else None
+            else:
+                self.prior_tokens = "plain"
+
+    def __call__(self, batch) -> tuple[list[str], TextCond, torch.Tensor]:
+        prompts = batch if isinstance(batch, list) else batch.prompts
+        cond = None if isinstance(batch, list) else batch.cond
+        if cond is None:
+            missing = list(dict.fromkeys(p for p in prompts if p not in self.cache))
+            if missing:
+                c = self.text_encoder.encode(missing)
+                self.n_encoded += len(missing)
+                for i, p in enumerate(missing):
+                    self.cache.put(p, c.index(slice(i, i + 1)))
+            cond = TextCond.cat([self.cache.get(p) for p in prompts])
+        if self.prior_tokens is not None:
+            tok = batch.variants[:, 1:] if self.prior_tokens == "views" else batch.cond.tokens[:, None]
+            prior_text = self.prior.text_embeddings(prompts, tokens=tok)
+        else:
+            missing = list(dict.fromkeys(p for p in prompts if p not in self.prior_cache))
+            if missing:
+                pt = self.prior.text_embeddings(missing)
+                for i, p in enumerate(missing):
+                    self.prior_cache.put(p, pt[i:i + 1])
+            prior_text = torch.cat([self.prior_cache.get(p) for p in prompts])
+        return prompts, cond.to(self.device), prior_text
 
 
 def lr_factor(cfg: Config, step: int) -> float:
@@ -165,14 +215,21 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     text_encoder, model = build_model(cfg)
     world = build_world(cfg) if cfg.prior.name == "oracle" else None
-    prompts = training_prompts(cfg, world)
+    prompts = training_prompts(cfg, world) if not cfg.data.shards else None
     prior = build_prior(cfg, world, text_encoder=text_encoder, device=acc.device)  # SD reuses the CLIP tower
     distiller = build_distiller(cfg, prior, cond_dim=getattr(text_encoder, "dim", 0))
     renderer = build_renderer(cfg).train()
     optimizer = build_optimizer(cfg, model, distiller)
     base_lr = [g["lr"] for g in optimizer.param_groups]  # before a resumed state overwrites them
-    sampler = PromptSampler(prompts, cfg.data.prompts_per_step, seed=cfg.train.seed, rank=rank,
-                            world_size=world_size)
+    if cfg.data.shards:
+        sampler = ShardStream(cfg.data.shards, cfg.data.split, cfg.data.prompts_per_step, seed=cfg.train.seed,
+                              rank=rank, world_size=world_size, mode="train", shuffle_shards=cfg.data.shuffle_shards,
+                              num_workers=cfg.data.num_workers, on_corrupt=cfg.data.on_corrupt, url=cfg.data.shard_url)
+        check_encoder(sampler.manifest, text_encoder, cfg.data.shards)
+        prompts = sampler.first_prompts(6)
+    else:
+        sampler = PromptSampler(prompts, cfg.data.prompts_per_step, seed=cfg.train.seed, rank=rank,
+                                world_size=world_size)
     start = 0
     if ckpt is not None:
         weights = load_weights(ckpt)
@@ -196,22 +253,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
     distiller_params = list(distiller.parameters())
     logger = MetricLogger(run_dir, cfg, enabled=main, resume_step=start)
     validator = Validator(cfg, world, prior, prompts) if main else None
-    text_cache: dict[str, object] = {}
-    prior_text_cache: dict[str, torch.Tensor] = {}
+    encode = BatchEncoder(cfg, text_encoder, prior, acc.device, sampler)
     v = cfg.camera.views_per_prompt
     max_steps = cfg.train.max_steps
-
-    def encode(batch: list[str]):
-        missing = [p for p in batch if p not in text_cache]
-        if missing:
-            c = text_encoder.encode(missing)
-            for i, p in enumerate(missing):
-                text_cache[p] = c.index(slice(i, i + 1))
-            pt = prior.text_embeddings(missing)
-            for i, p in enumerate(missing):
-                prior_text_cache[p] = pt[i:i + 1]
-        cond = TextCond.cat([text_cache[p] for p in batch]).to(acc.device)
-        return cond, torch.cat([prior_text_cache[p] for p in batch])
 
     bar = None
     if main and cfg.train.progress:
@@ -223,8 +267,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
     try:
         for step in range(start, max_steps):
             t0 = time.perf_counter()
-            batch = sampler.next_batch()
-            cond, prior_text = encode(batch)
+            batch, cond, prior_text = encode(sampler.next_batch())
             with acc.autocast():
                 field, background = model(cond)
                 cams = sample_train_cameras(cfg.camera, len(batch)).to(acc.device)
