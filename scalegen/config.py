@@ -157,7 +157,7 @@ class RenderConfig:
 
 @dataclass
 class DistillConfig:
-    name: Literal["sds", "asd"] = "sds"
+    name: Literal["sds", "csd", "vsd", "asd", "vdm"] = "sds"
     guidance_scale: float = 7.5
     weighting: Literal["sds", "uniform"] = "sds"  # w(t) = 1 - alphabar_t, or 1
     t_range_start: list[float] = field(default_factory=lambda: [0.50, 0.98])
@@ -165,6 +165,14 @@ class DistillConfig:
     t_anneal_steps: float = 1.0  # steps of the linear anneal (below 1.0: fraction of max_steps)
     t_per: Literal["image", "prompt"] = "image"  # SD: per image; MVDream: per view group
     asd_eta: float = 0.1  # dt = floor(U(0,1) * eta * (t - t_min_now))
+    # Stateful distillers (VSD's eps_phi, VDM's M_psi): their own optimizer group and learning rate.
+    lr: float = 1e-3
+    net_width: int = 32  # channels of the small conv nets (VDM's M_psi; VSD's correction in the oracle world)
+    net_blocks: int = 2
+    vsd_lora_rank: int = 4  # Stable Diffusion: rank of the LoRA copy of the UNet
+    vsd_camera_dropout: float = 0.1
+    dca_schedule: Literal["constant", "linear", "cosine"] = "linear"  # VDM's lambda(t)
+    dca_lambda: list[float] = field(default_factory=lambda: [1.0, 0.0])  # lambda at t = 0 and at t = T
 
 
 @dataclass
@@ -426,6 +434,10 @@ def validate(cfg: Config) -> None:
         r = getattr(cfg.distill, name)
         need(len(r) == 2 and 0.0 <= r[0] <= r[1] <= 1.0, f"distill.{name} must be [low, high] fractions of T in [0, 1]")
     need(cfg.distill.guidance_scale >= 0, "distill.guidance_scale must be >= 0")
+    need(len(cfg.distill.dca_lambda) == 2, "distill.dca_lambda must be [lambda at t=0, lambda at t=T]")
+    need(0.0 <= cfg.distill.vsd_camera_dropout <= 1.0, "distill.vsd_camera_dropout must be in [0, 1]")
+    need(cfg.distill.net_width % 8 == 0 and cfg.distill.net_width > 0,
+         "distill.net_width must be a positive multiple of 8 (GroupNorm groups)")
     if cfg.optim.name == "adan":
         need(len(cfg.optim.betas) == 3, "optim.betas must be [beta1, beta2, beta3] for adan, e.g. [0.98, 0.92, 0.99]")
     else:

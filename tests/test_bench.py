@@ -40,6 +40,34 @@ def test_guidance_bench_shows_cfg_vanishing_at_low_t():
     assert all(r["pull_sds"] > 0 and r["pull_asd"] > 0 for r in res["rows"])
 
 
+def test_toy2d_bench_writes_pngs_and_counts_components(tmp_path):
+    import torch
+
+    from scalegen.bench.toy2d import bench_toy2d, coverage, make_prior
+
+    prior = make_prior(6, 1.0, 0.05)
+    x = prior.mu_c[[0, 0, 2, 4]].clone()
+    cov = coverage(x, prior.mu_c, 0.05)
+    assert cov["components_hit"] == 3 and cov["on_mode_frac"] == 1.0 and cov["within_std_over_sigma"] == 0.0
+    res = bench_toy2d(["toy.steps=8", "toy.particles=16", f"toy.out_dir={tmp_path}"])
+    assert set(res["methods"]) == {"sds", "csd", "vsd", "asd", "vdm", "vdm_pure"}
+    for name in res["methods"]:
+        assert (tmp_path / f"{name}.png").stat().st_size > 0
+    assert (tmp_path / "grad_norm.png").exists() and (tmp_path / "particles.png").exists()
+    assert torch.isfinite(torch.tensor([r["final_grad_norm"] for r in res["methods"].values()])).all()
+
+
+@pytest.mark.slow
+def test_distill_bench_oracle_json(tmp_path):
+    out = tmp_path / "d.json"
+    r = subprocess.run([sys.executable, "-m", "scalegen.cli", "bench", "distill", "--out", str(tmp_path),
+                        "--json", str(out), *TINY, "train.max_steps=2", "bench.part=oracle"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())["oracle"]
+    assert set(data) == {"sds", "csd", "vsd", "asd", "vdm"}
+    for v in data.values():
+        assert {"psnr_seen", "psnr_unseen", "color_error", "step_s"} <= set(v) and v["prior_calls"] == 1
 @pytest.mark.slow
 def test_data_bench_json(tmp_path):
     """`bench data` on a tiny budget: JSON keys per size, loader figures measured in a subprocess."""

@@ -281,6 +281,38 @@ def test_asd_gradient_reaches_the_generator_through_the_vae(tiny_sd):
     assert all(p.grad is None for p in prior.unet.parameters()) and all(p.grad is None for p in prior.vae.parameters())
 
 
+@pytest.mark.parametrize("name", ["vsd", "vdm", "csd"])
+def test_family_on_stable_diffusion(tiny_sd, name):
+    """VSD's LoRA copy (fed the prior's view-dependent embeddings) and VDM's M_psi on latents: the
+    renders get a gradient, the distiller's own model learns, the frozen UNet and VAE do not."""
+    from scalegen.data.cameras import sample_train_cameras
+    from scalegen.distill import build_distiller
+    from scalegen.priors import build_prior
+    from scalegen.render import build_renderer
+    from scalegen.train.model import build_model
+
+    cfg = _sd_cfg(tiny_sd, ["data.prompts_per_step=2", "camera.views_per_prompt=1", "render.bg_random_prob=0",
+                            f"distill.name={name}", "distill.net_width=8"])
+    text_encoder, model = build_model(cfg)
+    prior = build_prior(cfg, text_encoder=text_encoder, device="cpu")
+    distiller, renderer = build_distiller(cfg, prior, cond_dim=text_encoder.dim), build_renderer(cfg)
+    prompts = ["a car made out of sushi", "a blue tulip"]
+    cond = text_encoder.encode(prompts)
+    field, bg = model(cond)
+    cams = sample_train_cameras(cfg.camera, 2)
+    out = renderer(field, cams, background=bg)
+    out.rgb.retain_grad()
+    loss, logs = distiller(prior.encode(out.rgb), prior.text_embeddings(prompts), cams.expand(2), 0,
+                           pooled=cond.pooled)
+    loss.backward()
+    assert out.rgb.grad is not None and torch.isfinite(out.rgb.grad).all()
+    assert all(p.grad is None for p in prior.unet.parameters()) and all(p.grad is None for p in prior.vae.parameters())
+    own = list(distiller.parameters())
+    assert (name == "csd") == (not own)
+    if own:
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in own)
+
+
 @pytest.mark.parametrize("name", ["sds", "asd"])
 def test_one_batched_unet_call_per_step(tiny_sd, tmp_path, monkeypatch, name):
     from diffusers import UNet2DConditionModel

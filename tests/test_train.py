@@ -65,7 +65,7 @@ def test_one_prior_call_per_step(tmp_path, monkeypatch):
         return original(self, *a, **k)
 
     monkeypatch.setattr(oracle.OraclePrior, "predict_eps", counting)
-    for name in ("sds", "asd"):
+    for name in ("sds", "csd", "vsd", "asd", "vdm"):
         calls.clear()
         train(load_config(None, TINY + ["train.max_steps=3", f"distill.name={name}"]), tmp_path / name)
         assert len(calls) == 3, name
@@ -114,3 +114,43 @@ def test_wandb_offline_logging(tmp_path, monkeypatch):
     train(load_config(None, TINY + ["train.max_steps=2", "train.logger=wandb", "train.val_every=2"]), run)
     assert list((run / "wandb").glob("offline-run-*")), "an offline wandb run should be written"
     assert (run / "val" / "step_0000002.png").is_file()
+
+
+@pytest.mark.parametrize("name", ["vsd", "vdm"])
+def test_stateful_distiller_has_its_own_group_and_resumes_exactly(name, tmp_path, monkeypatch):
+    """VSD's phi / VDM's psi: own optimizer group at distill.lr, saved in checkpoints, exact resume."""
+    from safetensors.torch import load_file as load
+
+    import scalegen.train.loop as loop
+
+    extra = ["train.log_every=1", "train.val_every=1000", "train.ckpt_every=2", "train.max_steps=4",
+             f"distill.name={name}", "distill.lr=0.003", "distill.net_width=8", "distill.net_blocks=1"]
+    seen = {}
+    real_build = loop.build_optimizer
+
+    def spy(cfg, model, distiller):
+        opt = real_build(cfg, model, distiller)
+        seen.update({g["name"]: g["lr"] for g in opt.param_groups})
+        return opt
+
+    monkeypatch.setattr(loop, "build_optimizer", spy)
+    full = tmp_path / "full"
+    train(load_config(None, TINY + extra), full)
+    assert seen[f"distill_{name}_{'phi' if name == 'vsd' else 'psi'}"] == 0.003
+    w = load(str(full / "checkpoints" / "step_0000004" / "model.safetensors"))
+    assert any(k.startswith("distiller.") for k in w)
+    real, calls = loop.sample_train_cameras, []
+
+    def crash_on_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "sample_train_cameras", crash_on_third)
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, TINY + extra), part)
+    monkeypatch.setattr(loop, "sample_train_cameras", real)
+    train(load_config(None, TINY + extra), part, resume=True)
+    assert _losses(full) == _losses(part)

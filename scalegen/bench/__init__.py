@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from scalegen.errors import ScalegenError
 
-NAMES = ("saturation", "sharpness", "guidance", "flops-sd", "data")
+NAMES = ("saturation", "sharpness", "guidance", "flops-sd", "data", "distill", "toy2d")
 
 
 def run_bench(name: str, overrides: list[str], out_root: str = "runs/bench") -> dict:
@@ -24,6 +24,14 @@ def run_bench(name: str, overrides: list[str], out_root: str = "runs/bench") -> 
         from scalegen.bench.flops_sd import bench_flops_sd  # noqa: PLC0415
 
         return bench_flops_sd(overrides)
+    if name == "distill":
+        from scalegen.bench.distill import bench_distill  # noqa: PLC0415
+
+        return bench_distill(overrides, out_root)
+    if name == "toy2d":
+        from scalegen.bench.toy2d import bench_toy2d  # noqa: PLC0415
+
+        return bench_toy2d(overrides)
     if name == "data":
         from scalegen.bench.data import bench_data  # noqa: PLC0415
 

@@ -41,7 +41,7 @@ class ASD:
         eps_cfg = cfg_combine(eps_u, eps_c, self.scale)
         return weight(self.prior.alphas_cumprod, t, self.weighting).to(z) * (eps_cfg - eps_c2)
 
-    def __call__(self, latents: Tensor, text: Tensor, cameras, step: int) -> tuple[Tensor, dict]:
+    def __call__(self, latents: Tensor, text: Tensor, cameras, step: int, pooled=None) -> tuple[Tensor, dict]:
         t = self.schedule.sample(len(latents), step, self.t_group)
         t_min, _ = self.schedule.range(step)
         t2 = self.t_plus(t, t_min)

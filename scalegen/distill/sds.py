@@ -30,7 +30,7 @@ class SDS:
         eps_cfg = cfg_combine(eps_u, eps_c, self.scale)
         return weight(self.prior.alphas_cumprod, t, self.weighting).to(z) * (eps_cfg - eps)
 
-    def __call__(self, latents: Tensor, text: Tensor, cameras, step: int) -> tuple[Tensor, dict]:
+    def __call__(self, latents: Tensor, text: Tensor, cameras, step: int, pooled=None) -> tuple[Tensor, dict]:
         t = self.schedule.sample(len(latents), step, self.t_group)
         eps = torch.randn_like(latents)
         g = self.gradient(latents, text, cameras, t, eps)

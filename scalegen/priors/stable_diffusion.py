@@ -288,6 +288,22 @@ class StableDiffusionPrior(Prior):
         return self._prompts[text_id]
 
     # --- the denoiser ----------------------------------------------------------------------------
+    def row_embeddings(self, text: Tensor, cameras) -> Tensor:
+        """UNet text embeddings [N, L, D] of ``text`` rows, the view-dependent prompt chosen from each
+        row's camera (no Perp-Neg mixing): what a trainable copy of the UNet (VSD's LoRA) is fed."""
+        text = text.cpu()
+        n = text.shape[0]
+        rows = cameras.rows()
+        az, el = rows.azimuth.reshape(-1).float().cpu(), rows.elevation.reshape(-1).float().cpu()
+        is_cond = text >= 0
+        table = self._lookup(text[is_cond].tolist())
+        emb = self.uncond_tokens.expand(n, *self.uncond_tokens.shape).clone()
+        views = view_index(az, el, *self.thresholds) if self.view_dependent else None
+        for i in is_cond.nonzero().flatten().tolist():
+            vd = table[int(text[i])]
+            emb[i] = vd[views[i]] if self.view_dependent else vd[0]
+        return emb
+
     def _guided_pairs(self, x_t: Tensor, t: Tensor, text: Tensor) -> tuple[list[int], list[int]]:
         """(cond rows, uncond rows): each conditional row with an unconditional row of the same
         prompt, t and x_t in this call (one to one, first come first served)."""

@@ -217,7 +217,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
     world = build_world(cfg) if cfg.prior.name == "oracle" else None
     prompts = training_prompts(cfg, world) if not cfg.data.shards else None
     prior = build_prior(cfg, world, text_encoder=text_encoder, device=acc.device)  # SD reuses the CLIP tower
-    distiller = build_distiller(cfg, prior)
+    distiller = build_distiller(cfg, prior, cond_dim=getattr(text_encoder, "dim", 0))
     renderer = build_renderer(cfg).train()
     optimizer = build_optimizer(cfg, model, distiller)
     base_lr = [g["lr"] for g in optimizer.param_groups]  # before a resumed state overwrites them
@@ -235,7 +235,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
         weights = load_weights(ckpt)
         model.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("model.")})
         if hasattr(distiller, "load_state_dict"):
-            distiller.load_state_dict({k[9:]: v for k, v in weights.items() if k.startswith("distiller.")})
+            distiller.load_state_dict({k[len("distiller."):]: v for k, v in weights.items()
+                                       if k.startswith("distiller.")})
         opt_state, rng, state = load_training_state(ckpt)
         optimizer.load_state_dict(opt_state)
         sampler.load_state_dict(state["data"][str(rank)] if str(rank) in state["data"] else state["data"]["0"])
@@ -245,7 +246,11 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
         torch.manual_seed(cfg.train.seed + rank)
     model, optimizer = acc.prepare(model, optimizer)
     raw_model = acc.unwrap_model(model)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    # Clip the generator's gradients only: a distiller's own model (VSD's phi, VDM's psi) trains on its
+    # own loss and must not shrink the generator's step.
+    params = [p for g in optimizer.param_groups if not str(g.get("name", "")).startswith("distill_")
+              for p in g["params"]]
+    distiller_params = list(distiller.parameters())
     logger = MetricLogger(run_dir, cfg, enabled=main, resume_step=start)
     validator = Validator(cfg, world, prior, prompts) if main else None
     encode = BatchEncoder(cfg, text_encoder, prior, acc.device, sampler)
@@ -269,7 +274,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
                 lam_eik = schedule_value(cfg.loss.eikonal, step, max_steps)
                 out = renderer(field, cams, background=background, with_eikonal=lam_eik > 0)
                 latents = prior.encode(out.rgb)
-            loss_d, dlogs = distiller(latents, prior_text.repeat_interleave(v), cams.expand(len(batch)), step)
+            loss_d, dlogs = distiller(latents, prior_text.repeat_interleave(v), cams.expand(len(batch)), step,
+                                      pooled=cond.pooled.repeat_interleave(v, 0))
             reg, rlogs = regularisers(cfg, out, step)
             loss = cfg.loss.distill * loss_d + reg
             if not torch.isfinite(loss):
@@ -277,6 +283,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
                                     "learning rates or resume from the last checkpoint")
             optimizer.zero_grad(set_to_none=True)
             acc.backward(loss)
+            if world_size > 1 and distiller_params:  # the distiller's own model is not DDP-wrapped: average by hand
+                _all_reduce_mean(distiller_params, world_size)
             factor = lr_factor(cfg, step)
             for group, lr in zip(optimizer.param_groups, base_lr):
                 group["lr"] = lr * factor
@@ -310,6 +318,16 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
             bar.close()
         logger.close()
     return last
+
+
+def _all_reduce_mean(params, world_size: int) -> None:
+    import torch.distributed as dist  # noqa: PLC0415
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world_size
 
 
 def _save(acc, run_dir: Path, step: int, model, optimizer, distiller, sampler, cfg: Config) -> Path:

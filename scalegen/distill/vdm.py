@@ -1,0 +1,93 @@
+"""Variational Distribution Mapping with Distribution Coefficient Annealing (DreamMapping, 2024).
+
+This is OUR READING of the paper (it publishes no code): the variational denoiser is the prior's
+own denoiser followed by a learned degradation ``M_psi`` that maps the prior's clean estimate to
+the distribution of the current renders, so it trains without back-propagating through the UNet.
+
+    x0_p   = (x_t - s_t eps_cfg) / a_t                    (the prior's estimate; no grad)
+    x0_q   = M_psi(sg(x0_p), t, camera, pooled prompt)     (identity at init)
+    psi    minimises ||M_psi(sg(x0_p), ...) - sg(z)||^2    (no UNet Jacobian anywhere)
+    eps_q  = (x_t - a_t x0_q) / s_t
+    DCA:   eps_target = lambda(t) eps_q + (1 - lambda(t)) eps
+    g      = w(t) (eps_cfg - eps_target)
+
+lambda = 0 is SDS exactly (tested); lambda = 1 is pure VDM (and g = 0 while M_psi is the identity,
+as VSD's g is ~0 while its LoRA equals the prior). ``lambda(t)`` is annealed by timestep:
+``linear`` or ``cosine`` in t/T from ``lambda_ends[0]`` at t = 0 to ``lambda_ends[1]`` at t = T, or
+``constant`` (= ``lambda_ends[0]``). One prior call per step, on [cond @ t, uncond @ t], exactly SDS's.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from scalegen.distill.common import TimestepSchedule, cfg_combine, target_loss, weight
+from scalegen.distill.nets import camera_vector
+from scalegen.distill.sds import _rows
+from scalegen.priors.base import T
+
+
+def dca_lambda(t: Tensor, schedule: str = "linear", ends: tuple[float, float] = (1.0, 0.0)) -> Tensor:
+    """lambda(t) [N, 1, 1, 1]: from ``ends[0]`` at t = 0 to ``ends[1]`` at t = T."""
+    lo, hi = ends
+    u = t.float() / T
+    if schedule == "constant":
+        lam = torch.full_like(u, lo)
+    elif schedule == "linear":
+        lam = lo + (hi - lo) * u
+    elif schedule == "cosine":
+        lam = hi + (lo - hi) * 0.5 * (1.0 + torch.cos(math.pi * u))
+    else:
+        raise ValueError(f"unknown DCA schedule {schedule!r}")
+    return lam.view(-1, 1, 1, 1)
+
+
+class VDM:
+    def __init__(self, prior, schedule: TimestepSchedule, mapper: torch.nn.Module, guidance_scale: float = 7.5,
+                 weighting: str = "sds", t_group: int = 1, lr: float = 1e-3, dca_schedule: str = "linear",
+                 dca_ends: tuple[float, float] = (1.0, 0.0)):
+        self.prior, self.schedule, self.mapper, self.scale = prior, schedule, mapper, guidance_scale
+        self.weighting, self.t_group, self.lr = weighting, t_group, lr
+        self.dca_schedule, self.dca_ends = dca_schedule, tuple(dca_ends)
+
+    def parameters(self):
+        return list(self.mapper.parameters())
+
+    def param_groups(self):
+        return [("vdm_psi", self.parameters(), self.lr)]
+
+    def state_dict(self):
+        return dict(self.mapper.state_dict())
+
+    def load_state_dict(self, state):
+        if state:
+            self.mapper.load_state_dict(state)
+
+    def gradient_and_loss(self, latents: Tensor, text: Tensor, cameras, t: Tensor, eps: Tensor,
+                          pooled: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(g, psi's loss) for given t and eps (exposed for tests)."""
+        z = latents.detach()
+        n = len(z)
+        x_t = self.prior.add_noise(z, eps, t)
+        out = self.prior.predict_eps(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                     torch.cat([text, self.prior.uncond_like(text)]), _rows(cameras, 2))
+        eps_cfg = cfg_combine(out[n:], out[:n], self.scale).to(z)
+        ab = self.prior.alphas_cumprod.to(z.device)[t].view(-1, 1, 1, 1).to(z)
+        a, s_t = ab.sqrt(), (1 - ab).sqrt()
+        x0_p = ((x_t - s_t * eps_cfg) / a).detach()
+        x0_q = self.mapper(x0_p, t.to(z.device), camera_vector(cameras, n).to(z), pooled)
+        loss_psi = F.mse_loss(x0_q, z)
+        eps_q = (x_t - a * x0_q.detach()) / s_t
+        lam = dca_lambda(t, self.dca_schedule, self.dca_ends).to(z)
+        eps_target = lam * eps_q + (1 - lam) * eps
+        g = weight(self.prior.alphas_cumprod, t, self.weighting).to(z) * (eps_cfg - eps_target)
+        return g, loss_psi
+
+    def __call__(self, latents: Tensor, text: Tensor, cameras, step: int, pooled=None) -> tuple[Tensor, dict]:
+        t = self.schedule.sample(len(latents), step, self.t_group)
+        g, loss_psi = self.gradient_and_loss(latents, text, cameras, t, torch.randn_like(latents), pooled)
+        return target_loss(latents, g) + loss_psi.to(latents.dtype), {
+            "t": t.float().mean().item(), "grad_norm": g.norm().item(), "loss_psi": loss_psi.item()}
