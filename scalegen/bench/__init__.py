@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from scalegen.errors import ScalegenError
 
-NAMES = ("saturation", "sharpness", "guidance", "flops-sd")
+NAMES = ("saturation", "sharpness", "guidance", "flops-sd", "generators")
 
 
 def run_bench(name: str, overrides: list[str], out_root: str = "runs/bench") -> dict:
@@ -24,4 +24,8 @@ def run_bench(name: str, overrides: list[str], out_root: str = "runs/bench") -> 
         from scalegen.bench.flops_sd import bench_flops_sd  # noqa: PLC0415
 
         return bench_flops_sd(overrides)
+    if name == "generators":
+        from scalegen.bench.generators import bench_generators  # noqa: PLC0415
+
+        return bench_generators(overrides)
     raise ScalegenError(f"unknown benchmark {name!r}; choose from {', '.join(NAMES)}")
