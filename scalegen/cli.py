@@ -128,11 +128,15 @@ def _slug(text: str) -> str:
 
 
 def cmd_info(args) -> int:
+    import torch
+
     from scalegen.config import load_config
-    from scalegen.train.model import build_model
+    from scalegen.train.model import build_scene
+    from scalegen.text import text_dim_of
 
     cfg = load_config(args.config, args.overrides)
-    _, model = build_model(cfg)
+    with torch.device("meta"):  # shapes only: paper-size generators cost no memory or init time
+        model = build_scene(cfg, text_dim_of(cfg))
     groups = {name: sum(p.numel() for p in ps) for name, ps in model.generator.param_groups().items()}
     params = {"generator": sum(p.numel() for p in model.generator.parameters()),
               "background": sum(p.numel() for p in model.background.parameters()),
@@ -286,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_data_compose)
 
     p = sub.add_parser("bench", help="benchmarks (numbers for docs/performance.md)")
-    p.add_argument("name", help="saturation | sharpness | guidance | flops-sd | data")
+    p.add_argument("name", help="saturation | sharpness | guidance | flops-sd | data | distill | toy2d | generators")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--out", default="runs/bench", help="folder for the benchmark's runs")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")

@@ -124,7 +124,6 @@ class PriorConfig:
 
 @dataclass
 class GeneratorConfig:
-    # conv3d / triplane_transformer: accepted so configs/sd validate; built by their own issue.
     name: Literal["hyper_ingp", "conv3d", "triplane_transformer"] = "hyper_ingp"
     # Multi-resolution hash grid shared by all prompts (paper: 16 x 2, 2^19, 16 -> 4096).
     hash_levels: int = 8
@@ -138,6 +137,12 @@ class GeneratorConfig:
     hyper_out_gain: float = 1.0  # xavier gain of the hypernetwork's last layer
     sdf_radius: float = 0.5  # SDF bias |x| - r: every prompt starts as this sphere
     backend: Literal["torch", "tcnn"] = "torch"
+    # conv3d / triplane_transformer (scalegen/generators/conv3d.py, triplane_transformer.py).
+    preset: Literal["paper", "small"] = "paper"  # paper: ScaleDreamer's sizes; small: oracle world on CPU
+    channel_multiplier: int = 1  # conv3d: widths at resolutions >= 32 (paper: 1 -> 88.7M, 2 -> 144.8M)
+    z_dim: int = 0  # conv3d noise width; 0 = the preset's (paper 64)
+    checkpointing: bool = False  # recompute each block in backward (activation memory / ~1.3x time)
+    bf16: bool = False  # run the conv / transformer trunk under bfloat16 autocast
 
 
 @dataclass
@@ -453,6 +458,8 @@ def validate(cfg: Config) -> None:
          "prior.perp_neg needs prior.view_dependent=true (its negatives are the other views' prompts)")
     for key in ("perp_neg_f_fs", "perp_neg_f_sf", "perp_neg_f_sb", "perp_neg_f_fsb"):
         need(len(getattr(p, key)) == 3, f"prior.{key} must be [a, b, c] of a*exp(-b*r)+c")
+    need(cfg.generator.channel_multiplier in (1, 2), "generator.channel_multiplier must be 1 or 2")
+    need(cfg.generator.z_dim >= 0, "generator.z_dim must be >= 0 (0 = the preset's width)")
     need(cfg.generator.hash_max_resolution >= cfg.generator.hash_base_resolution,
          "generator.hash_max_resolution must be >= generator.hash_base_resolution")
     w = cfg.world

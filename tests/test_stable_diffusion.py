@@ -348,16 +348,15 @@ def test_sd_config_trains_from_the_cli_and_writes_a_checkpoint(tiny_sd, tmp_path
     assert lines[-1]["step"] == 20 and all(math.isfinite(x["loss"]) for x in lines)
 
 
-def test_every_sd_config_validates_and_unbuilt_generators_say_so():
+def test_every_sd_config_validates_and_builds_its_generator():
     from scalegen.config import load_config
     from scalegen.generators import build_generator
 
     for path in sorted((ROOT / "configs" / "sd").glob("*.yaml")):
         cfg = load_config(path)
         assert cfg.prior.name == "stable_diffusion" and cfg.distill.name == "asd", path
-        if cfg.generator.name != "hyper_ingp":
-            with pytest.raises(ConfigError, match="not built yet"):
-                build_generator(cfg, 1024)
+        with torch.device("meta"):  # paper size without allocating it
+            build_generator(cfg, 1024)
     cp = load_config(ROOT / "configs" / "sd" / "conv3d_asd_cp100k.yaml")
     assert cp.optim.name == "adan" and cp.train.max_steps == 300_000
 

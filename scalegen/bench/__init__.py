@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from scalegen.errors import ScalegenError
 
-NAMES = ("saturation", "sharpness", "guidance", "flops-sd", "data", "distill", "toy2d")
+NAMES = ("saturation", "sharpness", "guidance", "flops-sd", "data", "distill", "toy2d", "generators")
 
 
 def run_bench(name: str, overrides: list[str], out_root: str = "runs/bench") -> dict:
@@ -36,4 +36,8 @@ def run_bench(name: str, overrides: list[str], out_root: str = "runs/bench") -> 
         from scalegen.bench.data import bench_data  # noqa: PLC0415
 
         return bench_data(overrides, out_root)
+    if name == "generators":
+        from scalegen.bench.generators import bench_generators  # noqa: PLC0415
+
+        return bench_generators(overrides)
     raise ScalegenError(f"unknown benchmark {name!r}; choose from {', '.join(NAMES)}")

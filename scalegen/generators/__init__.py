@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from scalegen.errors import ConfigError
-
+from scalegen.generators.conv3d import Conv3DNet
+from scalegen.generators.fields import FeatureField
 from scalegen.generators.hyper_ingp import HyperINGP, HyperINGPField
+from scalegen.generators.triplane_transformer import TriplaneTransformer
 
 
 def build_generator(cfg, text_dim: int) -> nn.Module:
@@ -24,10 +25,13 @@ def build_generator(cfg, text_dim: int) -> nn.Module:
             hash_max_resolution=g.hash_max_resolution, mlp_hidden=g.mlp_hidden, hyper_hidden=g.hyper_hidden,
             hyper_out_gain=g.hyper_out_gain, sdf_radius=g.sdf_radius, backend=g.backend,
         )
-    if g.name in ("conv3d", "triplane_transformer"):
-        raise ConfigError(f"generator {g.name} is not built yet (it lands with its own issue); use "
-                          "generator.name=hyper_ingp for now")
+    if g.name == "conv3d":
+        return Conv3DNet(text_dim=text_dim, preset=g.preset, channel_multiplier=g.channel_multiplier, z_dim=g.z_dim,
+                         bound=cfg.render.bound, sdf_radius=g.sdf_radius, checkpointing=g.checkpointing, bf16=g.bf16)
+    if g.name == "triplane_transformer":
+        return TriplaneTransformer(text_dim=text_dim, preset=g.preset, bound=cfg.render.bound, sdf_radius=g.sdf_radius,
+                                   checkpointing=g.checkpointing, bf16=g.bf16)
     raise AssertionError(f"unhandled generator {g.name}")  # config validation prevents this
 
 
-__all__ = ["HyperINGP", "HyperINGPField", "build_generator"]
+__all__ = ["Conv3DNet", "FeatureField", "HyperINGP", "HyperINGPField", "TriplaneTransformer", "build_generator"]

@@ -23,4 +23,19 @@ def build_text_encoder(cfg) -> TextEncoder:
     raise AssertionError(f"unhandled text encoder {t.encoder}")  # config validation prevents this
 
 
-__all__ = ["TextCond", "TextEncoder", "BagOfWordsEncoder", "build_text_encoder"]
+def text_dim_of(cfg) -> int:
+    """Embedding width of ``cfg``'s text encoder without loading it: ``text.dim`` for bag-of-words;
+    for CLIP the ``hidden_size`` of a local diffusers folder's text_encoder, else 1024 (SD 2.1's
+    OpenCLIP ViT-H, ScaleDreamer's c_dim)."""
+    import json  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    if cfg.text.encoder == "bow":
+        return cfg.text.dim
+    conf = Path(cfg.text.model) / "text_encoder" / "config.json"
+    if conf.is_file():
+        return int(json.loads(conf.read_text()).get("hidden_size", 1024))
+    return 1024
+
+
+__all__ = ["text_dim_of", "TextCond", "TextEncoder", "BagOfWordsEncoder", "build_text_encoder"]

@@ -26,11 +26,15 @@ class SceneModel(nn.Module):
         return self.generator(cond), self.background.bind(cond)
 
 
+def build_scene(cfg: Config, text_dim: int) -> SceneModel:
+    """A SceneModel for text embeddings of width ``text_dim`` (no text encoder loaded)."""
+    return SceneModel(build_generator(cfg, text_dim), build_background(cfg, text_dim))
+
+
 def build_model(cfg: Config):
     """(text encoder, SceneModel) freshly initialised from ``cfg``."""
     text_encoder = build_text_encoder(cfg)
-    model = SceneModel(build_generator(cfg, text_encoder.dim), build_background(cfg, text_encoder.dim))
-    return text_encoder, model
+    return text_encoder, build_scene(cfg, text_encoder.dim)
 
 
 def load_run(path: str | Path):
