@@ -135,7 +135,9 @@ class GeneratorConfig:
     mlp_hidden: int = 64
     hyper_hidden: int = 64
     hyper_out_gain: float = 1.0  # xavier gain of the hypernetwork's last layer
-    sdf_radius: float = 0.5  # SDF bias |x| - r: every prompt starts as this sphere
+    # SDF bias |x| - r: every prompt starts as this sphere. 0.35 sits between the oracle world's sizes
+    # (0.30 small, 0.45 large): from 0.5, small objects stay too large at 300 steps (IoU 0.88-0.90 measured).
+    sdf_radius: float = 0.35
     backend: Literal["torch", "tcnn"] = "torch"
     # conv3d / triplane_transformer (scalegen/generators/conv3d.py, triplane_transformer.py).
     preset: Literal["paper", "small"] = "paper"  # paper: ScaleDreamer's sizes; small: oracle world on CPU

@@ -17,7 +17,7 @@ component if it lies within ``4 sigma``; a component counts when it holds >= 2% 
 Writes ``out_dir/<method>.png`` (final particles over the components), ``out_dir/particles.png``
 (all methods side by side) and ``out_dir/grad_norm.png`` (mean |g| per particle over training, log).
 
-The timestep range anneals as in training ([0.50, 0.98] -> [0.02, 0.50] of T; ``toy.anneal=0``:
+The timestep range anneals as in ScaleDreamer's training ([0.50, 0.98] -> [0.02, 0.50] of T; ``toy.anneal=0``:
 fixed [0.02, 0.98]). Besides the component count it reports the spread inside a component, per
 axis, over sigma (1 = the data's spread, 0 = collapsed onto the centre).
 
@@ -128,7 +128,7 @@ def run_method(name: str, prior: MixturePrior, o: dict) -> tuple[torch.Tensor, l
     torch.manual_seed(o["seed"])
     n = o["particles"]
     x = (o["init_std"] * torch.randn(n, 2, 1, 1)).requires_grad_(True)
-    if o["anneal"]:  # the trainer's default: [0.50, 0.98] -> [0.02, 0.50] of T over the run
+    if o["anneal"]:  # ScaleDreamer's anneal: [0.50, 0.98] -> [0.02, 0.50] of T over the run
         sched = TimestepSchedule([0.50, 0.98], [0.02, 0.50], 1.0, o["steps"])
     else:
         sched = TimestepSchedule([0.02, 0.98], [0.02, 0.98], 1.0, o["steps"])
