@@ -21,6 +21,31 @@ TINY = [
 ]
 
 
+class LinearPrior:
+    """A prior whose eps is an explicit function of (x_t, t, cond), so every distiller's formula can
+    be checked by hand: eps = 0.5 x_t + 0.1 t/1000 + cond_offset * [text >= 0]."""
+
+    latent_channels = 1
+
+    def __init__(self, cond_offset=0.3):
+        from scalegen.priors.base import ddpm_alphas_cumprod
+
+        self.alphas_cumprod = ddpm_alphas_cumprod()
+        self.calls, self.off = [], cond_offset
+
+    def add_noise(self, z, eps, t):
+        ab = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return ab.sqrt() * z + (1 - ab).sqrt() * eps
+
+    def uncond_like(self, text):
+        return -1 - text
+
+    def predict_eps(self, x_t, t, text, cameras):
+        self.calls.append(len(x_t))
+        cond = (text >= 0).float().view(-1, 1, 1, 1)
+        return 0.5 * x_t + 0.1 * t.view(-1, 1, 1, 1) / 1000 + cond * self.off
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

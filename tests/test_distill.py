@@ -1,34 +1,11 @@
 """SDS and ASD gradients against their formulas, and against the exact oracle."""
 import torch
 
+from conftest import LinearPrior
 from scalegen.config import load_config
 from scalegen.data.cameras import orbit_cameras
 from scalegen.distill import ASD, SDS, TimestepSchedule, target_loss
 from scalegen.priors import build_prior, build_world
-
-
-class LinearPrior:
-    """A prior whose eps is an explicit function, to check the distillers' arithmetic."""
-
-    latent_channels = 1
-
-    def __init__(self):
-        from scalegen.priors.base import ddpm_alphas_cumprod
-
-        self.alphas_cumprod = ddpm_alphas_cumprod()
-        self.calls = []
-
-    def add_noise(self, z, eps, t):
-        ab = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        return ab.sqrt() * z + (1 - ab).sqrt() * eps
-
-    def uncond_like(self, text):
-        return -1 - text
-
-    def predict_eps(self, x_t, t, text, cameras):
-        self.calls.append(len(x_t))
-        cond = (text >= 0).float().view(-1, 1, 1, 1)
-        return 0.5 * x_t + 0.1 * t.view(-1, 1, 1, 1) / 1000 + cond * 0.3
 
 
 def test_target_loss_gradient_is_g_over_batch():

@@ -2,32 +2,10 @@
 import pytest
 import torch
 
+from conftest import LinearPrior
 from scalegen.data.cameras import orbit_cameras
 from scalegen.distill import CSD, SDS, VDM, VSD, TimestepSchedule, dca_lambda
 from scalegen.distill.nets import ResConvNet, ResidualEps, camera_vector
-from scalegen.priors.base import ddpm_alphas_cumprod
-
-
-class LinearPrior:
-    """eps is an explicit function of (x_t, t, cond) so every formula can be checked by hand."""
-
-    latent_channels = 1
-
-    def __init__(self, cond_offset=0.3):
-        self.alphas_cumprod = ddpm_alphas_cumprod()
-        self.calls, self.off = [], cond_offset
-
-    def add_noise(self, z, eps, t):
-        ab = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        return ab.sqrt() * z + (1 - ab).sqrt() * eps
-
-    def uncond_like(self, text):
-        return -1 - text
-
-    def predict_eps(self, x_t, t, text, cameras):
-        self.calls.append(len(x_t))
-        cond = (text >= 0).float().view(-1, 1, 1, 1)
-        return 0.5 * x_t + 0.1 * t.view(-1, 1, 1, 1) / 1000 + cond * self.off
 
 
 SCHED = TimestepSchedule([0.02, 0.98], [0.02, 0.98], 1.0, 10)

@@ -17,28 +17,33 @@ def _losses(run):
     return {json.loads(x)["step"]: json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()}
 
 
+def _interrupted_then_resumed(monkeypatch, overrides, run_dir, crash_at_step: int):
+    """Train with ``overrides``, kill the run during step ``crash_at_step`` (1-based), resume it."""
+    import scalegen.train.loop as loop
+
+    real, calls = loop.sample_train_cameras, []
+
+    def crash(*a, **k):
+        calls.append(1)
+        if len(calls) == crash_at_step:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "sample_train_cameras", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, overrides), run_dir)
+    monkeypatch.setattr(loop, "sample_train_cameras", real)
+    train(load_config(None, overrides), run_dir, resume=True)
+    return run_dir
+
+
 def test_resume_is_exact(tmp_path, monkeypatch):
     extra = ["train.log_every=1", "train.val_every=1000", "train.ckpt_every=2", "train.max_steps=5",
              "optim.lr_schedule=cosine", "optim.warmup_steps=2"]
     full = tmp_path / "full"
     train(load_config(None, TINY + extra), full)
     # Same run, killed during step 4 (after the step-2 checkpoint), then resumed.
-    import scalegen.train.loop as loop
-
-    real, calls = loop.sample_train_cameras, []
-
-    def crash_on_fourth(*a, **k):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(loop, "sample_train_cameras", crash_on_fourth)
-    part = tmp_path / "part"
-    with pytest.raises(KeyboardInterrupt):
-        train(load_config(None, TINY + extra), part)
-    monkeypatch.setattr(loop, "sample_train_cameras", real)
-    train(load_config(None, TINY + extra), part, resume=True)
+    part = _interrupted_then_resumed(monkeypatch, TINY + extra, tmp_path / "part", crash_at_step=4)
     assert _losses(full) == _losses(part)
     a = load_file(str(full / "checkpoints" / "step_0000005" / "model.safetensors"))
     b = load_file(str(part / "checkpoints" / "step_0000005" / "model.safetensors"))
@@ -139,18 +144,5 @@ def test_stateful_distiller_has_its_own_group_and_resumes_exactly(name, tmp_path
     assert seen[f"distill_{name}_{'phi' if name == 'vsd' else 'psi'}"] == 0.003
     w = load(str(full / "checkpoints" / "step_0000004" / "model.safetensors"))
     assert any(k.startswith("distiller.") for k in w)
-    real, calls = loop.sample_train_cameras, []
-
-    def crash_on_third(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(loop, "sample_train_cameras", crash_on_third)
-    part = tmp_path / "part"
-    with pytest.raises(KeyboardInterrupt):
-        train(load_config(None, TINY + extra), part)
-    monkeypatch.setattr(loop, "sample_train_cameras", real)
-    train(load_config(None, TINY + extra), part, resume=True)
+    part = _interrupted_then_resumed(monkeypatch, TINY + extra, tmp_path / "part", crash_at_step=3)
     assert _losses(full) == _losses(part)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from scalegen.distill.common import TimestepSchedule, target_loss, weight
-from scalegen.distill.sds import _rows
+from scalegen.distill.sds import cond_uncond_eps
 
 
 class CSD:
@@ -20,11 +20,7 @@ class CSD:
 
     def gradient(self, latents: Tensor, text: Tensor, cameras, t: Tensor, eps: Tensor) -> Tensor:
         z = latents.detach()
-        x_t = self.prior.add_noise(z, eps, t)
-        n = len(z)
-        out = self.prior.predict_eps(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                     torch.cat([text, self.prior.uncond_like(text)]), _rows(cameras, 2))
-        eps_c, eps_u = out[:n], out[n:]
+        _, eps_c, eps_u = cond_uncond_eps(self.prior, z, eps, t, text, cameras)
         return weight(self.prior.alphas_cumprod, t, self.weighting).to(z) * (eps_c - eps_u)
 
     def __call__(self, latents: Tensor, text: Tensor, cameras, step: int, pooled=None) -> tuple[Tensor, dict]:

@@ -21,12 +21,7 @@ class SDS:
     def gradient(self, latents: Tensor, text: Tensor, cameras, t: Tensor, eps: Tensor) -> Tensor:
         """g for given t and eps (exposed for tests)."""
         z = latents.detach()
-        x_t = self.prior.add_noise(z, eps, t)
-        n = len(z)
-        out = self.prior.predict_eps(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                     torch.cat([text, self.prior.uncond_like(text)]),
-                                     _rows(cameras, 2))
-        eps_c, eps_u = out[:n], out[n:]
+        _, eps_c, eps_u = cond_uncond_eps(self.prior, z, eps, t, text, cameras)
         eps_cfg = cfg_combine(eps_u, eps_c, self.scale)
         return weight(self.prior.alphas_cumprod, t, self.weighting).to(z) * (eps_cfg - eps)
 
@@ -35,6 +30,15 @@ class SDS:
         eps = torch.randn_like(latents)
         g = self.gradient(latents, text, cameras, t, eps)
         return target_loss(latents, g), {"t": t.float().mean().item(), "grad_norm": g.norm().item()}
+
+
+def cond_uncond_eps(prior, z: Tensor, eps: Tensor, t: Tensor, text: Tensor, cameras):
+    """(x_t, eps_c, eps_u): noise ``z`` to t and run [cond @ t, uncond @ t] in ONE prior call."""
+    x_t = prior.add_noise(z, eps, t)
+    n = len(z)
+    out = prior.predict_eps(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([text, prior.uncond_like(text)]),
+                            _rows(cameras, 2))
+    return x_t, out[:n], out[n:]
 
 
 def _rows(cameras, repeats: int):

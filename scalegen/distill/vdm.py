@@ -26,7 +26,7 @@ from torch import Tensor
 
 from scalegen.distill.common import TimestepSchedule, cfg_combine, target_loss, weight
 from scalegen.distill.nets import camera_vector
-from scalegen.distill.sds import _rows
+from scalegen.distill.sds import cond_uncond_eps
 from scalegen.priors.base import T
 
 
@@ -71,10 +71,8 @@ class VDM:
         """(g, psi's loss) for given t and eps (exposed for tests)."""
         z = latents.detach()
         n = len(z)
-        x_t = self.prior.add_noise(z, eps, t)
-        out = self.prior.predict_eps(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                     torch.cat([text, self.prior.uncond_like(text)]), _rows(cameras, 2))
-        eps_cfg = cfg_combine(out[n:], out[:n], self.scale).to(z)
+        x_t, eps_c, eps_u = cond_uncond_eps(self.prior, z, eps, t, text, cameras)
+        eps_cfg = cfg_combine(eps_u, eps_c, self.scale).to(z)
         ab = self.prior.alphas_cumprod.to(z.device)[t].view(-1, 1, 1, 1).to(z)
         a, s_t = ab.sqrt(), (1 - ab).sqrt()
         x0_p = ((x_t - s_t * eps_cfg) / a).detach()
