@@ -168,8 +168,8 @@ class DistillConfig:
     guidance_scale: float = 7.5
     weighting: Literal["sds", "uniform"] = "sds"  # w(t) = 1 - alphabar_t, or 1
     t_range_start: list[float] = field(default_factory=lambda: [0.50, 0.98])
-    # ScaleDreamer ends at [0.02, 0.50]; the oracle default ends at 0.25, where the CFG term has
-    # vanished (bench guidance), measured +1 dB and IoU 0.90 -> 0.915 (docs/performance.md). SD configs set theirs.
+    # ScaleDreamer ends at [0.02, 0.50] (the SD configs keep it); the oracle default ends at 0.25, where the CFG
+    # term has vanished (bench guidance). Its measured effect is within run-to-run spread (docs/performance.md).
     t_range_end: list[float] = field(default_factory=lambda: [0.02, 0.25])
     t_anneal_steps: float = 1.0  # steps of the linear anneal (below 1.0: fraction of max_steps)
     t_per: Literal["image", "prompt"] = "image"  # SD: per image; MVDream: per view group

@@ -355,9 +355,7 @@ def test_every_sd_config_validates_and_builds_its_generator():
     for path in sorted((ROOT / "configs" / "sd").glob("*.yaml")):
         cfg = load_config(path)
         assert cfg.prior.name == "stable_diffusion", path
-        # The paper configs distill with ASD; the *_vsd/_vdm variants differ from them only in distill:.
-        expected = path.stem.split("_")[-2] if path.stem.startswith("hyper_ingp_") else "asd"
-        assert cfg.distill.name == expected, path
+        assert f"_{cfg.distill.name}_" in path.stem, path  # <generator>_<distiller>_<corpus>: the file says which
         with torch.device("meta"):  # paper size without allocating it
             build_generator(cfg, 1024)
     cp = load_config(ROOT / "configs" / "sd" / "conv3d_asd_cp100k.yaml")
