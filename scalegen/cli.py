@@ -5,27 +5,13 @@ Errors a user can cause (``ScalegenError``) print one line and exit 2, without a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 from scalegen.errors import ScalegenError
-
-
-def _write_json(path: str | None, data: dict) -> None:
-    if path:
-        p = Path(path)
-        if not p.parent.is_dir():
-            raise ScalegenError(f"cannot write '{path}': folder '{p.parent}' does not exist")
-        p.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def _table(rows: list[list], header: list[str]) -> str:
-    cells = [header] + [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa
-    return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
+from scalegen.eval.report import format_table as _table
+from scalegen.eval.report import write_json as _write_json
 
 
 # ---------------------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ def bench_data(overrides: list[str], out_root: str = "runs/bench") -> dict:
     res["sd21_shapes"] = sd_rows
     res["tradeoff"] = _tradeoff(clip_dir)
 
-    from scalegen.cli import _table  # noqa: PLC0415
+    from scalegen.eval.report import format_table as _table  # noqa: PLC0415
 
     print(_table([[r["encoder"], r["prompts"], r["store"], r["build_prompts_per_s"], r["bytes_per_prompt"],
                    r["prompts_per_s"], r["peak_rss_mb"], r["rss_before_loader_mb"]] for r in rows],
