@@ -152,7 +152,7 @@ def cmd_prior_make_tiny(args) -> int:
     if out.exists() and any(out.iterdir()):
         raise ScalegenError(f"'{out}' is not empty; give a new folder for the tiny Stable Diffusion")
     make_tiny_sd(out, seed=args.seed)
-    print(f"wrote a tiny random Stable Diffusion to {out} (use prior.model={out} text.model={out})")
+    print(f"wrote a tiny random Stable Diffusion to {out} (use prior.model={out})")
     return 0
 
 
@@ -172,7 +172,7 @@ def cmd_data_build(args) -> int:
         if args.encoder == "clip":
             from scalegen.text.clip import CLIPTextEncoder
 
-            encoder = CLIPTextEncoder(cfg.text.model, device=state.device)
+            encoder = CLIPTextEncoder(cfg.text_model(), device=state.device)
         else:
             from scalegen.text import build_text_encoder
 

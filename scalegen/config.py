@@ -4,9 +4,14 @@ Every key has a typed default here; YAML files under ``configs/`` and ``key=valu
 only change values. An unknown key or a value of the wrong type is a ``ConfigError`` that names
 the key (and the closest valid keys), so a typo can never silently fall back to a default.
 
+Step positions have ONE meaning everywhere (weight ramps, the timestep anneal, the learning-rate
+warm-up; ``step_position``): a value below 1.0 is a fraction of ``train.max_steps``, so a config
+keeps its shape when the budget changes; 1.0 and above is an absolute step count, so ``1.0`` is
+step 1 (threestudio's ramps start at step 1), never "the whole run". The anneal over the whole run
+is ``distill.t_anneal_steps: null`` (the default).
+
 Scheduled weights (``Schedule``) are either a number or ``[start_step, start_value, end_value,
-end_step]`` (threestudio's order, linear in between). Step values below 1.0 are fractions of
-``train.max_steps``, so a config keeps its shape when the budget changes.
+end_step]`` (threestudio's order, linear in between), with step positions as above.
 """
 from __future__ import annotations
 
@@ -24,13 +29,17 @@ from scalegen.errors import ConfigError
 Schedule = Union[float, list]
 
 
+def step_position(position: float, max_steps: int) -> float:
+    """A config's step position in steps: below 1.0 a fraction of ``max_steps``, else a step count."""
+    return position * max_steps if position < 1.0 else float(position)
+
+
 def schedule_value(value: Schedule, step: int, max_steps: int) -> float:
     """Evaluate a ``Schedule`` at ``step``."""
     if isinstance(value, (int, float)):
         return float(value)
     s0, v0, v1, s1 = value
-    s0 = s0 * max_steps if s0 < 1.0 else s0
-    s1 = s1 * max_steps if s1 < 1.0 else s1
+    s0, s1 = step_position(s0, max_steps), step_position(s1, max_steps)
     if step <= s0:
         return float(v0)
     if step >= s1:
@@ -85,7 +94,7 @@ class TextConfig:
     encoder: Literal["bow", "clip"] = "bow"  # bow: offline token-hash bag of words (oracle world)
     dim: int = 128  # bow only (CLIP's width comes from its weights)
     max_tokens: int = 16  # bow only (CLIP: 77)
-    model: str = "stabilityai/stable-diffusion-2-1-base"  # clip: diffusers folder or hub id
+    model: Optional[str] = None  # clip: diffusers folder or hub id; null: the same as prior.model
 
 
 @dataclass
@@ -171,7 +180,7 @@ class DistillConfig:
     # ScaleDreamer ends at [0.02, 0.50] (the SD configs keep it); the oracle default ends at 0.25, where the CFG
     # term has vanished (bench guidance). Its measured effect is within run-to-run spread (docs/performance.md).
     t_range_end: list[float] = field(default_factory=lambda: [0.02, 0.25])
-    t_anneal_steps: float = 1.0  # steps of the linear anneal (below 1.0: fraction of max_steps)
+    t_anneal_steps: Optional[float] = None  # length of the linear anneal (step position); null: the whole run
     t_per: Literal["image", "prompt"] = "image"  # SD: per image; MVDream: per view group
     asd_eta: float = 0.1  # dt = floor(U(0,1) * eta * (t - t_min_now))
     # Stateful distillers (VSD's eps_phi, VDM's M_psi): their own optimizer group and learning rate.
@@ -204,7 +213,7 @@ class OptimConfig:
     grad_clip: Optional[float] = 1.0
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.1
-    warmup_steps: float = 0.0  # linear warm-up (below 1.0: fraction of max_steps)
+    warmup_steps: float = 0.0  # linear warm-up length (step position: below 1.0 a fraction of max_steps)
 
 
 @dataclass
@@ -248,6 +257,11 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def text_model(self) -> str:
+        """The CLIP text tower's folder or hub id: ``text.model``, or ``prior.model`` when unset, so
+        one folder is all a Stable Diffusion user passes."""
+        return self.text.model or self.prior.model
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
@@ -269,10 +283,13 @@ def _keys(cls) -> list[str]:
     return out
 
 
-def _unknown(key: str, valid: list[str]) -> ConfigError:
+LIST_KEYS = "`scalegen train --print-config` lists every key"
+
+
+def _unknown(key: str, valid: list[str], listing: str = LIST_KEYS) -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
     hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-    return ConfigError(f"unknown config key '{key}'{hint}; `scalegen train --print-config` lists every key")
+    return ConfigError(f"unknown config key '{key}'{hint}; {listing}")
 
 
 def _coerce(key: str, tp: Any, value: Any) -> Any:
@@ -331,21 +348,21 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     return value
 
 
-def _build(cls, data: dict, prefix: str, valid: list[str]):
+def _build(cls, data: dict, prefix: str, valid: list[str], listing: str = LIST_KEYS):
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for k in data:
         if k not in names:
-            raise _unknown(prefix + str(k), valid)
+            raise _unknown(prefix + str(k), valid, listing)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
             continue
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, data[f.name] or {}, prefix + f.name + ".", valid)
+            kwargs[f.name] = _build(tp, data[f.name] or {}, prefix + f.name + ".", valid, listing)
         else:
             kwargs[f.name] = _coerce(prefix + f.name, tp, data[f.name])
     return cls(**kwargs)
@@ -378,6 +395,17 @@ def parse_overrides(overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return out
+
+
+def parse_options(cls, overrides: list[str], section: str, listing: str):
+    """A typed options dataclass ``cls`` from ``section.key=value`` overrides (a benchmark's
+    ``bench.*`` options), checked exactly like config keys: unknown keys name the closest ones."""
+    data = parse_overrides(overrides)
+    extra = [k for k in data if k != section]
+    if extra:
+        raise ConfigError(f"'{extra[0]}' is not an option here; options are {section}.<name>=value")
+    valid = [f"{section}.{k}" for k in _keys(cls)]
+    return _build(cls, data.get(section) or {}, section + ".", valid, listing)
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -473,5 +501,11 @@ def validate(cfg: Config) -> None:
     need(0 <= w.n_unseen <= n_total // 2, f"world.n_unseen must be between 0 and {n_total // 2} for this grammar")
     for key in ("eikonal", "sparsity", "opacity_entropy"):
         v = getattr(cfg.loss, key)
-        need(isinstance(v, (int, float)) or (isinstance(v, list) and len(v) == 4),
-             f"loss.{key} must be a number or [start_step, start_value, end_value, end_step]")
+        need(isinstance(v, (int, float)) or (isinstance(v, list) and len(v) == 4
+                                             and all(isinstance(x, (int, float)) for x in v) and v[0] >= 0
+                                             and v[3] >= 0),
+             f"loss.{key} must be a number or [start_step, start_value, end_value, end_step] with step positions "
+             ">= 0 (below 1.0: fractions of train.max_steps)")
+    need(cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0 (below 1.0: a fraction of train.max_steps)")
+    need(cfg.distill.t_anneal_steps is None or cfg.distill.t_anneal_steps > 0,
+         "distill.t_anneal_steps must be > 0 (below 1.0: a fraction of train.max_steps), or null for the whole run")

@@ -7,8 +7,7 @@ subprocess per size, which reports prompts/s and its peak RSS (``ru_maxrss``). A
 random fp16 embeddings of the real SD 2.1 shapes (pooled 1024 + 77 x 1024) and streams them the
 same way, and measures the store / recompute / compress trade-off.
 
-Overrides: ``sizes=[1000,10000,100000] clip_sizes=[1000,10000,100000] sd_sizes=[2000,16000] stream=200000
-batch=64 shard_size=250 workdir=runs/bench/data keep=false``.
+Options: ``DataOptions`` (``bench.sizes=[1000,10000] bench.stream=50000 ...``).
 """
 from __future__ import annotations
 
@@ -19,23 +18,24 @@ import subprocess
 import sys
 import time
 import zlib
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 
-def _opts(overrides: list[str], out_root: str) -> dict:
-    o = {"sizes": [1000, 10000, 100000], "clip_sizes": [1000, 10000, 100000], "sd_sizes": [2000, 16000],
-         "stream": 200_000, "sd_stream": 4000, "batch": 64, "shard_size": 250, "workdir": str(Path(out_root) / "data"), "keep": False}
-    for kv in overrides:
-        k, _, v = kv.partition("=")
-        if k not in o:
-            from scalegen.errors import ConfigError  # noqa: PLC0415
-
-            raise ConfigError(f"bench data has no option '{k}' (options: {', '.join(o)})")
-        o[k] = json.loads(v) if k not in ("workdir",) else v
-    return o
+@dataclass
+class DataOptions:
+    sizes: list[int] = field(default_factory=lambda: [1000, 10000, 100000])  # corpora with bag-of-words shards
+    clip_sizes: list[int] = field(default_factory=lambda: [1000, 10000, 100000])  # ... with tiny-CLIP shards
+    sd_sizes: list[int] = field(default_factory=lambda: [2000, 16000])  # random SD 2.1-shaped embeddings
+    stream: int = 200_000  # prompts streamed per measurement
+    sd_stream: int = 4000
+    batch: int = 64
+    shard_size: int = 250
+    workdir: str = ""  # default: OUT/data (--out)
+    keep: bool = False  # keep the shards afterwards
 
 
 def stream_in_subprocess(shards: str, n: int, batch: int, shuffle_shards: int = 4) -> dict:
@@ -144,12 +144,18 @@ def _tradeoff(clip_dir: Path) -> dict:
             "tiny_clip_encode_ms_per_string": recompute * 1000}
 
 
-def bench_data(overrides: list[str], out_root: str = "runs/bench") -> dict:
+def bench_data(opts: DataOptions, overrides: list[str], out_root: str = "runs/bench") -> dict:
     from scalegen.data.compose import compose_corpus  # noqa: PLC0415
     from scalegen.text.bow import BagOfWordsEncoder  # noqa: PLC0415
     from scalegen.text.clip import CLIPTextEncoder, make_tiny_clip  # noqa: PLC0415
 
-    o = _opts(overrides, out_root)
+    if overrides:
+        from scalegen.errors import ConfigError  # noqa: PLC0415
+
+        raise ConfigError(f"`scalegen bench data` runs no training config, so '{overrides[0]}' means nothing here; "
+                          "its options are bench.<name>=value (scalegen/bench/data.py DataOptions)")
+    o = asdict(opts)
+    o["workdir"] = o["workdir"] or str(Path(out_root) / "data")
     work = Path(o["workdir"])
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)

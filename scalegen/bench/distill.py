@@ -15,8 +15,7 @@
    method in turn, ``sd_steps`` rounds after one warm-up round), median reported, so load from
    other jobs hits all methods alike.
 
-Options (stripped before the config overrides): ``bench.part=all|oracle|sd``, ``bench.sd_batch=1``,
-``bench.sd_steps=3``, ``bench.sd_width=80``, ``bench.names=sds,vdm``.
+Options: ``DistillOptions`` (``bench.part=sd``, ``bench.names=[sds,vdm]``, ...).
 """
 from __future__ import annotations
 
@@ -24,7 +23,9 @@ import multiprocessing
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -32,6 +33,16 @@ from scalegen.bench.common import train_and_evaluate
 
 NAMES = ("sds", "csd", "vsd", "asd", "vdm")
 SD_NAMES = ("sds", "asd", "vsd", "vdm")
+Name = Literal["sds", "csd", "vsd", "asd", "vdm"]
+
+
+@dataclass
+class DistillOptions:
+    part: Literal["all", "oracle", "sd"] = "all"
+    names: list[Name] = field(default_factory=lambda: list(NAMES))
+    sd_batch: int = 1  # latents per step on the reduced UNet
+    sd_steps: int = 3  # timed rounds (after one warm-up round)
+    sd_width: int = 80  # the reduced UNet's first block width (SD 2.1-base: 320)
 
 
 def _one_oracle_run(name: str, overrides: list[str], run_dir: str) -> dict:
@@ -43,21 +54,6 @@ def _one_oracle_run(name: str, overrides: list[str], run_dir: str) -> dict:
     return r
 
 
-class CountingPrior:
-    """Wraps a prior and counts ``predict_eps`` calls and rows (for the evaluations-per-step column)."""
-
-    def __init__(self, prior):
-        self._p, self.calls, self.rows = prior, 0, 0
-
-    def __getattr__(self, name):
-        return getattr(self._p, name)
-
-    def predict_eps(self, x_t, t, text, cameras):
-        self.calls += 1
-        self.rows += len(x_t)
-        return self._p.predict_eps(x_t, t, text, cameras)
-
-
 def prior_evals(name: str, overrides: list[str]) -> dict:
     """Prior calls and denoised rows per rendered image in one step (oracle, 2 prompts x 2 views, 8x8)."""
     from scalegen.config import load_config  # noqa: PLC0415
@@ -67,13 +63,13 @@ def prior_evals(name: str, overrides: list[str]) -> dict:
 
     cfg = load_config(None, [*overrides, f"distill.name={name}", "camera.views_per_prompt=2", "camera.resolution=8"])
     world = build_world(cfg)
-    prior = CountingPrior(build_prior(cfg, world))
+    prior = build_prior(cfg, world)
     d = build_distiller(cfg, prior)
     cams = sample_train_cameras(cfg.camera, 2)
     z = torch.randn(4, 3, 8, 8, requires_grad=True)
     text = prior.text_embeddings(world.seen[:2]).repeat_interleave(2)
     d(z, text, cams.expand(2), 0)
-    return {"prior_calls": prior.calls, "prior_rows_per_image": prior.rows / 4}
+    return {"prior_calls": prior.n_calls, "prior_rows_per_image": prior.n_rows / 4}
 
 
 def bench_oracle(overrides: list[str], out_root: str, names=NAMES) -> dict:
@@ -100,59 +96,13 @@ def bench_oracle(overrides: list[str], out_root: str, names=NAMES) -> dict:
 # Step time on a reduced-width SD 2.1-base UNet
 
 
-class UNetPrior:
-    """A Stable-Diffusion-like prior around a bare UNet (no VAE, no text tower): random token
-    embeddings per prompt id, the real DDPM schedule; enough for every distiller's code path."""
-
-    prediction_type = "epsilon"
-    latent_channels = 4
-
-    def __init__(self, unet, n_prompts: int = 4, tokens: int = 77, seed: int = 0):
-        from scalegen.priors.base import ddpm_alphas_cumprod  # noqa: PLC0415
-
-        g = torch.Generator().manual_seed(seed)
-        self.unet = unet.eval().requires_grad_(False)
-        self.device = torch.device("cpu")
-        dim = unet.config.cross_attention_dim
-        self.emb = torch.randn(n_prompts, tokens, dim, generator=g)
-        self.uncond = torch.randn(tokens, dim, generator=g)
-        self.alphas_cumprod = ddpm_alphas_cumprod()
-        self.unet_rows = 0
-
-    def add_noise(self, z, eps, t):
-        ab = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        return ab.sqrt() * z + (1 - ab).sqrt() * eps
-
-    def uncond_like(self, text):
-        return -1 - text.clamp(min=0)
-
-    def row_embeddings(self, text, cameras=None):
-        return torch.stack([self.emb[int(i)] if i >= 0 else self.uncond for i in text])
-
-    @torch.no_grad()
-    def predict_eps(self, x_t, t, text, cameras):
-        self.unet_rows += len(x_t)
-        return self.unet(x_t, t, encoder_hidden_states=self.row_embeddings(text)).sample
-
-
-def reduced_unet(width: int = 80, seed: int = 0):
-    from diffusers import UNet2DConditionModel  # noqa: PLC0415
-
-    from scalegen.bench.flops_sd import SD21_BASE_UNET  # noqa: PLC0415
-
-    torch.manual_seed(seed)
-    cfg = dict(SD21_BASE_UNET)
-    cfg["block_out_channels"] = (width, 2 * width, 4 * width, 4 * width)
-    cfg["norm_num_groups"] = 16
-    return UNet2DConditionModel(**cfg)
-
-
 def bench_sd_reduced(batch: int = 1, steps: int = 3, width: int = 80, names=SD_NAMES) -> dict:
     from scalegen.config import load_config  # noqa: PLC0415
     from scalegen.data.cameras import sample_train_cameras  # noqa: PLC0415
     from scalegen.distill import build_distiller  # noqa: PLC0415
+    from scalegen.priors.fakes import ReducedUNetPrior, reduced_sd21_unet  # noqa: PLC0415
 
-    prior = UNetPrior(reduced_unet(width))
+    prior = ReducedUNetPrior(reduced_sd21_unet(width))
     n_par = sum(p.numel() for p in prior.unet.parameters())
     print(f"[distill] reduced SD 2.1-base UNet: blocks {(width, 2 * width, 4 * width, 4 * width)}, "
           f"{n_par / 1e6:.1f}M parameters, latents {batch}x4x64x64", flush=True)
@@ -196,20 +146,11 @@ def bench_sd_reduced(batch: int = 1, steps: int = 3, width: int = 80, names=SD_N
     return out
 
 
-def bench_distill(overrides: list[str], out_root: str) -> dict:
-    opts = {"part": "all", "sd_batch": "1", "sd_steps": "3", "sd_width": "80", "names": ",".join(NAMES)}
-    rest = []
-    for o in overrides:
-        if o.startswith("bench."):
-            k, _, v = o[len("bench."):].partition("=")
-            opts[k] = v
-        else:
-            rest.append(o)
-    names = [n for n in opts["names"].split(",") if n]
+def bench_distill(opts: DistillOptions, overrides: list[str], out_root: str) -> dict:
     out = {}
-    if opts["part"] in ("all", "oracle"):
-        out["oracle"] = bench_oracle(rest, out_root, names)
-    if opts["part"] in ("all", "sd"):
-        out["sd_reduced"] = bench_sd_reduced(int(opts["sd_batch"]), int(opts["sd_steps"]), int(opts["sd_width"]),
-                                             [n for n in SD_NAMES if n in names])
+    if opts.part in ("all", "oracle"):
+        out["oracle"] = bench_oracle(overrides, out_root, opts.names)
+    if opts.part in ("all", "sd"):
+        out["sd_reduced"] = bench_sd_reduced(opts.sd_batch, opts.sd_steps, opts.sd_width,
+                                             [n for n in SD_NAMES if n in opts.names])
     return out

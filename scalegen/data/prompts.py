@@ -109,6 +109,8 @@ def read_corpus_lines(path: str | Path, split: str = "train", column: str = "pro
 class PromptSampler:
     """Endless, exactly resumable batches of prompts for one rank."""
 
+    info = None  # the encoder entry of embeddings its batches carry (ShardStream's manifest entry): none
+
     def __init__(self, prompts: list[str], batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         if not prompts:
             raise DataError("no prompts to train on")

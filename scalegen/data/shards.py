@@ -52,14 +52,6 @@ def variants(prompt: str, store: str) -> list[str]:
     return [prompt] + ([view_prompt(prompt, v) for v in VIEWS] if store == "views" else [])
 
 
-def count_tokens(encoder, prompt: str) -> int:
-    if hasattr(encoder, "count_tokens"):
-        return encoder.count_tokens(prompt)
-    from scalegen.text.bow import tokenize  # noqa: PLC0415
-
-    return len(tokenize(prompt))
-
-
 def encoder_info(encoder, store: str, compress: str) -> dict:
     """What the loader must match: the id, and a hash of everything that shapes the stored bytes."""
     info = {"id": encoder.id, "dim": int(encoder.dim), "tokens": int(encoder.max_tokens), "store": store,
@@ -134,8 +126,8 @@ def plan_corpus(corpus: str, splits: list[str] | None, shard_size: int, column: 
                      "duplicates_action": "dropped (first occurrence kept)", "duplicate_examples": dups[:10]}
         if encoder is not None:
             limit = encoder.max_tokens
-            over = [p for p in prompts if count_tokens(encoder, p) > limit]
-            over_v = ([p for p in prompts if count_tokens(encoder, view_prompt(p, "overhead")) > limit]
+            over = [p for p in prompts if encoder.count_tokens(p) > limit]
+            over_v = ([p for p in prompts if encoder.count_tokens(view_prompt(p, "overhead")) > limit]
                       if store == "views" else [])
             rec.update({"token_limit": limit, "over_limit": len(over), "over_limit_views": len(over_v),
                         "over_limit_action": f"kept; the encoder truncates them to {limit} tokens",

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from scalegen.generators.fields import FeatureField, decoder
+from scalegen.generators.base import Generator
 from scalegen.text.base import TextCond
 
 # Presets: (z_dim, w_dim, mapping layers, resolution, grid channels, channels per resolution with
@@ -108,7 +109,7 @@ class SynthesisBlock(nn.Module):
         return x, y
 
 
-class Conv3DNet(nn.Module):
+class Conv3DNet(Generator):
     """Generator interface: ``forward(cond, z=None) -> FeatureField``.
 
     ``z`` [B, z_dim]: drawn from N(0, I) per prompt in training and zero in eval mode when not

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from scalegen.render.base import Field
+
 
 def sample_voxels(grid: Tensor, unit: Tensor) -> Tensor:
     """Trilinear features ``[B, N, C]`` of ``grid`` [B, C, D, H, W] at ``unit`` [B, N, 3] in
@@ -167,7 +169,7 @@ def decoder(d_in: int, hidden: int, d_out: int, n_hidden: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class FeatureField:
+class FeatureField(Field):
     """The fields of B prompts from per-prompt feature grids. Points are ``[P, N, 3]`` with P == B
     or P == 1 (shared points, broadcast to every prompt as a view)."""
 

@@ -15,7 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from scalegen.errors import ConfigError
+from scalegen.generators.base import Generator
 from scalegen.generators.hash_grid import HashGrid, TCNNHashGrid
+from scalegen.render.base import Field
 from scalegen.text.base import TextCond
 
 
@@ -59,7 +61,7 @@ class _SharedPointsMLP(torch.autograd.Function):
         return g_feat, g_w1, g_w2, None
 
 
-class HyperINGPField:
+class HyperINGPField(Field):
     """The fields of B prompts. Points are ``[P, N, 3]`` with P == B or P == 1 (shared points:
     the grid encoding is computed once and all B prompts' MLPs run as two dense matmuls,
     ``[N, F] @ [F, B*H]`` then a block-diagonal ``[B*H, B*O]``, which is far faster on CPU than
@@ -97,7 +99,7 @@ class HyperINGPField:
         return sdf, rgb
 
 
-class HyperINGP(nn.Module):
+class HyperINGP(Generator):
     def __init__(self, text_dim: int, bound: float = 0.75, hash_levels: int = 16, hash_features: int = 2,
                  hash_log2_size: int = 19, hash_base_resolution: int = 16, hash_max_resolution: int = 4096,
                  mlp_hidden: int = 64, hyper_hidden: int = 64, hyper_out_gain: float = 1.0,

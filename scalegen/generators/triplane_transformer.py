@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from scalegen.generators.fields import FeatureField, decoder
+from scalegen.generators.base import Generator
 from scalegen.text.base import TextCond
 
 PRESETS = {
@@ -64,7 +65,7 @@ class Block(nn.Module):
         return x + self.mlp(self.norm3(x))
 
 
-class TriplaneTransformer(nn.Module):
+class TriplaneTransformer(Generator):
     """Generator interface: ``forward(cond, z=None) -> FeatureField`` (z is ignored)."""
 
     def __init__(self, text_dim: int, preset: str = "paper", bound: float = 0.75, sdf_radius: float = 0.5,
