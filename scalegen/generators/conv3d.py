@@ -16,6 +16,7 @@ per-prompt weights, but one ordinary batched convolution, and no prompt can see 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -152,7 +153,8 @@ class Conv3DNet(Generator):
         w = self.style(cond, z)
         noise = self.training
         dev = w.device.type
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=self.bf16):
+        # bf16 here, or whatever the trainer's autocast says (never switching an outer autocast off)
+        with torch.autocast(dev, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext():
             x, img = self.const.unsqueeze(0).expand(w.shape[0], -1, -1, -1, -1), None
             for block in self.blocks:
                 if self.checkpointing and torch.is_grad_enabled():

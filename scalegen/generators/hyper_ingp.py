@@ -80,7 +80,9 @@ class HyperINGPField(Field):
         """relu(feat W1_b) W2_b for every prompt b -> [B, N, O]."""
         b = w1.shape[0]
         if feat.shape[0] == 1 and b > 1:
-            return _SharedPointsMLP.apply(feat[0], w1, w2, 2048)
+            # The fused kernel writes into preallocated fp32 buffers: it runs outside autocast, in fp32.
+            with torch.autocast(feat.device.type, enabled=False):
+                return _SharedPointsMLP.apply(feat[0].float(), w1.float(), w2.float(), 2048)
         return torch.bmm(torch.relu(torch.bmm(feat.expand(b, -1, -1), w1)), w2)
 
     def _sdf_from(self, feat: Tensor, points: Tensor) -> Tensor:

@@ -11,6 +11,8 @@ The planes are sampled EG3D-style (xy, xz, zy; features concatenated) and decode
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -87,7 +89,8 @@ class TriplaneTransformer(Generator):
         mask = cond.mask.bool()
         mask = mask | ~mask.any(1, keepdim=True)  # a prompt without a marked token attends to all
         b, h = text.shape[0], self.low_res
-        with torch.autocast(text.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        # bf16 here, or whatever the trainer's autocast says (never switching an outer autocast off)
+        with torch.autocast(text.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext():
             x = self.tokens.expand(b, -1, -1)
             for layer in self.layers:
                 if self.checkpointing and torch.is_grad_enabled():
