@@ -195,6 +195,18 @@ def cmd_data_build(args) -> int:
     return 0
 
 
+def cmd_data_check(args) -> int:
+    from scalegen.data.stream import check_shards
+
+    t0 = time.perf_counter()
+    n, bad = check_shards(args.dir, url=args.url)
+    for where, problem in bad:
+        print(f"BAD {where}: {problem}")
+    print(f"{n - len(bad)} of {n} shard(s) match the manifest ({time.perf_counter() - t0:.1f} s)"
+          + (f"; rebuild with the same `scalegen data build` command (it rewrites only damaged shards)" if bad else ""))
+    return 1 if bad else 0
+
+
 def cmd_data_compose(args) -> int:
     from scalegen.data.compose import write_composed
 
@@ -249,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(fn=cmd_prior_make_tiny)
 
-    p = sub.add_parser("data", help="corpus tools: build (webdataset shards), compose (a compositional corpus)")
+    p = sub.add_parser("data", help="corpus tools: build (webdataset shards), check (verify them), compose (a corpus)")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     q = data_sub.add_parser("build", help="write a corpus as webdataset shards, optionally with text embeddings")
     q.add_argument("--corpus", required=True, help="ScaleDreamer JSON, JSON lines, text (a prompt per line) or CSV")
@@ -267,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--cpu", action="store_true", help="encode on CPU even when a GPU is present")
     q.add_argument("overrides", nargs="*", help="text.* overrides, e.g. text.model=DIR text.dim=128")
     q.set_defaults(fn=cmd_data_build)
+    q = data_sub.add_parser("check", help="verify every shard against its manifest (sha256, counts, record shapes)")
+    q.add_argument("dir", help="a `scalegen data build` folder (or its manifest.json)")
+    q.add_argument("--url", help="URL template of a shard, as data.shard_url (default: the local files)")
+    q.set_defaults(fn=cmd_data_check)
     q = data_sub.add_parser("compose", help="write an ATT3D-style compositional corpus with unseen combinations")
     q.add_argument("--out", required=True, help="output JSON ({train, val, test}; val = test = unseen)")
     q.add_argument("--n", type=int, default=100_000, help="training prompts (default 100000)")

@@ -96,6 +96,54 @@ def bench_oracle(overrides: list[str], out_root: str, names=NAMES) -> dict:
 # Step time on a reduced-width SD 2.1-base UNet
 
 
+def _tensor_bytes(tensors, exclude: set[int]) -> int:
+    seen, total = set(exclude), 0
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _vm_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def vsd_memory(width: int = 80) -> dict:
+    """What VSD adds on top of the frozen prior on the reduced UNet: bytes of the tensors its eps_phi
+    holds that are not the prior's (LoRA adapters + camera MLP; a UNet copy if there were one), and
+    resident memory after building it and after two training steps (run in a fresh process)."""
+    from scalegen.config import load_config  # noqa: PLC0415
+    from scalegen.data.cameras import sample_train_cameras  # noqa: PLC0415
+    from scalegen.distill import build_distiller  # noqa: PLC0415
+    from scalegen.priors.fakes import ReducedUNetPrior, reduced_sd21_unet  # noqa: PLC0415
+
+    torch.set_num_threads(1)
+    prior = ReducedUNetPrior(reduced_sd21_unet(width))
+    frozen = {t.data_ptr() for t in [*prior.unet.parameters(), *prior.unet.buffers()]}
+    unet_mb = _tensor_bytes([*prior.unet.parameters(), *prior.unet.buffers()], set()) / 2**20
+    rss0 = _vm_mb("VmRSS")
+    cfg = load_config(None, ["distill.name=vsd", "camera.views_per_prompt=1"])
+    vsd = build_distiller(cfg, prior)
+    model = vsd.model
+    owned = [*model.parameters(), *model.buffers(), *model.trainable().values()]
+    rss1 = _vm_mb("VmRSS")
+    opt = torch.optim.Adam(vsd.parameters(), lr=1e-4)
+    cams = sample_train_cameras(cfg.camera, 1).expand(1)
+    for step in range(2):
+        z = torch.randn(1, 4, 64, 64, requires_grad=True)
+        loss, _ = vsd(z, torch.zeros(1, dtype=torch.long), cams, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return {"unet_mb": unet_mb, "vsd_extra_tensor_mb": _tensor_bytes(owned, frozen) / 2**20,
+            "vsd_trainable_params": sum(p.numel() for p in vsd.parameters()),
+            "rss_build_vsd_mb": rss1 - rss0, "peak_rss_mb": _vm_mb("VmHWM")}
+
+
 def bench_sd_reduced(batch: int = 1, steps: int = 3, width: int = 80, names=SD_NAMES) -> dict:
     from scalegen.config import load_config  # noqa: PLC0415
     from scalegen.data.cameras import sample_train_cameras  # noqa: PLC0415
@@ -153,4 +201,12 @@ def bench_distill(opts: DistillOptions, overrides: list[str], out_root: str) -> 
     if opts.part in ("all", "sd"):
         out["sd_reduced"] = bench_sd_reduced(opts.sd_batch, opts.sd_steps, opts.sd_width,
                                              [n for n in SD_NAMES if n in opts.names])
+        if "vsd" in opts.names:
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+                m = ex.submit(vsd_memory, opts.sd_width).result()
+            out["vsd_memory"] = m
+            print(f"[distill] VSD on the reduced UNet ({m['unet_mb']:.0f} MB of frozen weights): its eps_phi holds "
+                  f"{m['vsd_extra_tensor_mb']:.1f} MB of its own tensors ({m['vsd_trainable_params']:,} trainable), "
+                  f"+{m['rss_build_vsd_mb']:.0f} MB resident to build, peak {m['peak_rss_mb']:.0f} MB after 2 steps",
+                  flush=True)
     return out
