@@ -156,6 +156,41 @@ def cmd_prior_make_tiny(args) -> int:
     return 0
 
 
+def cmd_prior_make_tiny_mvdream(args) -> int:
+    from scalegen.priors.mvdream_convert import make_tiny_mvdream
+
+    out = Path(args.out)
+    if out.exists():
+        raise ScalegenError(f"'{out}' already exists; give a new file name for the tiny MVDream checkpoint")
+    if out.suffix != ".safetensors":
+        raise ScalegenError(f"--out '{out}' must end in .safetensors")
+    make_tiny_mvdream(out, seed=args.seed, context_dim=args.context_dim)
+    print(f"wrote a tiny random MVDream checkpoint in the official layout to {out} (convert it with "
+          f"`scalegen prior convert-mvdream {out} DIR --text-from TINY_SD_DIR`)")
+    return 0
+
+
+def cmd_prior_convert_mvdream(args) -> int:
+    import torch
+
+    from scalegen.priors.mvdream_convert import convert_mvdream
+
+    t0 = time.perf_counter()
+    res = convert_mvdream(args.ckpt, args.out, text_from=args.text_from, num_head_channels=args.head_channels,
+                          dtype=torch.float16 if args.half else None)
+    print(f"converted {res['unet_params'] / 1e6:.1f}M UNet and {res['vae_params'] / 1e6:.1f}M VAE parameters "
+          f"({res['num_head_channels']}-channel heads) to {res['out']} in {time.perf_counter() - t0:.0f} s"
+          + (f"; skipped MVDream's own text tower ({res['skipped_text_tensors']} tensors)"
+             if res["skipped_text_tensors"] else ""))
+    if res["text_tower"] is None:
+        print(f"no --text-from given: copy tokenizer/ and text_encoder/ of Stable Diffusion 2.1-base into {res['out']} "
+              "before training (or rerun with --text-from SD21_BASE_DIR)")
+    else:
+        print(f"text tower (tokenizer/, text_encoder/) copied from {res['text_tower']}; train with "
+              f"prior.model={res['out']}")
+    return 0
+
+
 def cmd_data_build(args) -> int:
     from accelerate import PartialState
 
@@ -254,12 +289,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(fn=cmd_info)
 
-    p = sub.add_parser("prior", help="prior tools: make-tiny (a tiny random Stable Diffusion for tests)")
+    p = sub.add_parser("prior", help="prior tools: make-tiny (a tiny random Stable Diffusion), convert-mvdream, "
+                                      "make-tiny-mvdream")
     prior_sub = p.add_subparsers(dest="prior_command", required=True)
     q = prior_sub.add_parser("make-tiny", help="write a tiny random SD (unet, vae, scheduler, CLIP) in diffusers layout")
     q.add_argument("--out", required=True, help="new folder")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(fn=cmd_prior_make_tiny)
+    q = prior_sub.add_parser("make-tiny-mvdream",
+                             help="write a tiny random MVDream checkpoint in the official layout (tests, smoke runs)")
+    q.add_argument("--out", required=True, help="new .safetensors file")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--context-dim", type=int, default=32, help="text width (32 = the tiny SD's CLIP)")
+    q.set_defaults(fn=cmd_prior_make_tiny_mvdream)
+    q = prior_sub.add_parser("convert-mvdream", help="convert the official MVDream checkpoint (sd-v2.1-base-4view.pt) "
+                             "to the folder prior.name=mvdream loads")
+    q.add_argument("ckpt", help="the official checkpoint (.pt/.ckpt, read without running pickled code, or .safetensors)")
+    q.add_argument("out", help="new folder: unet/, vae/, scheduler/ (+ tokenizer/, text_encoder/ with --text-from)")
+    q.add_argument("--text-from", help="Stable Diffusion 2.1(-base) folder or cached hub id whose tokenizer/ and "
+                                       "text_encoder/ (OpenCLIP ViT-H) are copied in")
+    q.add_argument("--head-channels", type=int, default=None,
+                   help="channels per attention head (default: the checkpoint's metadata, else the official 64)")
+    q.add_argument("--half", action="store_true", help="store the weights in fp16 (half the disk)")
+    q.set_defaults(fn=cmd_prior_convert_mvdream)
 
     p = sub.add_parser("data", help="corpus tools: build (webdataset shards), check (verify them), compose (a corpus)")
     data_sub = p.add_subparsers(dest="data_command", required=True)
@@ -292,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_data_compose)
 
     p = sub.add_parser("bench", help="benchmarks (numbers for docs/performance.md)")
-    p.add_argument("name", help="saturation | sharpness | guidance | flops-sd | data | distill | toy2d | generators")
+    p.add_argument("name", help="saturation | sharpness | guidance | flops-sd | flops-mvdream | data | distill | toy2d "
+                                "| generators")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--out", default="runs/bench", help="folder for the benchmark's runs")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")

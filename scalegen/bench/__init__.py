@@ -14,7 +14,7 @@ from __future__ import annotations
 from scalegen.config import parse_options
 from scalegen.errors import ScalegenError
 
-NAMES = ("saturation", "sharpness", "guidance", "flops-sd", "data", "distill", "toy2d", "generators")
+NAMES = ("saturation", "sharpness", "guidance", "flops-sd", "flops-mvdream", "data", "distill", "toy2d", "generators")
 
 
 def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
@@ -46,6 +46,10 @@ def run_bench(name: str, items: list[str], out_root: str = "runs/bench") -> dict
         from scalegen.bench.flops_sd import FlopsOptions, bench_flops_sd  # noqa: PLC0415
 
         return bench_flops_sd(parse(FlopsOptions), overrides, out_root)
+    if name == "flops-mvdream":
+        from scalegen.bench.flops_mvdream import FlopsMVDreamOptions, bench_flops_mvdream  # noqa: PLC0415
+
+        return bench_flops_mvdream(parse(FlopsMVDreamOptions), overrides, out_root)
     if name == "distill":
         from scalegen.bench.distill import DistillOptions, bench_distill  # noqa: PLC0415
 

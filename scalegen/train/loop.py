@@ -6,10 +6,13 @@
 Runs on one CPU, one GPU or many GPUs (``accelerate launch train.py --config ...``). Seeds are
 ``train.seed + rank``; data order is a function of (seed, epoch, rank); checkpoints hold weights,
 optimizer, data position and RNG, so ``--resume`` continues exactly where a run stopped (on CPU,
-the losses after resume equal those of an uninterrupted run; tested).
+the losses after resume equal those of an uninterrupted run; tested). With ``train.grad_accum = k``
+an optimizer step averages the gradients of k micro-batches (k x ``data.prompts_per_step`` prompts);
+``train.max_steps`` and every step position count optimizer steps, as Lightning's do.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -263,24 +266,31 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
     # Host syncs (.item(), float(), bool checks) happen only on logging and checkpoint steps, so a GPU
     # never waits for the CPU in between; a non-finite loss is remembered on the device until then.
     first_bad = torch.full((), -1, dtype=torch.long, device=acc.device)
+    accum = cfg.train.grad_accum
     try:
         for step in range(start, max_steps):
             t0 = time.perf_counter()
-            batch, cond, prior_text = encode(sampler.next_batch())
-            with acc.autocast():
-                field, background = model(cond)
-                cams = sample_train_cameras(cfg.camera, len(batch)).to(acc.device)
-                lam_eik = schedule_value(cfg.loss.eikonal, step, max_steps)
-                out = renderer(field, cams, background=background, with_eikonal=lam_eik > 0)
-                latents = prior.encode(out.rgb)
-            loss_d, dlogs = distiller(latents, prior_text.repeat_interleave(v), cams.expand(len(batch)), step,
-                                      pooled=cond.pooled.repeat_interleave(v, 0))
-            reg, rlogs = regularisers(cfg, out, step)
-            loss = cfg.loss.distill * loss_d + reg
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), first_bad.new_full((), step),
-                                    first_bad)
             optimizer.zero_grad(set_to_none=True)
-            acc.backward(loss)
+            loss_sum, loss_d_sum = 0.0, 0.0
+            # ``grad_accum`` micro-batches per optimizer step, each backpropagated at once (its graph freed);
+            # gradients average over them (loss / accum) and DDP syncs only on the last one.
+            for micro in range(accum):
+                batch, cond, prior_text = encode(sampler.next_batch())
+                with acc.autocast():
+                    field, background = model(cond)
+                    cams = sample_train_cameras(cfg.camera, len(batch)).to(acc.device)
+                    lam_eik = schedule_value(cfg.loss.eikonal, step, max_steps)
+                    out = renderer(field, cams, background=background, with_eikonal=lam_eik > 0)
+                    latents = prior.encode(out.rgb)
+                loss_d, dlogs = distiller(latents, prior_text.repeat_interleave(v), cams.expand(len(batch)), step,
+                                          pooled=cond.pooled.repeat_interleave(v, 0))
+                reg, rlogs = regularisers(cfg, out, step)
+                loss = cfg.loss.distill * loss_d + reg
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
+                                        first_bad.new_full((), step), first_bad)
+                with acc.no_sync(model) if micro < accum - 1 else contextlib.nullcontext():
+                    acc.backward(loss / accum if accum > 1 else loss)
+                loss_sum, loss_d_sum = loss_sum + loss.detach() / accum, loss_d_sum + loss_d.detach() / accum
             if world_size > 1 and distiller_params:  # the distiller's own model is not DDP-wrapped: average by hand
                 _all_reduce_mean(distiller_params, world_size)
             factor = lr_factor(cfg, step)
@@ -301,7 +311,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
                     raise TrainingError(f"the loss was not finite at step {bad}: training diverged; lower the "
                                         "learning rates and resume from the last checkpoint (`--resume`)")
             if main and log_now:
-                metrics = {"loss": float(loss.detach()), "loss_distill": float(loss_d.detach()),
+                metrics = {"loss": float(loss_sum), "loss_distill": float(loss_d_sum),
                            "opacity": float(out.opacity.detach().mean()),
                            "step_s": dt, **{f"distill/{k}": float(x) for k, x in dlogs.items()},
                            **{k: float(x) for k, x in rlogs.items()}}
