@@ -462,3 +462,35 @@ def test_flop_count_uses_the_real_mvdream_architecture():
     assert n == 865_910_724 + 1_661_440 and f8 == 2 * f4 > 0
     assert f4 > one  # joint attention over 4 views costs more than per-view attention ...
     assert one - sd < 1e-3 * sd  # ... which is SD 2.1's UNet (+ the camera MLP)
+
+
+@pytest.mark.parametrize("name", ["sds", "csd", "vsd", "vdm"])
+def test_every_distiller_runs_on_mvdream(tiny_mv, small_corpus, name):
+    """The rest of the family on the MVDream prior, one step each: one UNet call whose timesteps are one per
+    view group (VSD's own t' too); the renders get a finite gradient; the frozen UNet and VAE none."""
+    from scalegen.data.cameras import sample_train_cameras
+    from scalegen.distill import build_distiller
+    from scalegen.priors import build_prior
+    from scalegen.render import build_renderer
+    from scalegen.train.model import build_model
+
+    cfg = _mv_cfg(tiny_mv, small_corpus, ["data.prompts_per_step=2", f"distill.name={name}", "distill.net_width=8",
+                                          "distill.sds_x0_recon=true"])
+    text_encoder, model = build_model(cfg)
+    prior = build_prior(cfg, text_encoder=text_encoder, device="cpu")
+    distiller, renderer = build_distiller(cfg, prior, cond_dim=text_encoder.dim), build_renderer(cfg)
+    prompts = ["a car made out of sushi", "a blue tulip"]
+    cond = text_encoder.encode(prompts)
+    field, bg = model(cond)
+    cams = sample_train_cameras(cfg.camera, 2)
+    out = renderer(field, cams, background=bg)
+    out.rgb.retain_grad()
+    seen = []
+    hook = prior.unet.register_forward_hook(lambda m, a, k: seen.append(a[1].clone()))
+    loss, _ = distiller(prior.encode(out.rgb), prior.text_embeddings(prompts).repeat_interleave(4), cams.expand(2), 0,
+                        pooled=cond.pooled.repeat_interleave(4, 0))
+    hook.remove()
+    loss.backward()
+    assert len(seen) == 1 and (seen[0].view(-1, 4) == seen[0].view(-1, 4)[:, :1]).all()
+    assert out.rgb.grad is not None and torch.isfinite(out.rgb.grad).all() and out.rgb.grad.abs().sum() > 0
+    assert all(p.grad is None for p in prior.unet.parameters()) and all(p.grad is None for p in prior.vae.parameters())
