@@ -276,13 +276,29 @@ def _load(model, state: dict[str, Tensor], what: str) -> None:
     model.load_state_dict({k: v.contiguous() for k, v in state.items()}, assign=True)
 
 
-def write_scheduler(out: Path) -> None:
+def mvdream_schedule():
     """sd-v2-base.yaml's DDPM schedule: linear_start 0.00085, linear_end 0.012 on sqrt(beta) (diffusers'
     scaled_linear), 1000 steps, epsilon parameterisation."""
     from diffusers import DDPMScheduler  # noqa: PLC0415
 
-    DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                  prediction_type="epsilon", clip_sample=False).save_pretrained(out)
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                         prediction_type="epsilon", clip_sample=False)
+
+
+def check_schedule(state: dict[str, Tensor]) -> None:
+    """LDM checkpoints carry their schedule as a buffer (``alphas_cumprod``): it must be the one we write."""
+    if "alphas_cumprod" not in state:
+        return
+    ours = mvdream_schedule().alphas_cumprod.double()
+    theirs = state["alphas_cumprod"].double().flatten()
+    if theirs.shape != ours.shape or (theirs - ours).abs().max() > 1e-5:
+        raise WeightsError("the checkpoint's noise schedule (alphas_cumprod) is not MVDream's scaled-linear "
+                           "0.00085 -> 0.012 over 1000 steps; it is not an sd-v2.1-base-4view checkpoint")
+
+
+def write_scheduler(out: Path) -> None:
+    """The checkpoint's schedule (``mvdream_schedule``) as diffusers' scheduler config."""
+    mvdream_schedule().save_pretrained(out)
 
 
 def convert_mvdream(ckpt: str | Path, out: str | Path, text_from: str | None = None,
@@ -305,6 +321,7 @@ def convert_mvdream(ckpt: str | Path, out: str | Path, text_from: str | None = N
     unet_sd, vae_sd = split_checkpoint(state)
     if not vae_sd:
         raise WeightsError(f"'{ckpt}' holds no VAE under '{VAE_PREFIX}'; give the full official checkpoint")
+    check_schedule(state)
     unet, vae = build_unet(unet_sd, num_head_channels), build_vae(vae_sd)
     if dtype is not None:
         unet, vae = unet.to(dtype), vae.to(dtype)
@@ -394,6 +411,7 @@ def make_tiny_mvdream(path: str | Path, seed: int = 0, context_dim: int = 32) ->
                         up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=64,
                         scaling_factor=VAE_SCALING)
     state = to_official_layout(unet, vae)
+    state["alphas_cumprod"] = mvdream_schedule().alphas_cumprod.float()  # LDM stores its schedule as a buffer
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
     save_file(state, str(tmp), metadata={"unet_config": json.dumps(cfg),
