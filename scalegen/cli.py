@@ -128,11 +128,13 @@ def cmd_info(args) -> int:
               "background": sum(p.numel() for p in model.background.parameters()),
               **{f"generator.{k}": v for k, v in groups.items()}}
     batch = cfg.data.prompts_per_step
-    res = {"params": params, "prompts_per_step_per_process": batch,
-           "images_per_step_per_process": batch * cfg.camera.views_per_prompt}
+    accum = cfg.train.grad_accum
+    res = {"params": params, "prompts_per_step_per_process": batch * accum,
+           "images_per_step_per_process": batch * accum * cfg.camera.views_per_prompt, "grad_accum": accum}
     print(_table([[k, f"{v:,}"] for k, v in params.items()], ["module", "parameters"]))
-    print(f"effective batch per process: {batch} prompts x {cfg.camera.views_per_prompt} views "
-          f"(multiply by the number of processes under accelerate launch)")
+    print(f"effective batch per process: {batch} prompts x {cfg.camera.views_per_prompt} views"
+          + (f" x {accum} accumulated micro-batches" if accum > 1 else "")
+          + " (multiply by the number of processes under accelerate launch)")
     _write_json(args.json, res)
     return 0
 

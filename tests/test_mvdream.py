@@ -507,3 +507,23 @@ def test_flops_mvdream_bench_options_and_config_are_checked():
         run_bench("flops-mvdream", ["bench.confg=x.yaml"])
     with pytest.raises(ConfigError, match="flops-sd"):
         run_bench("flops-mvdream", [f"bench.config={ROOT / 'configs' / 'sd' / 'hyper_ingp_asd_mg15.yaml'}"])
+
+
+def test_shards_feed_the_prior_without_re_encoding(tiny_mv, encoder, small_corpus, tmp_path):
+    """`data build --encoder clip` with the converted folder's tower: the training loop hands the stored
+    prompt embeddings to the MVDream prior, which never runs its text encoder for them."""
+    from types import SimpleNamespace
+
+    from scalegen.cli import main
+    from scalegen.data.stream import ShardStream
+    from scalegen.train.loop import BatchEncoder
+
+    assert main(["data", "build", "--corpus", str(small_corpus), "--out", str(tmp_path / "sh"), "--encoder", "clip",
+                 "--store", "plain", "--shard-size", "4", "--split", "train", "--cpu", f"text.model={tiny_mv}"]) == 0
+    stream = ShardStream(str(tmp_path / "sh"), batch_size=3)
+    prior = _prior(tiny_mv, encoder)
+    be = BatchEncoder(SimpleNamespace(data=SimpleNamespace(embed_cache=8)), encoder, prior, "cpu", stream)
+    assert be.prior_tokens == "plain"
+    prompts, _, ids = be(stream.next_batch())
+    assert prior.n_text_encodes == 0 and be.n_encoded == 0
+    assert torch.allclose(prior.table.cache[int(ids[0])][0], encoder.encode(prompts[:1]).tokens[0], atol=2e-3)
