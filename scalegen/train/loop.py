@@ -200,11 +200,6 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
     elif latest_checkpoint(run_dir) is not None:
         raise CheckpointError(f"'{run_dir}' already holds checkpoints; pass --resume to continue it or choose "
                               "another --out")
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    acc.wait_for_everyone()
-
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     text_encoder, model = build_model(cfg)
     world = build_world(cfg) if cfg.prior.name == "oracle" else None
@@ -220,6 +215,12 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
                               num_workers=cfg.data.num_workers, on_corrupt=cfg.data.on_corrupt, url=cfg.data.shard_url)
         check_encoder(sampler.manifest, text_encoder, cfg.data.shards)
         prompts = sampler.first_prompts(6)
+        if world is not None:  # every prompt must be in the oracle grammar: say so now, not mid-run
+            check = ShardStream(cfg.data.shards, cfg.data.split, 4096, mode="eval", url=cfg.data.shard_url,
+                                on_corrupt=cfg.data.on_corrupt)
+            for b in check:
+                for p in b.prompts:
+                    world.parse(p)
     else:
         sampler = PromptSampler(prompts, cfg.data.prompts_per_step, seed=cfg.train.seed, rank=rank,
                                 world_size=world_size)
@@ -247,6 +248,12 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
     params = [p for g in optimizer.param_groups if not str(g.get("name", "")).startswith("distill_")
               for p in g["params"]]
     distiller_params = list(distiller.parameters())
+    # Everything is built and every input checked: only now does the run directory appear, so a start
+    # that fails leaves nothing behind (and the next attempt is not redirected by a stale folder).
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    acc.wait_for_everyone()
     logger = MetricLogger(run_dir, cfg, enabled=main, resume_step=start)
     validator = Validator(cfg, world, prior, prompts) if main else None
     encode = BatchEncoder(cfg, text_encoder, prior, acc.device, sampler)
