@@ -116,3 +116,51 @@ def test_data_build_names_the_problem_for_an_empty_mapping(tmp_path, capsys):
     assert main(["data", "build", "--corpus", str(corpus), "--out", str(tmp_path / "sh")]) == 2
     assert "is an empty mapping" in capsys.readouterr().err
     assert not (tmp_path / "sh").exists()
+
+
+def test_a_non_finite_loss_stops_before_any_checkpoint_holds_it(tmp_path, monkeypatch):
+    """The loss is checked on the device every step and read on logging and checkpoint steps: the run
+    stops naming the step, and the last checkpoint is the one before the divergence."""
+    import torch
+
+    import scalegen.train.loop as loop
+    from scalegen.config import load_config
+    from scalegen.errors import TrainingError
+
+    real, calls = loop.regularisers, []
+
+    def poisoned(cfg, out, step):
+        total, logs = real(cfg, out, step)
+        calls.append(step)
+        return (total * float("nan") if step == 2 else total), logs  # the third step
+
+    monkeypatch.setattr(loop, "regularisers", poisoned)
+    cfg = load_config(None, [*TINY, "train.max_steps=6", "train.ckpt_every=2", "train.log_every=4"])
+    with pytest.raises(TrainingError, match="the loss was not finite at step 3"):
+        loop.train(cfg, tmp_path / "run")
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_0000002"]  # step 4's checkpoint was never written
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(str(tmp_path / "run" / "checkpoints" / ckpts[0] /
+                                                             "model.safetensors")).values())
+
+
+def test_a_damaged_checkpoint_is_named_on_resume(tmp_path, capsys):
+    from scalegen.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *TINY, "train.max_steps=2"]) == 0
+    (run / "checkpoints" / "step_0000002" / "optimizer.pt").write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "train.max_steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert "step_0000002' is incomplete or corrupt" in err and "delete it to resume from the one before" in err
+
+
+def test_data_check_of_a_folder_without_shards_is_one_line(tmp_path, capsys):
+    from scalegen.cli import main
+
+    assert main(["data", "check", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no shard manifest at") and "scalegen data build" in err and len(err.splitlines()) == 1

@@ -284,8 +284,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
                                       pooled=cond.pooled.repeat_interleave(v, 0))
             reg, rlogs = regularisers(cfg, out, step)
             loss = cfg.loss.distill * loss_d + reg
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), first_bad.new_full((), step),
-                                    first_bad)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
+                                    first_bad.new_full((), step + 1), first_bad)  # 1-based, as logged
             optimizer.zero_grad(set_to_none=True)
             acc.backward(loss)
             if world_size > 1 and distiller_params:  # the distiller's own model is not DDP-wrapped: average by hand
