@@ -245,7 +245,7 @@ class ShardStream:
         self.manifest, base = load_manifest(source)
         splits = self.manifest["splits"]
         if split not in splits:
-            raise DataError(f"shards in '{source}' have no split '{split}' (they have {', '.join(splits)}); "
+            raise DataError(f"shards in '{source}' have no split {split!r} (they have {', '.join(map(repr, splits))}); "
                             "set data.split to one of them")
         shards = splits[split]["shards"]
         self.info = self.manifest.get("encoder")

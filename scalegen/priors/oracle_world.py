@@ -175,8 +175,9 @@ class OracleWorld:
             if len(found) != 1:
                 if not found and what == "size" and len(options) == 1:
                     return options[0]
-                raise DataError(f"prompt {prompt!r} is not in the oracle world: it needs exactly one {what} "
-                                f"of {', '.join(options)}")
+                raise DataError(f"prompt {prompt!r} is not in the oracle world (prompts 'a <size> <color> <shape>'): it "
+                                f"needs exactly one {what} of {', '.join(options)}; free-text prompts need a real prior "
+                                "(prior.name=stable_diffusion)")
             return found[0]
         return Scene(pick(self.sizes, "size"), pick(self.colors, "color"), pick(self.shapes, "shape"))
 

@@ -203,11 +203,6 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
     elif latest_checkpoint(run_dir) is not None:
         raise CheckpointError(f"'{run_dir}' already holds checkpoints; pass --resume to continue it or choose "
                               "another --out")
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    acc.wait_for_everyone()
-
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     text_encoder, model = build_model(cfg)
     world = build_world(cfg) if cfg.prior.name == "oracle" else None
@@ -223,6 +218,12 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
                               num_workers=cfg.data.num_workers, on_corrupt=cfg.data.on_corrupt, url=cfg.data.shard_url)
         check_encoder(sampler.manifest, text_encoder, cfg.data.shards)
         prompts = sampler.first_prompts(6)
+        if world is not None:  # every prompt must be in the oracle grammar: say so now, not mid-run
+            check = ShardStream(cfg.data.shards, cfg.data.split, 4096, mode="eval", url=cfg.data.shard_url,
+                                on_corrupt=cfg.data.on_corrupt)
+            for b in check:
+                for p in b.prompts:
+                    world.parse(p)
     else:
         sampler = PromptSampler(prompts, cfg.data.prompts_per_step, seed=cfg.train.seed, rank=rank,
                                 world_size=world_size)
@@ -250,6 +251,12 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
     params = [p for g in optimizer.param_groups if not str(g.get("name", "")).startswith("distill_")
               for p in g["params"]]
     distiller_params = list(distiller.parameters())
+    # Everything is built and every input checked: only now does the run directory appear, so a start
+    # that fails leaves nothing behind (and the next attempt is not redirected by a stale folder).
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    acc.wait_for_everyone()
     logger = MetricLogger(run_dir, cfg, enabled=main, resume_step=start)
     validator = Validator(cfg, world, prior, prompts) if main else None
     encode = BatchEncoder(cfg, text_encoder, prior, acc.device, sampler)
@@ -287,7 +294,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
                 reg, rlogs = regularisers(cfg, out, step)
                 loss = cfg.loss.distill * loss_d + reg
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
-                                        first_bad.new_full((), step), first_bad)
+                                        first_bad.new_full((), step + 1), first_bad)  # 1-based, as logged
                 with acc.no_sync(model) if micro < accum - 1 else contextlib.nullcontext():
                     acc.backward(loss / accum if accum > 1 else loss)
                 loss_sum, loss_d_sum = loss_sum + loss.detach() / accum, loss_d_sum + loss_d.detach() / accum
