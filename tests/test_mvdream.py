@@ -423,6 +423,8 @@ def test_asd_draws_one_timestep_per_view_group(tiny_mv, small_corpus, monkeypatc
     assert len(seen) == 6 and len(firsts) > 3  # one UNet call per step; groups differ
     with pytest.raises(ConfigError, match="t_per=prompt"):
         _mv_cfg(tiny_mv, small_corpus, ["distill.t_per=image"])
+    with pytest.raises(ConfigError, match="perp_neg is Stable Diffusion's"):
+        _mv_cfg(tiny_mv, small_corpus, ["prior.perp_neg=0.5"])
 
 
 def test_mvdream_config_trains_20_steps_from_the_cli(tiny_mv, small_corpus, tmp_path):
