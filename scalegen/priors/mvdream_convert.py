@@ -265,6 +265,10 @@ def build_vae(vae: dict[str, Tensor]):
 
 def _load(model, state: dict[str, Tensor], what: str) -> None:
     ours = model.state_dict()
+    unexpected = sorted(set(state) - set(ours))
+    if unexpected:
+        raise WeightsError(f"the checkpoint's {what} has {len(unexpected)} tensor(s) the model does not (e.g. "
+                           f"'{unexpected[0]}'); it is not an MVDream sd-v2.1-base-4view checkpoint")
     missing = sorted(set(ours) - set(state))
     if missing:
         raise WeightsError(f"the checkpoint's {what} lacks {len(missing)} tensor(s) (e.g. '{missing[0]}'); the "
