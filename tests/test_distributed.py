@@ -89,16 +89,24 @@ def test_a_non_finite_loss_on_one_rank_is_skipped_on_both(tmp_path):
 
 @pytest.mark.slow
 def test_loss_curve_of_two_processes_matches_one_with_twice_the_prompts(tmp_path):
-    """DDP averages the two ranks' gradients, so 2 processes x 2 prompts is one step over 4 prompts, as
-    1 process x 4 prompts is; the batches and random draws differ, so the curves agree statistically:
-    the mean loss over steps 4-12 within 25% (two seeds of the 1-process run differ by about as much)."""
-    steps = ["train.max_steps=12", "data.prompts_per_step=2"]
-    _run([*ACCELERATE_2, TRAIN, "--out", str(tmp_path / "two"), *SMALL, *steps], tmp_path)
-    one = [*SMALL, "train.max_steps=12", "data.prompts_per_step=4"]
-    _run([str(BIN / "scalegen"), "train", "--out", str(tmp_path / "one"), *one], tmp_path)
-    mean = lambda run: sum(v for k, v in _losses(run).items() if k >= 4) / 9  # noqa: E731
-    two, single = mean(tmp_path / "two"), mean(tmp_path / "one")
-    assert abs(two - single) / single < 0.25, (two, single)
+    """DDP averages the two ranks' gradients, so 2 processes x 2 prompts make one step over 4 prompts,
+    as 1 process x 4 prompts does. Batches, cameras and noise differ, so the curves agree in law, not
+    step by step: single 30-step runs vary by 19% (1 process, 4 seeds) to 2x (2 processes) in mean loss,
+    while the means over 4 seeds agree within 9% (docs/performance.md). Here: 3 seeds per side, 12 steps,
+    mean loss over steps 4-12 pooled, within 30%. A run that summed instead of averaging the ranks'
+    gradients, or dropped one rank's, would move the pooled mean far more."""
+    def pooled(prefix: str) -> float:
+        vals = [v for s in range(3) for k, v in _losses(tmp_path / f"{prefix}{s}").items() if k >= 4]
+        return sum(vals) / len(vals)
+
+    for seed in range(3):
+        steps = ["train.max_steps=12", f"train.seed={seed}"]
+        _run([*ACCELERATE_2, TRAIN, "--out", str(tmp_path / f"two{seed}"), *SMALL, *steps, "data.prompts_per_step=2"],
+             tmp_path)
+        _run([str(BIN / "scalegen"), "train", "--out", str(tmp_path / f"one{seed}"), *SMALL, *steps,
+              "data.prompts_per_step=4"], tmp_path)
+    two, one = pooled("two"), pooled("one")
+    assert abs(two - one) / one < 0.30, (two, one)
 
 
 @pytest.mark.slow
