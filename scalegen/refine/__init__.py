@@ -24,6 +24,7 @@ from scalegen.export.mesh import extract_mesh, write_mesh
 from scalegen.generators import GaussianScene
 from scalegen.priors import build_world
 from scalegen.refine.start import describe_start, start_state
+from scalegen.train.checkpoint import resolve_checkpoint, run_dir_of
 from scalegen.train.loop import train
 from scalegen.train.model import build_model, load_run
 
@@ -65,7 +66,7 @@ def refine_config(prompt: str, representation: str, distill: Optional[str], init
         raise ConfigError("--prompt is empty; describe the asset, e.g. --prompt 'a large red cube'")
     base: dict = {}
     if describe_start(init_from) == "run":
-        run_cfg = Path(init_from) / "config.yaml"
+        run_cfg = run_dir_of(resolve_checkpoint(init_from)) / "config.yaml"
         if not run_cfg.is_file():
             raise ConfigError(f"--init-from '{init_from}' has no config.yaml; give a run directory of `scalegen train`")
         base = load_yaml(run_cfg)

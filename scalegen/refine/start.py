@@ -47,7 +47,7 @@ def describe_start(init_from: Optional[str]) -> str:
 
 
 @torch.no_grad()
-def surface_samples(field: Field, n: int, bound: float, grid: int = 96, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+def surface_samples(field: Field, n: int, bound: float, grid: int = 64, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """``n`` points on the zero level set of a one-prompt SDF ``field``, with its colours there and unit
     normals (points [n, 3], colours [n, 3], normals [n, 3]).
 
