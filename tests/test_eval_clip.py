@@ -182,6 +182,12 @@ def test_read_pool_splits_seen_unseen_and_fallback(tmp_path):
     txt = tmp_path / "p.txt"
     txt.write_text("one\ntwo\none\n")
     assert read_pool(str(txt), ["test"]) == Pool(["one", "two"], None, ["train"])
+    from scalegen.cli import main  # a shard folder (`scalegen data build`) reads like its corpus
+
+    assert main(["data", "build", "--corpus", str(corpus), "--out", str(tmp_path / "shards"), "--shard-size", "2"]) == 0
+    shards = read_pool(str(tmp_path / "shards"), ["test", "val"])
+    assert sorted(shards.prompts) == sorted(pool.prompts) and dict(zip(shards.prompts, shards.seen)) == \
+        dict(zip(pool.prompts, pool.seen))
 
 
 def test_scaledreamer_result_folders_match_the_corpus(tmp_path):

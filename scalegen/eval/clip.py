@@ -206,53 +206,63 @@ def _is_mapping(corpus: str) -> bool:
 
 
 # --- where views come from -------------------------------------------------------------------
+def protocol_cameras(protocol: Protocol, distance: float, fovy: float):
+    """The protocol's shared orbit, [1, V] cameras."""
+    from scalegen.data.cameras import make_cameras  # noqa: PLC0415
+
+    full = lambda x: torch.full((1, protocol.views), float(x))  # noqa: E731
+    return make_cameras(full(protocol.elevation), torch.tensor([azimuth_degrees(protocol)]), full(distance),
+                        full(fovy), protocol.resolution, protocol.resolution)
+
+
+@torch.no_grad()
+def render_views(model, text_encoder, renderer, cameras, prompts: list[str], samples: int, importance_samples: int,
+                 device, ray_budget: int = 1 << 18) -> list[Tensor]:
+    """uint8 [V, 3, R, R] per prompt: a SceneModel's renders on shared ``cameras`` [1, V], views in
+    chunks of at most ``ray_budget`` rays (512 px x 120 views never sits in memory at once)."""
+    from scalegen.data.cameras import Cameras  # noqa: PLC0415
+
+    field_, bg = model(text_encoder.encode(prompts).to(device))
+    b, v, r = len(prompts), cameras.shape[1], cameras.height
+    step = max(1, ray_budget // (b * r * r))
+    rgb = []
+    for s in range(0, v, step):
+        sl = lambda t: t[:, s:s + step]  # noqa: E731
+        sub = Cameras(sl(cameras.c2w), sl(cameras.fovy), sl(cameras.elevation), sl(cameras.azimuth),
+                      sl(cameras.distance), cameras.height, cameras.width)
+        out = renderer(field_, sub, background=bg, samples=samples, importance_samples=importance_samples)
+        rgb.append(to_uint8(out.rgb).view(b, -1, 3, r, r).cpu())
+    return list(torch.cat(rgb, dim=1))
+
+
 class RunViews:
     """Views of a trained run, rendered on the protocol's orbit (the run's eval samples per ray)."""
 
-    def __init__(self, ckpt: str, protocol: Protocol, device, ray_budget: int = 1 << 18):
-        from scalegen.data.cameras import make_cameras  # noqa: PLC0415
+    def __init__(self, ckpt: str, protocol: Protocol, device):
         from scalegen.render import build_renderer  # noqa: PLC0415
         from scalegen.train.model import load_run  # noqa: PLC0415
 
         self.cfg, self.text_encoder, model, self.ckpt = load_run(ckpt)
         self.model = model.to(device)
         self.renderer = build_renderer(self.cfg).eval().to(device)
-        self.device, self.ray_budget = torch.device(device), ray_budget
+        self.device = torch.device(device)
         c = self.cfg.camera
         self.distance = protocol.distance if protocol.distance is not None else c.eval_distance
         self.fovy = protocol.fovy if protocol.fovy is not None else c.eval_fovy
-        v = protocol.views
-        full = lambda x: torch.full((1, v), float(x))  # noqa: E731
-        self.cameras = make_cameras(full(protocol.elevation), torch.tensor([azimuth_degrees(protocol)]),
-                                    full(self.distance), full(self.fovy), protocol.resolution,
-                                    protocol.resolution).to(device)
+        self.cameras = protocol_cameras(protocol, self.distance, self.fovy).to(device)
 
     def describe(self) -> dict:
         return {"source": "ckpt", "checkpoint": str(self.ckpt), "distance": self.distance, "fovy": self.fovy,
                 "render_samples": self.cfg.eval.samples, "render_importance_samples": self.cfg.eval.importance_samples}
 
     def identity(self) -> dict:
-        st = (Path(self.ckpt) / "model.safetensors").stat() if (Path(self.ckpt) / "model.safetensors").is_file() else None
+        w = Path(self.ckpt) / "model.safetensors"
+        st = w.stat() if w.is_file() else None
         return {"checkpoint": str(Path(self.ckpt).resolve()), "weights": [st.st_size, st.st_mtime_ns] if st else None}
 
-    @torch.no_grad()
     def views(self, prompts: list[str]) -> list[Tensor]:
-        """uint8 [V, 3, R, R] per prompt."""
-        from scalegen.data.cameras import Cameras  # noqa: PLC0415
-
-        field_, bg = self.model(self.text_encoder.encode(prompts).to(self.device))
-        cams, b = self.cameras, len(prompts)
-        v, r = cams.shape[1], cams.height
-        step = max(1, self.ray_budget // (b * r * r))
-        rgb = []
-        for s in range(0, v, step):
-            sl = lambda t: t[:, s:s + step]  # noqa: E731
-            sub = Cameras(sl(cams.c2w), sl(cams.fovy), sl(cams.elevation), sl(cams.azimuth), sl(cams.distance),
-                          cams.height, cams.width)
-            out = self.renderer(field_, sub, background=bg, samples=self.cfg.eval.samples,
-                                importance_samples=self.cfg.eval.importance_samples)
-            rgb.append(to_uint8(out.rgb).view(b, -1, 3, r, r).cpu())
-        return list(torch.cat(rgb, dim=1))
+        return render_views(self.model, self.text_encoder, self.renderer, self.cameras, prompts, self.cfg.eval.samples,
+                            self.cfg.eval.importance_samples, self.device)
 
 
 def folder_key(text: str) -> str:

@@ -75,36 +75,14 @@ class ClipModel:
 
 
 class TransformersClip(ClipModel):
+    """A transformers ``CLIPModel`` and its tokenizer (``load_transformers_clip`` loads one)."""
+
     backend = "transformers"
 
-    def __init__(self, spec: str, device="cpu"):
-        from transformers import AutoTokenizer, CLIPModel  # noqa: PLC0415 - optional extra
-
-        local = Path(spec).is_dir()
-        if local:
-            cfg_path = Path(spec) / "config.json"
-            kind = json.loads(cfg_path.read_text()).get("model_type") if cfg_path.is_file() else None
-            if kind != "clip":
-                raise WeightsError(f"'{spec}' is not a transformers CLIP folder (config.json model_type is {kind!r}, "
-                                   "expected 'clip'); give a folder saved by CLIPModel.save_pretrained or a hub download")
-        try:
-            self.model = CLIPModel.from_pretrained(spec, local_files_only=local or _offline())
-            self.tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=local or _offline())
-        except (OSError, ValueError) as e:
-            raise _missing_hf(spec, e) from None
-        self.model.to(device).eval().requires_grad_(False)
-        mean, std = OPENAI_MEAN, OPENAI_STD
-        pre = Path(spec) / "preprocessor_config.json"
-        if local and pre.is_file():
-            p = json.loads(pre.read_text())
-            mean, std = p.get("image_mean", mean), p.get("image_std", std)
-        if local:
-            model_id = f"transformers:{Path(spec).resolve()}:" + _files_fingerprint(
-                [f for f in Path(spec).iterdir() if f.suffix in WEIGHT_SUFFIXES])
-        else:
-            model_id = f"transformers:{spec}"
-        self.max_tokens = self.model.config.text_config.max_position_embeddings
-        super().__init__(spec, model_id, self.model.config.vision_config.image_size, mean, std, device)
+    def __init__(self, model, tokenizer, spec: str, model_id: str, mean=OPENAI_MEAN, std=OPENAI_STD, device="cpu"):
+        self.model, self.tokenizer = model.to(device).eval().requires_grad_(False), tokenizer
+        self.max_tokens = model.config.text_config.max_position_embeddings
+        super().__init__(spec, model_id, model.config.vision_config.image_size, mean, std, device)
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> Tensor:
@@ -120,6 +98,34 @@ class TransformersClip(ClipModel):
         return torch.nn.functional.normalize(feats.float(), dim=-1)
 
 
+def load_transformers_clip(spec: str, device="cpu") -> TransformersClip:
+    from transformers import AutoTokenizer, CLIPModel  # noqa: PLC0415 - optional extra
+
+    local = Path(spec).is_dir()
+    if local:
+        cfg_path = Path(spec) / "config.json"
+        kind = json.loads(cfg_path.read_text()).get("model_type") if cfg_path.is_file() else None
+        if kind != "clip":
+            raise WeightsError(f"'{spec}' is not a transformers CLIP folder (config.json model_type is {kind!r}, "
+                               "expected 'clip'); give a folder saved by CLIPModel.save_pretrained or a hub download")
+    try:
+        model = CLIPModel.from_pretrained(spec, local_files_only=local or _offline())
+        tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=local or _offline())
+    except (OSError, ValueError) as e:
+        raise _missing_hf(spec, e) from None
+    mean, std = OPENAI_MEAN, OPENAI_STD
+    pre = Path(spec) / "preprocessor_config.json"
+    if local and pre.is_file():
+        p = json.loads(pre.read_text())
+        mean, std = p.get("image_mean", mean), p.get("image_std", std)
+    if local:
+        model_id = f"transformers:{Path(spec).resolve()}:" + _files_fingerprint(
+            [f for f in Path(spec).iterdir() if f.suffix in WEIGHT_SUFFIXES])
+    else:
+        model_id = f"transformers:{spec}"
+    return TransformersClip(model, tokenizer, spec, model_id, mean, std, device)
+
+
 def _missing_hf(spec: str, err: Exception) -> WeightsError:
     name = spec.rstrip("/").split("/")[-1]
     why = "not in the Hugging Face cache and downloads are off" if _offline() else "could not be loaded or downloaded"
@@ -129,30 +135,14 @@ def _missing_hf(spec: str, err: Exception) -> WeightsError:
 
 
 class OpenClip(ClipModel):
+    """An open_clip ``CLIP`` and its tokenizer (``load_open_clip`` loads one)."""
+
     backend = "open_clip"
 
-    def __init__(self, spec: str, device="cpu"):
-        import open_clip  # noqa: PLC0415 - optional extra
-
-        name, pretrained, files = _parse_open_clip(spec)
-        quiet = logging.root.manager.disable
-        logging.disable(logging.ERROR)  # open_clip logs a failed download itself; our error says it once
-        try:
-            self.model = open_clip.create_model(name, pretrained=pretrained, device=device)
-            self.tokenizer = open_clip.get_tokenizer(name)
-        except RuntimeError as e:
-            if "not found in built-ins" in str(e):
-                raise WeightsError(f"open_clip has no model '{name}' (from --model {spec}); use a name from "
-                                   "open_clip.list_models(), e.g. ViT-B-32:openai or ViT-L-14:openai") from None
-            raise _missing_open_clip(spec, name, pretrained, e) from None
-        except (OSError, FileNotFoundError, ValueError) as e:
-            raise _missing_open_clip(spec, name, pretrained, e) from None
-        finally:
-            logging.disable(quiet)
-        self.model.eval().requires_grad_(False)
-        pre = self.model.visual.preprocess_cfg
-        model_id = f"open_clip:{spec}" + (":" + _files_fingerprint(files) if files else "")
-        super().__init__(spec, model_id, self.model.visual.image_size[0], pre["mean"], pre["std"], device)
+    def __init__(self, model, tokenizer, spec: str, model_id: str, device="cpu"):
+        self.model, self.tokenizer = model.to(device).eval().requires_grad_(False), tokenizer
+        pre = model.visual.preprocess_cfg
+        super().__init__(spec, model_id, model.visual.image_size[0], pre["mean"], pre["std"], device)
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> Tensor:
@@ -161,6 +151,42 @@ class OpenClip(ClipModel):
     @torch.no_grad()
     def encode_images(self, pixels: Tensor) -> Tensor:
         return torch.nn.functional.normalize(self.model.encode_image(pixels.to(self.device)).float(), dim=-1)
+
+
+def load_open_clip(spec: str, device="cpu") -> OpenClip:
+    import open_clip  # noqa: PLC0415 - optional extra
+
+    name, pretrained, files = _parse_open_clip(spec)
+    quiet = logging.root.manager.disable
+    logging.disable(logging.ERROR)  # open_clip logs a failed download itself; our error says it once
+    try:
+        model = open_clip.create_model(name, pretrained=pretrained, device=device)
+        tokenizer = open_clip.get_tokenizer(name)
+    except RuntimeError as e:
+        if "not found in built-ins" in str(e):
+            raise WeightsError(f"open_clip has no model '{name}' (from --model {spec}); use a name from "
+                               "open_clip.list_models(), e.g. ViT-B-32:openai or ViT-L-14:openai") from None
+        raise _missing_open_clip(spec, name, pretrained, e) from None
+    except (OSError, ValueError) as e:
+        raise _missing_open_clip(spec, name, pretrained, e) from None
+    finally:
+        logging.disable(quiet)
+    model_id = f"open_clip:{spec}" + (":" + _files_fingerprint(files) if files else "")
+    return OpenClip(model, tokenizer, spec, model_id, device)
+
+
+def random_open_clip(name: str, device="cpu") -> OpenClip:
+    """open_clip architecture ``name`` with random weights: the real model's cost, no download
+    (benchmarks; its scores mean nothing)."""
+    import open_clip  # noqa: PLC0415
+
+    quiet = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # "no pretrained weights loaded": that is the point here
+    try:
+        model = open_clip.create_model(name, pretrained=None, device=device)
+    finally:
+        logging.disable(quiet)
+    return OpenClip(model, open_clip.get_tokenizer(name), f"{name}:random", f"random:{name}:{time.time_ns()}", device)
 
 
 def _parse_open_clip(spec: str) -> tuple[str, str | None, list[Path]]:
@@ -204,15 +230,15 @@ def load_clip(spec: str, device="cpu") -> ClipModel:
     p = Path(spec)
     if p.is_dir():
         if (p / "open_clip_config.json").is_file():
-            return OpenClip(spec, device)
+            return load_open_clip(spec, device)
         if (p / "config.json").is_file():
-            return TransformersClip(spec, device)
+            return load_transformers_clip(spec, device)
         raise WeightsError(f"'{spec}' holds neither a transformers CLIP (config.json) nor an open_clip model "
                            "(open_clip_config.json)")
     if ":" in spec:
-        return OpenClip(spec, device)
+        return load_open_clip(spec, device)
     if "/" in spec and not p.exists() and not spec.startswith((".", "/")):
-        return TransformersClip(spec, device)
+        return load_transformers_clip(spec, device)
     raise WeightsError(f"--model '{spec}' is neither a folder, an open_clip NAME:PRETRAINED pair nor a hub id; "
                        "e.g. openai/clip-vit-large-patch14, ViT-B-32:openai or a local CLIP folder")
 
