@@ -36,10 +36,22 @@ def cmd_train(args) -> int:
     out = args.out or cfg.train.out_dir
     if not args.out and not args.resume and Path(out).exists():
         stem = Path(args.config).stem if args.config else "oracle-default"
-        out = str(Path(out).parent / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        redirected = str(Path(out).parent / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        print(f"'{out}' exists (train.out_dir): this run goes to '{redirected}' (pass --out to choose)", flush=True)
+        out = redirected
+    from scalegen.train.checkpoint import checkpoint_step, latest_checkpoint
+
+    before = latest_checkpoint(out) if args.resume and Path(out).is_dir() else None
+    start = checkpoint_step(before) if before is not None else 0
     t0 = time.perf_counter()
     ckpt = train(cfg, out, resume=args.resume)
-    print(f"trained {cfg.train.max_steps} steps in {time.perf_counter() - t0:.0f} s; checkpoint: {ckpt}")
+    end = checkpoint_step(ckpt) if ckpt is not None else start
+    if end == start:
+        print(f"nothing to train: the run in {out} is already at step {end} of {cfg.train.max_steps}; "
+              "raise train.max_steps to continue it")
+    else:
+        print(f"trained steps {start + 1}-{end} ({end - start} in this run, {time.perf_counter() - t0:.0f} s); "
+              f"{out} is at step {end} of {cfg.train.max_steps}; checkpoint: {ckpt}")
     return 0
 
 
@@ -217,7 +229,7 @@ def cmd_prior_make_tiny(args) -> int:
     if out.exists() and any(out.iterdir()):
         raise ScalegenError(f"'{out}' is not empty; give a new folder for the tiny Stable Diffusion")
     make_tiny_sd(out, seed=args.seed)
-    print(f"wrote a tiny random Stable Diffusion to {out} (use prior.model={out} text.model={out})")
+    print(f"wrote a tiny random Stable Diffusion to {out} (use prior.model={out})")
     return 0
 
 
@@ -237,7 +249,7 @@ def cmd_data_build(args) -> int:
         if args.encoder == "clip":
             from scalegen.text.clip import CLIPTextEncoder
 
-            encoder = CLIPTextEncoder(cfg.text.model, device=state.device)
+            encoder = CLIPTextEncoder(cfg.text_model(), device=state.device)
         else:
             from scalegen.text import build_text_encoder
 
@@ -247,7 +259,7 @@ def cmd_data_build(args) -> int:
     res = build_shards(args.corpus, args.out, encoder, shard_size=args.shard_size, splits=args.split, column=args.column,
                        store=store, compress=args.compress, batch_size=args.batch_size,
                        process_index=state.process_index, num_processes=state.num_processes,
-                       log=lambda m: print(m, flush=True))
+                       log=lambda m: print(m, flush=True), overwrite=args.overwrite, barrier=state.wait_for_everyone)
     state.wait_for_everyone()
     if state.is_main_process:
         m = write_manifest(args.corpus, args.out, res["plans"], res["report"], res["encoder"])
@@ -258,6 +270,18 @@ def cmd_data_build(args) -> int:
               f"store={store}, encoder={res['encoder']['id'] if res['encoder'] else 'none'}) to {args.out} in "
               f"{time.perf_counter() - t0:.1f} s; train with data.shards={args.out}")
     return 0
+
+
+def cmd_data_check(args) -> int:
+    from scalegen.data.stream import check_shards
+
+    t0 = time.perf_counter()
+    n, bad = check_shards(args.dir, url=args.url)
+    for where, problem in bad:
+        print(f"BAD {where}: {problem}")
+    print(f"{n - len(bad)} of {n} shard(s) match the manifest ({time.perf_counter() - t0:.1f} s)"
+          + (f"; rebuild with the same `scalegen data build` command (it rewrites only damaged shards)" if bad else ""))
+    return 1 if bad else 0
 
 
 def cmd_data_compose(args) -> int:
@@ -350,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(fn=cmd_prior_make_tiny)
 
-    p = sub.add_parser("data", help="corpus tools: build (webdataset shards), compose (a compositional corpus)")
+    p = sub.add_parser("data", help="corpus tools: build (webdataset shards), check (verify them), compose (a corpus)")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     q = data_sub.add_parser("build", help="write a corpus as webdataset shards, optionally with text embeddings")
     q.add_argument("--corpus", required=True, help="ScaleDreamer JSON, JSON lines, text (a prompt per line) or CSV")
@@ -366,8 +390,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--column", default="prompt", help="CSV column / JSON-lines key holding the prompt")
     q.add_argument("--batch-size", type=int, default=256, help="prompts per encoder call")
     q.add_argument("--cpu", action="store_true", help="encode on CPU even when a GPU is present")
+    q.add_argument("--overwrite", action="store_true",
+                   help="remove the shards of another build in --out first (default: refuse)")
     q.add_argument("overrides", nargs="*", help="text.* overrides, e.g. text.model=DIR text.dim=128")
     q.set_defaults(fn=cmd_data_build)
+    q = data_sub.add_parser("check", help="verify every shard against its manifest (sha256, counts, record shapes)")
+    q.add_argument("dir", help="a `scalegen data build` folder (or its manifest.json)")
+    q.add_argument("--url", help="URL template of a shard, as data.shard_url (default: the local files)")
+    q.set_defaults(fn=cmd_data_check)
     q = data_sub.add_parser("compose", help="write an ATT3D-style compositional corpus with unseen combinations")
     q.add_argument("--out", required=True, help="output JSON ({train, val, test}; val = test = unseen)")
     q.add_argument("--n", type=int, default=100_000, help="training prompts (default 100000)")
@@ -398,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except ScalegenError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)  # one line, whatever a file name holds
         return 2
     except KeyboardInterrupt:
         print("interrupted; continue a training run with `scalegen train --out RUN_DIR --resume`", file=sys.stderr)

@@ -21,29 +21,7 @@ TINY = [
 ]
 
 
-class LinearPrior:
-    """A prior whose eps is an explicit function of (x_t, t, cond), so every distiller's formula can
-    be checked by hand: eps = 0.5 x_t + 0.1 t/1000 + cond_offset * [text >= 0]."""
-
-    latent_channels = 1
-
-    def __init__(self, cond_offset=0.3):
-        from scalegen.priors.base import ddpm_alphas_cumprod
-
-        self.alphas_cumprod = ddpm_alphas_cumprod()
-        self.calls, self.off = [], cond_offset
-
-    def add_noise(self, z, eps, t):
-        ab = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        return ab.sqrt() * z + (1 - ab).sqrt() * eps
-
-    def uncond_like(self, text):
-        return -1 - text
-
-    def predict_eps(self, x_t, t, text, cameras):
-        self.calls.append(len(x_t))
-        cond = (text >= 0).float().view(-1, 1, 1, 1)
-        return 0.5 * x_t + 0.1 * t.view(-1, 1, 1, 1) / 1000 + cond * self.off
+from scalegen.priors.fakes import LinearPrior  # noqa: E402,F401 - shared with the benches
 
 
 @pytest.fixture(autouse=True)
@@ -57,6 +35,21 @@ def tiny_cfg():
     from scalegen.config import load_config
 
     return load_config(None, TINY)
+
+
+# A small corpus in ScaleDreamer's format for tests that need *some* corpus (so a user's clone, without
+# ../shared, runs them); only tests about the real corpora read ../shared/corpora.
+PROMPTS = ["a red sports car", "a blue tulip in a clay pot", "a car made out of sushi", "a wooden chair",
+           "a DSLR photo of a hamburger", "a small yellow duck", "a stack of pancakes", "a green teapot"]
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    import json
+
+    p = tmp_path_factory.mktemp("corpus") / "small_prompt_library.json"
+    p.write_text(json.dumps({"train": PROMPTS, "val": PROMPTS[:2], "test": PROMPTS[:2]}))
+    return p
 
 
 def shared_path(*parts: str) -> Path:

@@ -59,8 +59,12 @@ def test_asd_formula_and_noise_cancels():
 
 
 def test_schedule_anneals_range():
-    s = TimestepSchedule([0.5, 0.98], [0.02, 0.5], 1.0, 100)
+    s = TimestepSchedule([0.5, 0.98], [0.02, 0.5], None, 100)  # None: over the whole run
     assert s.range(0) == (500, 980) and s.range(100) == (20, 500) and s.range(50) == (260, 740)
+    # step positions (config.step_position): below 1.0 a fraction of the run, 1.0 and above steps
+    assert TimestepSchedule([0.5, 0.98], [0.02, 0.5], 0.5, 100).range(50) == (20, 500)
+    assert TimestepSchedule([0.5, 0.98], [0.02, 0.5], 1.0, 100).range(1) == (20, 500)  # 1.0 = step 1
+    assert TimestepSchedule([0.5, 0.98], [0.02, 0.5], 1.0, 100).range(0) == (500, 980)
     t = s.sample(64, 0, group=4)
     assert ((t >= 500) & (t <= 980)).all() and (t.view(16, 4) == t.view(16, 4)[:, :1]).all()
 

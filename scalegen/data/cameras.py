@@ -47,6 +47,13 @@ class Cameras:
         return Cameras(f(self.c2w), f(self.fovy), f(self.elevation), f(self.azimuth), f(self.distance),
                        self.height, self.width)
 
+    def repeat_rows(self, repeats: int) -> "Cameras":
+        """The per-row cameras of ``repeats`` stacked branches of this batch, [1, repeats*P*V]."""
+        r = self.rows()
+        cat = lambda t: torch.cat([t] * repeats, 1)  # noqa: E731
+        return Cameras(cat(r.c2w), cat(r.fovy), cat(r.elevation), cat(r.azimuth), cat(r.distance),
+                       self.height, self.width)
+
     def to(self, device) -> "Cameras":
         return Cameras(self.c2w.to(device), self.fovy.to(device), self.elevation.to(device),
                        self.azimuth.to(device), self.distance.to(device), self.height, self.width)

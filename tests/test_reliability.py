@@ -1,0 +1,118 @@
+"""Bad input and interruptions: one-line errors before anything starts, nothing left behind by a
+failed start, nothing lost by a crash (docs/reliability.md lists every case and the test covering it)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import TINY
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "scalegen.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize("item, needle", [
+    ("train.ckpt_every=0", "config key 'train.ckpt_every' must be >= 1, got 0"),
+    ("train.val_every=0", "config key 'train.val_every' must be >= 1, got 0"),
+    ("train.log_every=0", "config key 'train.log_every' must be >= 1, got 0"),
+    ("train.log_every=-5", "config key 'train.log_every' must be >= 1, got -5"),
+    ("optim.lr=-1", "config key 'optim.lr' must be > 0, got -1.0"),
+    ("optim.group_lr={grid: 0}", "config key 'optim.group_lr.grid' must be > 0"),
+    ("optim.betas=[0.9, 1.0]", "config key 'optim.betas' must be < 1"),
+    ("data.prompts_per_step=0", "config key 'data.prompts_per_step' must be >= 1"),
+    ("render.bg_random_prob=1.5", "config key 'render.bg_random_prob' must be <= 1"),
+    ("loss.eikonal=-0.1", "config key 'loss.eikonal' must be >= 0"),
+    ("distill.guidance_scale=-7.5", "config key 'distill.guidance_scale' must be >= 0"),
+    ("generator.sdf_radius=0.9", "generator.sdf_radius must be smaller than render.bound"),
+])
+def test_out_of_range_config_stops_before_anything_starts(item, needle, tmp_path, capsys):
+    """Every interval, count and rate is range-checked by the schema: exit 2, one line, no run folder."""
+    from scalegen.cli import main
+
+    assert main(["train", "--out", str(tmp_path / "run"), item]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_of_range_config_through_the_real_command(tmp_path):
+    r = _cli("train", "--out", "run", "train.ckpt_every=0", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == "error: config key 'train.ckpt_every' must be >= 1, got 0"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_start_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    """A free-text corpus in the oracle world fails before the run folder exists, naming the prior that
+    takes free text, so the next attempt with the default out_dir is not redirected by a stale folder."""
+    from scalegen.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    corpus = tmp_path / "free.txt"
+    corpus.write_text("a DSLR photo of a corgi\n")
+    assert main(["train", f"data.prompts={corpus}", *TINY]) == 2
+    assert "prior.name=stable_diffusion" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_redirected_run_is_named_at_the_start(tmp_path, monkeypatch, capsys):
+    from scalegen.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "default").mkdir(parents=True)
+    assert main(["train", *TINY, "train.max_steps=1"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("'runs/default' exists (train.out_dir): this run goes to 'runs/oracle-default-")
+    target = first.split("goes to '")[1].split("'")[0]
+    assert (tmp_path / target / "checkpoints").is_dir()
+
+
+def test_resume_tolerates_a_partial_metrics_line_and_says_where_the_run_stands(tmp_path, monkeypatch, capsys):
+    from scalegen.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--out", "run", *TINY, "train.max_steps=2", "train.log_every=1"]) == 0
+    out = capsys.readouterr().out
+    assert "trained steps 1-2 (2 in this run" in out and "is at step 2 of 2" in out
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with metrics.open("a") as f:
+        f.write('{"step": 3, "loss": 0.1')  # a crash in the middle of writing a line
+    assert main(["train", "--out", "run", "--resume", "train.max_steps=4"]) == 0
+    out = capsys.readouterr().out
+    assert "dropped 1 unreadable line(s)" in out
+    assert "trained steps 3-4 (2 in this run" in out and "is at step 4 of 4" in out
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert main(["train", "--out", "run", "--resume"]) == 0  # already finished
+    assert "nothing to train: the run in run is already at step 4 of 4" in capsys.readouterr().out
+
+
+def test_data_build_refuses_another_corpus_unless_overwrite(tmp_path):
+    from scalegen.cli import main
+    from scalegen.data.shards import load_manifest
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("\n".join(f"prompt a{i}" for i in range(20)))
+    b.write_text("\n".join(f"prompt b{i}" for i in range(6)))
+    out = tmp_path / "sh"
+    assert main(["data", "build", "--corpus", str(a), "--out", str(out), "--shard-size", "4"]) == 0
+    assert main(["data", "build", "--corpus", str(a), "--out", str(out), "--shard-size", "4"]) == 0  # rerun: resumes
+    assert main(["data", "build", "--corpus", str(b), "--out", str(out), "--shard-size", "4"]) == 2
+    assert len(list((out / "train").glob("*.tar"))) == 5  # untouched
+    assert main(["data", "build", "--corpus", str(b), "--out", str(out), "--shard-size", "4", "--overwrite"]) == 0
+    assert len(list((out / "train").glob("*.tar"))) == 2  # no stale shards left behind
+    assert load_manifest(out)[0]["splits"]["train"]["count"] == 6
+    assert main(["data", "check", str(out)]) == 0
+
+
+def test_data_build_names_the_problem_for_an_empty_mapping(tmp_path, capsys):
+    from scalegen.cli import main
+
+    corpus = tmp_path / "empty.json"
+    corpus.write_text("{}")
+    assert main(["data", "build", "--corpus", str(corpus), "--out", str(tmp_path / "sh")]) == 2
+    assert "is an empty mapping" in capsys.readouterr().err
+    assert not (tmp_path / "sh").exists()
