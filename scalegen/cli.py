@@ -116,9 +116,10 @@ def cmd_eval_clip(args) -> int:
                              elevation=args.elevation, distance=args.distance, fovy=args.fovy, crop=args.crop,
                              resize=args.resize, caption_prefix=args.prefix, clipscore_w=args.clipscore_w,
                              distractors=args.distractors, seed=args.seed, splits=args.split)
+    if args.batch < 1 or args.contact < 0:
+        raise ScalegenError(f"--batch must be at least 1 and --contact at least 0 (got {args.batch}, {args.contact})")
     state = PartialState(cpu=args.cpu)
-    pool = read_pool(args.corpus, protocol.splits)
-    clip = load_clip(protocol.model, state.device)
+    pool = read_pool(args.corpus, protocol.splits)  # corpus, run and images are checked before CLIP loads
     if args.ckpt:
         source = RunViews(args.ckpt, protocol, state.device)
         out = args.out or str(run_dir_of(source.ckpt) / "eval-clip" / f"{protocol.name}-{Path(args.corpus).stem}")
@@ -128,6 +129,7 @@ def cmd_eval_clip(args) -> int:
         if source.missing and state.is_main_process:
             print(f"note: {len(source.missing)} of {len(pool.prompts)} corpus prompts have no image folder "
                   f"(e.g. {source.missing[0]!r}); they are not scored but stay retrieval candidates", flush=True)
+    clip = load_clip(protocol.model, state.device)
     summary = evaluate_clip(source, pool, protocol, clip, out, args.cache or default_cache_dir(), state=state,
                             batch=args.batch, contact=args.contact, save_views=args.save_views,
                             overwrite=args.overwrite, progress=not args.no_progress)
@@ -407,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_data_compose)
 
     p = sub.add_parser("bench", help="benchmarks (numbers for docs/performance.md)")
-    p.add_argument("name", help="saturation | sharpness | guidance | flops-sd | data | distill | toy2d | generators")
+    p.add_argument("name", help="saturation | sharpness | guidance | flops-sd | data | distill | toy2d | generators | eval")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--out", default="runs/bench", help="folder for the benchmark's runs")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")

@@ -338,12 +338,15 @@ def test_eval_clip_cli_end_to_end_with_a_transformers_folder(tiny_run, tiny_clip
     (["eval", "clip", "--corpus", "c.txt"], "exactly one of --ckpt"),
     (["eval", "clip", "--images", ".", "--corpus", "c.txt", "--views", "4", "--out", "o"], "--views shapes the renders"),
     (["eval", "clip", "--images", ".", "--corpus", "missing.txt", "--out", "o"], "does not exist"),
-    (["eval", "clip", "--images", ".", "--corpus", "c.txt", "--out", "o", "--model", "openai/clip-vit-large-patch14"],
-     "huggingface-cli download"),
+    (["eval", "clip", "--images", "views", "--corpus", "c.txt", "--out", "o", "--model",
+      "openai/clip-vit-large-patch14"], "huggingface-cli download"),
+    (["eval", "clip", "--images", "views", "--corpus", "c.txt", "--out", "o", "--batch", "0"], "--batch must be"),
+    (["eval", "clip", "--ckpt", "no/such/run", "--corpus", "c.txt"], "does not exist"),
     (["eval"], "needs --ckpt"),
 ])
 def test_eval_clip_bad_input_is_one_line(args, needle, tmp_path):
     (tmp_path / "c.txt").write_text("a red cube\na blue sphere\n")
+    _random_views(tmp_path / "views", ["a red cube"])
     r = _cli(*args, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr

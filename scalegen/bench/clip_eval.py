@@ -15,20 +15,23 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Annotated
 
 import torch
+
+from scalegen.config import AtLeast1, NonNeg, Range
 
 
 @dataclass
 class EvalOptions:
     models: list[str] = field(default_factory=lambda: ["ViT-B-32", "ViT-L-14"])  # open_clip architectures
-    resolutions: list[int] = field(default_factory=lambda: [64, 224])  # rendered px (224: scalegen's default)
-    images: int = 64  # images scored per measurement
-    batch: int = 32  # images per CLIP forward
-    prompts: int = 256  # text features encoded per model (and the retrieval pool's size)
-    views: int = 8  # views per prompt when rendering
+    resolutions: Annotated[list[int], Range(ge=8)] = field(default_factory=lambda: [64, 224])  # rendered px
+    images: Annotated[int, AtLeast1] = 64  # images scored per measurement
+    batch: Annotated[int, AtLeast1] = 32  # images per CLIP forward
+    prompts: Annotated[int, AtLeast1] = 256  # text features encoded per model (and the retrieval pool's size)
+    views: Annotated[int, AtLeast1] = 8  # views per prompt when rendering
     render: bool = True
-    threads: int = 0  # torch threads; 0 = torch's default
+    threads: Annotated[int, NonNeg] = 0  # torch threads; 0 = torch's default
 
 
 def _timed(fn, repeats: int = 2) -> float:
