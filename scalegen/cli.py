@@ -100,6 +100,7 @@ def cmd_eval_clip(args) -> int:
                                     read_pool)
     from scalegen.eval.clip_models import default_cache_dir, load_clip
     from scalegen.train.checkpoint import run_dir_of
+    from scalegen.train.model import load_run
 
     if bool(args.ckpt) == bool(args.images):
         raise ScalegenError("give exactly one of --ckpt RUN_DIR (render and score a run) or --images DIR (score "
@@ -121,7 +122,7 @@ def cmd_eval_clip(args) -> int:
     state = PartialState(cpu=args.cpu)
     pool = read_pool(args.corpus, protocol.splits)  # corpus, run and images are checked before CLIP loads
     if args.ckpt:
-        source = RunViews(args.ckpt, protocol, state.device)
+        source = RunViews(*load_run(args.ckpt), protocol, state.device)
         out = args.out or str(run_dir_of(source.ckpt) / "eval-clip" / f"{protocol.name}-{Path(args.corpus).stem}")
     else:
         source = FolderViews(args.images, pool, args.glob)

@@ -238,11 +238,11 @@ def render_views(model, text_encoder, renderer, cameras, prompts: list[str], sam
 class RunViews:
     """Views of a trained run, rendered on the protocol's orbit (the run's eval samples per ray)."""
 
-    def __init__(self, ckpt: str, protocol: Protocol, device):
+    def __init__(self, cfg, text_encoder, model, ckpt, protocol: Protocol, device):
+        """``(cfg, text_encoder, model, ckpt)`` as ``train.model.load_run`` returns them."""
         from scalegen.render import build_renderer  # noqa: PLC0415
-        from scalegen.train.model import load_run  # noqa: PLC0415
 
-        self.cfg, self.text_encoder, model, self.ckpt = load_run(ckpt)
+        self.cfg, self.text_encoder, self.ckpt = cfg, text_encoder, ckpt
         self.model = model.to(device)
         self.renderer = build_renderer(self.cfg).eval().to(device)
         self.device = torch.device(device)
