@@ -242,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--texture", action="store_true", help="UV atlas (xatlas) + baked base-colour texture, GLB only")
     p.add_argument("--texture-size", type=int, default=1024, help="texture width and height (default 1024)")
     p.add_argument("--turntable", action="store_true", help="also write an orbit video (MP4, or GIF without ffmpeg)")
-    p.add_argument("--frames", type=int, default=36, help="turntable frames (default 36, 1.5 s at 24 fps)")
-    p.add_argument("--turntable-size", type=int, default=256, help="turntable width and height (default 256)")
+    p.add_argument("--frames", type=int, default=24, help="turntable frames (default 24: one turn a second)")
+    p.add_argument("--turntable-size", type=int, default=128,
+                   help="turntable width and height, a multiple of 16 (default 128)")
     p.add_argument("--batch", type=int, default=16, help="prompts per generator call (default 16)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")

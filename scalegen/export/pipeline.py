@@ -24,10 +24,12 @@ import torch
 from scalegen.errors import ExportError
 from scalegen.export.files import FORMATS, asset_name, check_format, mesh_bytes, write_atomic
 from scalegen.export.mesh import StageTimes, extract_meshes, render_level
-from scalegen.export.turntable import render_turntables, turntable_cameras, video_suffix, write_video
+from scalegen.export.turntable import (crop_size, render_turntables, turntable_cameras, video_suffix,
+                                       write_video)
 
 MANIFEST = "assets.json"  # in an output folder: prompt -> files, what `scalegen gallery` reads
 TEXTURE_FACES = 10_000  # --texture simplifies to this many faces unless --simplify says otherwise
+TURNTABLE_MARGIN_BETAS = 6.0  # volume-rendered window: the meshes' projection grown by this many beta
 
 
 @dataclass
@@ -40,8 +42,8 @@ class GenerateOptions:
     texture: bool = False  # UV atlas + baked base-colour texture (GLB only)
     texture_size: int = 1024
     turntable: bool = False
-    turntable_frames: int = 36
-    turntable_size: int = 256
+    turntable_frames: int = 24
+    turntable_size: int = 128
     batch: int = 16  # prompts per generator call
     overwrite: bool = False
 
@@ -168,8 +170,9 @@ def generate_assets(plan: Plan, cfg, model, text_encoder, opts: GenerateOptions,
                                 "turntable": job.turntable.name if job.turntable else None})
             t = times.add("write", t)
             if opts.turntable:
+                crop = crop_size([m.verts for m in meshes], cams, TURNTABLE_MARGIN_BETAS * cfg.render.beta)
                 frames = render_turntables(field, background, renderer, cams, cfg.eval.samples,
-                                           cfg.eval.importance_samples)
+                                           cfg.eval.importance_samples, crop=crop)
                 for job, f in zip(batch, frames):
                     write_video(f, plan.staging / job.turntable.name)
                 times.add("turntable", t)
