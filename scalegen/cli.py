@@ -1,4 +1,4 @@
-"""Command line: ``scalegen train | eval | generate | bench | info | prior``.
+"""Command line: ``scalegen train | eval | generate | gallery | bench | info | prior | data``.
 
 Errors a user can cause (``ScalegenError``) print one line and exit 2, without a traceback.
 """
@@ -113,6 +113,67 @@ def cmd_generate(args) -> int:
     where = plan.folder if plan.folder is not None else plan.jobs[0].mesh
     print(f"wrote {n} asset(s) to {where} in {res['total_s']:.2f} s ({res['seconds_per_asset']:.2f} s per asset; "
           f"checkpoint loaded in {t_load:.1f} s, {torch.get_num_threads()} thread(s))")
+    return 0
+
+
+def cmd_gallery(args) -> int:
+    import os
+    import shutil
+
+    import torch
+
+    from scalegen.export.gallery import build_site, find_viewer
+    from scalegen.export.pipeline import MANIFEST, GenerateOptions, generate_assets, plan_jobs, read_manifest
+
+    source, out = Path(args.source), Path(args.out)
+    is_run = (source / "config.yaml").is_file() or (source / "model.safetensors").is_file()
+    if not is_run and not (source / MANIFEST).is_file():
+        raise ScalegenError(f"'{source}' is neither a run directory (config.yaml) nor an asset folder ({MANIFEST} "
+                            "from `scalegen generate --prompts`)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise ScalegenError(f"'{out}' already exists and is not empty; pass --overwrite to replace it")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise ScalegenError(f"folder '{parent}' does not exist; create it first")
+    viewer = find_viewer(args.viewer)
+    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        if is_run:
+            from scalegen.train.model import load_run
+
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            cfg, text_encoder, model, ckpt = load_run(source)
+            tags: dict[str, str] = {}
+            if args.prompts:
+                from scalegen.data.prompts import read_corpus
+
+                prompts = read_corpus(args.prompts, split=args.split)
+            elif cfg.prior.name == "oracle" and cfg.data.prompts == "oracle":
+                from scalegen.priors import build_world
+
+                world = build_world(cfg)
+                tags = {**{p: "seen" for p in world.seen}, **{p: "unseen" for p in world.unseen}}
+                prompts = world.unseen + world.seen
+            else:
+                raise ScalegenError("this run has no built-in prompt list; give --prompts FILE")
+            prompts = prompts[:args.max_prompts] if args.max_prompts else prompts
+            opts = GenerateOptions(resolution=args.resolution, turntable=True, turntable_frames=args.frames,
+                                   turntable_size=args.turntable_size, batch=args.batch, texture=args.texture)
+            plan = plan_jobs(prompts, tmp / "assets", opts, single=False)
+            res = generate_assets(plan, cfg, model, text_encoder, opts, checkpoint=str(ckpt))
+            entries = [{**e, "tag": tags.get(e["prompt"])} for e in res["assets"]]
+            build_site(tmp / "assets", entries, tmp, viewer, f"scalegen: {source.resolve().name}")
+        else:
+            entries = read_manifest(source)["assets"]
+            build_site(source, entries, tmp, viewer, f"scalegen: {source.resolve().name}")
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {out / 'index.html'} ({len(entries)} assets; open it in a browser, no server needed)")
     return 0
 
 
@@ -251,6 +312,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-fragments", action="store_true",
                    help="keep pieces smaller than 2%% of the largest (floaters are dropped by default)")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("gallery", help="a static page of a run's or an asset folder's assets (no network needed)")
+    p.add_argument("source", help="run directory (assets are generated) or a folder from `generate --prompts`")
+    p.add_argument("--out", required=True, help="site folder to write (index.html, viewer/, assets/)")
+    p.add_argument("--prompts", help="with a run: a corpus file (default: an oracle run's unseen + seen prompts)")
+    p.add_argument("--split", default="test", help="split of a JSON corpus (default: test)")
+    p.add_argument("--max-prompts", type=int, default=24, help="with a run: at most this many (default 24, 0 = all)")
+    p.add_argument("--resolution", type=int, default=128, help="with a run: marching-cubes cells per axis")
+    p.add_argument("--texture", action="store_true", help="with a run: baked textures instead of vertex colours")
+    p.add_argument("--frames", type=int, default=24, help="with a run: turntable frames (default 24)")
+    p.add_argument("--turntable-size", type=int, default=128, help="with a run: turntable size (default 128)")
+    p.add_argument("--batch", type=int, default=16, help="with a run: prompts per generator call")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--viewer", help="model-viewer-umd.min.js to vendor (default: node_modules, else npm install)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing site folder")
+    p.set_defaults(fn=cmd_gallery)
 
     p = sub.add_parser("info", help="parameter counts and effective batch of a config")
     p.add_argument("--config", help="YAML experiment file")
