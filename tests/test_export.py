@@ -437,6 +437,7 @@ def _gallery(*args):
                           text=True)
 
 
+@pytest.mark.slow
 def test_gallery_of_a_run_opens_in_headless_chromium(oracle_run, tmp_path, record_property):
     """The page loads from disk without console errors, failed requests or exceptions; every
     viewer shows its model (drawn pixels), every turntable decodes, and the search box filters."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from scalegen.errors import ScalegenError
 
-NAMES = ("saturation", "sharpness", "guidance", "flops-sd", "data", "distill", "toy2d", "generators")
+NAMES = ("saturation", "sharpness", "guidance", "flops-sd", "data", "distill", "toy2d", "generators", "generate")
 
 
 def run_bench(name: str, overrides: list[str], out_root: str = "runs/bench") -> dict:
@@ -40,4 +40,9 @@ def run_bench(name: str, overrides: list[str], out_root: str = "runs/bench") -> 
         from scalegen.bench.generators import bench_generators  # noqa: PLC0415
 
         return bench_generators(overrides)
+    if name == "generate":
+        from scalegen.bench.generate import GenerateBenchOptions, bench_generate, parse_bench_options  # noqa: PLC0415
+
+        opts, rest = parse_bench_options(GenerateBenchOptions, overrides)
+        return bench_generate(opts, rest, out_root)
     raise ScalegenError(f"unknown benchmark {name!r}; choose from {', '.join(NAMES)}")
