@@ -77,6 +77,11 @@ class BallsField:
         self.empty = torch.tensor([i in empty for i in range(len(radii))])
         self.n_prompts = len(radii)
 
+    def select(self, prompts):
+        out = BallsField(self.radii[prompts].tolist(), self.centres[prompts].tolist())
+        out.empty = self.empty[prompts]
+        return out
+
     def sdf(self, points):
         d = (points - self.centres[:, None]).norm(dim=-1) - self.radii[:, None]
         return torch.where(self.empty[:, None], torch.ones_like(d), d)

@@ -2,7 +2,7 @@
 
 Baking: every texel centre inside a chart triangle is mapped to its 3D point on the mesh
 (barycentric interpolation, ``render.raster.cover`` in UV space), the colour field is evaluated
-there (all prompts in one padded call), and the texels around the charts are filled from their
+there (all prompts batched), and the texels around the charts are filled from their
 neighbours (a few rounds of dilation) so bilinear filtering and mipmaps never read the empty
 background at chart borders.
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from scalegen.errors import ExportError
-from scalegen.export.mesh import Mesh, eval_padded
+from scalegen.export.mesh import Mesh, eval_grouped
 from scalegen.render.raster import cover
 
 DILATE_ROUNDS = 8  # texels of padding filled around every chart
@@ -72,7 +72,7 @@ def bake_textures(field, meshes: list[Mesh], size: int = 1024) -> list[Mesh]:
     """Unwrap every mesh and bake its colour field into a ``size`` x ``size`` texture."""
     unwrapped = [unwrap(m, size) for m in meshes]
     covered = [texel_points(m, size) for m in unwrapped]
-    colours = eval_padded(lambda x: field.query(x)[1], [p for _, p in covered])
+    colours = eval_grouped(field, lambda f, x: f.query(x)[1], [p for _, p in covered])
     out = []
     for m, (texel, _), rgb in zip(unwrapped, covered, colours):
         image = torch.zeros(3, size * size)

@@ -2,8 +2,9 @@
 
 Interface: ``forward(cond: TextCond, z=None) -> Field`` where ``Field.query(points [P, N, 3])``
 returns ``sdf [B, N]`` and ``rgb [B, N, 3]`` (P == 1 broadcasts shared points to every prompt),
-``Field.sdf(points)`` returns the SDF alone, and ``param_groups()`` names parameter groups for
-per-module learning rates (``optim.group_lr``).
+``Field.sdf(points)`` returns the SDF alone, ``Field.select(prompts)`` the fields of a subset of the
+prompts (inference on uneven point sets, e.g. mesh export), and ``param_groups()`` names parameter
+groups for per-module learning rates (``optim.group_lr``).
 """
 from __future__ import annotations
 
