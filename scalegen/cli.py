@@ -36,10 +36,22 @@ def cmd_train(args) -> int:
     out = args.out or cfg.train.out_dir
     if not args.out and not args.resume and Path(out).exists():
         stem = Path(args.config).stem if args.config else "oracle-default"
-        out = str(Path(out).parent / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        redirected = str(Path(out).parent / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        print(f"'{out}' exists (train.out_dir): this run goes to '{redirected}' (pass --out to choose)", flush=True)
+        out = redirected
+    from scalegen.train.checkpoint import checkpoint_step, latest_checkpoint
+
+    before = latest_checkpoint(out) if args.resume and Path(out).is_dir() else None
+    start = checkpoint_step(before) if before is not None else 0
     t0 = time.perf_counter()
     ckpt = train(cfg, out, resume=args.resume)
-    print(f"trained {cfg.train.max_steps} steps in {time.perf_counter() - t0:.0f} s; checkpoint: {ckpt}")
+    end = checkpoint_step(ckpt) if ckpt is not None else start
+    if end == start:
+        print(f"nothing to train: the run in {out} is already at step {end} of {cfg.train.max_steps}; "
+              "raise train.max_steps to continue it")
+    else:
+        print(f"trained steps {start + 1}-{end} ({end - start} in this run, {time.perf_counter() - t0:.0f} s); "
+              f"{out} is at step {end} of {cfg.train.max_steps}; checkpoint: {ckpt}")
     return 0
 
 
@@ -192,11 +204,13 @@ def cmd_info(args) -> int:
               "background": sum(p.numel() for p in model.background.parameters()),
               **{f"generator.{k}": v for k, v in groups.items()}}
     batch = cfg.data.prompts_per_step
-    res = {"params": params, "prompts_per_step_per_process": batch,
-           "images_per_step_per_process": batch * cfg.camera.views_per_prompt}
+    accum = cfg.train.grad_accum
+    res = {"params": params, "prompts_per_step_per_process": batch * accum,
+           "images_per_step_per_process": batch * accum * cfg.camera.views_per_prompt, "grad_accum": accum}
     print(_table([[k, f"{v:,}"] for k, v in params.items()], ["module", "parameters"]))
-    print(f"effective batch per process: {batch} prompts x {cfg.camera.views_per_prompt} views "
-          f"(multiply by the number of processes under accelerate launch)")
+    print(f"effective batch per process: {batch} prompts x {cfg.camera.views_per_prompt} views"
+          + (f" x {accum} accumulated micro-batches" if accum > 1 else "")
+          + " (multiply by the number of processes under accelerate launch)")
     _write_json(args.json, res)
     return 0
 
@@ -216,7 +230,42 @@ def cmd_prior_make_tiny(args) -> int:
     if out.exists() and any(out.iterdir()):
         raise ScalegenError(f"'{out}' is not empty; give a new folder for the tiny Stable Diffusion")
     make_tiny_sd(out, seed=args.seed)
-    print(f"wrote a tiny random Stable Diffusion to {out} (use prior.model={out} text.model={out})")
+    print(f"wrote a tiny random Stable Diffusion to {out} (use prior.model={out})")
+    return 0
+
+
+def cmd_prior_make_tiny_mvdream(args) -> int:
+    from scalegen.priors.mvdream_convert import make_tiny_mvdream
+
+    out = Path(args.out)
+    if out.exists():
+        raise ScalegenError(f"'{out}' already exists; give a new file name for the tiny MVDream checkpoint")
+    if out.suffix != ".safetensors":
+        raise ScalegenError(f"--out '{out}' must end in .safetensors")
+    make_tiny_mvdream(out, seed=args.seed, context_dim=args.context_dim)
+    print(f"wrote a tiny random MVDream checkpoint in the official layout to {out} (convert it with "
+          f"`scalegen prior convert-mvdream {out} DIR --text-from TINY_SD_DIR`)")
+    return 0
+
+
+def cmd_prior_convert_mvdream(args) -> int:
+    import torch
+
+    from scalegen.priors.mvdream_convert import convert_mvdream
+
+    t0 = time.perf_counter()
+    res = convert_mvdream(args.ckpt, args.out, text_from=args.text_from, num_head_channels=args.head_channels,
+                          dtype=torch.float16 if args.half else None)
+    print(f"converted {res['unet_params'] / 1e6:.1f}M UNet and {res['vae_params'] / 1e6:.1f}M VAE parameters "
+          f"({res['num_head_channels']}-channel heads) to {res['out']} in {time.perf_counter() - t0:.0f} s"
+          + (f"; skipped MVDream's own text tower ({res['skipped_text_tensors']} tensors)"
+             if res["skipped_text_tensors"] else ""))
+    if res["text_tower"] is None:
+        print(f"no --text-from given: copy tokenizer/ and text_encoder/ of Stable Diffusion 2.1-base into {res['out']} "
+              "before training (or rerun with --text-from SD21_BASE_DIR)")
+    else:
+        print(f"text tower (tokenizer/, text_encoder/) copied from {res['text_tower']}; train with "
+              f"prior.model={res['out']}")
     return 0
 
 
@@ -236,7 +285,7 @@ def cmd_data_build(args) -> int:
         if args.encoder == "clip":
             from scalegen.text.clip import CLIPTextEncoder
 
-            encoder = CLIPTextEncoder(cfg.text.model, device=state.device)
+            encoder = CLIPTextEncoder(cfg.text_model(), device=state.device)
         else:
             from scalegen.text import build_text_encoder
 
@@ -246,7 +295,7 @@ def cmd_data_build(args) -> int:
     res = build_shards(args.corpus, args.out, encoder, shard_size=args.shard_size, splits=args.split, column=args.column,
                        store=store, compress=args.compress, batch_size=args.batch_size,
                        process_index=state.process_index, num_processes=state.num_processes,
-                       log=lambda m: print(m, flush=True))
+                       log=lambda m: print(m, flush=True), overwrite=args.overwrite, barrier=state.wait_for_everyone)
     state.wait_for_everyone()
     if state.is_main_process:
         m = write_manifest(args.corpus, args.out, res["plans"], res["report"], res["encoder"])
@@ -257,6 +306,18 @@ def cmd_data_build(args) -> int:
               f"store={store}, encoder={res['encoder']['id'] if res['encoder'] else 'none'}) to {args.out} in "
               f"{time.perf_counter() - t0:.1f} s; train with data.shards={args.out}")
     return 0
+
+
+def cmd_data_check(args) -> int:
+    from scalegen.data.stream import check_shards
+
+    t0 = time.perf_counter()
+    n, bad = check_shards(args.dir, url=args.url)
+    for where, problem in bad:
+        print(f"BAD {where}: {problem}")
+    print(f"{n - len(bad)} of {n} shard(s) match the manifest ({time.perf_counter() - t0:.1f} s)"
+          + (f"; rebuild with the same `scalegen data build` command (it rewrites only damaged shards)" if bad else ""))
+    return 1 if bad else 0
 
 
 def cmd_data_compose(args) -> int:
@@ -335,14 +396,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(fn=cmd_info)
 
-    p = sub.add_parser("prior", help="prior tools: make-tiny (a tiny random Stable Diffusion for tests)")
+    p = sub.add_parser("prior", help="prior tools: make-tiny (a tiny random Stable Diffusion), convert-mvdream, "
+                                      "make-tiny-mvdream")
     prior_sub = p.add_subparsers(dest="prior_command", required=True)
     q = prior_sub.add_parser("make-tiny", help="write a tiny random SD (unet, vae, scheduler, CLIP) in diffusers layout")
     q.add_argument("--out", required=True, help="new folder")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(fn=cmd_prior_make_tiny)
+    q = prior_sub.add_parser("make-tiny-mvdream",
+                             help="write a tiny random MVDream checkpoint in the official layout (tests, smoke runs)")
+    q.add_argument("--out", required=True, help="new .safetensors file")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--context-dim", type=int, default=32, help="text width (32 = the tiny SD's CLIP)")
+    q.set_defaults(fn=cmd_prior_make_tiny_mvdream)
+    q = prior_sub.add_parser("convert-mvdream", help="convert the official MVDream checkpoint (sd-v2.1-base-4view.pt) "
+                             "to the folder prior.name=mvdream loads")
+    q.add_argument("ckpt", help="the official checkpoint (.pt/.ckpt, read without running pickled code, or .safetensors)")
+    q.add_argument("out", help="new folder: unet/, vae/, scheduler/ (+ tokenizer/, text_encoder/ with --text-from)")
+    q.add_argument("--text-from", help="Stable Diffusion 2.1(-base) folder or cached hub id whose tokenizer/ and "
+                                       "text_encoder/ (OpenCLIP ViT-H) are copied in")
+    q.add_argument("--head-channels", type=int, default=None,
+                   help="channels per attention head (default: the checkpoint's metadata, else the official 64)")
+    q.add_argument("--half", action="store_true", help="store the weights in fp16 (half the disk)")
+    q.set_defaults(fn=cmd_prior_convert_mvdream)
 
-    p = sub.add_parser("data", help="corpus tools: build (webdataset shards), compose (a compositional corpus)")
+    p = sub.add_parser("data", help="corpus tools: build (webdataset shards), check (verify them), compose (a corpus)")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     q = data_sub.add_parser("build", help="write a corpus as webdataset shards, optionally with text embeddings")
     q.add_argument("--corpus", required=True, help="ScaleDreamer JSON, JSON lines, text (a prompt per line) or CSV")
@@ -358,8 +436,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--column", default="prompt", help="CSV column / JSON-lines key holding the prompt")
     q.add_argument("--batch-size", type=int, default=256, help="prompts per encoder call")
     q.add_argument("--cpu", action="store_true", help="encode on CPU even when a GPU is present")
+    q.add_argument("--overwrite", action="store_true",
+                   help="remove the shards of another build in --out first (default: refuse)")
     q.add_argument("overrides", nargs="*", help="text.* overrides, e.g. text.model=DIR text.dim=128")
     q.set_defaults(fn=cmd_data_build)
+    q = data_sub.add_parser("check", help="verify every shard against its manifest (sha256, counts, record shapes)")
+    q.add_argument("dir", help="a `scalegen data build` folder (or its manifest.json)")
+    q.add_argument("--url", help="URL template of a shard, as data.shard_url (default: the local files)")
+    q.set_defaults(fn=cmd_data_check)
     q = data_sub.add_parser("compose", help="write an ATT3D-style compositional corpus with unseen combinations")
     q.add_argument("--out", required=True, help="output JSON ({train, val, test}; val = test = unseen)")
     q.add_argument("--n", type=int, default=100_000, help="training prompts (default 100000)")
@@ -369,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_data_compose)
 
     p = sub.add_parser("bench", help="benchmarks (numbers for docs/performance.md)")
-    p.add_argument("name", help="saturation | sharpness | guidance | flops-sd | data | distill | toy2d | generators | generate")
+    p.add_argument("name", help="saturation | sharpness | guidance | flops-sd | flops-mvdream | data | distill | toy2d "
+                                "| generators | generate")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--out", default="runs/bench", help="folder for the benchmark's runs")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
@@ -390,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except ScalegenError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)  # one line, whatever a file name holds
         return 2
     except KeyboardInterrupt:
         print("interrupted; continue a training run with `scalegen train --out RUN_DIR --resume`", file=sys.stderr)

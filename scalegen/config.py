@@ -4,9 +4,14 @@ Every key has a typed default here; YAML files under ``configs/`` and ``key=valu
 only change values. An unknown key or a value of the wrong type is a ``ConfigError`` that names
 the key (and the closest valid keys), so a typo can never silently fall back to a default.
 
+Step positions have ONE meaning everywhere (weight ramps, the timestep anneal, the learning-rate
+warm-up; ``step_position``): a value below 1.0 is a fraction of ``train.max_steps``, so a config
+keeps its shape when the budget changes; 1.0 and above is an absolute step count, so ``1.0`` is
+step 1 (threestudio's ramps start at step 1), never "the whole run". The anneal over the whole run
+is ``distill.t_anneal_steps: null`` (the default).
+
 Scheduled weights (``Schedule``) are either a number or ``[start_step, start_value, end_value,
-end_step]`` (threestudio's order, linear in between). Step values below 1.0 are fractions of
-``train.max_steps``, so a config keeps its shape when the budget changes.
+end_step]`` (threestudio's order, linear in between), with step positions as above.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 
@@ -24,13 +29,43 @@ from scalegen.errors import ConfigError
 Schedule = Union[float, list]
 
 
+@dataclass(frozen=True)
+class Range:
+    """The valid range of a numeric key (or of every element of a list key), checked when a config is
+    built, before anything runs: ``Annotated[int, Range(ge=1)]``."""
+
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    le: Optional[float] = None
+    lt: Optional[float] = None
+
+    def check(self, key: str, value) -> None:
+        for v in value if isinstance(value, list) else [value]:
+            if v is None or isinstance(v, (str, bool)):
+                continue
+            for op, bound, ok in ((">=", self.ge, lambda a, b: a >= b), (">", self.gt, lambda a, b: a > b),
+                                  ("<=", self.le, lambda a, b: a <= b), ("<", self.lt, lambda a, b: a < b)):
+                if bound is not None and not ok(v, bound):
+                    raise ConfigError(f"config key '{key}' must be {op} {bound:g}, got {v!r}")
+
+
+AtLeast1 = Range(ge=1)  # counts and intervals
+NonNeg = Range(ge=0)
+Positive = Range(gt=0)  # rates, scales, lengths
+Unit = Range(ge=0, le=1)  # probabilities, fractions
+
+
+def step_position(position: float, max_steps: int) -> float:
+    """A config's step position in steps: below 1.0 a fraction of ``max_steps``, else a step count."""
+    return position * max_steps if position < 1.0 else float(position)
+
+
 def schedule_value(value: Schedule, step: int, max_steps: int) -> float:
     """Evaluate a ``Schedule`` at ``step``."""
     if isinstance(value, (int, float)):
         return float(value)
     s0, v0, v1, s1 = value
-    s0 = s0 * max_steps if s0 < 1.0 else s0
-    s1 = s1 * max_steps if s1 < 1.0 else s1
+    s0, s1 = step_position(s0, max_steps), step_position(s1, max_steps)
     if step <= s0:
         return float(v0)
     if step >= s1:
@@ -45,7 +80,7 @@ class WorldConfig:
     colors: list[str] = field(default_factory=lambda: ["red", "green", "blue", "yellow", "purple", "orange"])
     shapes: list[str] = field(default_factory=lambda: ["sphere", "cube", "cylinder", "cone", "torus"])
     sizes: list[str] = field(default_factory=lambda: ["small", "large"])
-    n_unseen: int = 10  # attribute combinations held out of training (every attribute stays seen)
+    n_unseen: Annotated[int, NonNeg] = 10  # attribute combinations held out of training (every attribute stays seen)
     seed: int = 0
 
 
@@ -53,140 +88,160 @@ class WorldConfig:
 class DataConfig:
     prompts: str = "oracle"  # "oracle" (the world's seen prompts) or a corpus file (JSON/TXT/CSV)
     split: str = "train"
-    prompts_per_step: int = 8  # per process
+    prompts_per_step: Annotated[int, AtLeast1] = 8  # per process
     shards: Optional[str] = None  # `scalegen data build` folder (or its manifest.json); replaces data.prompts
     shard_url: Optional[str] = None  # URL template of a shard, e.g. "pipe:aws s3 cp s3://b/c/{name} -" (default: local)
-    shuffle_shards: int = 4  # shuffle buffer: samples of this many consecutive shards are permuted together
-    num_workers: int = 0  # dataloader workers reading shards (the batch order does not depend on it)
+    shuffle_shards: Annotated[int, AtLeast1] = 4  # shuffle buffer: samples of this many consecutive shards are permuted together
+    num_workers: Annotated[int, NonNeg] = 0  # dataloader workers reading shards (the batch order does not depend on it)
     on_corrupt: Literal["fail", "skip"] = "fail"  # a corrupt/truncated shard: stop, or skip it and count it
-    embed_cache: int = 4096  # prompts whose text embeddings are kept in memory when shards carry none (LRU)
+    embed_cache: Annotated[int, AtLeast1] = 4096  # prompts whose text embeddings are kept in memory when shards carry none (LRU)
 
 
 @dataclass
 class CameraConfig:
     """ScaleDreamer's Stable Diffusion camera distribution, plus the evaluation orbit."""
 
-    views_per_prompt: int = 4
+    views_per_prompt: Annotated[int, AtLeast1] = 4
+    # stratified: ScaleDreamer's SD cameras (azimuth stratified per view, each view its own elevation,
+    # distance, fovy); mvdream: views 360/V degrees apart from a random start sharing one elevation, fovy
+    # and distance per object, distance = distance_range draw / tan(fovy / 2) (data/cameras.py)
+    sampler: Literal["stratified", "mvdream"] = "stratified"
     share_across_prompts: bool = True  # one camera set per step: grid features computed once
-    resolution: int = 32
+    resolution: Annotated[int, Range(ge=8)] = 32
     elevation_range: list[float] = field(default_factory=lambda: [-10.0, 45.0])
-    sphere_uniform_fraction: float = 0.5  # half the elevations uniform on the sphere, half in degrees
-    distance_range: list[float] = field(default_factory=lambda: [1.0, 1.5])
+    sphere_uniform_fraction: Annotated[float, Unit] = 0.5  # half the elevations uniform on the sphere, half in degrees
+    distance_range: list[float] = field(default_factory=lambda: [1.0, 1.5])  # mvdream: relative (x 1/tan(fovy/2))
     fovy_range: list[float] = field(default_factory=lambda: [40.0, 70.0])
     eval_elevation: float = 15.0
-    eval_distance: float = 1.5
-    eval_fovy: float = 60.0
-    eval_views: int = 8
-    eval_resolution: int = 64
+    eval_distance: Annotated[float, Positive] = 1.5
+    eval_fovy: Annotated[float, Range(gt=0, lt=180)] = 60.0
+    eval_views: Annotated[int, AtLeast1] = 8
+    eval_resolution: Annotated[int, Range(ge=8)] = 64
 
 
 @dataclass
 class TextConfig:
     encoder: Literal["bow", "clip"] = "bow"  # bow: offline token-hash bag of words (oracle world)
-    dim: int = 128  # bow only (CLIP's width comes from its weights)
-    max_tokens: int = 16  # bow only (CLIP: 77)
-    model: str = "stabilityai/stable-diffusion-2-1-base"  # clip: diffusers folder or hub id
+    dim: Annotated[int, AtLeast1] = 128  # bow only (CLIP's width comes from its weights)
+    max_tokens: Annotated[int, AtLeast1] = 16  # bow only (CLIP: 77)
+    model: Optional[str] = None  # clip: diffusers folder or hub id; null: the same as prior.model
 
 
 @dataclass
 class OracleConfig:
-    sharpness: float = 0.1  # s: per-component std of the pixel-space Gaussian mixture
+    sharpness: Annotated[float, Positive] = 0.1  # s: per-component std of the pixel-space Gaussian mixture
     mode: Literal["camera_aware", "view_agnostic"] = "camera_aware"
-    n_uncond: int = 16  # components of the unconditional mixture (prompts), own prompt always in
-    n_fixed_views: int = 8  # view-agnostic mode: renders per prompt from fixed cameras
-    samples: int = 48  # ground-truth proposal samples per ray (SDF only)
-    importance_samples: int = 32  # ground-truth samples composited (midpoint rule)
+    n_uncond: Annotated[int, AtLeast1] = 16  # components of the unconditional mixture (prompts), own prompt always in
+    n_fixed_views: Annotated[int, AtLeast1] = 8  # view-agnostic mode: renders per prompt from fixed cameras
+    samples: Annotated[int, Range(ge=2)] = 48  # ground-truth proposal samples per ray (SDF only)
+    importance_samples: Annotated[int, NonNeg] = 32  # ground-truth samples composited (midpoint rule)
 
 
 @dataclass
 class PriorConfig:
-    name: Literal["oracle", "stable_diffusion"] = "oracle"
+    name: Literal["oracle", "stable_diffusion", "mvdream"] = "oracle"
     oracle: OracleConfig = field(default_factory=OracleConfig)
-    # --- stable_diffusion (scalegen/priors/stable_diffusion.py) ---------------------------------
-    model: str = "stabilityai/stable-diffusion-2-1-base"  # diffusers folder or hub id (unet/ vae/ scheduler/)
+    # --- stable_diffusion and mvdream (scalegen/priors/stable_diffusion.py, mvdream.py) ------------
+    # SD: a diffusers folder or hub id (unet/ vae/ scheduler/); mvdream: a `scalegen prior convert-mvdream` folder
+    model: str = "stabilityai/stable-diffusion-2-1-base"
     dtype: Literal["fp16", "bf16", "fp32"] = "fp16"  # UNet + VAE weights (fp32 on CPU)
     channels_last: bool = True
     compile: bool = False  # torch.compile the UNet (first steps are slow; GPU only)
-    encode_resolution: int = 512  # render -> bilinear upsample to this -> VAE encode (with grad)
-    latent_resolution: int = 64  # latents are resized to this when the VAE returns another size
+    # render -> bilinear resize to this -> VAE encode (with grad); null: the prior's own (SD 512, MVDream 256)
+    encode_resolution: Annotated[Optional[int], Range(ge=8)] = None
+    # latents are resized to this when the VAE returns another size; null: the UNet's own (SD 64, MVDream 32)
+    latent_resolution: Annotated[Optional[int], AtLeast1] = None
     negative_prompt: str = ""  # the unconditional branch's prompt
+    # --- stable_diffusion only (MVDream takes the prompt as it is; the camera says the view) --------
     view_dependent: bool = True  # "<prompt>, <front|side|back|overhead> view" by camera angle
-    front_threshold: float = 30.0  # degrees of azimuth either side of +x that count as front
-    back_threshold: float = 30.0  # degrees either side of -x that count as back
-    overhead_threshold: float = 60.0  # elevation above which a view is overhead
-    perp_neg: float = 0.0  # Perp-Neg strength (0 = off); ScaleDreamer 0.5 (guidance_perp_neg -0.5)
+    front_threshold: Annotated[float, Range(ge=0, le=180)] = 30.0  # degrees of azimuth either side of +x that count as front
+    back_threshold: Annotated[float, Range(ge=0, le=180)] = 30.0  # degrees either side of -x that count as back
+    overhead_threshold: Annotated[float, Range(ge=-90, le=90)] = 60.0  # elevation above which a view is overhead
+    perp_neg: Annotated[float, NonNeg] = 0.0  # Perp-Neg strength (0 = off); ScaleDreamer 0.5 (guidance_perp_neg -0.5)
     perp_neg_f_fs: list[float] = field(default_factory=lambda: [4.0, 0.5, -2.426])  # a e^(-b r) + c
     perp_neg_f_sf: list[float] = field(default_factory=lambda: [4.0, 0.5, -2.426])
     perp_neg_f_sb: list[float] = field(default_factory=lambda: [1.0, 0.5, -0.606])
     perp_neg_f_fsb: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.967])
-    text_cache_size: int = 1024  # prompts whose view-dependent UNet embeddings stay on the device (LRU)
+    text_cache_size: Annotated[int, AtLeast1] = 1024  # prompts whose UNet embeddings stay on the device (LRU)
+
+    def resolutions(self) -> tuple[int, int]:
+        """(encode, latent) resolution: the configured ones, else the prior's native sizes."""
+        enc, lat = NATIVE_RESOLUTION.get(self.name, (512, 64))
+        return self.encode_resolution or enc, self.latent_resolution or lat
+
+
+NATIVE_RESOLUTION = {"stable_diffusion": (512, 64), "mvdream": (256, 32)}  # (VAE input, UNet latent) sizes
 
 
 @dataclass
 class GeneratorConfig:
     name: Literal["hyper_ingp", "conv3d", "triplane_transformer"] = "hyper_ingp"
     # Multi-resolution hash grid shared by all prompts (paper: 16 x 2, 2^19, 16 -> 4096).
-    hash_levels: int = 8
-    hash_features: int = 2
-    hash_log2_size: int = 16
-    hash_base_resolution: int = 16
-    hash_max_resolution: int = 256
+    hash_levels: Annotated[int, AtLeast1] = 8
+    hash_features: Annotated[int, AtLeast1] = 2
+    hash_log2_size: Annotated[int, Range(ge=4, le=24)] = 16
+    hash_base_resolution: Annotated[int, AtLeast1] = 16
+    hash_max_resolution: Annotated[int, AtLeast1] = 256
     # Per-prompt bias-free MLPs emitted by the hypernetwork.
-    mlp_hidden: int = 64
-    hyper_hidden: int = 64
-    hyper_out_gain: float = 1.0  # xavier gain of the hypernetwork's last layer
+    mlp_hidden: Annotated[int, AtLeast1] = 64
+    hyper_hidden: Annotated[int, AtLeast1] = 64
+    hyper_out_gain: Annotated[float, Positive] = 1.0  # xavier gain of the hypernetwork's last layer
     # SDF bias |x| - r: every prompt starts as this sphere. 0.35 sits between the oracle world's sizes
     # (0.30 small, 0.45 large): from 0.5, small objects stay too large at 300 steps (IoU 0.88-0.90 measured).
-    sdf_radius: float = 0.35
+    sdf_radius: Annotated[float, Positive] = 0.35
     backend: Literal["torch", "tcnn"] = "torch"
     # conv3d / triplane_transformer (scalegen/generators/conv3d.py, triplane_transformer.py).
     preset: Literal["paper", "small"] = "paper"  # paper: ScaleDreamer's sizes; small: oracle world on CPU
-    channel_multiplier: int = 1  # conv3d: widths at resolutions >= 32 (paper: 1 -> 88.7M, 2 -> 144.8M)
-    z_dim: int = 0  # conv3d noise width; 0 = the preset's (paper 64)
+    channel_multiplier: Annotated[int, Range(ge=1, le=2)] = 1  # conv3d: widths at resolutions >= 32 (paper: 1 -> 88.7M, 2 -> 144.8M)
+    z_dim: Annotated[int, NonNeg] = 0  # conv3d noise width; 0 = the preset's (paper 64)
     checkpointing: bool = False  # recompute each block in backward (activation memory / ~1.3x time)
     bf16: bool = False  # run the conv / transformer trunk under bfloat16 autocast
 
 
 @dataclass
 class RenderConfig:
-    bound: float = 0.75  # scene box half-size; near/far are this box's ray intersections
-    samples: int = 32  # stratified proposal samples per ray
-    importance_samples: int = 32
+    bound: Annotated[float, Positive] = 0.75  # scene box half-size; near/far are this box's ray intersections
+    samples: Annotated[int, Range(ge=2)] = 32  # stratified proposal samples per ray
+    importance_samples: Annotated[int, NonNeg] = 32
     composite: Literal["fine", "all"] = "fine"  # fine: only importance samples carry gradients
-    uniform_mix: float = 0.2  # share of the importance pdf that is uniform along the ray
-    beta: float = 1.0 / 30.0  # VolSDF Laplace scale (ScaleDreamer: fixed, 1/30)
-    near_min: float = 0.05
-    normal_eps: float = 0.01
-    eikonal_points: int = 4096  # ray samples per step used for the eikonal term
+    uniform_mix: Annotated[float, Unit] = 0.2  # share of the importance pdf that is uniform along the ray
+    beta: Annotated[float, Positive] = 1.0 / 30.0  # VolSDF Laplace scale (ScaleDreamer: fixed, 1/30)
+    near_min: Annotated[float, Positive] = 0.05
+    normal_eps: Annotated[float, Positive] = 0.01
+    eikonal_points: Annotated[int, AtLeast1] = 4096  # ray samples per step used for the eikonal term
     background: Literal["env", "solid"] = "env"
-    bg_random_prob: float = 0.0  # random solid-colour background augmentation (SD runs: 0.2)
+    bg_random_prob: Annotated[float, Unit] = 0.0  # random solid-colour background augmentation (SD runs: 0.2)
 
 
 @dataclass
 class DistillConfig:
     name: Literal["sds", "csd", "vsd", "asd", "vdm"] = "sds"
-    guidance_scale: float = 7.5
+    guidance_scale: Annotated[float, NonNeg] = 7.5
     weighting: Literal["sds", "uniform"] = "sds"  # w(t) = 1 - alphabar_t, or 1
     t_range_start: list[float] = field(default_factory=lambda: [0.50, 0.98])
     # ScaleDreamer ends at [0.02, 0.50] (the SD configs keep it); the oracle default ends at 0.25, where the CFG
     # term has vanished (bench guidance). Its measured effect is within run-to-run spread (docs/performance.md).
     t_range_end: list[float] = field(default_factory=lambda: [0.02, 0.25])
-    t_anneal_steps: float = 1.0  # steps of the linear anneal (below 1.0: fraction of max_steps)
-    t_per: Literal["image", "prompt"] = "image"  # SD: per image; MVDream: per view group
-    asd_eta: float = 0.1  # dt = floor(U(0,1) * eta * (t - t_min_now))
+    t_anneal_steps: Annotated[Optional[float], Positive] = None  # length of the linear anneal (step position); null: the whole run
+    t_per: Literal["image", "prompt"] = "image"  # SD: per image; MVDream: per view group (required)
+    asd_eta: Annotated[float, NonNeg] = 0.1  # dt = floor(U(0,1) * eta * (t - t_min_now))
+    # SDS as MVDream's x0 reconstruction (its Sec. 3.2): g = z - x0_hat, x0_hat from eps_cfg with its std
+    # rescaled per object towards the conditional x0's by sds_x0_rescale (0: none; MVDream 0.5, CFG 50)
+    sds_x0_recon: bool = False
+    sds_x0_rescale: Annotated[float, Unit] = 0.5
     # Stateful distillers (VSD's eps_phi, VDM's M_psi): their own optimizer group and learning rate.
-    lr: float = 1e-3
+    lr: Annotated[float, Positive] = 1e-3
     net_width: int = 32  # channels of the small conv nets (VDM's M_psi; VSD's correction in the oracle world)
-    net_blocks: int = 2
-    vsd_lora_rank: int = 4  # Stable Diffusion: rank of the LoRA copy of the UNet
-    vsd_camera_dropout: float = 0.1
+    net_blocks: Annotated[int, NonNeg] = 2
+    vsd_lora_rank: Annotated[int, AtLeast1] = 4  # Stable Diffusion: rank of the LoRA copy of the UNet
+    vsd_camera_dropout: Annotated[float, Unit] = 0.1
     dca_schedule: Literal["constant", "linear", "cosine"] = "linear"  # VDM's lambda(t)
-    dca_lambda: list[float] = field(default_factory=lambda: [1.0, 0.0])  # lambda at t = 0 and at t = T
+    dca_lambda: Annotated[list[float], Unit] = field(default_factory=lambda: [1.0, 0.0])  # lambda at t = 0 and at t = T
 
 
 @dataclass
 class LossConfig:
-    distill: float = 1.0
+    distill: Annotated[float, NonNeg] = 1.0
     eikonal: Schedule = 0.1
     sparsity: Schedule = 0.0
     opacity_entropy: Schedule = 0.0
@@ -195,39 +250,40 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     name: Literal["adam", "adamw", "adan"] = "adam"  # adan: 3 betas (ScaleDreamer CP100k: 0.98, 0.92, 0.99)
-    lr: float = 1e-3  # every generator parameter group not named in group_lr
-    group_lr: dict[str, float] = field(default_factory=lambda: {"grid": 1e-2})  # per-module rates
-    lr_background: float = 1e-3
-    betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip: Optional[float] = 1.0
+    lr: Annotated[float, Positive] = 1e-3  # every generator parameter group not named in group_lr
+    group_lr: dict[str, Annotated[float, Positive]] = field(default_factory=lambda: {"grid": 1e-2})  # per-module rates
+    lr_background: Annotated[float, NonNeg] = 1e-3
+    betas: Annotated[list[float], Range(ge=0, lt=1)] = field(default_factory=lambda: [0.0, 0.99])
+    eps: Annotated[float, Positive] = 1e-8
+    weight_decay: Annotated[float, NonNeg] = 0.0
+    grad_clip: Annotated[Optional[float], Positive] = 1.0
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decay to min_lr_ratio * lr
-    min_lr_ratio: float = 0.1
-    warmup_steps: float = 0.0  # linear warm-up (below 1.0: fraction of max_steps)
+    min_lr_ratio: Annotated[float, Unit] = 0.1
+    warmup_steps: Annotated[float, NonNeg] = 0.0  # linear warm-up length (step position: below 1.0 a fraction of max_steps)
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 300
-    seed: int = 0
+    max_steps: Annotated[int, AtLeast1] = 300
+    seed: Annotated[int, NonNeg] = 0
     out_dir: str = "runs/default"
-    log_every: int = 10
-    val_every: int = 200
-    ckpt_every: int = 100
-    keep_ckpts: int = 2
+    log_every: Annotated[int, AtLeast1] = 10
+    val_every: Annotated[int, AtLeast1] = 200
+    ckpt_every: Annotated[int, AtLeast1] = 100
+    keep_ckpts: Annotated[int, AtLeast1] = 2
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     logger: Literal["wandb", "none"] = "wandb"
     wandb_project: str = "scalegen"
     progress: bool = True
-    threads: int = 0  # torch CPU threads; 0 = torch's default
+    threads: Annotated[int, NonNeg] = 0  # torch CPU threads; 0 = torch's default
+    grad_accum: Annotated[int, AtLeast1] = 1  # micro-batches per optimizer step (max_steps counts optimizer steps, as Lightning)
 
 
 @dataclass
 class EvalConfig:
-    samples: int = 32
-    importance_samples: int = 32
-    max_prompts: int = 0  # per split; 0 = all
+    samples: Annotated[int, Range(ge=2)] = 32
+    importance_samples: Annotated[int, NonNeg] = 32
+    max_prompts: Annotated[int, NonNeg] = 0  # per split; 0 = all
 
 
 @dataclass
@@ -247,6 +303,11 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def text_model(self) -> str:
+        """The CLIP text tower's folder or hub id: ``text.model``, or ``prior.model`` when unset, so
+        one folder is all a Stable Diffusion user passes."""
+        return self.text.model or self.prior.model
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -269,16 +330,25 @@ def _keys(cls) -> list[str]:
     return out
 
 
-def _unknown(key: str, valid: list[str]) -> ConfigError:
+LIST_KEYS = "`scalegen train --print-config` lists every key"
+
+
+def _unknown(key: str, valid: list[str], listing: str = LIST_KEYS) -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
     hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-    return ConfigError(f"unknown config key '{key}'{hint}; `scalegen train --print-config` lists every key")
+    return ConfigError(f"unknown config key '{key}'{hint}; {listing}")
 
 
 def _coerce(key: str, tp: Any, value: Any) -> Any:
     """Check ``value`` against the annotation ``tp`` and convert where it is lossless."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is Annotated:
+        value = _coerce(key, args[0], value)
+        for meta in args[1:]:
+            if isinstance(meta, Range):
+                meta.check(key, value)
+        return value
     if tp is Any:
         return value
     if origin is Union:
@@ -331,21 +401,21 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     return value
 
 
-def _build(cls, data: dict, prefix: str, valid: list[str]):
+def _build(cls, data: dict, prefix: str, valid: list[str], listing: str = LIST_KEYS):
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = {f.name for f in dataclasses.fields(cls)}
     for k in data:
         if k not in names:
-            raise _unknown(prefix + str(k), valid)
+            raise _unknown(prefix + str(k), valid, listing)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
             continue
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, data[f.name] or {}, prefix + f.name + ".", valid)
+            kwargs[f.name] = _build(tp, data[f.name] or {}, prefix + f.name + ".", valid, listing)
         else:
             kwargs[f.name] = _coerce(prefix + f.name, tp, data[f.name])
     return cls(**kwargs)
@@ -378,6 +448,17 @@ def parse_overrides(overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return out
+
+
+def parse_options(cls, overrides: list[str], section: str, listing: str):
+    """A typed options dataclass ``cls`` from ``section.key=value`` overrides (a benchmark's
+    ``bench.*`` options), checked exactly like config keys: unknown keys name the closest ones."""
+    data = parse_overrides(overrides)
+    extra = [k for k in data if k != section]
+    if extra:
+        raise ConfigError(f"'{extra[0]}' is not an option here; options are {section}.<name>=value")
+    valid = [f"{section}.{k}" for k in _keys(cls)]
+    return _build(cls, data.get(section) or {}, section + ".", valid, listing)
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -418,60 +499,52 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def validate(cfg: Config) -> None:
-    """Cross-key checks that types alone cannot express."""
+    """Cross-key checks that a key's type and ``Range`` alone cannot express."""
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise ConfigError(msg)
 
     c = cfg.camera
-    need(len(c.elevation_range) == 2 and c.elevation_range[0] <= c.elevation_range[1],
-         "camera.elevation_range must be [low, high] in degrees")
+    need(len(c.elevation_range) == 2 and -90 <= c.elevation_range[0] <= c.elevation_range[1] <= 90,
+         "camera.elevation_range must be [low, high] in degrees within [-90, 90]")
     need(len(c.distance_range) == 2 and 0 < c.distance_range[0] <= c.distance_range[1],
          "camera.distance_range must be [low, high] with 0 < low <= high")
     need(len(c.fovy_range) == 2 and 0 < c.fovy_range[0] <= c.fovy_range[1] < 180,
          "camera.fovy_range must be [low, high] degrees inside (0, 180)")
-    need(c.views_per_prompt >= 1, "camera.views_per_prompt must be at least 1")
-    need(c.resolution >= 8, "camera.resolution must be at least 8 pixels")
-    need(cfg.data.prompts_per_step >= 1, "data.prompts_per_step must be at least 1")
-    need(cfg.data.shuffle_shards >= 1 and cfg.data.num_workers >= 0 and cfg.data.embed_cache >= 1,
-         "data.shuffle_shards and data.embed_cache must be >= 1, data.num_workers >= 0")
-    need(cfg.render.samples >= 2, "render.samples must be at least 2")
-    need(cfg.render.importance_samples >= 0, "render.importance_samples must be >= 0")
-    need(cfg.render.beta > 0, "render.beta must be positive")
-    need(cfg.render.bound > 0, "render.bound must be positive")
     for name in ("t_range_start", "t_range_end"):
         r = getattr(cfg.distill, name)
         need(len(r) == 2 and 0.0 <= r[0] <= r[1] <= 1.0, f"distill.{name} must be [low, high] fractions of T in [0, 1]")
-    need(cfg.distill.guidance_scale >= 0, "distill.guidance_scale must be >= 0")
     need(len(cfg.distill.dca_lambda) == 2, "distill.dca_lambda must be [lambda at t=0, lambda at t=T]")
-    need(0.0 <= cfg.distill.vsd_camera_dropout <= 1.0, "distill.vsd_camera_dropout must be in [0, 1]")
     need(cfg.distill.net_width % 8 == 0 and cfg.distill.net_width > 0,
          "distill.net_width must be a positive multiple of 8 (GroupNorm groups)")
     if cfg.optim.name == "adan":
         need(len(cfg.optim.betas) == 3, "optim.betas must be [beta1, beta2, beta3] for adan, e.g. [0.98, 0.92, 0.99]")
     else:
         need(len(cfg.optim.betas) == 2, "optim.betas must be [beta1, beta2]")
-    need(cfg.train.max_steps >= 1, "train.max_steps must be at least 1")
-    need(cfg.prior.oracle.sharpness > 0, "prior.oracle.sharpness must be positive")
     p = cfg.prior
-    need(p.encode_resolution >= 8 and p.latent_resolution >= 1,
-         "prior.encode_resolution must be >= 8 and prior.latent_resolution >= 1")
-    need(p.text_cache_size >= 1, "prior.text_cache_size must be at least 1")
-    need(p.perp_neg >= 0, "prior.perp_neg must be >= 0 (0 disables Perp-Neg)")
+    if p.name == "mvdream":
+        need(cfg.distill.t_per == "prompt", "prior.name=mvdream needs distill.t_per=prompt: MVDream denoises the "
+             "views of an object together, at one timestep")
+        need(p.perp_neg == 0, "prior.perp_neg is Stable Diffusion's; MVDream's camera condition replaces it (set 0)")
     need(not (p.perp_neg > 0 and not p.view_dependent),
          "prior.perp_neg needs prior.view_dependent=true (its negatives are the other views' prompts)")
     for key in ("perp_neg_f_fs", "perp_neg_f_sf", "perp_neg_f_sb", "perp_neg_f_fsb"):
         need(len(getattr(p, key)) == 3, f"prior.{key} must be [a, b, c] of a*exp(-b*r)+c")
-    need(cfg.generator.channel_multiplier in (1, 2), "generator.channel_multiplier must be 1 or 2")
-    need(cfg.generator.z_dim >= 0, "generator.z_dim must be >= 0 (0 = the preset's width)")
     need(cfg.generator.hash_max_resolution >= cfg.generator.hash_base_resolution,
          "generator.hash_max_resolution must be >= generator.hash_base_resolution")
+    need(cfg.generator.sdf_radius < cfg.render.bound,
+         "generator.sdf_radius must be smaller than render.bound (the start sphere must fit in the scene box)")
     w = cfg.world
     need(len(w.colors) >= 2 and len(w.shapes) >= 2 and len(w.sizes) >= 1,
          "world needs at least 2 colors, 2 shapes and 1 size")
     n_total = len(w.colors) * len(w.shapes) * len(w.sizes)
-    need(0 <= w.n_unseen <= n_total // 2, f"world.n_unseen must be between 0 and {n_total // 2} for this grammar")
+    need(w.n_unseen <= n_total // 2, f"world.n_unseen must be between 0 and {n_total // 2} for this grammar")
     for key in ("eikonal", "sparsity", "opacity_entropy"):
         v = getattr(cfg.loss, key)
-        need(isinstance(v, (int, float)) or (isinstance(v, list) and len(v) == 4),
-             f"loss.{key} must be a number or [start_step, start_value, end_value, end_step]")
+        if isinstance(v, (int, float)):
+            need(v >= 0, f"config key 'loss.{key}' must be >= 0, got {v!r}")
+        else:
+            need(isinstance(v, list) and len(v) == 4 and all(isinstance(x, (int, float)) for x in v)
+                 and min(v) >= 0,
+                 f"config key 'loss.{key}' must be a weight >= 0 or [start_step, start_value, end_value, end_step] "
+                 f"of numbers >= 0 (steps below 1.0: fractions of train.max_steps), got {v!r}")

@@ -21,29 +21,8 @@ TINY = [
 ]
 
 
-class LinearPrior:
-    """A prior whose eps is an explicit function of (x_t, t, cond), so every distiller's formula can
-    be checked by hand: eps = 0.5 x_t + 0.1 t/1000 + cond_offset * [text >= 0]."""
-
-    latent_channels = 1
-
-    def __init__(self, cond_offset=0.3):
-        from scalegen.priors.base import ddpm_alphas_cumprod
-
-        self.alphas_cumprod = ddpm_alphas_cumprod()
-        self.calls, self.off = [], cond_offset
-
-    def add_noise(self, z, eps, t):
-        ab = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        return ab.sqrt() * z + (1 - ab).sqrt() * eps
-
-    def uncond_like(self, text):
-        return -1 - text
-
-    def predict_eps(self, x_t, t, text, cameras):
-        self.calls.append(len(x_t))
-        cond = (text >= 0).float().view(-1, 1, 1, 1)
-        return 0.5 * x_t + 0.1 * t.view(-1, 1, 1, 1) / 1000 + cond * self.off
+from scalegen.priors.fakes import LinearPrior  # noqa: E402,F401 - shared with the benches
+from scalegen.render.base import Field  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -59,6 +38,21 @@ def tiny_cfg():
     return load_config(None, TINY)
 
 
+# A small corpus in ScaleDreamer's format for tests that need *some* corpus (so a user's clone, without
+# ../shared, runs them); only tests about the real corpora read ../shared/corpora.
+PROMPTS = ["a red sports car", "a blue tulip in a clay pot", "a car made out of sushi", "a wooden chair",
+           "a DSLR photo of a hamburger", "a small yellow duck", "a stack of pancakes", "a green teapot"]
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    import json
+
+    p = tmp_path_factory.mktemp("corpus") / "small_prompt_library.json"
+    p.write_text(json.dumps({"train": PROMPTS, "val": PROMPTS[:2], "test": PROMPTS[:2]}))
+    return p
+
+
 def shared_path(*parts: str) -> Path:
     p = SHARED.joinpath(*parts)
     if not p.exists():
@@ -66,8 +60,8 @@ def shared_path(*parts: str) -> Path:
     return p
 
 
-class BallsField:
-    """A batch field with an exact SDF (the same ``Field`` interface as the generators'): prompt b
+class BallsField(Field):
+    """A batch field with an exact SDF (``Field.select`` is the base class's default): prompt b
     is a ball of radius ``radii[b]`` at ``centres[b]``; colour = 0.5 + position (clamped), so a
     texture or axis mix-up changes the colours an asset shows. ``empty`` prompts have no surface."""
 
@@ -76,11 +70,6 @@ class BallsField:
         self.centres = torch.zeros(len(radii), 3) if centres is None else torch.tensor(centres, dtype=torch.float32)
         self.empty = torch.tensor([i in empty for i in range(len(radii))])
         self.n_prompts = len(radii)
-
-    def select(self, prompts):
-        out = BallsField(self.radii[prompts].tolist(), self.centres[prompts].tolist())
-        out.empty = self.empty[prompts]
-        return out
 
     def sdf(self, points):
         d = (points - self.centres[:, None]).norm(dim=-1) - self.radii[:, None]

@@ -25,14 +25,32 @@ def test_unknown_bench_is_a_clear_error():
     assert r.returncode == 2 and "choose from" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("name, item, message", [
+    ("toy2d", "bench.step=3", "did you mean 'bench.steps'"),
+    ("sharpness", "bench.value=[0.1]", "did you mean 'bench.values'"),
+    ("distill", "bench.part=gpu", "must be one of 'all', 'oracle', 'sd'"),
+    ("data", "bench.sizes=ten", "must be a list"),
+    ("generators", "bench.generators=[conv4d]", "must be one of"),
+    ("toy2d", "train.max_steps=3", "runs no training config"),
+])
+def test_bench_options_are_typed_config_keys(name, item, message):
+    """Bench options go through the config schema's checks: typos name the closest option, wrong
+    types and values are one-line errors before anything runs."""
+    from scalegen.bench import run_bench
+    from scalegen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        run_bench(name, [item], out_root="/nonexistent")
+
+
 def test_guidance_bench_shows_cfg_vanishing_at_low_t():
     """The mechanism behind the saturation results: once the unconditional mixture recognises a
     prompt's class (low t), eps_c - eps_u vanishes and CFG 100 no longer pushes colours; at high t
     it does. Both distillers pull a colour error back toward the ground truth."""
-    from scalegen.bench.guidance import bench_guidance
+    from scalegen.bench.guidance import GuidanceOptions, bench_guidance
 
     tiny = [o for o in TINY if not o.startswith(("data.prompts_per_step", "prior.oracle.n_uncond"))]
-    res = bench_guidance([*tiny, "data.prompts_per_step=4", "prior.oracle.n_uncond=6"])
+    res = bench_guidance(GuidanceOptions(), [*tiny, "data.prompts_per_step=4", "prior.oracle.n_uncond=6"])
     rows = {r["t"]: r for r in res["rows"]}
     lo, hi = rows[20], rows[980]
     assert lo["r_own"] > 0.99 and hi["r_own"] < 0.9
@@ -43,13 +61,13 @@ def test_guidance_bench_shows_cfg_vanishing_at_low_t():
 def test_toy2d_bench_writes_pngs_and_counts_components(tmp_path):
     import torch
 
-    from scalegen.bench.toy2d import bench_toy2d, coverage, make_prior
+    from scalegen.bench.toy2d import Toy2DOptions, bench_toy2d, coverage, make_prior
 
     prior = make_prior(6, 1.0, 0.05)
     x = prior.mu_c[[0, 0, 2, 4]].clone()
     cov = coverage(x, prior.mu_c, 0.05)
     assert cov["components_hit"] == 3 and cov["on_mode_frac"] == 1.0 and cov["within_std_over_sigma"] == 0.0
-    res = bench_toy2d(["toy.steps=8", "toy.particles=16", f"toy.out_dir={tmp_path}"])
+    res = bench_toy2d(Toy2DOptions(steps=8, particles=16, out_dir=str(tmp_path)), [])
     assert set(res["methods"]) == {"sds", "csd", "vsd", "asd", "vdm", "vdm_pure"}
     for name in res["methods"]:
         assert (tmp_path / f"{name}.png").stat().st_size > 0
@@ -77,7 +95,8 @@ def test_data_bench_json(tmp_path):
     out = tmp_path / "data.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     r = subprocess.run([sys.executable, "-m", "scalegen.cli", "bench", "data", "--out", str(tmp_path), "--json",
-                        str(out), "sizes=[200,400]", "clip_sizes=[]", "sd_sizes=[64]", "stream=2000", "sd_stream=64"],
+                        str(out), "bench.sizes=[200,400]", "bench.clip_sizes=[]", "bench.sd_sizes=[64]",
+                        "bench.stream=2000", "bench.sd_stream=64"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())

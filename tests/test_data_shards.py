@@ -12,7 +12,7 @@ from conftest import TINY, shared_path
 from scalegen.data.compose import ACTIVITIES, SUBJECTS, compose_corpus
 from scalegen.data.prompts import read_corpus
 from scalegen.data.shards import build_shards, check_encoder, load_manifest, prompt_key, write_manifest
-from scalegen.data.stream import ShardStream
+from scalegen.data.stream import ShardStream, read_shard
 from scalegen.errors import DataError
 from scalegen.text.bow import BagOfWordsEncoder
 
@@ -236,3 +236,55 @@ def test_prompt_only_shards_compute_embeddings_in_a_bounded_lru(corpus_shards, t
         prompts, cond, _ = be(b)
         assert torch.equal(cond.tokens, enc.encode(prompts).tokens)
     assert len(be.cache) == 40 and be.n_encoded == 80  # 80 distinct prompts, memory bounded
+
+
+def _flip_inside_a_record(shard):
+    """Flip one byte in the middle of the first embedding record's payload (not a tar header)."""
+    from scalegen.data.stream import tar_members
+
+    raw = bytearray(shard.read_bytes())
+    name, start, size = next(m for m in tar_members(bytes(raw)) if m[0].endswith(".emb"))
+    raw[start + size // 2] ^= 0x40
+    shard.write_bytes(bytes(raw))
+
+
+def test_data_check_catches_a_flipped_byte_inside_a_record(corpus_shards, tmp_path, capsys):
+    """The tar stays valid and the record keeps its size, so only the manifest's sha256 can tell: the
+    check names the shard and exits 1; training with on_corrupt=fail stops naming it; skip counts it."""
+    import shutil
+
+    from scalegen.cli import main
+
+    n = sum(len(sp["shards"]) for sp in load_manifest(corpus_shards)[0]["splits"].values())
+    assert main(["data", "check", str(corpus_shards)]) == 0
+    assert f"{n} of {n} shard(s) match" in capsys.readouterr().out
+    d = tmp_path / "copy"
+    shutil.copytree(corpus_shards, d)
+    _flip_inside_a_record(d / "train" / "shard-000003.tar")
+    assert read_shard(str(d / "train" / "shard-000003.tar"), 64, load_manifest(d)[0]["encoder"])  # still decodes
+    assert main(["data", "check", str(d)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert [line for line in out if line.startswith("BAD")] == [
+        f"BAD {d / 'train' / 'shard-000003.tar'}: its sha256 differs from the manifest's (the file changed after it "
+        "was built)"]
+    with pytest.raises(DataError, match="shard-000003.tar' is corrupt or truncated .*sha256"):
+        _all(ShardStream(str(d), batch_size=50, mode="eval"))
+    s = ShardStream(str(d), batch_size=50, mode="eval", on_corrupt="skip")
+    assert len(_all(s)[0]) == 1000 - 64 and s.n_corrupt == 1
+
+
+def test_training_stops_on_a_flipped_byte_naming_the_shard(tmp_path):
+    from scalegen.config import load_config
+    from scalegen.priors import build_world
+    from scalegen.train.loop import train
+
+    world = build_world(load_config(None, TINY))
+    corpus = tmp_path / "seen.txt"
+    corpus.write_text("\n".join(world.seen))
+    _build(corpus, tmp_path / "sh", BagOfWordsEncoder(32, 16), shard_size=3, store="plain")
+    shards = sorted((tmp_path / "sh" / "train").glob("*.tar"))
+    for sh in shards:
+        _flip_inside_a_record(sh)
+    cfg = load_config(None, TINY + [f"data.shards={tmp_path / 'sh'}", "train.max_steps=2"])
+    with pytest.raises(DataError, match=r"shard '.*shard-0000\d\d.tar' is corrupt or truncated \(its sha256"):
+        train(cfg, tmp_path / "run")

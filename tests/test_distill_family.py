@@ -134,14 +134,14 @@ def _tiny_unet_prior():
     pytest.importorskip("diffusers")
     from diffusers import UNet2DConditionModel
 
-    from scalegen.bench.distill import UNetPrior
+    from scalegen.priors.fakes import ReducedUNetPrior
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=16, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32)
-    return UNetPrior(unet, n_prompts=3, tokens=4)
+    return ReducedUNetPrior(unet, n_prompts=3, tokens=4)
 
 
 def _graph_leaves(t):
@@ -174,25 +174,38 @@ def test_vdm_psi_update_never_touches_the_unet():
     assert z.grad is None  # sg(z) and sg(x0_p): nothing flows back to the renders either
 
 
-def test_vsd_lora_copy_starts_as_the_unet_and_trains_only_lora():
+def test_vsd_lora_starts_as_the_unet_trains_only_lora_and_leaves_the_prior_frozen():
+    """VSD's LoRA lives on the prior's own UNet (no copy): it starts as the frozen UNet, only its
+    adapters and camera embedding train, and after an update the prior's own predictions are still
+    exactly the frozen UNet's (the adapters are on only inside phi's calls)."""
     pytest.importorskip("peft")
     from scalegen.distill.nets import LoRAUNet
 
     prior = _tiny_unet_prior()
-    model = LoRAUNet(prior, rank=2)
     x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([100, 600]), torch.tensor([0, 2])
     cams = orbit_cameras(2, 0.0, 1.5, 50.0, 8)
+    with torch.no_grad():
+        frozen = prior.predict_eps(x, t, text, cams)
+    n_unet = sum(p.numel() for p in prior.unet.parameters())
+    model = LoRAUNet(prior.denoiser_net(), rank=2)
     cam = camera_vector(cams, 2)
     with torch.no_grad():
-        assert torch.allclose(model(x, t, cam, text=text, cameras=cams), prior.predict_eps(x, t, text, cams),
-                              atol=1e-5)
+        assert torch.allclose(model(x, t, cam, text), frozen, atol=1e-5)
     vsd = VSD(prior, SCHED, model, guidance_scale=7.5)
     trainable = vsd.parameters()
-    assert trainable and all("lora_" in n or n.startswith("class_embedding")
-                             for n, p in model.unet.named_parameters() if p.requires_grad)
+    lora = [n for n in model.trainable() if n.startswith("lora.")]
+    assert lora and all("lora_" in n for n in lora) and set(vsd.state_dict()) == set(model.trainable())
+    # no second UNet: what VSD adds is the adapters and the camera MLP, far below the UNet's size
+    assert sum(p.numel() for p in trainable) < 0.5 * n_unet
+    opt = torch.optim.Adam(trainable, lr=1e-2)
     z = torch.randn(2, 4, 8, 8, requires_grad=True)
     loss, logs = vsd(z, text, cams, 0)
     loss.backward()
-    assert all(p.grad is None for p in prior.unet.parameters())  # the frozen prior stays frozen
+    frozen_params = [p for n, p in prior.unet.named_parameters() if ".lora_" not in n]
+    assert all(p.grad is None for p in frozen_params)  # the frozen prior stays frozen
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
     assert torch.isfinite(z.grad).all() and logs["loss_phi"] > 0
+    opt.step()
+    with torch.no_grad():
+        assert not torch.allclose(model(x, t, cam, text), frozen, atol=1e-4)  # phi moved ...
+        assert torch.equal(prior.predict_eps(x, t, text, cams), frozen)  # ... the prior did not

@@ -18,6 +18,7 @@ from scalegen.errors import ExportError
 from scalegen.export.files import mesh_bytes, write_mesh, z_up
 from scalegen.export.mesh import (cell_corners, crossing, eval_grouped, extract_mesh, extract_meshes, grid_coords, render_level,
                                   sdf_grids)
+from scalegen.render.base import Field
 from scalegen.render.raster import cover, silhouettes
 from scalegen.train.checkpoint import save_checkpoint
 from scalegen.train.model import build_model
@@ -69,14 +70,11 @@ def _load(path):
 
 
 # --- the grid pyramid --------------------------------------------------------------------------
-class Wobbly:
+class Wobbly(Field):
     """A ball with bumps smaller than the coarsest grid's cells sees, so the upsampled coarse grid
     puts the surface in the wrong cells and the pyramid must walk to the true ones."""
 
     n_prompts = 2
-
-    def select(self, prompts):
-        return WobblyPart(self, prompts)
 
     def sdf(self, p):
         r = p.norm(dim=-1)  # [P, N], P = 1 (shared points) or 2
@@ -85,15 +83,6 @@ class Wobbly:
 
     def query(self, p):
         return self.sdf(p), torch.zeros(2, p.shape[1], 3)
-
-
-class WobblyPart:
-    def __init__(self, whole, prompts):
-        self.whole, self.prompts, self.n_prompts = whole, prompts, len(prompts)
-
-    def sdf(self, p):
-        full = p if p.shape[0] == 1 else torch.zeros(2, *p.shape[1:]).index_copy(0, torch.tensor(self.prompts), p)
-        return self.whole.sdf(full)[self.prompts]
 
 
 def test_grid_pyramid_equals_dense_evaluation_where_marching_cubes_reads():

@@ -1,5 +1,5 @@
-"""3DConv-Net and Triplane-Transformer: per-prompt independence at batch 4, gradients to every
-parameter group, feature sampling against hand-built fields, paper-size parameter counts."""
+"""Generators: per-prompt independence at batch 4 (all three), gradients to every parameter group,
+feature sampling against hand-built fields, paper-size parameter counts."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from scalegen.generators import Conv3DNet, TriplaneTransformer
+from scalegen.generators import Conv3DNet, HyperINGP, TriplaneTransformer
 from scalegen.generators.fields import FeatureField, decoder, run_decoder, sample_planes, sample_voxels, shared_interp
 from scalegen.text import TextCond
 
@@ -25,16 +25,20 @@ def _generators():
     torch.manual_seed(0)
     conv = Conv3DNet(TEXT_DIM, "small").eval()
     tri = TriplaneTransformer(TEXT_DIM, "small").eval()
-    return {"conv3d": conv, "triplane": tri}
+    hyper = HyperINGP(TEXT_DIM, hash_levels=4, hash_log2_size=12, hash_max_resolution=64, mlp_hidden=16,
+                      hyper_hidden=16).eval()
+    with torch.no_grad():
+        hyper.grid.table.normal_()  # trained-like features (the init is ~1e-4, which hides the prompt)
+    return {"conv3d": conv, "triplane": tri, "hyper_ingp": hyper}
 
 
-@pytest.mark.parametrize("name", ["conv3d", "triplane"])
+@pytest.mark.parametrize("name", ["conv3d", "triplane", "hyper_ingp"])
 def test_batch4_prompts_are_independent_and_permutation_equivariant(name):
     """The reference flattens sampled features [B, C, N] as [C, B*N], which mixes prompts at B > 1:
     here prompt i's field must equal its field alone, follow a permutation, and ignore the others."""
     gen = _generators()[name]
     cond, b = _cond(4), 4
-    z = torch.randn(b, gen.z_dim) if name == "conv3d" else None
+    z = torch.randn(b, gen.z_dim) if name == "conv3d" else None  # Hyper-iNGP: shared points take the fused MLP
     zi = (lambda i: None) if z is None else (lambda i: z[i])  # noqa: E731
     shared = (torch.rand(1, 500, 3) * 2 - 1) * gen.bound * 1.05  # some points outside the box
     own = (torch.rand(b, 500, 3) * 2 - 1) * gen.bound

@@ -7,6 +7,7 @@ import torch
 from scalegen.config import load_config
 from scalegen.data.cameras import orbit_cameras
 from scalegen.priors import build_prior, build_world, mixture_posterior_mean
+from scalegen.priors.base import Guidance
 from scalegen.priors.oracle_world import OracleWorld
 
 
@@ -90,7 +91,7 @@ def test_conditional_pulls_toward_own_render_unconditional_sees_classes():
     assert (x0_c - mu[0:1]).norm() < (x0_c - mu[1:2]).norm()
     # Unconditionally the same x_t is explained by the other class (it is in the mixture).
     prior.n_uncond = 3
-    e_u = prior.predict_eps(x_t, t, prior.uncond_like(text), cams)
+    e_u = prior.predict_eps(x_t, t, text, cams, Guidance(torch.tensor([True]), torch.zeros(0, 2, dtype=torch.long)))
     x0_u = (x_t - (1 - ab).sqrt() * e_u) / ab.sqrt()
     assert (x0_u - mu[1:2]).norm() < 0.5 * (x0_u - mu[0:1]).norm()
 

@@ -3,10 +3,11 @@ import pytest
 import torch
 
 from scalegen.data.cameras import camera_rays, orbit_cameras
+from scalegen.render.base import Field
 from scalegen.render.volsdf import VolSDFRenderer, laplace_density
 
 
-class SphereField:
+class SphereField(Field):
     """Exact sphere SDFs (radius per prompt) with constant colours: the Field interface."""
 
     def __init__(self, radii, colours):

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import shared_path
 from scalegen.data.cameras import make_cameras
 from scalegen.errors import ConfigError, WeightsError
+from scalegen.priors.base import Guidance
 from scalegen.text.base import VIEWS, view_prompt
 
 pytest.importorskip("diffusers")
@@ -89,23 +89,30 @@ def test_tiny_sd_loads_from_disk_in_the_real_layout(tiny_sd, encoder):
     assert prior.decode(z).shape == (2, 3, 512, 512)
 
 
-def test_missing_weights_say_where_to_put_them(tmp_path, monkeypatch, tiny_sd, capsys):
+def test_missing_weights_say_where_to_put_them(tmp_path, monkeypatch, small_corpus, capsys):
+    """A hub id that is not in the local cache fails at once with the command that fetches it: no
+    network attempt (which would retry for a minute on a machine without network)."""
+    import socket
+
     from scalegen.cli import main
     from scalegen.priors.stable_diffusion import StableDiffusionPrior
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(WeightsError, match="HF_HUB_OFFLINE=1") as e:
+    connects = []
+    monkeypatch.setattr(socket.socket, "connect", lambda self, *a: connects.append(a) or (_ for _ in ()).throw(
+        OSError("no network in this test")))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))  # an empty local cache
+    with pytest.raises(WeightsError, match="neither a local folder nor in the local Hugging Face cache") as e:
         StableDiffusionPrior("someone/not-a-downloaded-model")
-    assert "prior.model" in str(e.value) and "stabilityai/stable-diffusion-2-1-base" in str(e.value)
+    assert "prior.model" in str(e.value) and "huggingface-cli download someone/not-a-downloaded-model" in str(e.value)
     with pytest.raises(WeightsError, match="has no unet/, vae/, scheduler/ folder"):
         StableDiffusionPrior(str(tmp_path))
-    # Through the CLI: one line, no traceback, exit 2.
-    rc = main(["train", "--config", SD_CONFIG, "--out", str(tmp_path / "run"), f"text.model={tiny_sd}",
-               "prior.model=someone/not-a-downloaded-model",
-               f"data.prompts={shared_path('corpora', 'magic3d_15_prompt_library.json')}", *SD_TINY])
+    # Through the CLI, with text.model left to follow prior.model: one line, no traceback, exit 2.
+    rc = main(["train", "--config", SD_CONFIG, "--out", str(tmp_path / "run"),
+               "prior.model=someone/not-a-downloaded-model", f"data.prompts={small_corpus}", *SD_TINY])
     err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]  # (loaders' progress bars aside)
-    assert rc == 2 and len(errors) == 1 and "HF_HUB_OFFLINE=1" in errors[0] and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and "huggingface-cli download" in errors[0] and "Traceback" not in err
+    assert connects == []  # nothing tried the network
 
 
 @pytest.mark.parametrize("az,el,view", [
@@ -130,8 +137,8 @@ def test_view_dependent_embeddings_and_cfg_against_direct_unet(tiny_sd, encoder)
     views = ["front", "side", "back", "overhead"]
     x = torch.randn(4, 4, 8, 8)
     t = torch.tensor([100, 400, 700, 950])
-    eps = prior.predict_eps(torch.cat([x, x]), torch.cat([t, t]), torch.cat([ids, prior.uncond_like(ids)]),
-                            _cams(az + az, el + el))
+    eps = prior.predict_eps(torch.cat([x, x]), torch.cat([t, t]), torch.cat([ids, ids]), _cams(az + az, el + el),
+                            Guidance.branches(4, [False, True], [(0, 1)]))
     cond_emb = encoder.encode([view_prompt(prompt, v) for v in views]).tokens
     unc_emb = encoder.encode([""]).tokens.expand(4, -1, -1)
     with torch.no_grad():
@@ -174,8 +181,8 @@ def test_perp_neg_against_direct_computation(tiny_sd, encoder):
     ids = prior.text_embeddings([prompt] * n)
     x = torch.randn(n, 4, 8, 8)
     t = torch.randint(20, 980, (n,))
-    eps = prior.predict_eps(torch.cat([x, x]), torch.cat([t, t]), torch.cat([ids, prior.uncond_like(ids)]),
-                            _cams(az + az, el + el))
+    eps = prior.predict_eps(torch.cat([x, x]), torch.cat([t, t]), torch.cat([ids, ids]), _cams(az + az, el + el),
+                            Guidance.branches(n, [False, True], [(0, 1)]))
     hook.remove()
     assert calls == [2 * n + 2 * (n - 1)]  # one UNet call: cond, uncond, 2 negatives per non-overhead row
     e_c_prime, e_u_prior = eps[:n], eps[n:]
@@ -211,19 +218,23 @@ def test_perp_neg_against_direct_computation(tiny_sd, encoder):
             assert s * (e_c_prime[i:i + 1] - e_pos_raw).norm() > 50 * 1e-4 * want.norm(), (az[i], el[i])
 
 
-def test_perp_neg_pairs_one_to_one_so_asd_second_branch_stays_plain(tiny_sd, encoder):
-    """ASD's cond @ t+dt with dt = 0 has the same x_t and t as cond @ t; it must stay the plain
-    positive prediction (ScaleDreamer), not a second Perp-Neg-corrected one."""
+def test_perp_neg_only_for_declared_cfg_pairs(tiny_sd, encoder):
+    """Perp-Neg corrects the conditional rows the caller declared as CFG pairs, nothing else: ASD's
+    cond @ t+dt (here dt = 0: same x_t and t as cond @ t) stays the plain positive prediction
+    (ScaleDreamer), and a call that declares no pair gets no negatives even with equal rows."""
     prior = _prior(tiny_sd, encoder, perp_neg=0.5)
     _amplify_text(prior)
     ids = prior.text_embeddings(["a red car"])
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
     cams = _cams([40.0] * 3, [10.0] * 3)
-    eps = prior.predict_eps(torch.cat([x, x, x]), torch.cat([t, t, t]),
-                            torch.cat([ids, prior.uncond_like(ids), ids]), cams)
-    plain = prior.predict_eps(x, t, ids, _cams([40.0], [10.0]))  # no partner: no Perp-Neg
+    eps = prior.predict_eps(torch.cat([x, x, x]), torch.cat([t, t, t]), torch.cat([ids, ids, ids]), cams,
+                            Guidance.branches(1, [False, True, False], [(0, 1)]))
+    plain = prior.predict_eps(x, t, ids, _cams([40.0], [10.0]))  # no pair: no Perp-Neg
     assert torch.allclose(eps[2:], plain, atol=1e-4)
     assert (eps[:1] - plain).norm() > 0.02 * plain.norm()
+    undeclared = prior.predict_eps(torch.cat([x, x]), torch.cat([t, t]), torch.cat([ids, ids]), _cams([40.0] * 2, [10.0] * 2),
+                                   Guidance.branches(1, [False, True]))
+    assert torch.allclose(undeclared[:1], plain, atol=1e-4)
 
 
 def test_text_embeddings_are_computed_once_and_cached(tiny_sd, encoder):
@@ -233,12 +244,12 @@ def test_text_embeddings_are_computed_once_and_cached(tiny_sd, encoder):
     prior.text_embeddings(["a dog"])
     assert prior.n_text_encodes == 2  # cached
     prior.text_embeddings(["a bird"])  # evicts "a cat" (least recently used)
-    assert prior.n_text_encodes == 3 and 0 not in prior._cache
+    assert prior.n_text_encodes == 3 and 0 not in prior.table.cache
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([300])
     e1 = prior.predict_eps(x, t, a[:1], _cams([0.0], [0.0]))  # "a cat" again: re-encoded, same result
     assert prior.n_text_encodes == 4
     # Precomputed embeddings (e.g. from shards) enter through the same entry point.
-    tok = encoder.encode([view_prompt("a cat", v) for v in VIEWS]).tokens[None]
+    tok = encoder.encode(["a cat"] + [view_prompt("a cat", v) for v in VIEWS]).tokens[None]
     fresh = _prior(tiny_sd, encoder)
     ids = fresh.text_embeddings(["a cat"], tokens=tok)
     assert fresh.n_text_encodes == 0
@@ -247,22 +258,21 @@ def test_text_embeddings_are_computed_once_and_cached(tiny_sd, encoder):
         fresh.text_embeddings(["a cow"], tokens=tok[:, :2])
 
 
-def _sd_cfg(tiny_sd, extra=()):
+def _sd_cfg(tiny_sd, corpus, extra=()):
     from scalegen.config import load_config
 
-    corpus = shared_path("corpora", "magic3d_15_prompt_library.json")
-    return load_config(SD_CONFIG, [f"prior.model={tiny_sd}", f"text.model={tiny_sd}", f"data.prompts={corpus}",
-                                   *SD_TINY, *extra])
+    return load_config(SD_CONFIG, [f"prior.model={tiny_sd}", f"data.prompts={corpus}", *SD_TINY, *extra])
 
 
-def test_asd_gradient_reaches_the_generator_through_the_vae(tiny_sd):
+def test_asd_gradient_reaches_the_generator_through_the_vae(tiny_sd, small_corpus):
     from scalegen.data.cameras import sample_train_cameras
     from scalegen.distill import build_distiller
     from scalegen.priors import build_prior
     from scalegen.render import build_renderer
     from scalegen.train.model import build_model
 
-    cfg = _sd_cfg(tiny_sd, ["data.prompts_per_step=2", "camera.views_per_prompt=2", "render.bg_random_prob=0"])
+    cfg = _sd_cfg(tiny_sd, small_corpus, ["data.prompts_per_step=2", "camera.views_per_prompt=2",
+                                          "render.bg_random_prob=0"])
     text_encoder, model = build_model(cfg)
     prior = build_prior(cfg, text_encoder=text_encoder, device="cpu")
     assert prior.text_encoder is text_encoder and prior.perp_neg == 0.5
@@ -282,8 +292,8 @@ def test_asd_gradient_reaches_the_generator_through_the_vae(tiny_sd):
 
 
 @pytest.mark.parametrize("name", ["vsd", "vdm", "csd"])
-def test_family_on_stable_diffusion(tiny_sd, name):
-    """VSD's LoRA copy (fed the prior's view-dependent embeddings) and VDM's M_psi on latents: the
+def test_family_on_stable_diffusion(tiny_sd, small_corpus, name):
+    """VSD's LoRA on the prior's UNet (fed the view-independent prompt) and VDM's M_psi on latents: the
     renders get a gradient, the distiller's own model learns, the frozen UNet and VAE do not."""
     from scalegen.data.cameras import sample_train_cameras
     from scalegen.distill import build_distiller
@@ -291,8 +301,8 @@ def test_family_on_stable_diffusion(tiny_sd, name):
     from scalegen.render import build_renderer
     from scalegen.train.model import build_model
 
-    cfg = _sd_cfg(tiny_sd, ["data.prompts_per_step=2", "camera.views_per_prompt=1", "render.bg_random_prob=0",
-                            f"distill.name={name}", "distill.net_width=8"])
+    cfg = _sd_cfg(tiny_sd, small_corpus, ["data.prompts_per_step=2", "camera.views_per_prompt=1",
+                                          "render.bg_random_prob=0", f"distill.name={name}", "distill.net_width=8"])
     text_encoder, model = build_model(cfg)
     prior = build_prior(cfg, text_encoder=text_encoder, device="cpu")
     distiller, renderer = build_distiller(cfg, prior, cond_dim=text_encoder.dim), build_renderer(cfg)
@@ -306,7 +316,8 @@ def test_family_on_stable_diffusion(tiny_sd, name):
                            pooled=cond.pooled)
     loss.backward()
     assert out.rgb.grad is not None and torch.isfinite(out.rgb.grad).all()
-    assert all(p.grad is None for p in prior.unet.parameters()) and all(p.grad is None for p in prior.vae.parameters())
+    frozen_unet = [p for n, p in prior.unet.named_parameters() if ".lora_" not in n]
+    assert all(p.grad is None for p in frozen_unet) and all(p.grad is None for p in prior.vae.parameters())
     own = list(distiller.parameters())
     assert (name == "csd") == (not own)
     if own:
@@ -314,7 +325,7 @@ def test_family_on_stable_diffusion(tiny_sd, name):
 
 
 @pytest.mark.parametrize("name", ["sds", "asd"])
-def test_one_batched_unet_call_per_step(tiny_sd, tmp_path, monkeypatch, name):
+def test_one_batched_unet_call_per_step(tiny_sd, small_corpus, tmp_path, monkeypatch, name):
     from diffusers import UNet2DConditionModel
 
     from scalegen.train.loop import train
@@ -327,21 +338,21 @@ def test_one_batched_unet_call_per_step(tiny_sd, tmp_path, monkeypatch, name):
         return original(self, sample, *a, **k)
 
     monkeypatch.setattr(UNet2DConditionModel, "forward", counting)
-    cfg = _sd_cfg(tiny_sd, ["train.max_steps=3", f"distill.name={name}", "camera.views_per_prompt=2",
-                            "camera.elevation_range=[0, 40]"])
+    cfg = _sd_cfg(tiny_sd, small_corpus, ["train.max_steps=3", f"distill.name={name}", "camera.views_per_prompt=2",
+                                          "camera.elevation_range=[0, 40]"])
     train(cfg, tmp_path / name)
     assert len(calls) == 3
     # 2 images per step; Perp-Neg adds 2 negatives per guided image (no overhead views below 60 deg).
     assert calls == [(2 + 2) * 2 if name == "sds" else (3 + 2) * 2] * 3
 
 
-def test_sd_config_trains_from_the_cli_and_writes_a_checkpoint(tiny_sd, tmp_path):
+def test_sd_config_trains_from_the_cli_and_writes_a_checkpoint(tiny_sd, small_corpus, tmp_path):
+    """One folder is all a Stable Diffusion user passes: text.model follows prior.model."""
     from scalegen.cli import main
 
-    corpus = shared_path("corpora", "magic3d_15_prompt_library.json")
     run = tmp_path / "run"
-    rc = main(["train", "--config", SD_CONFIG, "--out", str(run), f"prior.model={tiny_sd}", f"text.model={tiny_sd}",
-               f"data.prompts={corpus}", "train.max_steps=20", *SD_TINY])
+    rc = main(["train", "--config", SD_CONFIG, "--out", str(run), f"prior.model={tiny_sd}",
+               f"data.prompts={small_corpus}", "train.max_steps=20", *SD_TINY])
     assert rc == 0
     assert (run / "checkpoints" / "step_0000020" / "model.safetensors").is_file()
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -412,17 +423,16 @@ def test_v_prediction_models_are_turned_into_eps(tiny_sd, encoder):
     assert torch.allclose(eps, ab.sqrt() * v + (1 - ab).sqrt() * x, atol=1e-5)
 
 
-def test_shards_with_view_variants_feed_the_prior_without_re_encoding(tiny_sd, encoder, tmp_path):
-    """`data build --encoder clip` stores the 4 view-dependent variants; the training loop hands them
-    to the prior, which then never runs its text encoder for those prompts."""
+def test_shards_with_view_variants_feed_the_prior_without_re_encoding(tiny_sd, encoder, small_corpus, tmp_path):
+    """`data build --encoder clip` stores the prompt and its 4 view-dependent variants; the training
+    loop hands them to the prior, which then never runs its text encoder for those prompts."""
     from types import SimpleNamespace
 
     from scalegen.cli import main
     from scalegen.data.stream import ShardStream
     from scalegen.train.loop import BatchEncoder
 
-    corpus = shared_path("corpora", "magic3d_15_prompt_library.json")
-    assert main(["data", "build", "--corpus", str(corpus), "--out", str(tmp_path / "sh"), "--encoder", "clip",
+    assert main(["data", "build", "--corpus", str(small_corpus), "--out", str(tmp_path / "sh"), "--encoder", "clip",
                  "--shard-size", "4", "--split", "train", "--cpu", f"text.model={tiny_sd}"]) == 0
     stream = ShardStream(str(tmp_path / "sh"), batch_size=3)
     assert stream.info["id"] == encoder.id and stream.info["store"] == "views"
@@ -431,6 +441,6 @@ def test_shards_with_view_variants_feed_the_prior_without_re_encoding(tiny_sd, e
     assert be.prior_tokens == "views"
     prompts, cond, ids = be(stream.next_batch())
     assert prior.n_text_encodes == 0 and be.n_encoded == 0
-    ref = encoder.encode([view_prompt(prompts[0], v) for v in VIEWS]).tokens
-    assert torch.allclose(prior._cache[int(ids[0])].float(), ref, atol=2e-3)
+    ref = encoder.encode([prompts[0]] + [view_prompt(prompts[0], v) for v in VIEWS]).tokens
+    assert torch.allclose(prior.table.cache[int(ids[0])].float(), ref, atol=2e-3)
     assert torch.allclose(cond.tokens[0], encoder.encode(prompts[:1]).tokens[0], atol=2e-3)

@@ -1,48 +1,74 @@
-"""Benchmarks: ``scalegen bench NAME``. Each prints a table and returns the figures for --json.
-Numbers and the commands that produced them go to docs/performance.md."""
+"""Benchmarks: ``scalegen bench NAME [--json FILE] [bench.OPTION=value ...] [key=value ...]``.
+
+Each benchmark declares its options as a typed dataclass (``<Name>Options`` in its module); the
+command line's ``bench.<option>=value`` items are checked against it exactly like config keys (an
+unknown option names the closest ones), and every other ``key=value`` is an override of the
+training config the benchmark runs. Each benchmark prints a table and returns the figures for
+``--json``; numbers and the commands that produced them go to docs/performance.md.
+
+The bench room sits on the top floor beside the command line: it imports the rooms it measures,
+never ``scalegen.cli``.
+"""
 from __future__ import annotations
 
+from scalegen.config import parse_options
 from scalegen.errors import ScalegenError
 
-NAMES = ("saturation", "sharpness", "guidance", "flops-sd", "data", "distill", "toy2d", "generators", "generate")
+NAMES = ("saturation", "sharpness", "guidance", "flops-sd", "flops-mvdream", "data", "distill", "toy2d", "generators",
+         "generate")
 
 
-def run_bench(name: str, overrides: list[str], out_root: str = "runs/bench") -> dict:
+def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """(``bench.*`` options, config overrides) of a command line's ``key=value`` items."""
+    opts = [o for o in items if o.startswith("bench.")]
+    return opts, [o for o in items if not o.startswith("bench.")]
+
+
+def run_bench(name: str, items: list[str], out_root: str = "runs/bench") -> dict:
+    options, overrides = split_overrides(items)
+
+    def parse(cls):
+        return parse_options(cls, options, "bench", f"`scalegen bench {name}` takes the options of "
+                             f"{cls.__module__}.{cls.__name__}")
+
     if name == "saturation":
-        from scalegen.bench.saturation import bench_saturation  # noqa: PLC0415
+        from scalegen.bench.saturation import SaturationOptions, bench_saturation  # noqa: PLC0415
 
-        return bench_saturation(overrides, out_root)
+        return bench_saturation(parse(SaturationOptions), overrides, out_root)
     if name == "sharpness":
-        from scalegen.bench.sharpness import bench_sharpness  # noqa: PLC0415
+        from scalegen.bench.sharpness import SharpnessOptions, bench_sharpness  # noqa: PLC0415
 
-        return bench_sharpness(overrides, out_root)
+        return bench_sharpness(parse(SharpnessOptions), overrides, out_root)
     if name == "guidance":
-        from scalegen.bench.guidance import bench_guidance  # noqa: PLC0415
+        from scalegen.bench.guidance import GuidanceOptions, bench_guidance  # noqa: PLC0415
 
-        return bench_guidance(overrides)
+        return bench_guidance(parse(GuidanceOptions), overrides, out_root)
     if name == "flops-sd":
-        from scalegen.bench.flops_sd import bench_flops_sd  # noqa: PLC0415
+        from scalegen.bench.flops_sd import FlopsOptions, bench_flops_sd  # noqa: PLC0415
 
-        return bench_flops_sd(overrides)
+        return bench_flops_sd(parse(FlopsOptions), overrides, out_root)
+    if name == "flops-mvdream":
+        from scalegen.bench.flops_mvdream import FlopsMVDreamOptions, bench_flops_mvdream  # noqa: PLC0415
+
+        return bench_flops_mvdream(parse(FlopsMVDreamOptions), overrides, out_root)
     if name == "distill":
-        from scalegen.bench.distill import bench_distill  # noqa: PLC0415
+        from scalegen.bench.distill import DistillOptions, bench_distill  # noqa: PLC0415
 
-        return bench_distill(overrides, out_root)
+        return bench_distill(parse(DistillOptions), overrides, out_root)
     if name == "toy2d":
-        from scalegen.bench.toy2d import bench_toy2d  # noqa: PLC0415
+        from scalegen.bench.toy2d import Toy2DOptions, bench_toy2d  # noqa: PLC0415
 
-        return bench_toy2d(overrides)
+        return bench_toy2d(parse(Toy2DOptions), overrides, out_root)
     if name == "data":
-        from scalegen.bench.data import bench_data  # noqa: PLC0415
+        from scalegen.bench.data import DataOptions, bench_data  # noqa: PLC0415
 
-        return bench_data(overrides, out_root)
+        return bench_data(parse(DataOptions), overrides, out_root)
     if name == "generators":
-        from scalegen.bench.generators import bench_generators  # noqa: PLC0415
+        from scalegen.bench.generators import GeneratorsOptions, bench_generators  # noqa: PLC0415
 
-        return bench_generators(overrides)
+        return bench_generators(parse(GeneratorsOptions), overrides, out_root)
     if name == "generate":
-        from scalegen.bench.generate import GenerateBenchOptions, bench_generate, parse_bench_options  # noqa: PLC0415
+        from scalegen.bench.generate import GenerateBenchOptions, bench_generate  # noqa: PLC0415
 
-        opts, rest = parse_bench_options(GenerateBenchOptions, overrides)
-        return bench_generate(opts, rest, out_root)
+        return bench_generate(parse(GenerateBenchOptions), overrides, out_root)
     raise ScalegenError(f"unknown benchmark {name!r}; choose from {', '.join(NAMES)}")

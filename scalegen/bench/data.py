@@ -5,10 +5,11 @@ bag-of-words; tiny random CLIP), then stream a fixed number of prompts through t
 loader (``ShardStream``, train mode, 0 workers: everything in the measured process) in a fresh
 subprocess per size, which reports prompts/s and its peak RSS (``ru_maxrss``). A last part writes
 random fp16 embeddings of the real SD 2.1 shapes (pooled 1024 + 77 x 1024) and streams them the
-same way, and measures the store / recompute / compress trade-off.
+same way, and measures the store / recompute / compress trade-off. Every stream is measured twice:
+with each shard's sha256 checked against the manifest (what training does) and without, so the
+cost of the check is its own column.
 
-Overrides: ``sizes=[1000,10000,100000] clip_sizes=[1000,10000,100000] sd_sizes=[2000,16000] stream=200000
-batch=64 shard_size=250 workdir=runs/bench/data keep=false``.
+Options: ``DataOptions`` (``bench.sizes=[1000,10000] bench.stream=50000 ...``).
 """
 from __future__ import annotations
 
@@ -19,30 +20,45 @@ import subprocess
 import sys
 import time
 import zlib
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 
-def _opts(overrides: list[str], out_root: str) -> dict:
-    o = {"sizes": [1000, 10000, 100000], "clip_sizes": [1000, 10000, 100000], "sd_sizes": [2000, 16000],
-         "stream": 200_000, "sd_stream": 4000, "batch": 64, "shard_size": 250, "workdir": str(Path(out_root) / "data"), "keep": False}
-    for kv in overrides:
-        k, _, v = kv.partition("=")
-        if k not in o:
-            from scalegen.errors import ConfigError  # noqa: PLC0415
+@dataclass
+class DataOptions:
+    sizes: list[int] = field(default_factory=lambda: [1000, 10000, 100000])  # corpora with bag-of-words shards
+    clip_sizes: list[int] = field(default_factory=lambda: [1000, 10000, 100000])  # ... with tiny-CLIP shards
+    sd_sizes: list[int] = field(default_factory=lambda: [2000, 16000])  # random SD 2.1-shaped embeddings
+    stream: int = 200_000  # prompts streamed per measurement
+    sd_stream: int = 4000
+    batch: int = 64
+    shard_size: int = 250
+    repeats: int = 3  # streams per case, verified and unverified alternately; medians reported (load from other jobs)
+    workdir: str = ""  # default: OUT/data (--out)
+    keep: bool = False  # keep the shards afterwards
 
-            raise ConfigError(f"bench data has no option '{k}' (options: {', '.join(o)})")
-        o[k] = json.loads(v) if k not in ("workdir",) else v
-    return o
 
-
-def stream_in_subprocess(shards: str, n: int, batch: int, shuffle_shards: int = 4) -> dict:
-    """Peak RSS and prompts/s of a fresh process that streams ``n`` prompts."""
-    cmd = [sys.executable, "-m", "scalegen.bench.data", shards, str(n), str(batch), str(shuffle_shards)]
+def stream_in_subprocess(shards: str, n: int, batch: int, shuffle_shards: int = 4, verify: bool = True) -> dict:
+    """Peak RSS and prompts/s of a fresh process that streams ``n`` prompts (``verify``: each shard's
+    sha256 checked against the manifest, as training does)."""
+    cmd = [sys.executable, "-m", "scalegen.bench.data", shards, str(n), str(batch), str(shuffle_shards), str(int(verify))]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=_env()).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def _streams(shards: str, n: int, batch: int, repeats: int) -> tuple[dict, dict]:
+    """(verified, unverified) stream measurements, run alternately ``repeats`` times each so load from
+    other jobs hits both alike; each is the run with the median prompts/s."""
+    on, off = [], []
+    for _ in range(max(repeats, 1)):
+        on.append(stream_in_subprocess(shards, n, batch))
+        off.append(stream_in_subprocess(shards, n, batch, verify=False))
+    med = lambda runs: sorted(runs, key=lambda r: r["prompts_per_s"])[len(runs) // 2]  # noqa: E731
+    return {**med(on), "prompts_per_s_runs": [r["prompts_per_s"] for r in on]}, \
+        {**med(off), "prompts_per_s_runs": [r["prompts_per_s"] for r in off]}
 
 
 def _env() -> dict:
@@ -52,12 +68,12 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": root + ":" + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 
 
-def _stream_main(shards: str, n: int, batch: int, shuffle_shards: int) -> None:
+def _stream_main(shards: str, n: int, batch: int, shuffle_shards: int, verify: bool) -> None:
     from scalegen.data.stream import ShardStream  # noqa: PLC0415
 
     torch.set_num_threads(1)
     rss0 = _hwm_mb()
-    s = ShardStream(shards, "train", batch_size=batch, seed=0, shuffle_shards=shuffle_shards)
+    s = ShardStream(shards, "train", batch_size=batch, seed=0, shuffle_shards=shuffle_shards, verify=verify)
     s.next_batch()  # warm-up: imports, first group
     got, t0 = 0, time.perf_counter()
     checksum = 0.0
@@ -144,12 +160,18 @@ def _tradeoff(clip_dir: Path) -> dict:
             "tiny_clip_encode_ms_per_string": recompute * 1000}
 
 
-def bench_data(overrides: list[str], out_root: str = "runs/bench") -> dict:
+def bench_data(opts: DataOptions, overrides: list[str], out_root: str = "runs/bench") -> dict:
     from scalegen.data.compose import compose_corpus  # noqa: PLC0415
     from scalegen.text.bow import BagOfWordsEncoder  # noqa: PLC0415
     from scalegen.text.clip import CLIPTextEncoder, make_tiny_clip  # noqa: PLC0415
 
-    o = _opts(overrides, out_root)
+    if overrides:
+        from scalegen.errors import ConfigError  # noqa: PLC0415
+
+        raise ConfigError(f"`scalegen bench data` runs no training config, so '{overrides[0]}' means nothing here; "
+                          "its options are bench.<name>=value (scalegen/bench/data.py DataOptions)")
+    o = asdict(opts)
+    o["workdir"] = o["workdir"] or str(Path(out_root) / "data")
     work = Path(o["workdir"])
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
@@ -170,11 +192,13 @@ def bench_data(overrides: list[str], out_root: str = "runs/bench") -> dict:
             if d.exists():
                 shutil.rmtree(d)
             b = _build(corpus, d, enc, store, shard_size=o["shard_size"])
-            s = stream_in_subprocess(str(d), o["stream"], o["batch"])
-            r = {"prompts": n, "encoder": name, "store": store, **b, **s}
+            s, s_off = _streams(str(d), o["stream"], o["batch"], o["repeats"])
+            r = {"prompts": n, "encoder": name, "store": store, **b, **s,
+                 "prompts_per_s_unverified": s_off["prompts_per_s"]}
             rows.append(r)
             if name == "bow":
                 res[str(n)] = {"peak_rss_mb": s["peak_rss_mb"], "prompts_per_s": s["prompts_per_s"],
+                               "prompts_per_s_unverified": s_off["prompts_per_s"],
                                "build_prompts_per_s": b["build_prompts_per_s"], "disk_mb": b["disk_mb"]}
             if not o["keep"]:
                 shutil.rmtree(d)
@@ -185,8 +209,8 @@ def bench_data(overrides: list[str], out_root: str = "runs/bench") -> dict:
         if d.exists():
             shutil.rmtree(d)
         w = _sd_shards(d, n)
-        s = stream_in_subprocess(str(d), o["sd_stream"], 8)
-        sd_rows.append({"prompts": n, **w, **s})
+        s, s_off = _streams(str(d), o["sd_stream"], 8, o["repeats"])
+        sd_rows.append({"prompts": n, **w, **s, "prompts_per_s_unverified": s_off["prompts_per_s"]})
         if not o["keep"]:
             shutil.rmtree(d)
     res["sd21_shapes"] = sd_rows
@@ -195,12 +219,14 @@ def bench_data(overrides: list[str], out_root: str = "runs/bench") -> dict:
     from scalegen.eval.report import format_table as _table  # noqa: PLC0415
 
     print(_table([[r["encoder"], r["prompts"], r["store"], r["build_prompts_per_s"], r["bytes_per_prompt"],
-                   r["prompts_per_s"], r["peak_rss_mb"], r["rss_before_loader_mb"]] for r in rows],
-                 ["encoder", "prompts", "store", "build prompts/s", "bytes/prompt", "stream prompts/s", "peak RSS MB",
+                   r["prompts_per_s"], r["prompts_per_s_unverified"], r["peak_rss_mb"], r["rss_before_loader_mb"]]
+                  for r in rows],
+                 ["encoder", "prompts", "store", "build prompts/s", "bytes/prompt", "stream prompts/s",
+                  "without sha256", "peak RSS MB", "RSS before loader"]))
+    print(_table([["random SD 2.1 shapes", r["prompts"], r["disk_mb"], r["prompts_per_s"],
+                   r["prompts_per_s_unverified"], r["peak_rss_mb"], r["rss_before_loader_mb"]] for r in sd_rows],
+                 ["embeddings", "prompts", "disk MB", "stream prompts/s", "without sha256", "peak RSS MB",
                   "RSS before loader"]))
-    print(_table([["random SD 2.1 shapes", r["prompts"], r["disk_mb"], r["prompts_per_s"], r["peak_rss_mb"],
-                   r["rss_before_loader_mb"]] for r in sd_rows],
-                 ["embeddings", "prompts", "disk MB", "stream prompts/s", "peak RSS MB", "RSS before loader"]))
     t = res["tradeoff"]
     print(_table([[k, v, t["gb_per_100k"][k]] for k, v in t["bytes_per_prompt_sd21"].items()],
                  ["store (SD 2.1 shapes)", "bytes/prompt", "GB per 100k prompts"]))
@@ -210,4 +236,4 @@ def bench_data(overrides: list[str], out_root: str = "runs/bench") -> dict:
 
 
 if __name__ == "__main__":
-    _stream_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    _stream_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), bool(int(sys.argv[5])))

@@ -15,8 +15,7 @@
    method in turn, ``sd_steps`` rounds after one warm-up round), median reported, so load from
    other jobs hits all methods alike.
 
-Options (stripped before the config overrides): ``bench.part=all|oracle|sd``, ``bench.sd_batch=1``,
-``bench.sd_steps=3``, ``bench.sd_width=80``, ``bench.names=sds,vdm``.
+Options: ``DistillOptions`` (``bench.part=sd``, ``bench.names=[sds,vdm]``, ...).
 """
 from __future__ import annotations
 
@@ -24,7 +23,9 @@ import multiprocessing
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -32,6 +33,16 @@ from scalegen.bench.common import train_and_evaluate
 
 NAMES = ("sds", "csd", "vsd", "asd", "vdm")
 SD_NAMES = ("sds", "asd", "vsd", "vdm")
+Name = Literal["sds", "csd", "vsd", "asd", "vdm"]
+
+
+@dataclass
+class DistillOptions:
+    part: Literal["all", "oracle", "sd"] = "all"
+    names: list[Name] = field(default_factory=lambda: list(NAMES))
+    sd_batch: int = 1  # latents per step on the reduced UNet
+    sd_steps: int = 3  # timed rounds (after one warm-up round)
+    sd_width: int = 80  # the reduced UNet's first block width (SD 2.1-base: 320)
 
 
 def _one_oracle_run(name: str, overrides: list[str], run_dir: str) -> dict:
@@ -43,21 +54,6 @@ def _one_oracle_run(name: str, overrides: list[str], run_dir: str) -> dict:
     return r
 
 
-class CountingPrior:
-    """Wraps a prior and counts ``predict_eps`` calls and rows (for the evaluations-per-step column)."""
-
-    def __init__(self, prior):
-        self._p, self.calls, self.rows = prior, 0, 0
-
-    def __getattr__(self, name):
-        return getattr(self._p, name)
-
-    def predict_eps(self, x_t, t, text, cameras):
-        self.calls += 1
-        self.rows += len(x_t)
-        return self._p.predict_eps(x_t, t, text, cameras)
-
-
 def prior_evals(name: str, overrides: list[str]) -> dict:
     """Prior calls and denoised rows per rendered image in one step (oracle, 2 prompts x 2 views, 8x8)."""
     from scalegen.config import load_config  # noqa: PLC0415
@@ -67,13 +63,13 @@ def prior_evals(name: str, overrides: list[str]) -> dict:
 
     cfg = load_config(None, [*overrides, f"distill.name={name}", "camera.views_per_prompt=2", "camera.resolution=8"])
     world = build_world(cfg)
-    prior = CountingPrior(build_prior(cfg, world))
+    prior = build_prior(cfg, world)
     d = build_distiller(cfg, prior)
     cams = sample_train_cameras(cfg.camera, 2)
     z = torch.randn(4, 3, 8, 8, requires_grad=True)
     text = prior.text_embeddings(world.seen[:2]).repeat_interleave(2)
     d(z, text, cams.expand(2), 0)
-    return {"prior_calls": prior.calls, "prior_rows_per_image": prior.rows / 4}
+    return {"prior_calls": prior.n_calls, "prior_rows_per_image": prior.n_rows / 4}
 
 
 def bench_oracle(overrides: list[str], out_root: str, names=NAMES) -> dict:
@@ -100,59 +96,61 @@ def bench_oracle(overrides: list[str], out_root: str, names=NAMES) -> dict:
 # Step time on a reduced-width SD 2.1-base UNet
 
 
-class UNetPrior:
-    """A Stable-Diffusion-like prior around a bare UNet (no VAE, no text tower): random token
-    embeddings per prompt id, the real DDPM schedule; enough for every distiller's code path."""
-
-    prediction_type = "epsilon"
-    latent_channels = 4
-
-    def __init__(self, unet, n_prompts: int = 4, tokens: int = 77, seed: int = 0):
-        from scalegen.priors.base import ddpm_alphas_cumprod  # noqa: PLC0415
-
-        g = torch.Generator().manual_seed(seed)
-        self.unet = unet.eval().requires_grad_(False)
-        self.device = torch.device("cpu")
-        dim = unet.config.cross_attention_dim
-        self.emb = torch.randn(n_prompts, tokens, dim, generator=g)
-        self.uncond = torch.randn(tokens, dim, generator=g)
-        self.alphas_cumprod = ddpm_alphas_cumprod()
-        self.unet_rows = 0
-
-    def add_noise(self, z, eps, t):
-        ab = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        return ab.sqrt() * z + (1 - ab).sqrt() * eps
-
-    def uncond_like(self, text):
-        return -1 - text.clamp(min=0)
-
-    def row_embeddings(self, text, cameras=None):
-        return torch.stack([self.emb[int(i)] if i >= 0 else self.uncond for i in text])
-
-    @torch.no_grad()
-    def predict_eps(self, x_t, t, text, cameras):
-        self.unet_rows += len(x_t)
-        return self.unet(x_t, t, encoder_hidden_states=self.row_embeddings(text)).sample
+def _tensor_bytes(tensors, exclude: set[int]) -> int:
+    seen, total = set(exclude), 0
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
 
 
-def reduced_unet(width: int = 80, seed: int = 0):
-    from diffusers import UNet2DConditionModel  # noqa: PLC0415
+def _vm_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
-    from scalegen.bench.flops_sd import SD21_BASE_UNET  # noqa: PLC0415
 
-    torch.manual_seed(seed)
-    cfg = dict(SD21_BASE_UNET)
-    cfg["block_out_channels"] = (width, 2 * width, 4 * width, 4 * width)
-    cfg["norm_num_groups"] = 16
-    return UNet2DConditionModel(**cfg)
+def vsd_memory(width: int = 80) -> dict:
+    """What VSD adds on top of the frozen prior on the reduced UNet: bytes of the tensors its eps_phi
+    holds that are not the prior's (LoRA adapters + camera MLP; a UNet copy if there were one), and
+    resident memory after building it and after two training steps (run in a fresh process)."""
+    from scalegen.config import load_config  # noqa: PLC0415
+    from scalegen.data.cameras import sample_train_cameras  # noqa: PLC0415
+    from scalegen.distill import build_distiller  # noqa: PLC0415
+    from scalegen.priors.fakes import ReducedUNetPrior, reduced_sd21_unet  # noqa: PLC0415
+
+    torch.set_num_threads(1)
+    prior = ReducedUNetPrior(reduced_sd21_unet(width))
+    frozen = {t.data_ptr() for t in [*prior.unet.parameters(), *prior.unet.buffers()]}
+    unet_mb = _tensor_bytes([*prior.unet.parameters(), *prior.unet.buffers()], set()) / 2**20
+    rss0 = _vm_mb("VmRSS")
+    cfg = load_config(None, ["distill.name=vsd", "camera.views_per_prompt=1"])
+    vsd = build_distiller(cfg, prior)
+    model = vsd.model
+    owned = [*model.parameters(), *model.buffers(), *model.trainable().values()]
+    rss1 = _vm_mb("VmRSS")
+    opt = torch.optim.Adam(vsd.parameters(), lr=1e-4)
+    cams = sample_train_cameras(cfg.camera, 1).expand(1)
+    for step in range(2):
+        z = torch.randn(1, 4, 64, 64, requires_grad=True)
+        loss, _ = vsd(z, torch.zeros(1, dtype=torch.long), cams, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return {"unet_mb": unet_mb, "vsd_extra_tensor_mb": _tensor_bytes(owned, frozen) / 2**20,
+            "vsd_trainable_params": sum(p.numel() for p in vsd.parameters()),
+            "rss_build_vsd_mb": rss1 - rss0, "peak_rss_mb": _vm_mb("VmHWM")}
 
 
 def bench_sd_reduced(batch: int = 1, steps: int = 3, width: int = 80, names=SD_NAMES) -> dict:
     from scalegen.config import load_config  # noqa: PLC0415
     from scalegen.data.cameras import sample_train_cameras  # noqa: PLC0415
     from scalegen.distill import build_distiller  # noqa: PLC0415
+    from scalegen.priors.fakes import ReducedUNetPrior, reduced_sd21_unet  # noqa: PLC0415
 
-    prior = UNetPrior(reduced_unet(width))
+    prior = ReducedUNetPrior(reduced_sd21_unet(width))
     n_par = sum(p.numel() for p in prior.unet.parameters())
     print(f"[distill] reduced SD 2.1-base UNet: blocks {(width, 2 * width, 4 * width, 4 * width)}, "
           f"{n_par / 1e6:.1f}M parameters, latents {batch}x4x64x64", flush=True)
@@ -196,20 +194,19 @@ def bench_sd_reduced(batch: int = 1, steps: int = 3, width: int = 80, names=SD_N
     return out
 
 
-def bench_distill(overrides: list[str], out_root: str) -> dict:
-    opts = {"part": "all", "sd_batch": "1", "sd_steps": "3", "sd_width": "80", "names": ",".join(NAMES)}
-    rest = []
-    for o in overrides:
-        if o.startswith("bench."):
-            k, _, v = o[len("bench."):].partition("=")
-            opts[k] = v
-        else:
-            rest.append(o)
-    names = [n for n in opts["names"].split(",") if n]
+def bench_distill(opts: DistillOptions, overrides: list[str], out_root: str) -> dict:
     out = {}
-    if opts["part"] in ("all", "oracle"):
-        out["oracle"] = bench_oracle(rest, out_root, names)
-    if opts["part"] in ("all", "sd"):
-        out["sd_reduced"] = bench_sd_reduced(int(opts["sd_batch"]), int(opts["sd_steps"]), int(opts["sd_width"]),
-                                             [n for n in SD_NAMES if n in names])
+    if opts.part in ("all", "oracle"):
+        out["oracle"] = bench_oracle(overrides, out_root, opts.names)
+    if opts.part in ("all", "sd"):
+        out["sd_reduced"] = bench_sd_reduced(opts.sd_batch, opts.sd_steps, opts.sd_width,
+                                             [n for n in SD_NAMES if n in opts.names])
+        if "vsd" in opts.names:
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+                m = ex.submit(vsd_memory, opts.sd_width).result()
+            out["vsd_memory"] = m
+            print(f"[distill] VSD on the reduced UNet ({m['unet_mb']:.0f} MB of frozen weights): its eps_phi holds "
+                  f"{m['vsd_extra_tensor_mb']:.1f} MB of its own tensors ({m['vsd_trainable_params']:,} trainable), "
+                  f"+{m['rss_build_vsd_mb']:.0f} MB resident to build, peak {m['peak_rss_mb']:.0f} MB after 2 steps",
+                  flush=True)
     return out

@@ -12,17 +12,13 @@ implied times are floors. ``scalegen bench flops-sd [--json FILE] [key=value ...
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
-# Published configs of stabilityai/stable-diffusion-2-1-base (unet/, vae/, text_encoder/ config.json).
-SD21_BASE_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, norm_num_groups=32,
-    act_fn="silu", flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1,
-)
+from scalegen.priors.stable_diffusion import SD21_BASE_UNET
+
+# Published configs of stabilityai/stable-diffusion-2-1-base (vae/, text_encoder/ config.json).
 SD21_BASE_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
@@ -113,17 +109,24 @@ def field_flops(cfg) -> dict:
     return {"forward": f, "backward": bwd, "params": _params(gen) + _params(bg), "cpu_s": time.perf_counter() - t0}
 
 
-def bench_flops_sd(overrides: list[str], config: str | None = None, peak_tflops: float = 800.0) -> dict:
+@dataclass
+class FlopsOptions:
+    config: str = "configs/sd/hyper_ingp_asd_mg15.yaml"  # the run whose step is counted
+    peak_tflops: float = 800.0  # the accelerator's dense bf16 peak for the time floor (H100 SXM ~ 990, 800 sustained)
+
+
+def bench_flops_sd(opts: FlopsOptions, overrides: list[str], out_root: str = "") -> dict:
     from scalegen.config import load_config  # noqa: PLC0415
     from scalegen.errors import ConfigError  # noqa: PLC0415
 
-    cfg = load_config(config or "configs/sd/hyper_ingp_asd_mg15.yaml", overrides)
+    config, peak_tflops = opts.config, opts.peak_tflops
+    cfg = load_config(config, overrides)
     n = cfg.data.prompts_per_step * cfg.camera.views_per_prompt  # images per GPU per step
     branches = {"sds": 2, "asd": 3}.get(cfg.distill.name, 2)
     perp = cfg.prior.perp_neg > 0
     k = branches + (2 if perp else 0)
-    lat, enc = cfg.prior.latent_resolution, cfg.prior.encode_resolution
-    res: dict = {"config": config or "configs/sd/hyper_ingp_asd_mg15.yaml", "images_per_step": n,
+    enc, lat = cfg.prior.resolutions()
+    res: dict = {"config": config, "images_per_step": n,
                  "unet_branches": k, "distill": cfg.distill.name, "perp_neg": perp,
                  "encode_resolution": enc, "latent_resolution": lat, "peak_tflops": peak_tflops}
     u, u_params = unet_flops(k * n, lat)

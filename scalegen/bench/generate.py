@@ -25,17 +25,13 @@ the Hyper-iNGP training run when one is needed.
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import os
 import shutil
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from scalegen.config import load_config
 from scalegen.errors import ConfigError
@@ -55,32 +51,6 @@ class GenerateBenchOptions:
     paper_call: int = 4  # the most prompts per generator call for the paper-size generators
     iou: bool = True  # also measure the written meshes' silhouette IoU against the volume renders
     texture: bool = False  # bake textures too (adds the texture stage)
-
-
-def parse_bench_options(cls, overrides: list[str]):
-    """(options dataclass, remaining overrides) from ``bench.NAME=VALUE`` items; unknown names are
-    errors with a did-you-mean."""
-    values, rest = {}, []
-    names = [f.name for f in dataclasses.fields(cls)]
-    hints = typing.get_type_hints(cls)
-    for item in overrides:
-        if not item.startswith("bench."):
-            rest.append(item)
-            continue
-        key, _, raw = item[len("bench."):].partition("=")
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=2)
-            hint = f" (did you mean {', '.join('bench.' + c for c in close)}?)" if close else ""
-            raise ConfigError(f"bench generate has no option 'bench.{key}'{hint}; options: "
-                              f"{', '.join('bench.' + n for n in names)}")
-        value = yaml.safe_load(raw) if raw else ""
-        tp = hints[key]
-        ok = isinstance(value, list) if typing.get_origin(tp) is list else isinstance(value, tp) or (
-            tp is str and value is not None)
-        if not ok or (tp is int and isinstance(value, bool)):
-            raise ConfigError(f"bench.{key} must be {getattr(tp, '__name__', tp)}, got {raw!r}")
-        values[key] = str(value) if tp is str else value
-    return cls(**values), rest
 
 
 def _load_average() -> float:

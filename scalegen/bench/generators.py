@@ -7,9 +7,8 @@ per prompt (a small render's worth) + backward of the mean SDF and colour. A bat
 skipped, with the reason in the table, when batch 1's peak extrapolated to batch 4 would not fit
 in 70% of the memory available now (other jobs share this machine).
 
-Overrides: ``points=N`` (default 4096), ``threads=N`` (default 1), ``generators=[conv3d,...]``
-(default ``[conv3d, conv3d_x2, triplane_transformer]``), ``batches=[1, 4]``, ``checkpointing=true``,
-``bf16=true``.
+Options: ``GeneratorsOptions`` (``bench.points=N``, ``bench.threads=N``, ``bench.generators=[conv3d,...]``,
+``bench.batches=[1, 4]``, ``bench.checkpointing=true``, ``bench.bf16=true``).
 """
 from __future__ import annotations
 
@@ -17,8 +16,8 @@ import json
 import os
 import subprocess
 import sys
-
-import yaml
+from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 from scalegen.errors import ConfigError
 
@@ -84,17 +83,22 @@ def _subprocess(args: dict) -> dict:
     return {"generator": args["case"], "batch": args["batch"], "skipped": f"failed (exit {proc.returncode}): {tail[0]}"}
 
 
-def bench_generators(overrides: list[str]) -> dict:
-    opts = {"points": 4096, "threads": 1, "generators": list(CASES), "batches": [1, 4],
-            "checkpointing": False, "bf16": False}
-    for item in overrides:
-        key, _, raw = item.partition("=")
-        if key not in opts:
-            raise ConfigError(f"bench generators has no option '{key}'; use one of {', '.join(opts)}")
-        opts[key] = yaml.safe_load(raw)
-    unknown = set(opts["generators"]) - set(CASES)
-    if unknown:
-        raise ConfigError(f"bench generators: unknown generator(s) {sorted(unknown)}; choose from {', '.join(CASES)}")
+@dataclass
+class GeneratorsOptions:
+    points: int = 4096  # shared query points per prompt (a small render's worth)
+    threads: int = 1
+    generators: list[Literal["conv3d", "conv3d_x2", "triplane_transformer"]] = field(
+        default_factory=lambda: list(CASES))
+    batches: list[int] = field(default_factory=lambda: [1, 4])
+    checkpointing: bool = False
+    bf16: bool = False
+
+
+def bench_generators(options: GeneratorsOptions, overrides: list[str], out_root: str = "") -> dict:
+    if overrides:
+        raise ConfigError(f"`scalegen bench generators` builds paper-size generators without a training config, so "
+                          f"'{overrides[0]}' means nothing here; its options are bench.<name>=value (GeneratorsOptions)")
+    opts = asdict(options)
     rows = []
     for case in opts["generators"]:
         one = None

@@ -16,20 +16,26 @@ the ground-truth renders ``mu`` of seen prompts, per timestep, with the exact pr
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from scalegen.config import load_config
 from scalegen.data.cameras import camera_rays, sample_train_cameras
-from scalegen.distill.common import cfg_combine, weight
-from scalegen.distill.sds import _rows
+from scalegen.distill import ASD, SDS, TimestepSchedule, cond_uncond_eps
 from scalegen.priors import build_prior, build_world
 from scalegen.priors.base import T
 
-T_FRACTIONS = (0.02, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.98)
+
+@dataclass
+class GuidanceOptions:
+    t_fractions: list[float] = field(default_factory=lambda: [0.02, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.98])
+    noise_draws: int = 6  # eps draws averaged per t
+    t_min: float = 0.02  # the annealed lower end of the t range that ASD's dt is drawn against (late training)
 
 
 @torch.no_grad()
-def bench_guidance(overrides: list[str]) -> dict:
+def bench_guidance(opts: GuidanceOptions, overrides: list[str], out_root: str = "") -> dict:
     cfg = load_config(None, ["train.logger=none", *overrides])
     torch.manual_seed(cfg.train.seed)
     world = build_world(cfg)
@@ -46,27 +52,26 @@ def bench_guidance(overrides: list[str]) -> dict:
     mask = ((mu - backdrop).abs().amax(1, keepdim=True) > 1e-3).float().expand_as(mu)  # object pixels
     sat_dir = torch.sign(mu) * mask  # away from grey (z = 0 is rgb 0.5)
     delta = -0.3 * sat_dir  # a desaturating colour error on the object
-    n_eps = 6
+    # The trainer's own distillers (their gradient at a given t and eps), with the config's weighting.
+    sched = TimestepSchedule([0.0, 1.0], [0.0, 1.0], None, 1)  # unused by gradient(); t is given
+    d = cfg.distill
+    sds100 = SDS(prior, sched, guidance_scale=100.0, weighting=d.weighting)
+    sds7 = SDS(prior, sched, guidance_scale=7.5, weighting=d.weighting)
+    asd = ASD(prior, sched, guidance_scale=d.guidance_scale, eta=d.asd_eta, weighting=d.weighting)
+    n_eps = opts.noise_draws
     rows = []
-    for f in T_FRACTIONS:
+    for f in opts.t_fractions:
         t = torch.full((len(mu),), min(max(int(f * T), 1), T - 1), dtype=torch.long)
-        # dt as ASD draws it late in training (t_min_now = 0.02 T)
-        dt = torch.floor(torch.rand(len(t)) * cfg.distill.asd_eta * (t - int(0.02 * T)).clamp(min=0)).long()
-        t2 = (t + dt).clamp(1, T - 1)
-        w = weight(prior.alphas_cumprod, t, cfg.distill.weighting)
+        t2 = asd.t_plus(t, int(opts.t_min * T))  # dt as ASD draws it at this t_min
         acc = dict.fromkeys(("r_own", "cfg_ratio", "sat_sds100", "sat_sds7.5", "sat_asd", "pull_sds", "pull_asd"), 0.0)
         for _ in range(n_eps):
             eps = torch.randn_like(mu)
             for z, at_gt in ((mu, True), (mu + delta, False)):
-                x_t, x_t2 = prior.add_noise(z, eps, t), prior.add_noise(z, eps, t2)
-                out = prior.predict_eps(torch.cat([x_t, x_t, x_t2]), torch.cat([t, t, t2]),
-                                        torch.cat([text, prior.uncond_like(text), text]), _rows(cams, 3))
-                n = len(z)
-                eps_c, eps_u, eps_c2 = out[:n], out[n:2 * n], out[2 * n:]
-                g_sds100 = w * (cfg_combine(eps_u, eps_c, 100.0) - eps)
-                g_sds7 = w * (cfg_combine(eps_u, eps_c, 7.5) - eps)
-                g_asd = w * (cfg_combine(eps_u, eps_c, cfg.distill.guidance_scale) - eps_c2)
+                g_sds100 = sds100.gradient(z, text, cams, t, eps)
+                g_sds7 = sds7.gradient(z, text, cams, t, eps)
+                g_asd = asd.gradient(z, text, cams, t, t2, eps)
                 if at_gt:
+                    x_t, eps_c, eps_u = cond_uncond_eps(prior, z, eps, t, text, cams)
                     norm = sat_dir.abs().sum()
                     acc["sat_sds100"] += -(g_sds100 * sat_dir).sum().item() / norm.item() / n_eps
                     acc["sat_sds7.5"] += -(g_sds7 * sat_dir).sum().item() / norm.item() / n_eps

@@ -7,9 +7,15 @@ timestep and works at ordinary guidance. Reports the signed colour error inside 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from scalegen.bench.common import train_and_evaluate
+
+
+@dataclass
+class SaturationOptions:
+    """No options of its own: ``key=value`` overrides (e.g. train.max_steps) apply to both runs."""
 
 RUNS = {
     "sds_cfg100": ["distill.name=sds", "distill.guidance_scale=100"],
@@ -17,7 +23,7 @@ RUNS = {
 }
 
 
-def bench_saturation(overrides: list[str], out_root: str) -> dict:
+def bench_saturation(opts: SaturationOptions, overrides: list[str], out_root: str) -> dict:
     out = {}
     for name, extra in RUNS.items():
         print(f"[saturation] training {name} ...", flush=True)

@@ -8,23 +8,24 @@ s was chosen (docs/performance.md).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from scalegen.bench.common import train_and_evaluate
 
-VALUES = (0.03, 0.1, 0.3, 1.0)
-DISTILLERS = ("sds", "asd")
+
+@dataclass
+class SharpnessOptions:
+    values: list[float] = field(default_factory=lambda: [0.03, 0.1, 0.3, 1.0])  # the s of each run
+    distillers: list[Literal["sds", "csd", "vsd", "asd", "vdm"]] = field(default_factory=lambda: ["sds", "asd"])
 
 
-def bench_sharpness(overrides: list[str], out_root: str) -> dict:
-    extra = [o for o in overrides if not o.startswith(("values=", "distillers="))]
-    values = next((tuple(float(v) for v in o.split("=", 1)[1].split(",")) for o in overrides
-                   if o.startswith("values=")), VALUES)
-    distillers = next((tuple(o.split("=", 1)[1].split(",")) for o in overrides if o.startswith("distillers=")),
-                      DISTILLERS)
+def bench_sharpness(opts: SharpnessOptions, overrides: list[str], out_root: str) -> dict:
+    extra = overrides
     out: dict = {}
-    for name in distillers:
-        for s in values:
+    for name in opts.distillers:
+        for s in opts.values:
             key = f"{name}_s{s:g}"
             print(f"[sharpness] training {key} ...", flush=True)
             r = train_and_evaluate([*extra, f"distill.name={name}", f"prior.oracle.sharpness={s}"],

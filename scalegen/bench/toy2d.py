@@ -17,31 +17,34 @@ component if it lies within ``4 sigma``; a component counts when it holds >= 2% 
 Writes ``out_dir/<method>.png`` (final particles over the components), ``out_dir/particles.png``
 (all methods side by side) and ``out_dir/grad_norm.png`` (mean |g| per particle over training, log).
 
-The timestep range anneals as in ScaleDreamer's training ([0.50, 0.98] -> [0.02, 0.50] of T; ``toy.anneal=0``:
+The timestep range anneals as in ScaleDreamer's training ([0.50, 0.98] -> [0.02, 0.50] of T; ``bench.anneal=false``:
 fixed [0.02, 0.98]). Besides the component count it reports the spread inside a component, per
 axis, over sigma (1 = the data's spread, 0 = collapsed onto the centre).
 
-Options (``toy.key=value``): steps, particles, lr, net_lr, cfg, seed, k, radius, sigma, init_std,
+Options (``bench.key=value``, ``Toy2DOptions``): steps, particles, lr, net_lr, cfg, seed, k, radius, sigma, init_std,
 anneal, dca (VDM's schedule), dca_lo, dca_hi (its lambda at t = 0 and T), methods, out_dir (default
 docs/toy2d).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
-from scalegen.priors.base import ddpm_alphas_cumprod
+from scalegen.priors.base import Guidance, Prior, ddpm_alphas_cumprod
 
 METHODS = ("sds", "csd", "vsd", "asd", "vdm", "vdm_pure")
 COLORS = {"sds": (214, 39, 40), "csd": (148, 103, 189), "vsd": (31, 119, 180), "asd": (255, 127, 14),
           "vdm": (44, 160, 44), "vdm_pure": (23, 190, 207)}
 
 
-class MixturePrior:
-    """Exact eps of 2D Gaussian mixtures (conditional: ``mu_c``; unconditional: ``mu_u``)."""
+class MixturePrior(Prior):
+    """Exact eps of 2D Gaussian mixtures (conditional: ``mu_c``; unconditional: ``mu_u``); latents
+    are the particles themselves, [N, 2, 1, 1]."""
 
     latent_channels = 2
 
@@ -51,12 +54,14 @@ class MixturePrior:
         self.logw_u = w_u.log()
         self.alphas_cumprod = ddpm_alphas_cumprod()
 
-    def add_noise(self, z, eps, t):
-        ab = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        return ab.sqrt() * z + (1 - ab).sqrt() * eps
+    def encode(self, rgb):
+        return rgb
 
-    def uncond_like(self, text):
-        return -1 - text.clamp(min=0)
+    def decode(self, latents):
+        return latents
+
+    def text_embeddings(self, prompts, tokens=None):
+        return torch.zeros(len(prompts), dtype=torch.long)  # one "prompt": the ring
 
     def posterior_mean(self, x, a, s_t, mu, logw):
         var = a * a * self.sigma**2 + s_t * s_t  # [N]
@@ -66,11 +71,11 @@ class MixturePrior:
         return (1 - a[:, None] * k) * (r @ mu) + k * x
 
     @torch.no_grad()
-    def predict_eps(self, x_t, t, text, cameras):
+    def predict_eps(self, x_t, t, text, cameras, guidance: Guidance | None = None):
         x = x_t.reshape(len(x_t), 2)
         ab = self.alphas_cumprod[t]
         a, s_t = ab.sqrt(), (1 - ab).sqrt()
-        cond = text >= 0
+        cond = ~(guidance or Guidance.all_conditional(len(x))).uncond
         x0 = torch.empty_like(x)
         if cond.any():
             x0[cond] = self.posterior_mean(x[cond], a[cond], s_t[cond], self.mu_c, self.logw_c)
@@ -79,18 +84,24 @@ class MixturePrior:
         return ((x - a[:, None] * x0) / s_t[:, None]).view_as(x_t)
 
 
-def _opts(overrides: list[str]) -> dict:
-    o = {"steps": 2000, "particles": 512, "lr": 0.01, "net_lr": 1e-3, "cfg": 1.0, "seed": 0, "k": 6,
-         "radius": 1.0, "sigma": 0.05, "init_std": 0.3, "anneal": 1, "dca": "linear", "dca_lo": 1.0, "dca_hi": 0.0,
-         "methods": ",".join(METHODS), "out_dir": "docs/toy2d"}
-    for s in overrides:
-        k, _, v = s.removeprefix("toy.").partition("=")
-        if k not in o:
-            from scalegen.errors import ConfigError  # noqa: PLC0415
-
-            raise ConfigError(f"unknown toy2d option {k!r}; choose from {', '.join('toy.' + x for x in o)}")
-        o[k] = type(o[k])(v)
-    return o
+@dataclass
+class Toy2DOptions:
+    steps: int = 2000
+    particles: int = 512
+    lr: float = 0.01  # particles' plain gradient step
+    net_lr: float = 1e-3  # Adam rate of VSD's correction net and VDM's M_psi
+    cfg: float = 1.0  # guidance scale
+    seed: int = 0
+    k: int = 6  # ring components of the "prompt"
+    radius: float = 1.0
+    sigma: float = 0.05
+    init_std: float = 0.3
+    anneal: bool = True  # ScaleDreamer's t anneal; false: fixed [0.02, 0.98]
+    dca: Literal["constant", "linear", "cosine"] = "linear"  # VDM's lambda(t) schedule
+    dca_lo: float = 1.0  # lambda at t = 0
+    dca_hi: float = 0.0  # lambda at t = T
+    methods: list[Literal["sds", "csd", "vsd", "asd", "vdm", "vdm_pure"]] = field(default_factory=lambda: list(METHODS))
+    out_dir: str = "docs/toy2d"
 
 
 def make_prior(k: int, radius: float, sigma: float) -> MixturePrior:
@@ -102,52 +113,52 @@ def make_prior(k: int, radius: float, sigma: float) -> MixturePrior:
     return MixturePrior(mu_c, torch.cat([mu_c, mu_o]), w_u, sigma)
 
 
-def build(name: str, prior, sched, o):
+def build(name: str, prior, sched, o: "Toy2DOptions"):
     from scalegen.distill import ASD, CSD, SDS, VDM, VSD  # noqa: PLC0415
     from scalegen.distill.nets import ResConvNet, ResidualEps  # noqa: PLC0415
 
     if name == "sds":
-        return SDS(prior, sched, guidance_scale=o["cfg"])
+        return SDS(prior, sched, guidance_scale=o.cfg)
     if name == "csd":
         return CSD(prior, sched)
     if name == "asd":
-        return ASD(prior, sched, guidance_scale=o["cfg"], eta=0.1)
+        return ASD(prior, sched, guidance_scale=o.cfg, eta=0.1)
     if name == "vsd":
-        return VSD(prior, sched, ResidualEps(2, 32, 2), guidance_scale=o["cfg"], lr=o["net_lr"])
+        return VSD(prior, sched, ResidualEps(2, 32, 2), guidance_scale=o.cfg, lr=o.net_lr)
     if name == "vdm_pure":  # lambda = 1 at every t: no SDS share
-        return VDM(prior, sched, ResConvNet(2, 32, 2), guidance_scale=o["cfg"], lr=o["net_lr"],
+        return VDM(prior, sched, ResConvNet(2, 32, 2), guidance_scale=o.cfg, lr=o.net_lr,
                    dca_schedule="constant", dca_ends=(1.0, 1.0))
-    return VDM(prior, sched, ResConvNet(2, 32, 2), guidance_scale=o["cfg"], lr=o["net_lr"], dca_schedule=o["dca"],
-               dca_ends=(o["dca_lo"], o["dca_hi"]))
+    return VDM(prior, sched, ResConvNet(2, 32, 2), guidance_scale=o.cfg, lr=o.net_lr, dca_schedule=o.dca,
+               dca_ends=(o.dca_lo, o.dca_hi))
 
 
-def run_method(name: str, prior: MixturePrior, o: dict) -> tuple[torch.Tensor, list[float]]:
+def run_method(name: str, prior: MixturePrior, o: Toy2DOptions) -> tuple[torch.Tensor, list[float]]:
     from scalegen.data.cameras import orbit_cameras  # noqa: PLC0415
     from scalegen.distill import TimestepSchedule  # noqa: PLC0415
 
-    torch.manual_seed(o["seed"])
-    n = o["particles"]
-    x = (o["init_std"] * torch.randn(n, 2, 1, 1)).requires_grad_(True)
-    if o["anneal"]:  # ScaleDreamer's anneal: [0.50, 0.98] -> [0.02, 0.50] of T over the run
-        sched = TimestepSchedule([0.50, 0.98], [0.02, 0.50], 1.0, o["steps"])
+    torch.manual_seed(o.seed)
+    n = o.particles
+    x = (o.init_std * torch.randn(n, 2, 1, 1)).requires_grad_(True)
+    if o.anneal:  # ScaleDreamer's anneal: [0.50, 0.98] -> [0.02, 0.50] of T over the run
+        sched = TimestepSchedule([0.50, 0.98], [0.02, 0.50], None, o.steps)
     else:
-        sched = TimestepSchedule([0.02, 0.98], [0.02, 0.98], 1.0, o["steps"])
+        sched = TimestepSchedule([0.02, 0.98], [0.02, 0.98], None, o.steps)
     d = build(name, prior, sched, o)
-    net_opt = torch.optim.Adam(d.parameters(), lr=o["net_lr"]) if d.parameters() else None
+    net_opt = torch.optim.Adam(d.parameters(), lr=o.net_lr) if d.parameters() else None
     cams = orbit_cameras(n, 0.0, 1.5, 50.0, 1)
     text = torch.zeros(n, dtype=torch.long)
     norms = []
-    for step in range(o["steps"]):
+    for step in range(o.steps):
         loss, logs = d(x, text, cams, step)
         x.grad = None
         if net_opt is not None:
             net_opt.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():
-            x -= o["lr"] * n * x.grad  # dL/dx = g / N
+            x -= o.lr * n * x.grad  # dL/dx = g / N
         if net_opt is not None:
             net_opt.step()
-        norms.append(logs["grad_norm"] / math.sqrt(n))
+        norms.append(float(logs["grad_norm"]) / math.sqrt(n))
         if not torch.isfinite(x).all():
             break
     return x.detach().view(n, 2), norms
@@ -228,26 +239,31 @@ def draw_grad_norms(curves: dict[str, list[float]], w: int = 640, h: int = 360):
     return img
 
 
-def bench_toy2d(overrides: list[str]) -> dict:
+def bench_toy2d(o: Toy2DOptions, overrides: list[str], out_root: str = "") -> dict:
+    """The toy has no training config: its options are ``Toy2DOptions`` only."""
     from PIL import Image  # noqa: PLC0415
 
-    o = _opts(overrides)
+    if overrides:
+        from scalegen.errors import ConfigError  # noqa: PLC0415
+
+        raise ConfigError(f"`scalegen bench toy2d` runs no training config, so '{overrides[0]}' means nothing here; "
+                          "its options are bench.<name>=value (scalegen/bench/toy2d.py Toy2DOptions)")
     torch.set_num_threads(1)
-    prior = make_prior(o["k"], o["radius"], o["sigma"])
-    out_dir = Path(o["out_dir"])
+    prior = make_prior(o.k, o.radius, o.sigma)
+    out_dir = Path(o.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     res, curves, panels = {}, {}, []
-    for name in o["methods"].split(","):
+    for name in o.methods:
         x, norms = run_method(name, prior, o)
-        cov = coverage(x, prior.mu_c, o["sigma"])
+        cov = coverage(x, prior.mu_c, o.sigma)
         res[name] = {**cov, "final_grad_norm": float(np.mean(norms[-100:]))}
         curves[name] = norms
-        img = draw_particles(x, prior, f"{name.upper()}: {cov['components_hit']}/{o['k']} components, "
+        img = draw_particles(x, prior, f"{name.upper()}: {cov['components_hit']}/{o.k} components, "
                              f"{100 * cov['on_mode_frac']:.0f}% on one, std/sigma {cov['within_std_over_sigma']:.2f}",
                              COLORS[name])
         img.save(out_dir / f"{name}.png")
         panels.append(img)
-        print(f"[toy2d] {name}: {cov['components_hit']}/{o['k']} components hit, "
+        print(f"[toy2d] {name}: {cov['components_hit']}/{o.k} components hit, "
               f"{100 * cov['on_mode_frac']:.0f}% of particles on a mode, counts {cov['counts']}", flush=True)
     sheet = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
     xo = 0
@@ -259,9 +275,9 @@ def bench_toy2d(overrides: list[str]) -> dict:
     print(f"{'method':<9} {'hit (4 sigma)':>13} {'on a mode':>9} {'hit (0.3)':>9} {'near':>5} {'std/sigma':>9} "
           f"{'mean dist':>9} {'final |g|':>9}")
     for k, r in res.items():
-        print(f"{k:<9} {r['components_hit']:>10}/{o['k']:<2} {100 * r['on_mode_frac']:>8.0f}% "
-              f"{r['components_near']:>6}/{o['k']:<2} {100 * r['near_frac']:>4.0f}% "
+        print(f"{k:<9} {r['components_hit']:>10}/{o.k:<2} {100 * r['on_mode_frac']:>8.0f}% "
+              f"{r['components_near']:>6}/{o.k:<2} {100 * r['near_frac']:>4.0f}% "
               f"{r['within_std_over_sigma']:>9.2f} "
               f"{r['mean_dist_to_nearest']:>9.3f} {r['final_grad_norm']:>9.3f}")
     print(f"PNGs in {out_dir}/")
-    return {"options": o, "methods": res}
+    return {"options": asdict(o), "methods": res}

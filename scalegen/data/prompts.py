@@ -8,6 +8,7 @@ position (epoch, cursor) is saved in checkpoints and restored exactly.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -25,89 +26,125 @@ def read_corpus(path: str | Path, split: str = "train", column: str = "prompt") 
     (one prompt per line) or CSV (column ``column``). Whitespace is normalised; empty lines dropped."""
     prompts = [x for x, _ in read_corpus_lines(path, split, column)]
     if not prompts:
-        raise DataError(f"corpus '{path}' (split '{split}') holds no prompts")
+        raise DataError(f"corpus '{path}' (split {split!r}) holds no prompts")
     return prompts
+
+
+def _text(p: Path) -> str:
+    """The file as UTF-8 text (a byte-order mark is allowed); undecodable bytes are a one-line error
+    naming the line."""
+    raw = p.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{p}:{line}: not UTF-8 text (byte {e.start}); re-encode the file as UTF-8") from None
+
+
+def _json(p: Path):
+    try:
+        return json.loads(_text(p))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}:{e.lineno}: invalid JSON ({e.msg}); fix the file and retry") from None
+    except (RecursionError, ValueError) as e:
+        raise DataError(f"{p}: unreadable JSON ({e.__class__.__name__}); fix the file and retry") from None
+
+
+def _check_file(path: str | Path) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        raise DataError(f"corpus '{path}' is a folder; give a .json, .jsonl, .txt or .csv prompt file")
+    if not p.is_file():
+        raise DataError(f"corpus '{path}' does not exist; give a .json, .jsonl, .txt or .csv prompt file")
+    return p
 
 
 def corpus_splits(path: str | Path) -> list[str]:
     """Splits a corpus file offers: the keys of a ScaleDreamer JSON mapping, else just ``train``."""
-    p = Path(path)
-    if p.suffix.lower() == ".json" and p.is_file():
-        try:
-            data = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); fix the file and retry") from None
+    p = _check_file(path)
+    if p.suffix.lower() == ".json":
+        data = _json(p)
         if isinstance(data, dict):
-            return list(data)
+            if not data:
+                raise DataError(f"corpus '{path}' is an empty mapping; expected splits of prompts, e.g. "
+                                '{"train": ["a red car", ...]}')
+            return [str(k) for k in data]
     return ["train"]
 
 
 def read_corpus_lines(path: str | Path, split: str = "train", column: str = "prompt") -> list[tuple[str, int]]:
     """(normalised prompt, source line or item number) pairs, empty prompts dropped, duplicates kept.
-    A malformed line raises a ``DataError`` naming the file and the line."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"corpus '{path}' does not exist; give a .json, .jsonl, .txt or .csv prompt file")
+    Anything malformed (bytes that are not UTF-8, invalid JSON, a wrong shape, a bad CSV row) raises a
+    ``DataError`` naming the file and the line or item, never a traceback."""
+    p = _check_file(path)
     suffix = p.suffix.lower()
     out: list[tuple[str, int]] = []
     if suffix == ".json":
-        try:
-            data = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); fix the file and retry") from None
+        data = _json(p)
         if isinstance(data, list):
             items = data
         elif isinstance(data, dict):
+            if not data:
+                raise DataError(f"corpus '{path}' is an empty mapping; expected splits of prompts, e.g. "
+                                '{"train": ["a red car", ...]}')
             if split not in data:
-                raise DataError(f"corpus '{path}' has no split '{split}' (it has {', '.join(data)}); "
+                raise DataError(f"corpus '{path}' has no split {split!r} (it has {', '.join(map(repr, data))}); "
                                 "set data.split to one of them")
             items = data[split]
+            if not isinstance(items, list):
+                raise DataError(f"{path}: split {split!r} must be a list of prompt strings, not "
+                                f"{type(items).__name__}")
         else:
-            raise DataError(f"corpus '{path}' must be a JSON list or a mapping of splits to lists")
+            raise DataError(f"corpus '{path}' must be a JSON list of prompts or a mapping of splits to lists, not "
+                            f"{type(data).__name__}")
         for i, it in enumerate(items):
             if not isinstance(it, str):
-                raise DataError(f"{path}: item {i} of split '{split}' is not a string: {it!r}")
+                raise DataError(f"{path}: item {i + 1} of split {split!r} is not a string: {_short(it)}")
             out.append((normalise(it), i + 1))
     elif suffix == ".jsonl":
-        for n, line in enumerate(p.read_text().splitlines(), 1):
+        for n, line in enumerate(_text(p).splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 it = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: invalid JSON line ({e.msg}); fix or delete that line") from None
+            except (RecursionError, ValueError) as e:
+                raise DataError(f"{path}:{n}: unreadable JSON line ({e.__class__.__name__}); fix or delete it") from None
             if isinstance(it, dict):
                 it = it.get(column)
             if not isinstance(it, str):
                 raise DataError(f"{path}:{n}: expected a string or an object with a '{column}' string")
             out.append((normalise(it), n))
     elif suffix == ".csv":
-        with p.open(newline="") as f:
-            reader = csv.DictReader(f, strict=True)
-            try:
-                if reader.fieldnames is None or column not in reader.fieldnames:
-                    raise DataError(f"{path}: no column '{column}' (columns: {reader.fieldnames}); name the prompt column")
-                width = len(reader.fieldnames)
-                for row in reader:
-                    if None in row or any(v is None for v in row.values()):
-                        n = len(row) - (None in row) + len(row.get(None, []))
-                        raise DataError(f"{path}:{reader.line_num}: malformed CSV row ({n} fields, the header has "
-                                        f"{width}); quote prompts that contain commas")
-                    out.append((normalise(row[column]), reader.line_num))
-            except csv.Error as e:
-                raise DataError(f"{path}:{reader.line_num}: malformed CSV ({e}); fix that line") from None
-    else:
+        reader = csv.DictReader(io.StringIO(_text(p), newline=""), strict=True)
         try:
-            text = p.read_text()
-        except UnicodeDecodeError as e:
-            line = p.read_bytes()[:e.start].count(b"\n") + 1
-            raise DataError(f"{path}:{line}: not UTF-8 text; re-encode the file as UTF-8") from None
-        out = [(normalise(line), n) for n, line in enumerate(text.splitlines(), 1)]
+            if reader.fieldnames is None or column not in reader.fieldnames:
+                raise DataError(f"{path}: no column '{column}' (columns: {_short(reader.fieldnames)}); name the "
+                                "prompt column with --column")
+            width = len(reader.fieldnames)
+            for row in reader:
+                if None in row or any(v is None for v in row.values()):
+                    n = len(row) - (None in row) + len(row.get(None, []))
+                    raise DataError(f"{path}:{reader.line_num}: malformed CSV row ({n} fields, the header has "
+                                    f"{width}); quote prompts that contain commas")
+                out.append((normalise(row[column]), reader.line_num))
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: malformed CSV ({e}); fix that line") from None
+    else:
+        out = [(normalise(line), n) for n, line in enumerate(_text(p).splitlines(), 1)]
     return [(x, n) for x, n in out if x]
+
+
+def _short(x, n: int = 60) -> str:
+    r = repr(x)
+    return r if len(r) <= n else r[:n] + "..."
 
 
 class PromptSampler:
     """Endless, exactly resumable batches of prompts for one rank."""
+
+    info = None  # the encoder entry of embeddings its batches carry (ShardStream's manifest entry): none
 
     def __init__(self, prompts: list[str], batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         if not prompts:

@@ -52,14 +52,6 @@ def variants(prompt: str, store: str) -> list[str]:
     return [prompt] + ([view_prompt(prompt, v) for v in VIEWS] if store == "views" else [])
 
 
-def count_tokens(encoder, prompt: str) -> int:
-    if hasattr(encoder, "count_tokens"):
-        return encoder.count_tokens(prompt)
-    from scalegen.text.bow import tokenize  # noqa: PLC0415
-
-    return len(tokenize(prompt))
-
-
 def encoder_info(encoder, store: str, compress: str) -> dict:
     """What the loader must match: the id, and a hash of everything that shapes the stored bytes."""
     info = {"id": encoder.id, "dim": int(encoder.dim), "tokens": int(encoder.max_tokens), "store": store,
@@ -115,10 +107,10 @@ def plan_corpus(corpus: str, splits: list[str] | None, shard_size: int, column: 
     plans = []
     for split in splits:
         if split not in available:
-            raise DataError(f"corpus '{corpus}' has no split '{split}' (it has {', '.join(available)})")
+            raise DataError(f"corpus '{corpus}' has no split {split!r} (it has {', '.join(map(repr, available))})")
         lines = read_corpus_lines(corpus, split, column)
         if not lines:
-            raise DataError(f"corpus '{corpus}' (split '{split}') holds no prompts")
+            raise DataError(f"corpus '{corpus}' (split {split!r}) holds no prompts")
         first: dict[str, int] = {}
         dups = []
         for prompt, line in lines:
@@ -134,8 +126,8 @@ def plan_corpus(corpus: str, splits: list[str] | None, shard_size: int, column: 
                      "duplicates_action": "dropped (first occurrence kept)", "duplicate_examples": dups[:10]}
         if encoder is not None:
             limit = encoder.max_tokens
-            over = [p for p in prompts if count_tokens(encoder, p) > limit]
-            over_v = ([p for p in prompts if count_tokens(encoder, view_prompt(p, "overhead")) > limit]
+            over = [p for p in prompts if encoder.count_tokens(p) > limit]
+            over_v = ([p for p in prompts if encoder.count_tokens(view_prompt(p, "overhead")) > limit]
                       if store == "views" else [])
             rec.update({"token_limit": limit, "over_limit": len(over), "over_limit_views": len(over_v),
                         "over_limit_action": f"kept; the encoder truncates them to {limit} tokens",
@@ -195,11 +187,40 @@ def _finished(path: Path, plan: str) -> dict | None:
     return s if s.get("plan") == plan and s.get("bytes") == path.stat().st_size else None
 
 
+def foreign_shards(out: Path, plans: list[SplitPlan], info: dict | None) -> list[Path]:
+    """Finished shards in ``out`` that this build would not write: another corpus, other encoder
+    settings or another shard size (their sidecar's plan hash differs, or their split or index is not
+    in the plan). Unfinished shards of an interrupted build are not foreign: a rerun rewrites them."""
+    expected = {(sp.name, i): _plan_hash([prompt_key(sp.prompts[j]) for j in idx], info)
+                for sp in plans for i, idx in enumerate(sp.shards)}
+    foreign = []
+    for side in sorted(out.glob("*/shard-*.tar.json")):
+        try:
+            plan = json.loads(side.read_text()).get("plan")
+            index = int(side.name[len("shard-"):-len(".tar.json")])
+        except (json.JSONDecodeError, ValueError, AttributeError):
+            plan, index = None, -1
+        if expected.get((side.parent.name, index)) != plan:
+            foreign.append(side.with_name(side.name[:-len(".json")]))
+    return foreign
+
+
+def remove_shards(out: Path) -> None:
+    """Delete what ``scalegen data build`` writes in ``out`` (shards, sidecars, manifest, report) and
+    nothing else."""
+    for f in [*out.glob("*/shard-*.tar*"), out / "manifest.json", out / "report.json"]:
+        if f.is_file():
+            f.unlink()
+
+
 def build_shards(corpus: str, out: str | Path, encoder=None, shard_size: int = 1000, splits: list[str] | None = None,
                  column: str = "prompt", store: str | None = None, compress: str = "none", batch_size: int = 256,
-                 process_index: int = 0, num_processes: int = 1, log=print) -> dict:
+                 process_index: int = 0, num_processes: int = 1, log=print, overwrite: bool = False,
+                 barrier=lambda: None) -> dict:
     """Write this process's shards (``i % num_processes == process_index``); returns the plan
-    summary. The main process calls ``write_manifest`` after every process finished."""
+    summary. The main process calls ``write_manifest`` after every process finished. A folder that
+    holds shards of another build is refused unless ``overwrite`` (then process 0 removes them first;
+    ``barrier`` makes the other processes wait for that)."""
     if store is None:
         store = "none" if encoder is None else "plain"
     if store not in STORES:
@@ -211,6 +232,16 @@ def build_shards(corpus: str, out: str | Path, encoder=None, shard_size: int = 1
     out = Path(out)
     info = encoder_info(encoder, store, compress) if store != "none" else None
     plans, report = plan_corpus(corpus, splits, shard_size, column, encoder, store)
+    if overwrite:
+        if process_index == 0:
+            remove_shards(out)
+        barrier()
+    else:
+        foreign = foreign_shards(out, plans, info)
+        if foreign:
+            raise DataError(f"'{out}' holds {len(foreign)} shard(s) of another build (e.g. "
+                            f"{foreign[0].relative_to(out)}: other prompts, encoder settings or shard size); pass "
+                            "--overwrite to remove them first, or choose another --out")
     done = written = 0
     t0 = time.perf_counter()
     for sp in plans:

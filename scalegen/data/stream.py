@@ -25,6 +25,7 @@ e.g. ``data.shard_url='pipe:aws s3 cp s3://bucket/corpus/{name} -'``).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import zlib
 from dataclasses import dataclass
@@ -58,10 +59,11 @@ def open_url(url: str):
     return gopen(url, "rb")
 
 
-def read_shard(url: str, expected: int, info: dict | None) -> dict:
+def read_shard(url: str, expected: int, info: dict | None, sha256: str | None = None) -> dict:
     """All samples of one shard as arrays: keys, prompts and (if stored) lens [n, V] int16,
-    pooled [n, V, D] fp16, tokens [n, V, L, D] fp16. Raises ``ShardCorrupt`` on a broken tar or a
-    sample count that differs from the manifest (a truncated file)."""
+    pooled [n, V, D] fp16, tokens [n, V, L, D] fp16. Raises ``ShardCorrupt`` when the bytes differ
+    from the manifest's ``sha256`` (a flipped byte inside a record decodes as data otherwise), on a
+    broken tar, or on a sample count or record size that differs from the manifest."""
     keys, prompts, embs = [], [], []
     try:
         stream = open_url(url)
@@ -76,6 +78,8 @@ def read_shard(url: str, expected: int, info: dict | None) -> dict:
             stream.close()
         except Exception:  # noqa: BLE001, S110 - a pipe: command that failed reports on close
             pass
+    if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
+        raise ShardCorrupt("its sha256 differs from the manifest's (the file changed after it was built)")
     try:
         members = tar_members(raw)
         for name, start, size in members:
@@ -199,8 +203,9 @@ class _Plan:
 class _Reader(torch.utils.data.IterableDataset):
     """Reads the plan's shards; worker w of K takes items w, w + K, ... (one output item each)."""
 
-    def __init__(self, plan: _Plan, urls: list[str], counts: list[int], info: dict | None, start: tuple[int, int]):
-        self.plan, self.urls, self.counts, self.info, self.start = plan, urls, counts, info, start
+    def __init__(self, plan: _Plan, urls: list[str], counts: list[int], shas: list[str | None], info: dict | None,
+                 start: tuple[int, int]):
+        self.plan, self.urls, self.counts, self.shas, self.info, self.start = plan, urls, counts, shas, info, start
 
     def __iter__(self):
         wi = torch.utils.data.get_worker_info()
@@ -209,7 +214,7 @@ class _Reader(torch.utils.data.IterableDataset):
             if i % k != w:
                 continue
             try:
-                data, err = read_shard(self.urls[s], self.counts[s], self.info), None
+                data, err = read_shard(self.urls[s], self.counts[s], self.info, self.shas[s]), None
             except ShardCorrupt as e:
                 data, err = None, str(e)
             yield {"epoch": epoch, "group": group, "j": j, "shard": s, "data": data, "error": err}
@@ -231,7 +236,7 @@ class ShardStream:
 
     def __init__(self, source: str, split: str = "train", batch_size: int = 8, seed: int = 0, rank: int = 0,
                  world_size: int = 1, mode: str = "train", shuffle_shards: int = 4, num_workers: int = 0,
-                 on_corrupt: str = "fail", url: str | None = None):
+                 on_corrupt: str = "fail", url: str | None = None, verify: bool = True):
         if mode not in ("train", "eval"):
             raise DataError(f"stream mode must be train or eval, not '{mode}'")
         if on_corrupt not in ("fail", "skip"):
@@ -240,12 +245,14 @@ class ShardStream:
         self.manifest, base = load_manifest(source)
         splits = self.manifest["splits"]
         if split not in splits:
-            raise DataError(f"shards in '{source}' have no split '{split}' (they have {', '.join(splits)}); "
+            raise DataError(f"shards in '{source}' have no split {split!r} (they have {', '.join(map(repr, splits))}); "
                             "set data.split to one of them")
         shards = splits[split]["shards"]
         self.info = self.manifest.get("encoder")
         self.count = splits[split]["count"]
         self.counts = [s["count"] for s in shards]
+        # every shard's bytes are checked against the manifest as they stream (verify=False: benchmarks only)
+        self.shas = [s["sha256"] if verify else None for s in shards]
         self.urls = [url.format(name=s["name"], split=split, base=base) if url else str(Path(base) / s["name"])
                      for s in shards]
         self.batch_size, self.num_workers, self.on_corrupt = batch_size, num_workers, on_corrupt
@@ -274,7 +281,7 @@ class ShardStream:
 
     # --- reading ----------------------------------------------------------------------------
     def _start_items(self):
-        reader = _Reader(self.plan, self.urls, self.counts, self.info, (self.epoch, self.group))
+        reader = _Reader(self.plan, self.urls, self.counts, self.shas, self.info, (self.epoch, self.group))
         if self.num_workers > 0:
             loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=self.num_workers,
                                                  prefetch_factor=2, persistent_workers=False)
@@ -386,3 +393,27 @@ class ShardStream:
         """The first ``n`` prompts of the split's first shard (validation grids), without moving."""
         data = read_shard(self.urls[0], self.counts[0], None)
         return data["prompts"][:n]
+
+
+def check_shards(source: str, url: str | None = None) -> tuple[int, list[tuple[str, str]]]:
+    """Verify every shard of a ``scalegen data build`` folder against its manifest: the file's
+    sha256, its record count, and every record decoding with the manifest's shapes. Returns
+    (shards checked, [(shard url, what is wrong)])."""
+    manifest, base = load_manifest(source)
+    info = manifest.get("encoder")
+    bad, n = [], 0
+    for split, sp in manifest["splits"].items():
+        for sh in sp["shards"]:
+            n += 1
+            where = url.format(name=sh["name"], split=split, base=base) if url else str(Path(base) / sh["name"])
+            try:
+                data = read_shard(where, sh["count"], info, sh["sha256"])
+            except ShardCorrupt as e:
+                bad.append((where, str(e)))
+                continue
+            if info is not None and sh["count"]:
+                _, _, ln, has_tok = emb_layout(info)
+                lens = data["lens"].long()
+                if (lens < 0).any() or (lens > ln).any():
+                    bad.append((where, f"token counts outside [0, {ln}]"))
+    return n, bad

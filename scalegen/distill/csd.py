@@ -4,26 +4,22 @@ Only the classifier direction of CFG, without the injected-noise target; one pri
 [cond @ t, uncond @ t]. With identical branches the gradient is exactly zero (tested)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
-from scalegen.distill.common import TimestepSchedule, target_loss, weight
-from scalegen.distill.sds import cond_uncond_eps
+from scalegen.distill.common import Distiller, cond_uncond_eps, grad_logs, target_loss
 
 
-class CSD:
-    def __init__(self, prior, schedule: TimestepSchedule, weighting: str = "sds", t_group: int = 1):
-        self.prior, self.schedule, self.weighting, self.t_group = prior, schedule, weighting, t_group
-
-    def parameters(self):
-        return []
-
+class CSD(Distiller):
     def gradient(self, latents: Tensor, text: Tensor, cameras, t: Tensor, eps: Tensor) -> Tensor:
         z = latents.detach()
         _, eps_c, eps_u = cond_uncond_eps(self.prior, z, eps, t, text, cameras)
-        return weight(self.prior.alphas_cumprod, t, self.weighting).to(z) * (eps_c - eps_u)
+        return self.w(t, z) * (eps_c - eps_u)
 
-    def __call__(self, latents: Tensor, text: Tensor, cameras, step: int, pooled=None) -> tuple[Tensor, dict]:
-        t = self.schedule.sample(len(latents), step, self.t_group)
+    def __call__(self, latents: Tensor, text: Tensor, cameras, step: int,
+                 pooled: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
+        t = self.sample_t(len(latents), step)
         g = self.gradient(latents, text, cameras, t, torch.randn_like(latents))
-        return target_loss(latents, g), {"t": t.float().mean().item(), "grad_norm": g.norm().item()}
+        return target_loss(latents, g), grad_logs(t, g)

@@ -7,21 +7,21 @@
 * ``ResidualEps``: VSD's variational eps model when the prior has no UNet to copy (the oracle):
   ``eps_phi(x_t, t, c) = sg(eps_prior_c(x_t, t)) + Delta_phi(x_t, t, c)`` with ``Delta_phi``
   zero at init, so, exactly like a LoRA copy, it starts as the prior and learns only a correction.
-* ``LoRAUNet``: VSD's LoRA copy of a Stable Diffusion UNet (peft), with ProlificDreamer's camera
-  embedding (c2w [16] -> time-embedding width, added to the timestep embedding through diffusers'
-  ``class_embedding`` slot; last layer zero, so the copy starts as the frozen UNet).
+* ``LoRAUNet``: VSD's LoRA on a Stable Diffusion prior's own UNet (peft adapters switched on only
+  for phi's calls), with ProlificDreamer's camera embedding (last layer zero, so phi starts as the
+  frozen UNet).
 """
 from __future__ import annotations
 
-import copy
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from scalegen.priors.base import T
+from scalegen.priors.base import T, DenoiserNet
 
 
 def timestep_features(t: Tensor, dim: int = 32) -> Tensor:
@@ -91,56 +91,94 @@ class ResConvNet(nn.Module):
         return x + self.residual(x, t, camera, pooled)
 
 
-class ResidualEps(nn.Module):
+class VariationalEps(nn.Module):
+    """VSD's eps_phi(x_t, t, y, c): what it needs from the prior's call and what it trains.
+
+    ``needs_prior_eps``: the distiller stacks the rows' conditional prior eps at (x_t', t') into its
+    one prior call and passes it as ``base_eps``. ``trainable()`` names the tensors phi owns (saved
+    in checkpoints as ``distiller.<name>``; for a LoRA, the adapters, never the frozen UNet)."""
+
+    needs_prior_eps: bool = False
+
+    def forward(self, x_t: Tensor, t: Tensor, camera: Tensor, text: Tensor, pooled: Tensor | None = None,
+                base_eps: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return dict(self.named_parameters())
+
+
+class ResidualEps(VariationalEps):
     """eps_phi(x_t, t, c) = sg(eps_prior_c(x_t, t)) + Delta_phi(x_t, t, c) (oracle-world VSD)."""
 
-    needs_base = True  # the distiller stacks the rows' conditional prior eps into its one prior call
+    needs_prior_eps = True
 
     def __init__(self, channels: int, width: int = 32, blocks: int = 2, cond_dim: int = 0):
         super().__init__()
         self.delta = ResConvNet(channels, width, blocks, cond_dim)
 
-    def forward(self, x_t: Tensor, t: Tensor, camera: Tensor, base_eps: Tensor, text=None,
-                pooled: Tensor | None = None, cameras=None) -> Tensor:
+    def forward(self, x_t: Tensor, t: Tensor, camera: Tensor, text: Tensor, pooled: Tensor | None = None,
+                base_eps: Tensor | None = None) -> Tensor:
         return base_eps.detach() + self.delta.residual(x_t, t, camera, pooled)
 
 
-class LoRAUNet(nn.Module):
-    """A LoRA copy of ``prior.unet`` with a camera embedding (VSD on Stable Diffusion)."""
+LORA_ADAPTER = "vsd_phi"
 
-    needs_base = False
 
-    def __init__(self, prior, rank: int = 4, alpha: float | None = None):
+class LoRAUNet(VariationalEps):
+    """VSD's eps_phi on a Stable Diffusion prior: LoRA adapters (peft, adapter ``vsd_phi``) injected
+    into the prior's OWN frozen UNet, plus ProlificDreamer's camera embedding (c2w [16] -> time-
+    embedding width, added to the timestep embedding through diffusers' ``class_embedding`` slot;
+    last layer zero, so phi starts as the frozen UNet). The adapters are switched on only inside
+    this module's forward (``_adapters_on``), so every call the prior makes sees the frozen UNet:
+    no second copy of the UNet (3.4 GB at SD size in fp32). Conditioned on the view-independent
+    prompt, as threestudio's ProlificDreamer."""
+
+    def __init__(self, net: DenoiserNet, rank: int = 4, alpha: float | None = None):
         super().__init__()
-        from peft import LoraConfig, inject_adapter_in_model  # noqa: PLC0415 - needs the [sd] extra
+        from peft import LoraConfig  # noqa: PLC0415 - needs the [sd] extra
 
-        self.prior = [prior]  # not a submodule: its weights are not ours
-        unet = copy.deepcopy(prior.unet).float().requires_grad_(False)
-        cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights=True,
-                         target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-        unet = inject_adapter_in_model(cfg, unet)
+        self.net = [net]  # a list: the UNet is the prior's, not a submodule of ours
+        unet = net.unet
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights=True,
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name=LORA_ADAPTER)
+        self.lora = {n.replace(".", "__"): p for n, p in unet.named_parameters() if f".{LORA_ADAPTER}." in n}
+        for p in self.lora.values():  # adapters train in fp32 even on an fp16 UNet
+            p.data = p.data.float()
+        unet.disable_adapters()
         temb = unet.time_embedding.linear_2.out_features
-        cam = nn.Sequential(nn.Linear(16, temb), nn.SiLU(), nn.Linear(temb, temb))
-        nn.init.zeros_(cam[2].weight)
-        nn.init.zeros_(cam[2].bias)
-        unet.class_embedding = cam  # diffusers adds class_embedding(class_labels) to the time embedding
-        for name, p in unet.named_parameters():
-            p.requires_grad_("lora_" in name or name.startswith("class_embedding"))
-        self.unet = unet.to(prior.device)
+        self.cam = nn.Sequential(nn.Linear(16, temb), nn.SiLU(), nn.Linear(temb, temb)).to(net.device)
+        nn.init.zeros_(self.cam[2].weight)
+        nn.init.zeros_(self.cam[2].bias)
 
-    def forward(self, x_t: Tensor, t: Tensor, camera: Tensor, base_eps=None, text=None, pooled=None,
-                cameras=None) -> Tensor:
-        p = self.prior[0]
-        emb = p.row_embeddings(text, cameras).float()
-        dev = p.device
-        out = self.unet(x_t.to(dev).float(), t.to(dev), encoder_hidden_states=emb,
-                        class_labels=camera.to(dev).float()).sample
-        if p.prediction_type == "v_prediction":
-            ab = p.alphas_cumprod.to(dev)[t.to(dev)].view(-1, 1, 1, 1)
-            out = ab.sqrt() * out + (1 - ab).sqrt() * x_t.to(dev).float()
-        return out.to(x_t.device)
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return {**{f"lora.{n}": p for n, p in self.lora.items()},
+                **{f"cam.{n}": p for n, p in self.cam.named_parameters()}}
+
+    @contextmanager
+    def _adapters_on(self):
+        unet = self.net[0].unet
+        unet.enable_adapters()
+        unet.class_embedding = self.cam  # diffusers adds class_embedding(class_labels) to the time embedding
+        try:
+            yield unet
+        finally:
+            unet.class_embedding = None
+            unet.disable_adapters()
+
+    def forward(self, x_t: Tensor, t: Tensor, camera: Tensor, text: Tensor, pooled: Tensor | None = None,
+                base_eps: Tensor | None = None) -> Tensor:
+        net = self.net[0]
+        dev = net.device
+        x = x_t.to(dev)
+        dtype = next(net.unet.parameters()).dtype
+        with self._adapters_on() as unet:
+            out = unet(x.to(dtype), t.to(dev), encoder_hidden_states=net.embed(text).to(dtype),
+                       class_labels=camera.to(dev).float()).sample.float()
+        return net.to_eps(out, x.float(), t.to(dev)).to(x_t.device)
 
 
-def diffusion_timesteps(n: int, lo: float = 0.02, hi: float = 0.98) -> Tensor:
-    """t ~ U[lo T, hi T] for the variational model's own diffusion loss."""
-    return torch.randint(max(int(lo * T), 1), int(hi * T) + 1, (n,))
+def diffusion_timesteps(n: int, group: int = 1) -> Tensor:
+    """t' ~ U{0, ..., T-1} for the variational model's own diffusion loss (threestudio's VSD); with
+    ``group > 1`` consecutive groups of that size (an object's views, MVDream) share one t'."""
+    return torch.randint(0, T, (-(-n // group),)).repeat_interleave(group)[:n]

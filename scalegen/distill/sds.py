@@ -1,51 +1,67 @@
 """Score Distillation Sampling (DreamFusion):  g = w(t) (eps_cfg(x_t, t) - eps).
 
-One prior call per step on the stacked branches [cond @ t, uncond @ t]."""
+One prior call per step on the stacked branches [cond @ t, uncond @ t].
+
+With ``x0_recon`` (MVDream's x0-reconstruction form of SDS, its Sec. 3.2 and threestudio's
+``recon_loss``), the same call gives
+
+    x0_hat = (x_t - s_t eps_cfg) / a_t,        g = z - x0_hat'   (no w(t)),
+
+where, with ``x0_rescale = r > 0``, the guided x0's standard deviation is pulled towards the conditional
+one's per object (the views of a group; CFG rescale, Lin et al. 2023, as the reference applies it):
+
+    x0_c = (x_t - s_t eps_c) / a_t,   x0_hat' = r * x0_hat * std(x0_c) / std(x0_hat) + (1 - r) * x0_hat.
+
+With r = 0 this is SDS with w(t) = s_t / a_t, since z - x0_hat = (s_t / a_t)(eps_cfg - eps); MVDream
+pairs it with CFG 50 and r = 0.5 against over-saturation.
+"""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from scalegen.distill.common import TimestepSchedule, cfg_combine, target_loss, weight
+from scalegen.distill.common import Distiller, TimestepSchedule, cfg_combine, cond_uncond_eps, grad_logs, target_loss
+from scalegen.priors.base import Prior
 
 
-class SDS:
-    def __init__(self, prior, schedule: TimestepSchedule, guidance_scale: float = 100.0,
-                 weighting: str = "sds", t_group: int = 1):
-        self.prior, self.schedule, self.scale = prior, schedule, guidance_scale
-        self.weighting, self.t_group = weighting, t_group
+def rescaled_x0(x0_cfg: Tensor, x0_c: Tensor, rescale: float, views: int) -> Tensor:
+    """r * x0_cfg * std(x0_c) / std(x0_cfg) + (1 - r) * x0_cfg, the stds taken over each group of
+    ``views`` consecutive images (one object) with the reference's 1e-8 guards."""
+    shape = (-1, views, *x0_cfg.shape[1:])
+    dims = tuple(range(1, x0_cfg.dim() + 1))
+    factor = (x0_c.reshape(shape).std(dims, keepdim=True) + 1e-8) / (x0_cfg.reshape(shape).std(dims, keepdim=True) + 1e-8)
+    adjusted = (x0_cfg.reshape(shape) * factor).reshape(x0_cfg.shape)
+    return rescale * adjusted + (1 - rescale) * x0_cfg
 
-    def parameters(self):
-        return []
+
+class SDS(Distiller):
+    def __init__(self, prior: Prior, schedule: TimestepSchedule, guidance_scale: float = 100.0,
+                 weighting: str = "sds", t_group: int = 1, x0_recon: bool = False, x0_rescale: float = 0.0,
+                 views: int = 1):
+        super().__init__(prior, schedule, weighting, t_group)
+        self.scale = guidance_scale
+        self.x0_recon, self.x0_rescale, self.views = x0_recon, x0_rescale, views
 
     def gradient(self, latents: Tensor, text: Tensor, cameras, t: Tensor, eps: Tensor) -> Tensor:
-        """g for given t and eps (exposed for tests)."""
+        """g for given t and eps (exposed for tests and `bench guidance`)."""
         z = latents.detach()
-        _, eps_c, eps_u = cond_uncond_eps(self.prior, z, eps, t, text, cameras)
+        x_t, eps_c, eps_u = cond_uncond_eps(self.prior, z, eps, t, text, cameras)
         eps_cfg = cfg_combine(eps_u, eps_c, self.scale)
-        return weight(self.prior.alphas_cumprod, t, self.weighting).to(z) * (eps_cfg - eps)
+        if not self.x0_recon:
+            return self.w(t, z) * (eps_cfg - eps)
+        ab = self.prior.alphas_cumprod.to(z)[t.to(z.device)].view(-1, *[1] * (z.dim() - 1))
+        a_t, s_t = ab.sqrt(), (1 - ab).sqrt()
+        x0 = (x_t - s_t * eps_cfg) / a_t
+        if self.x0_rescale > 0:
+            if len(z) % self.views:
+                raise ValueError(f"{len(z)} images do not split into objects of {self.views} views")
+            x0 = rescaled_x0(x0, (x_t - s_t * eps_c) / a_t, self.x0_rescale, self.views)
+        return z - x0
 
-    def __call__(self, latents: Tensor, text: Tensor, cameras, step: int, pooled=None) -> tuple[Tensor, dict]:
-        t = self.schedule.sample(len(latents), step, self.t_group)
-        eps = torch.randn_like(latents)
-        g = self.gradient(latents, text, cameras, t, eps)
-        return target_loss(latents, g), {"t": t.float().mean().item(), "grad_norm": g.norm().item()}
-
-
-def cond_uncond_eps(prior, z: Tensor, eps: Tensor, t: Tensor, text: Tensor, cameras):
-    """(x_t, eps_c, eps_u): noise ``z`` to t and run [cond @ t, uncond @ t] in ONE prior call."""
-    x_t = prior.add_noise(z, eps, t)
-    n = len(z)
-    out = prior.predict_eps(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([text, prior.uncond_like(text)]),
-                            _rows(cameras, 2))
-    return x_t, out[:n], out[n:]
-
-
-def _rows(cameras, repeats: int):
-    """The per-row cameras of ``repeats`` stacked branches."""
-    from scalegen.data.cameras import Cameras  # noqa: PLC0415 - local to keep this module light
-
-    r = cameras.rows()
-    cat = lambda x: torch.cat([x] * repeats, 1)  # noqa: E731
-    return Cameras(cat(r.c2w), cat(r.fovy), cat(r.elevation), cat(r.azimuth), cat(r.distance),
-                   r.height, r.width)
+    def __call__(self, latents: Tensor, text: Tensor, cameras, step: int,
+                 pooled: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
+        t = self.sample_t(len(latents), step)
+        g = self.gradient(latents, text, cameras, t, torch.randn_like(latents))
+        return target_loss(latents, g), grad_logs(t, g)

@@ -19,15 +19,15 @@ as VSD's g is ~0 while its LoRA equals the prior). ``lambda(t)`` is annealed by 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from scalegen.distill.common import TimestepSchedule, cfg_combine, target_loss, weight
+from scalegen.distill.common import Distiller, TimestepSchedule, cfg_combine, cond_uncond_eps, grad_logs, target_loss
 from scalegen.distill.nets import camera_vector
-from scalegen.distill.sds import cond_uncond_eps
-from scalegen.priors.base import T
+from scalegen.priors.base import T, Prior
 
 
 def dca_lambda(t: Tensor, schedule: str = "linear", ends: tuple[float, float] = (1.0, 0.0)) -> Tensor:
@@ -45,26 +45,23 @@ def dca_lambda(t: Tensor, schedule: str = "linear", ends: tuple[float, float] = 
     return lam.view(-1, 1, 1, 1)
 
 
-class VDM:
-    def __init__(self, prior, schedule: TimestepSchedule, mapper: torch.nn.Module, guidance_scale: float = 7.5,
+class VDM(Distiller):
+    def __init__(self, prior: Prior, schedule: TimestepSchedule, mapper: torch.nn.Module, guidance_scale: float = 7.5,
                  weighting: str = "sds", t_group: int = 1, lr: float = 1e-3, dca_schedule: str = "linear",
                  dca_ends: tuple[float, float] = (1.0, 0.0)):
-        self.prior, self.schedule, self.mapper, self.scale = prior, schedule, mapper, guidance_scale
-        self.weighting, self.t_group, self.lr = weighting, t_group, lr
+        super().__init__(prior, schedule, weighting, t_group)
+        self.mapper, self.scale, self.lr = mapper, guidance_scale, lr
         self.dca_schedule, self.dca_ends = dca_schedule, tuple(dca_ends)
 
-    def parameters(self):
-        return list(self.mapper.parameters())
-
+    # --- the state VDM owns: M_psi -----------------------------------------------------------------
     def param_groups(self):
-        return [("vdm_psi", self.parameters(), self.lr)]
+        return [("vdm_psi", list(self.mapper.parameters()), self.lr)]
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Tensor]:
         return dict(self.mapper.state_dict())
 
-    def load_state_dict(self, state):
-        if state:
-            self.mapper.load_state_dict(state)
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.mapper.load_state_dict(state)
 
     def gradient_and_loss(self, latents: Tensor, text: Tensor, cameras, t: Tensor, eps: Tensor,
                           pooled: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -81,11 +78,11 @@ class VDM:
         eps_q = (x_t - a * x0_q.detach()) / s_t
         lam = dca_lambda(t, self.dca_schedule, self.dca_ends).to(z)
         eps_target = lam * eps_q + (1 - lam) * eps
-        g = weight(self.prior.alphas_cumprod, t, self.weighting).to(z) * (eps_cfg - eps_target)
+        g = self.w(t, z) * (eps_cfg - eps_target)
         return g, loss_psi
 
-    def __call__(self, latents: Tensor, text: Tensor, cameras, step: int, pooled=None) -> tuple[Tensor, dict]:
-        t = self.schedule.sample(len(latents), step, self.t_group)
+    def __call__(self, latents: Tensor, text: Tensor, cameras, step: int,
+                 pooled: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
+        t = self.sample_t(len(latents), step)
         g, loss_psi = self.gradient_and_loss(latents, text, cameras, t, torch.randn_like(latents), pooled)
-        return target_loss(latents, g) + loss_psi.to(latents.dtype), {
-            "t": t.float().mean().item(), "grad_norm": g.norm().item(), "loss_psi": loss_psi.item()}
+        return target_loss(latents, g) + loss_psi.to(latents.dtype), grad_logs(t, g, loss_psi=loss_psi)

@@ -1,22 +1,22 @@
 """Generators: text condition (+ noise) -> a batch of per-prompt 3D fields.
 
-Interface: ``forward(cond: TextCond, z=None) -> Field`` where ``Field.query(points [P, N, 3])``
-returns ``sdf [B, N]`` and ``rgb [B, N, 3]`` (P == 1 broadcasts shared points to every prompt),
-``Field.sdf(points)`` returns the SDF alone, ``Field.select(prompts)`` the fields of a subset of the
-prompts (inference on uneven point sets, e.g. mesh export), and ``param_groups()`` names parameter
-groups for per-module learning rates (``optim.group_lr``).
+Interface (``base.Generator``): ``forward(cond: TextCond, z=None) -> Field`` where
+``Field.query(points [P, N, 3])`` (``render.base.Field``) returns ``sdf [B, N]`` and ``rgb [B, N, 3]``
+(P == 1 broadcasts shared points to every prompt), ``Field.sdf(points)`` returns the SDF alone,
+``Field.select(prompts)`` the fields of a subset of the prompts (inference on uneven point sets, e.g.
+mesh export), and ``param_groups()`` names parameter groups for per-module learning rates
+(``optim.group_lr``).
 """
 from __future__ import annotations
 
-from torch import nn
-
+from scalegen.generators.base import Generator
 from scalegen.generators.conv3d import Conv3DNet
 from scalegen.generators.fields import FeatureField
 from scalegen.generators.hyper_ingp import HyperINGP, HyperINGPField
 from scalegen.generators.triplane_transformer import TriplaneTransformer
 
 
-def build_generator(cfg, text_dim: int) -> nn.Module:
+def build_generator(cfg, text_dim: int) -> Generator:
     """``cfg`` is the whole ``Config``; ``generator.name`` picks the class."""
     g = cfg.generator
     if g.name == "hyper_ingp":
@@ -35,4 +35,4 @@ def build_generator(cfg, text_dim: int) -> nn.Module:
     raise AssertionError(f"unhandled generator {g.name}")  # config validation prevents this
 
 
-__all__ = ["Conv3DNet", "FeatureField", "HyperINGP", "HyperINGPField", "TriplaneTransformer", "build_generator"]
+__all__ = ["Generator", "Conv3DNet", "FeatureField", "HyperINGP", "HyperINGPField", "TriplaneTransformer", "build_generator"]

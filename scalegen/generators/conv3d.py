@@ -16,6 +16,7 @@ per-prompt weights, but one ordinary batched convolution, and no prompt can see 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from scalegen.generators.fields import FeatureField, decoder
+from scalegen.generators.base import Generator
 from scalegen.text.base import TextCond
 
 # Presets: (z_dim, w_dim, mapping layers, resolution, grid channels, channels per resolution with
@@ -108,7 +110,7 @@ class SynthesisBlock(nn.Module):
         return x, y
 
 
-class Conv3DNet(nn.Module):
+class Conv3DNet(Generator):
     """Generator interface: ``forward(cond, z=None) -> FeatureField``.
 
     ``z`` [B, z_dim]: drawn from N(0, I) per prompt in training and zero in eval mode when not
@@ -151,7 +153,8 @@ class Conv3DNet(nn.Module):
         w = self.style(cond, z)
         noise = self.training
         dev = w.device.type
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=self.bf16):
+        # bf16 here, or whatever the trainer's autocast says (never switching an outer autocast off)
+        with torch.autocast(dev, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext():
             x, img = self.const.unsqueeze(0).expand(w.shape[0], -1, -1, -1, -1), None
             for block in self.blocks:
                 if self.checkpointing and torch.is_grad_enabled():

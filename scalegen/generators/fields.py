@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from scalegen.render.base import Field
+
 
 def sample_voxels(grid: Tensor, unit: Tensor) -> Tensor:
     """Trilinear features ``[B, N, C]`` of ``grid`` [B, C, D, H, W] at ``unit`` [B, N, 3] in
@@ -167,7 +169,7 @@ def decoder(d_in: int, hidden: int, d_out: int, n_hidden: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class FeatureField:
+class FeatureField(Field):
     """The fields of B prompts from per-prompt feature grids. Points are ``[P, N, 3]`` with P == B
     or P == 1 (shared points, broadcast to every prompt as a view)."""
 
@@ -183,21 +185,28 @@ class FeatureField:
 
     def encode(self, points: Tensor) -> tuple[Tensor, bool]:
         """Per-prompt features at ``points`` [P, N, 3]: ``[B, N, C]``, or ``[N, B, C]`` for shared
-        points (the flag says which)."""
+        points (the flag says which). Sampling and decoding run in fp32 outside any autocast: the
+        sparse product and the chunked decoder write into fp32 buffers (and MKL has no bf16 CSR)."""
+        with torch.autocast(points.device.type, enabled=False):
+            return self._encode(points.float())
+
+    def _encode(self, points: Tensor) -> tuple[Tensor, bool]:
         b = self.n_prompts
+        features = self.features.float()
         assert points.shape[0] in (1, b), f"points for {points.shape[0]} prompts cannot query {b} fields"
         unit = points / self.bound
         if unit.shape[0] == 1 and b > 1 and not unit.requires_grad:  # shared points: sparse interpolation
             if self.kind == "voxel":
-                return shared_interp(self.features, unit[0]).float(), True
-            return torch.cat([shared_interp(self.features[:, i], unit[0][:, list(ax)])
-                              for i, ax in enumerate(PLANE_AXES)], -1).float(), True
+                return shared_interp(features, unit[0]), True
+            return torch.cat([shared_interp(features[:, i], unit[0][:, list(ax)])
+                              for i, ax in enumerate(PLANE_AXES)], -1), True
         unit = unit.expand(b, -1, -1)
-        feat = sample_voxels(self.features, unit) if self.kind == "voxel" else sample_planes(self.features, unit)
-        return feat.float(), False
+        feat = sample_voxels(features, unit) if self.kind == "voxel" else sample_planes(features, unit)
+        return feat, False
 
     def _decode(self, mlp: nn.Module, feat: Tensor, point_major: bool) -> Tensor:
-        out = run_decoder(mlp, feat)
+        with torch.autocast(feat.device.type, enabled=False):
+            out = run_decoder(mlp, feat.float())
         return out.transpose(0, 1) if point_major else out
 
     def _sdf_from(self, feat: Tensor, point_major: bool, points: Tensor) -> Tensor:

@@ -15,7 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from scalegen.errors import ConfigError
+from scalegen.generators.base import Generator
 from scalegen.generators.hash_grid import HashGrid, TCNNHashGrid
+from scalegen.render.base import Field
 from scalegen.text.base import TextCond
 
 
@@ -59,7 +61,7 @@ class _SharedPointsMLP(torch.autograd.Function):
         return g_feat, g_w1, g_w2, None
 
 
-class HyperINGPField:
+class HyperINGPField(Field):
     """The fields of B prompts. Points are ``[P, N, 3]`` with P == B or P == 1 (shared points:
     the grid encoding is computed once and all B prompts' MLPs run as two dense matmuls,
     ``[N, F] @ [F, B*H]`` then a block-diagonal ``[B*H, B*O]``, which is far faster on CPU than
@@ -82,7 +84,9 @@ class HyperINGPField:
         """relu(feat W1_b) W2_b for every prompt b -> [B, N, O]."""
         b = w1.shape[0]
         if feat.shape[0] == 1 and b > 1:
-            return _SharedPointsMLP.apply(feat[0], w1, w2, 2048)
+            # The fused kernel writes into preallocated fp32 buffers: it runs outside autocast, in fp32.
+            with torch.autocast(feat.device.type, enabled=False):
+                return _SharedPointsMLP.apply(feat[0].float(), w1.float(), w2.float(), 2048)
         return torch.bmm(torch.relu(torch.bmm(feat.expand(b, -1, -1), w1)), w2)
 
     def _sdf_from(self, feat: Tensor, points: Tensor) -> Tensor:
@@ -101,7 +105,7 @@ class HyperINGPField:
         return sdf, rgb
 
 
-class HyperINGP(nn.Module):
+class HyperINGP(Generator):
     def __init__(self, text_dim: int, bound: float = 0.75, hash_levels: int = 16, hash_features: int = 2,
                  hash_log2_size: int = 19, hash_base_resolution: int = 16, hash_max_resolution: int = 4096,
                  mlp_hidden: int = 64, hyper_hidden: int = 64, hyper_out_gain: float = 1.0,

@@ -11,12 +11,15 @@ The planes are sampled EG3D-style (xy, xz, zy; features concatenated) and decode
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from scalegen.generators.fields import FeatureField, decoder
+from scalegen.generators.base import Generator
 from scalegen.text.base import TextCond
 
 PRESETS = {
@@ -64,7 +67,7 @@ class Block(nn.Module):
         return x + self.mlp(self.norm3(x))
 
 
-class TriplaneTransformer(nn.Module):
+class TriplaneTransformer(Generator):
     """Generator interface: ``forward(cond, z=None) -> FeatureField`` (z is ignored)."""
 
     def __init__(self, text_dim: int, preset: str = "paper", bound: float = 0.75, sdf_radius: float = 0.5,
@@ -86,7 +89,8 @@ class TriplaneTransformer(nn.Module):
         mask = cond.mask.bool()
         mask = mask | ~mask.any(1, keepdim=True)  # a prompt without a marked token attends to all
         b, h = text.shape[0], self.low_res
-        with torch.autocast(text.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        # bf16 here, or whatever the trainer's autocast says (never switching an outer autocast off)
+        with torch.autocast(text.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext():
             x = self.tokens.expand(b, -1, -1)
             for layer in self.layers:
                 if self.checkpointing and torch.is_grad_enabled():

@@ -8,7 +8,7 @@ scaling) whose components are ground-truth renders ``mu_k`` with covariance ``s^
                 = (1 - a^2 s^2 / D) sum_k r_k mu_k + (a s^2 / D) x_t
     eps(x_t, t) = (x_t - a E[x0 | x_t]) / s_t
 
-Conditions (``text`` rows are world prompt indices; unconditional rows are ``-1 - own``):
+Conditions (``text`` rows are world prompt indices; ``Guidance.uncond`` marks the unconditional rows):
   * camera_aware (MVDream-like): the conditional has one component, prompt y rendered at the
     row's own camera;
   * view_agnostic (Stable-Diffusion-like): prompt y rendered from K fixed cameras; the prior does
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from scalegen.data.cameras import Cameras, orbit_cameras
-from scalegen.priors.base import Prior, ddpm_alphas_cumprod
+from scalegen.priors.base import Guidance, Prior, ddpm_alphas_cumprod
 from scalegen.priors.oracle_world import OracleWorld
 from scalegen.render.volsdf import VolSDFRenderer
 
@@ -50,6 +50,7 @@ class OraclePrior(Prior):
         self.fixed = (fixed_elevation, fixed_distance, fixed_fovy)
         self.alphas_cumprod = ddpm_alphas_cumprod()
         self.n_calls = 0  # predict_eps calls (tests count them: one per training step)
+        self.n_rows = 0  # rows denoised by those calls
         self._fixed_cache: dict[tuple[int, int], Tensor] = {}
 
     # --- image space -------------------------------------------------------------------------
@@ -60,11 +61,9 @@ class OraclePrior(Prior):
         return (latents + 1.0) * 0.5
 
     # --- conditions --------------------------------------------------------------------------
-    def text_embeddings(self, prompts: list[str]) -> Tensor:
+    def text_embeddings(self, prompts: list[str], tokens: Tensor | None = None) -> Tensor:
+        """World prompt indices (the oracle takes no precomputed embeddings: ``stored_tokens`` is None)."""
         return torch.tensor([self.world.index(p) for p in prompts], dtype=torch.long)
-
-    def uncond_like(self, text: Tensor) -> Tensor:
-        return -1 - text.clamp(min=0)
 
     # --- ground truth ------------------------------------------------------------------------
     @torch.no_grad()
@@ -103,15 +102,18 @@ class OraclePrior(Prior):
 
     # --- the denoiser ------------------------------------------------------------------------
     @torch.no_grad()
-    def predict_eps(self, x_t: Tensor, t: Tensor, text: Tensor, cameras: Cameras) -> Tensor:
+    def predict_eps(self, x_t: Tensor, t: Tensor, text: Tensor, cameras: Cameras,
+                    guidance: Guidance | None = None) -> Tensor:
+        """Exact eps of every row; CFG pairs need nothing special here (the oracle has no Perp-Neg)."""
         self.n_calls += 1
         n, c, h, w = x_t.shape
+        self.n_rows += n
+        guidance = guidance or Guidance.all_conditional(n)
         x = x_t.reshape(n, -1).float()
         ab = self.alphas_cumprod.to(x.device)[t.to(x.device)]
         a, s_t = ab.sqrt(), (1.0 - ab).sqrt()
-        text = text.to(x.device)
-        is_cond = text >= 0
-        own = torch.where(is_cond, text, -1 - text)
+        own = text.to(x.device)
+        is_cond = ~guidance.uncond.to(x.device)
         uset = self.uncond_set(own.cpu())
         pos = torch.full((len(self.world.prompts),), -1, dtype=torch.long)
         pos[uset] = torch.arange(len(uset))

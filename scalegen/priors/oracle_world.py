@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from scalegen.errors import DataError
+from scalegen.render.base import Field
 from scalegen.text.bow import tokenize
 
 PALETTE: dict[str, tuple[float, float, float]] = {
@@ -74,13 +75,13 @@ class Scene:
         return f"a {self.size} {self.color} {self.shape}"
 
 
-class AnalyticField:
-    """Ground-truth fields of K scenes (the ``Field`` interface): exact SDF, constant colour."""
+class AnalyticField(Field):
+    """Ground-truth fields of K scenes: exact SDF, one constant colour per scene."""
 
     def __init__(self, scenes: list[Scene]):
         self.scenes = scenes
         self.n_prompts = len(scenes)
-        self.constant_rgb = torch.tensor([PALETTE[s.color] for s in scenes])  # the renderer uses it
+        self._rgb = torch.tensor([PALETTE[s.color] for s in scenes])
         # Scenes sharing (shape, size) share one SDF evaluation.
         self._groups: dict[tuple[str, str], list[int]] = {}
         for i, s in enumerate(scenes):
@@ -98,8 +99,11 @@ class AnalyticField:
 
     def query(self, points: Tensor) -> tuple[Tensor, Tensor]:
         sdf = self.sdf(points)
-        rgb = self.constant_rgb.to(points)[:, None, :].expand(-1, points.shape[1], -1)
+        rgb = self._rgb.to(points)[:, None, :].expand(-1, points.shape[1], -1)
         return sdf, rgb
+
+    def constant_rgb(self) -> Tensor:
+        return self._rgb
 
 
 def background_rgb(dirs: Tensor) -> Tensor:
@@ -171,8 +175,9 @@ class OracleWorld:
             if len(found) != 1:
                 if not found and what == "size" and len(options) == 1:
                     return options[0]
-                raise DataError(f"prompt {prompt!r} is not in the oracle world: it needs exactly one {what} "
-                                f"of {', '.join(options)}")
+                raise DataError(f"prompt {prompt!r} is not in the oracle world (prompts 'a <size> <color> <shape>'): it "
+                                f"needs exactly one {what} of {', '.join(options)}; free-text prompts need a real prior "
+                                "(prior.name=stable_diffusion)")
             return found[0]
         return Scene(pick(self.sizes, "size"), pick(self.colors, "color"), pick(self.shapes, "shape"))
 

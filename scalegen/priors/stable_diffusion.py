@@ -9,14 +9,14 @@ What the trainer sees (``Prior`` interface, see ``base.py``):
   option: 4x fewer VAE FLOPs, latents 32x32 upsampled (bilinear) to ``latent_resolution`` for the
   UNet; it loses latent detail above 32x32 (docs/performance.md has the numbers).
 * ``text_embeddings(prompts)``: integer ids (one per prompt, stable for the prior's life). The
-  UNet embeddings behind an id (the 4 view-dependent prompts ``view_prompt(p, v)`` for ``v`` in
-  ``VIEWS``, or the plain prompt when ``view_dependent`` is off) are computed once per prompt by
-  the SAME ``CLIPTextEncoder`` that conditions the generator and kept in an LRU on the device;
-  an evicted prompt is re-encoded on its next use. Precomputed embeddings (e.g. from shards) go
-  in through ``text_embeddings(prompts, tokens=...)``. Unconditional rows are ``-1 - id`` and use
-  ``negative_prompt``.
-* ``predict_eps(x_t, t, text, cameras)``: ONE UNet call for every row, with each conditional row's
-  embedding chosen from its camera: threestudio's view-dependent prompting (front if
+  UNet embeddings behind an id (the prompt itself and, with view-dependent prompting, its 4
+  variants ``view_prompt(p, v)`` for ``v`` in ``VIEWS``) are computed once per prompt by the SAME
+  ``CLIPTextEncoder`` that conditions the generator and kept in an LRU on the device; an evicted
+  prompt is re-encoded on its next use. Precomputed embeddings (shards built by the same tower,
+  ``stored_tokens``) go in through ``text_embeddings(prompts, tokens=...)``.
+* ``predict_eps(x_t, t, text, cameras, guidance)``: ONE UNet call for every row. Unconditional rows
+  (``guidance.uncond``) use ``negative_prompt``; each conditional row's embedding is chosen from
+  its camera: threestudio's view-dependent prompting (front if
   ``|azimuth| < front_threshold``, back if ``|azimuth| > 180 - back_threshold``, overhead if
   ``elevation > overhead_threshold``, else side; azimuth 0 is +x, counter-clockwise from above).
 
@@ -25,10 +25,9 @@ positive embedding interpolates between views by azimuth: ``|az| < 90``: ``r = 1
 ``pos = r front + (1 - r) side``, negatives (front, side) with weights ``f_fs(r), f_sf(1 - r)``;
 else ``r = 2 - |az|/90``, ``pos = r side + (1 - r) back``, negatives (side, front) with weights
 ``f_sb(r), f_fsb(r)``; overhead rows use the overhead prompt and no negatives. ``f(r) = a e^(-b r) + c``
-and each weight is ``w = -perp_neg * f(r)``. A conditional row is *guided* when the same call holds
-an unconditional row of the same prompt at the same ``t`` and ``x_t`` (matched one to one, in
-order, so ASD's ``cond @ t+dt`` stays plain even when dt = 0). For a guided row the prior appends
-its two negative branches to the same UNet batch and returns
+and each weight is ``w = -perp_neg * f(r)``. Perp-Neg applies to the conditional rows of the
+caller's CFG pairs (``guidance.pairs``; ASD's ``cond @ t+dt`` is not paired and stays plain). For
+a paired row the prior appends its two negative branches to the same UNet batch and returns
 
     eps_c' = eps_c + sum_i w_i perp(eps_neg_i - eps_u, eps_c - eps_u),
     perp(x, y) = x - (<x, y> / max(<y, y>, 1e-6)) y            (per image)
@@ -40,21 +39,28 @@ UNet forward (ASD: cond@t, uncond@t, 2 negatives@t, cond@t+dt = 5 branches).
 from __future__ import annotations
 
 import json
-import os
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from scalegen.errors import WeightsError
-from scalegen.priors.base import T, Prior
+from scalegen.priors.base import T, DenoiserNet, Guidance, Prior
+from scalegen.priors.latent import vae_decode, vae_encode
+from scalegen.priors.text_cache import PromptTable
 from scalegen.text.base import VIEWS, view_prompt
-from scalegen.text.clip import hf_offline
+from scalegen.text.clip import local_weights, same_model
 
 FRONT, SIDE, BACK, OVERHEAD = (VIEWS.index(v) for v in ("front", "side", "back", "overhead"))
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# The published config of stabilityai/stable-diffusion-2-1-base's unet/config.json (benchmarks build it on meta).
+SD21_BASE_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, norm_num_groups=32,
+    act_fn="silu", flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1,
+)
 # Perp-Neg weighting functions a * exp(-b r) + c (threestudio's defaults; f_fs(1) = f_sf(1) = 0).
 PERP_NEG_F = {"fs": (4.0, 0.5, -2.426), "sf": (4.0, 0.5, -2.426), "sb": (1.0, 0.5, -0.606), "fsb": (1.0, 0.5, 0.967)}
 
@@ -123,19 +129,9 @@ def perpendicular(x: Tensor, y: Tensor) -> Tensor:
 
 
 def _load_error(model: str, what: str, err: Exception) -> WeightsError:
-    where = ("it is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading"
-             if hf_offline() else "it could not be loaded or downloaded")
-    return WeightsError(
-        f"cannot load the Stable Diffusion {what} from '{model}' ({where}); set prior.model to a diffusers folder with "
-        f"unet/, vae/, scheduler/, text_encoder/ and tokenizer/, e.g. one made by `huggingface-cli download "
-        f"stabilityai/stable-diffusion-2-1-base --local-dir DIR` on a machine with network access "
-        f"({err.__class__.__name__})")
-
-
-def _same_model(a: str, b: str) -> bool:
-    if Path(a).is_dir() and Path(b).is_dir():
-        return os.path.realpath(a) == os.path.realpath(b)
-    return a == b
+    return WeightsError(f"cannot load the Stable Diffusion {what} from '{model}' ({err.__class__.__name__}: the files "
+                        "are there but unreadable); download the model again (`huggingface-cli download "
+                        "stabilityai/stable-diffusion-2-1-base --local-dir DIR`) and set prior.model=DIR")
 
 
 class StableDiffusionPrior(Prior):
@@ -150,24 +146,18 @@ class StableDiffusionPrior(Prior):
         self.device = torch.device(device)
         # Half precision on CPU is slow or unsupported for some kernels: CPU runs use fp32.
         self.dtype = DTYPES[dtype] if self.device.type != "cpu" else torch.float32
-        local = Path(model).is_dir()
-        if local:
-            missing = [s for s in ("unet", "vae", "scheduler") if not (Path(model) / s).is_dir()]
-            if missing:
-                raise WeightsError(f"'{model}' has no {'/, '.join(missing)}/ folder; point prior.model at a diffusers "
-                                   "Stable Diffusion folder (unet/, vae/, scheduler/, text_encoder/, tokenizer/)")
-        offline = hf_offline() or local
-        kw = {"local_files_only": offline}
+        path = local_weights(model, "prior.model", ("unet", "vae", "scheduler"))
+        kw = {"local_files_only": True}
         try:
-            self.scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", **kw)
+            self.scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
         except Exception as e:  # noqa: BLE001 - many loader exceptions mean the same to a user
             raise _load_error(model, "noise schedule", e) from None
         try:
-            unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=self.dtype, **kw)
+            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=self.dtype, **kw)
         except Exception as e:  # noqa: BLE001
             raise _load_error(model, "UNet", e) from None
         try:
-            vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=self.dtype, **kw)
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=self.dtype, **kw)
         except Exception as e:  # noqa: BLE001
             raise _load_error(model, "VAE", e) from None
         if self.scheduler.config.num_train_timesteps != T:
@@ -192,7 +182,7 @@ class StableDiffusionPrior(Prior):
         if text_encoder is None:
             from scalegen.text.clip import CLIPTextEncoder  # noqa: PLC0415
 
-            text_encoder = CLIPTextEncoder(model, device=self.device)
+            text_encoder = CLIPTextEncoder(model, device=self.device, key="prior.model")
         if text_encoder.dim != self.unet.config.cross_attention_dim:
             raise WeightsError(f"the text encoder's width {text_encoder.dim} does not match the UNet's "
                                f"cross_attention_dim {self.unet.config.cross_attention_dim}; set text.model to the "
@@ -203,145 +193,97 @@ class StableDiffusionPrior(Prior):
         self.perp_neg, self.perp_neg_f = perp_neg, {**PERP_NEG_F, **(perp_neg_f or {})}
         self.negative_prompt = negative_prompt
         self.uncond_tokens = self._encode_strings([negative_prompt])[0]  # [L, D]
-        self.cache_size = text_cache_size
-        self._ids: dict[str, int] = {}
-        self._prompts: list[str] = []
-        self._cache: OrderedDict[int, Tensor] = OrderedDict()
+        self.table = PromptTable(self._encode_strings, self._variants, text_cache_size)
         self.n_calls = 0  # predict_eps calls
-        self.n_text_encodes = 0  # prompts encoded (cache misses), for tests and logs
 
     # --- image space <-> latents ---------------------------------------------------------------
     def encode(self, rgb: Tensor) -> Tensor:
         """rgb [N, 3, h, w] in [0, 1] -> latents [N, 4, latent_resolution, latent_resolution] (with grad)."""
-        r = self.encode_resolution
-        with torch.autocast(self.device.type, enabled=False):
-            x = rgb.float()
-            if x.shape[-2:] != (r, r):
-                x = F.interpolate(x, (r, r), mode="bilinear", align_corners=False)
-            z = self.vae.encode((x * 2.0 - 1.0).to(self.dtype)).latent_dist.sample() * self.scaling
-            z = z.float()
-            if z.shape[-2:] != (self.latent_resolution,) * 2:
-                z = F.interpolate(z, (self.latent_resolution,) * 2, mode="bilinear", align_corners=False)
-        return z
+        return vae_encode(self.vae, rgb, self.encode_resolution, self.latent_resolution, self.scaling, self.dtype)
 
-    @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        img = self.vae.decode((latents / self.scaling).to(self.dtype)).sample.float()
-        return (img * 0.5 + 0.5).clamp(0, 1)
+        return vae_decode(self.vae, latents, self.scaling, self.dtype)
 
     # --- text ------------------------------------------------------------------------------------
     def _encode_strings(self, strings: list[str]) -> Tensor:
         return self.text_encoder.encode(strings).tokens.to(self.device, self.dtype)
 
-    def _views(self, prompt: str) -> list[str]:
-        return [view_prompt(prompt, v) for v in VIEWS] if self.view_dependent else [prompt]
+    def _variants(self, prompt: str) -> list[str]:
+        """The strings whose embeddings stand behind a prompt id: the prompt itself, then (with
+        view-dependent prompting) ``view_prompt(prompt, v)`` for ``v`` in ``VIEWS``; the layout of
+        shards built with ``--store views``."""
+        return [prompt] + ([view_prompt(prompt, v) for v in VIEWS] if self.view_dependent else [])
 
     def text_embeddings(self, prompts: list[str], tokens: Tensor | None = None) -> Tensor:
         """Ids of ``prompts`` (long [B]); their UNet embeddings are computed now (once per prompt)
-        unless cached. ``tokens`` [B, K, L, D] are precomputed embeddings of ``_views(prompt)``
-        (K = 4 in ``VIEWS`` order with view-dependent prompting, else 1), e.g. read from shards."""
-        ids = []
-        for p in prompts:
-            if p not in self._ids:
-                self._ids[p] = len(self._prompts)
-                self._prompts.append(p)
-            ids.append(self._ids[p])
+        unless cached. ``tokens`` [B, K, L, D] are precomputed embeddings of ``_variants(prompt)``
+        (K = 5 with view-dependent prompting, else 1), e.g. read from shards."""
+        ids = self.table.ids(prompts)
         if tokens is not None:
-            k = 4 if self.view_dependent else 1
+            k = 1 + len(VIEWS) if self.view_dependent else 1
             if tokens.dim() != 4 or tokens.shape[:2] != (len(prompts), k):
                 raise WeightsError(f"precomputed text embeddings have shape {tuple(tokens.shape)}, expected "
-                                   f"[{len(prompts)}, {k}, L, D] (views {VIEWS if k == 4 else 'plain'})")
-            for i, t in zip(ids, tokens):
-                self._cache[i] = t.to(self.device, self.dtype)
-                self._cache.move_to_end(i)
-            self._evict()
+                                   f"[{len(prompts)}, {k}, L, D] (the prompt{', then views ' if k > 1 else ''}"
+                                   f"{VIEWS if k > 1 else ''})")
+            self.table.put(ids, tokens.to(self.device, self.dtype))
         else:
-            self._lookup(ids)
+            self.table.lookup(ids)
         return torch.tensor(ids, dtype=torch.long)
 
-    def _lookup(self, ids: list[int]) -> dict[int, Tensor]:
-        """{id: [K, L, D]} for ``ids``, encoding the missing prompts in one text-encoder call."""
-        need = list(dict.fromkeys(ids))
-        missing = [i for i in need if i not in self._cache]
-        if missing:
-            strings = [s for i in missing for s in self._views(self._prompts[i])]
-            tok = self._encode_strings(strings)
-            k = len(strings) // len(missing)
-            self.n_text_encodes += len(missing)
-            for j, i in enumerate(missing):
-                self._cache[i] = tok[j * k:(j + 1) * k]
-        out = {}
-        for i in need:
-            self._cache.move_to_end(i)
-            out[i] = self._cache[i]
-        self._evict()
-        return out
+    def stored_tokens(self, info: dict):
+        """Shards built by this prior's own text tower carry the embeddings it needs: all variants
+        (``store=views``) with view-dependent prompting, the prompt's (``plain`` or ``views``) without."""
+        if info.get("id") != self.text_encoder.id or info.get("store") not in ("plain", "views"):
+            return None
+        if self.view_dependent:
+            return "views" if info["store"] == "views" else None
+        return "plain"
 
-    def _evict(self) -> None:
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-
-    def uncond_like(self, text: Tensor) -> Tensor:
-        return -1 - text.clamp(min=0)
+    @property
+    def n_text_encodes(self) -> int:
+        """Prompts encoded so far (cache misses)."""
+        return self.table.n_encodes
 
     def prompt_of(self, text_id: int) -> str:
-        return self._prompts[text_id]
+        return self.table.prompt_of(text_id)
 
     # --- the denoiser ----------------------------------------------------------------------------
-    def row_embeddings(self, text: Tensor, cameras) -> Tensor:
-        """UNet text embeddings [N, L, D] of ``text`` rows, the view-dependent prompt chosen from each
-        row's camera (no Perp-Neg mixing): what a trainable copy of the UNet (VSD's LoRA) is fed."""
-        text = text.cpu()
-        n = text.shape[0]
-        rows = cameras.rows()
-        az, el = rows.azimuth.reshape(-1).float().cpu(), rows.elevation.reshape(-1).float().cpu()
-        is_cond = text >= 0
-        table = self._lookup(text[is_cond].tolist())
-        emb = self.uncond_tokens.expand(n, *self.uncond_tokens.shape).clone()
-        views = view_index(az, el, *self.thresholds) if self.view_dependent else None
-        for i in is_cond.nonzero().flatten().tolist():
-            vd = table[int(text[i])]
-            emb[i] = vd[views[i]] if self.view_dependent else vd[0]
-        return emb
+    def plain_embeddings(self, text: Tensor) -> Tensor:
+        """UNet embeddings [N, L, D] of the prompts themselves (no view suffix): what VSD's LoRA
+        is conditioned on (threestudio's ProlificDreamer uses the view-independent prompt)."""
+        table = self.table.lookup(text.tolist())
+        return torch.stack([table[int(i)][0] for i in text.tolist()])
 
-    def _guided_pairs(self, x_t: Tensor, t: Tensor, text: Tensor) -> tuple[list[int], list[int]]:
-        """(cond rows, uncond rows): each conditional row with an unconditional row of the same
-        prompt, t and x_t in this call (one to one, first come first served)."""
-        free: dict[tuple[int, int], list[int]] = {}
-        for j in (text < 0).nonzero().flatten().tolist():
-            free.setdefault((-1 - int(text[j]), int(t[j])), []).append(j)
-        ci, ui = [], []
-        for i in (text >= 0).nonzero().flatten().tolist():
-            cands = free.get((int(text[i]), int(t[i])), [])
-            for j in cands:
-                if torch.equal(x_t[i], x_t[j]):
-                    cands.remove(j)
-                    ci.append(i)
-                    ui.append(j)
-                    break
-        return ci, ui
+    def denoiser_net(self) -> DenoiserNet:
+        return DenoiserNet(self.unet, embed=self.plain_embeddings, to_eps=self._to_eps, device=self.device)
+
+    def _to_eps(self, out: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """The UNet's output as eps: for v-prediction eps = a_t v + s_t x_t."""
+        if self.prediction_type == "v_prediction":
+            ab = self.alphas_cumprod.to(out.device)[t.to(out.device)].view(-1, 1, 1, 1)
+            return ab.sqrt() * out + (1 - ab).sqrt() * x.float()
+        return out
 
     def _unet(self, x: Tensor, t: Tensor, emb: Tensor) -> Tensor:
         x = x.to(self.device, self.dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out = self._unet_fn(x, t.to(self.device), encoder_hidden_states=emb).sample.float()
-        if self.prediction_type == "v_prediction":  # eps = a_t v + s_t x_t
-            ab = self.alphas_cumprod.to(self.device)[t.to(self.device)].view(-1, 1, 1, 1)
-            out = ab.sqrt() * out + (1 - ab).sqrt() * x.float()
-        return out.contiguous()
+        return self._to_eps(out, x, t).contiguous()
 
     @torch.no_grad()
-    def predict_eps(self, x_t: Tensor, t: Tensor, text: Tensor, cameras) -> Tensor:
+    def predict_eps(self, x_t: Tensor, t: Tensor, text: Tensor, cameras, guidance: Guidance | None = None) -> Tensor:
         self.n_calls += 1
         n = x_t.shape[0]
-        text, t = text.cpu(), t.cpu()
+        guidance = guidance or Guidance.all_conditional(n)
+        text, t, uncond = text.cpu(), t.cpu(), guidance.uncond.cpu()
         rows = cameras.rows()
         az, el = rows.azimuth.reshape(-1).float().cpu(), rows.elevation.reshape(-1).float().cpu()
-        if az.shape[0] != n:
-            raise ValueError(f"predict_eps got {n} rows but {az.shape[0]} cameras")
-        is_cond = text >= 0
-        table = self._lookup(text[is_cond].tolist())
+        if az.shape[0] != n or text.shape[0] != n or uncond.shape[0] != n:
+            raise ValueError(f"predict_eps got {n} rows but {az.shape[0]} cameras, {text.shape[0]} text rows and "
+                             f"{uncond.shape[0]} guidance rows")
+        cond_rows = (~uncond).nonzero().flatten().tolist()
+        table = self.table.lookup(text[~uncond].tolist())
         emb = self.uncond_tokens.expand(n, *self.uncond_tokens.shape).clone()
         front, back, overhead = self.thresholds
         use_pn = self.perp_neg > 0 and self.view_dependent
@@ -349,24 +291,24 @@ class StableDiffusionPrior(Prior):
             mix, neg_views, neg_w = perp_neg_plan(az, el, overhead, self.perp_neg, self.perp_neg_f)
         elif self.view_dependent:
             views = view_index(az, el, front, back, overhead)
-        for i in is_cond.nonzero().flatten().tolist():
-            vd = table[int(text[i])]
+        for i in cond_rows:
+            vd = table[int(text[i])]  # [prompt, front, side, back, overhead] or [prompt]
             if use_pn:
-                emb[i] = torch.einsum("k,kld->ld", mix[i].to(vd), vd)
+                emb[i] = torch.einsum("k,kld->ld", mix[i].to(vd), vd[1:])
             else:
-                emb[i] = vd[views[i]] if self.view_dependent else vd[0]
+                emb[i] = vd[1 + views[i]] if self.view_dependent else vd[0]
 
         x_all, t_all, emb_all = [x_t], [t], [emb]
         ci, ui = [], []
-        if use_pn:
-            ci, ui = self._guided_pairs(x_t, t, text)
-            keep = [k for k, i in enumerate(ci) if bool((neg_w[i] != 0).any())]  # overhead: no negatives
-            ci, ui = [ci[k] for k in keep], [ui[k] for k in keep]
+        if use_pn and len(guidance.pairs):
+            pairs = guidance.pairs.cpu().tolist()
+            ci = [c for c, u in pairs if bool((neg_w[c] != 0).any())]  # overhead views have no negatives
+            ui = [u for c, u in pairs if bool((neg_w[c] != 0).any())]
             if ci:
                 src = torch.tensor(ci).repeat_interleave(2)
                 x_all.append(x_t[src.to(x_t.device)])
                 t_all.append(t[src])
-                emb_all.append(torch.stack([table[int(text[i])][neg_views[i, k]] for i in ci for k in range(2)]))
+                emb_all.append(torch.stack([table[int(text[i])][1 + neg_views[i, k]] for i in ci for k in range(2)]))
         eps_all = self._unet(torch.cat(x_all), torch.cat(t_all), torch.cat(emb_all))
         eps = eps_all[:n]
         if ci:
@@ -383,15 +325,16 @@ class StableDiffusionPrior(Prior):
 
 def build_sd_prior(cfg, text_encoder=None, device=None) -> StableDiffusionPrior:
     """The prior of ``cfg.prior``; reuses ``text_encoder`` when it is the same CLIP tower
-    (``text.encoder=clip`` with ``text.model`` = ``prior.model``), so it is loaded once."""
+    (``text.encoder=clip`` with ``text.model`` unset or = ``prior.model``), so it is loaded once."""
     p = cfg.prior
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    share = (text_encoder is not None and cfg.text.encoder == "clip" and _same_model(cfg.text.model, p.model))
+    share = (text_encoder is not None and cfg.text.encoder == "clip" and same_model(cfg.text_model(), p.model))
+    encode_resolution, latent_resolution = p.resolutions()
     return StableDiffusionPrior(
         p.model, text_encoder=text_encoder if share else None, device=device, dtype=p.dtype,
-        channels_last=p.channels_last, compile=p.compile, encode_resolution=p.encode_resolution,
-        latent_resolution=p.latent_resolution, negative_prompt=p.negative_prompt, view_dependent=p.view_dependent,
+        channels_last=p.channels_last, compile=p.compile, encode_resolution=encode_resolution,
+        latent_resolution=latent_resolution, negative_prompt=p.negative_prompt, view_dependent=p.view_dependent,
         front_threshold=p.front_threshold, back_threshold=p.back_threshold, overhead_threshold=p.overhead_threshold,
         perp_neg=p.perp_neg, text_cache_size=p.text_cache_size,
         perp_neg_f={"fs": tuple(p.perp_neg_f_fs), "sf": tuple(p.perp_neg_f_sf), "sb": tuple(p.perp_neg_f_sb),

@@ -4,7 +4,8 @@ from __future__ import annotations
 from torch import nn
 
 from scalegen.render.background import EnvironmentBackground, SolidBackground
-from scalegen.render.volsdf import RenderOutput, VolSDFRenderer
+from scalegen.render.base import Field, Renderer, RenderOutput
+from scalegen.render.volsdf import VolSDFRenderer
 
 
 def build_renderer(cfg) -> VolSDFRenderer:
@@ -22,5 +23,5 @@ def build_background(cfg, text_dim: int) -> nn.Module:
     return SolidBackground(text_dim, random_prob=r.bg_random_prob)
 
 
-__all__ = ["VolSDFRenderer", "RenderOutput", "EnvironmentBackground", "SolidBackground",
+__all__ = ["Field", "Renderer", "VolSDFRenderer", "RenderOutput", "EnvironmentBackground", "SolidBackground",
            "build_renderer", "build_background"]

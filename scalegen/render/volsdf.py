@@ -14,27 +14,11 @@ shared features once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from scalegen.data.cameras import Cameras, camera_rays
-
-Background = Callable[[Tensor], Tensor]  # dirs [P, V, R, 3] -> rgb [B or 1, V, R, 3]
-
-
-@dataclass
-class RenderOutput:
-    rgb: Tensor  # [B*V, 3, H, W] in [0, 1]
-    opacity: Tensor  # [B*V, 1, H, W]
-    depth: Tensor  # [B*V, 1, H, W] expected termination distance along the ray, given a hit
-    normals: Optional[Tensor]  # [B*V, 3, H, W] world-space, opacity-weighted (with_normals)
-    eikonal: Optional[Tensor]  # scalar mean (|grad d| - 1)^2 over sampled points (with_eikonal)
-    n_prompts: int
-    n_views: int
-
+from scalegen.render.base import Background, Field, Renderer, RenderOutput
 
 def laplace_density(sdf: Tensor, beta: float) -> Tensor:
     """sigma = (1/beta) Psi_beta(-sdf)."""
@@ -79,7 +63,7 @@ def sample_pdf(edges: Tensor, weights: Tensor, n: int, perturb: bool, span: bool
     return e0 + frac * (e1 - e0)
 
 
-class VolSDFRenderer(nn.Module):
+class VolSDFRenderer(Renderer):
     """``composite="fine"`` (training default): the stratified proposal pass evaluates only the SDF,
     without autograd, to build the pdf; the differentiable pass evaluates the field only at the
     ``importance_samples`` drawn from that pdf (mixed with ``uniform_mix`` of a uniform pdf so no
@@ -95,7 +79,7 @@ class VolSDFRenderer(nn.Module):
         self.beta, self.near_min, self.normal_eps = beta, near_min, normal_eps
         self.eikonal_points, self.composite, self.uniform_mix = eikonal_points, composite, uniform_mix
 
-    def forward(self, field, cameras: Cameras, background: Background | None = None, *,
+    def forward(self, field: Field, cameras: Cameras, background: Background | None = None, *,
                 with_normals: bool = False, with_eikonal: bool = False, perturb: bool | None = None,
                 samples: int | None = None, importance_samples: int | None = None,
                 composite: str | None = None) -> RenderOutput:
@@ -125,7 +109,7 @@ class VolSDFRenderer(nn.Module):
         t = edges[..., :-1] + (edges[..., 1:] - edges[..., :-1]) * jitter
         fine_only = mode == "fine" and n_i > 0
         # A field of constant colour per prompt (ground truth) skips per-sample colours.
-        flat = getattr(field, "constant_rgb", None)
+        flat = field.constant_rgb()
         if fine_only or flat is not None:
             with torch.no_grad():
                 sdf = field.sdf(points(t)).view(b, v * r, n_s)

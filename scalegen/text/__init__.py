@@ -19,7 +19,8 @@ def build_text_encoder(cfg) -> TextEncoder:
 
         from scalegen.text.clip import CLIPTextEncoder  # noqa: PLC0415 - needs the [sd] extra
 
-        return CLIPTextEncoder(t.model, device="cuda" if torch.cuda.is_available() else "cpu")
+        return CLIPTextEncoder(cfg.text_model(), device="cuda" if torch.cuda.is_available() else "cpu",
+                               key="text.model" if t.model else "prior.model")  # the key that named it
     raise AssertionError(f"unhandled text encoder {t.encoder}")  # config validation prevents this
 
 
@@ -32,7 +33,7 @@ def text_dim_of(cfg) -> int:
 
     if cfg.text.encoder == "bow":
         return cfg.text.dim
-    conf = Path(cfg.text.model) / "text_encoder" / "config.json"
+    conf = Path(cfg.text_model()) / "text_encoder" / "config.json"
     if conf.is_file():
         return int(json.loads(conf.read_text()).get("hidden_size", 1024))
     return 1024

@@ -35,12 +35,18 @@ class TextCond:
 
 
 class TextEncoder:
-    """Interface: ``encode(prompts) -> TextCond``; ``dim``; ``id`` (stable identifier)."""
+    """Interface: ``encode(prompts) -> TextCond``; ``dim`` (embedding width); ``max_tokens`` (longer
+    prompts are truncated); ``id`` (stable identifier, recorded in shard manifests);
+    ``count_tokens(prompt)`` (to report prompts over the limit)."""
 
     dim: int
+    max_tokens: int
     id: str
 
     def encode(self, prompts: list[str]) -> TextCond:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def count_tokens(self, prompt: str) -> int:  # pragma: no cover - interface
         raise NotImplementedError
 
 

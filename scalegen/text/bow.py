@@ -29,6 +29,9 @@ class BagOfWordsEncoder(TextEncoder):
         self.id = f"bow-v1-d{dim}-l{max_tokens}"
         self._cache: dict[str, torch.Tensor] = {}
 
+    def count_tokens(self, prompt: str) -> int:
+        return len(tokenize(prompt))
+
     def word_vector(self, word: str) -> torch.Tensor:
         v = self._cache.get(word)
         if v is None:

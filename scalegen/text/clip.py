@@ -24,36 +24,58 @@ from scalegen.errors import WeightsError
 from scalegen.text.base import TextCond, TextEncoder
 
 
-def hf_offline() -> bool:
-    """HF offline mode, read now (huggingface_hub reads it once, at import time)."""
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+def local_weights(model: str, key: str, subfolders: tuple[str, ...]) -> str:
+    """The local folder of ``model``: the folder itself, or the snapshot of a hub id in the local
+    Hugging Face cache. Nothing is downloaded (no network on most of our machines, and a hub id that
+    is not cached would otherwise retry for a minute before failing): an id that is neither fails
+    at once with what to do. ``key``: the config key that named it (for the message)."""
+    if Path(model).is_dir():
+        missing = [s for s in subfolders if not (Path(model) / s).is_dir()]
+        if missing:
+            raise WeightsError(f"'{model}' ({key}) has no {'/, '.join(missing)}/ folder; point {key} at a diffusers "
+                               f"Stable Diffusion folder ({'/, '.join(subfolders)}/)")
+        return model
+    try:
+        from huggingface_hub import snapshot_download  # noqa: PLC0415
+
+        path = snapshot_download(model, local_files_only=True, allow_patterns=[f"{s}/*" for s in subfolders])
+    except Exception:  # noqa: BLE001 - not a valid id, not cached: the same to a user
+        path = None
+    if path is None or any(not (Path(path) / s).is_dir() for s in subfolders):
+        raise WeightsError(f"{key}='{model}' is neither a local folder nor in the local Hugging Face cache; on a "
+                           f"machine with network access run `huggingface-cli download {model} --local-dir DIR` "
+                           f"and set {key}=DIR")
+    return path
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model names (folders or hub ids) are the same model, so one loaded text tower can
+    serve both (folders compare by their real path)."""
+    if Path(a).is_dir() and Path(b).is_dir():
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a == b
 
 
 def _load_error(model: str, what: str, err: Exception) -> WeightsError:
-    offline = hf_offline()
-    where = ("it is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading"
-             if offline else "it could not be loaded or downloaded")
-    return WeightsError(f"cannot load the CLIP {what} from '{model}' ({where}); put a diffusers folder with "
-                        f"tokenizer/ and text_encoder/ there, or download the id, e.g. `huggingface-cli download "
-                        f"stabilityai/stable-diffusion-2-1-base` ({err.__class__.__name__})")
+    return WeightsError(f"cannot load the CLIP {what} from '{model}' ({err.__class__.__name__}: the files are there "
+                        "but unreadable); download the model again (`huggingface-cli download "
+                        "stabilityai/stable-diffusion-2-1-base --local-dir DIR`)")
 
 
 class CLIPTextEncoder(TextEncoder):
-    def __init__(self, model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 key: str = "text.model"):
         from transformers import CLIPTextModel, CLIPTokenizer  # noqa: PLC0415 - optional extra
 
         local = Path(model).is_dir()
-        if local and not (Path(model) / "text_encoder").is_dir():
-            raise WeightsError(f"'{model}' has no text_encoder/ folder; point text.model at a diffusers "
-                               "Stable Diffusion folder (with tokenizer/ and text_encoder/)")
-        offline = hf_offline() or local
+        path = local_weights(model, key, ("tokenizer", "text_encoder"))
         try:
-            self.tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", local_files_only=offline)
+            self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
         except Exception as e:  # noqa: BLE001 - many loader exceptions mean the same to a user
             raise _load_error(model, "tokenizer", e) from None
         try:
-            self.model = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype,
-                                                       local_files_only=offline)
+            self.model = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype,
+                                                       local_files_only=True)
         except Exception as e:  # noqa: BLE001
             raise _load_error(model, "text encoder", e) from None
         self.model.to(device).eval().requires_grad_(False)

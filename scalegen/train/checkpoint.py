@@ -93,6 +93,11 @@ def load_training_state(ckpt: Path) -> tuple[dict, dict, dict]:
     return opt, rng, state
 
 
+def checkpoint_step(ckpt: Path) -> int:
+    """The training step a checkpoint folder holds (from its name, ``step_0000300``)."""
+    return int(Path(ckpt).name.split("_")[-1])
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run directory or a checkpoint folder -> the checkpoint folder to load."""
     p = Path(path)

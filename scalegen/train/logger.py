@@ -32,10 +32,15 @@ class MetricLogger:
         if resume_step == 0 and self.path.exists():
             self.path.unlink()
         elif resume_step > 0 and self.path.exists():
-            # Drop lines past the checkpoint we resume from: they will be recomputed.
-            lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
-            keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+            # Drop lines past the checkpoint we resume from (they will be recomputed) and a partial line
+            # that a crash mid-write left behind.
+            records, bad = parse_metrics(self.path.read_text())
+            if bad:
+                print(f"{self.path}: dropped {bad} unreadable line(s) (a crash mid-write leaves a partial last line)")
+            keep = [r for r in records if r.get("step", 0) <= resume_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            os.replace(tmp, self.path)
         if cfg.train.logger == "wandb":
             try:
                 import wandb  # noqa: PLC0415 - optional at import time
@@ -69,6 +74,25 @@ class MetricLogger:
             self.wandb = None
 
 
+def parse_metrics(text: str) -> tuple[list[dict], int]:
+    """(records, number of unreadable lines) of a metrics.jsonl text."""
+    records, bad = [], 0
+    for ln in text.splitlines():
+        if not ln.strip():
+            continue
+        try:
+            r = json.loads(ln)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(r, dict):
+            records.append(r)
+        else:
+            bad += 1
+    return records, bad
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The readable records of a run's metrics.jsonl (a partial last line is skipped)."""
     p = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] if p.exists() else []
+    return parse_metrics(p.read_text())[0] if p.exists() else []

@@ -1,0 +1,23 @@
+"""The generator interface: a frozen text condition (+ optional noise) -> a batch of per-prompt
+3D fields (``render.base.Field``), one forward pass, no optimisation."""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from scalegen.render.base import Field
+from scalegen.text.base import TextCond
+
+
+class Generator(nn.Module):
+    """``forward(cond: TextCond, z=None) -> Field`` with one field per prompt of ``cond``. A prompt's
+    field depends only on that prompt's condition (and its row of ``z``), never on the other prompts
+    of the batch (tested for every generator). ``param_groups()`` names parameter groups for
+    per-module learning rates (``optim.group_lr``); the default is one group, ``generator``."""
+
+    def forward(self, cond: TextCond, z: Optional[Tensor] = None) -> Field:
+        raise NotImplementedError
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"generator": list(self.parameters())}

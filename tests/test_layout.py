@@ -1,0 +1,46 @@
+"""The rooms' import order (docs/architecture.md): a module imports only from its own room or from
+rooms below it, never upward, and nothing imports the command line."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "scalegen"
+# config, errors -> text -> data -> render -> priors / generators -> distill -> train / eval / export -> bench, cli
+FLOOR = {"config": 0, "errors": 0, "text": 1, "data": 2, "render": 3, "priors": 4, "generators": 4, "distill": 5,
+         "train": 6, "eval": 6, "export": 6, "bench": 7, "cli": 7}
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _imports(path: Path) -> set[str]:
+    """Every scalegen module a file imports, at the top or inside functions."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("scalegen"):
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("scalegen")}
+    return out
+
+
+def test_imports_flow_downward_only():
+    rooms = {p.stem if p.parent == PACKAGE else p.relative_to(PACKAGE).parts[0] for p in PACKAGE.rglob("*.py")}
+    rooms.discard("__init__")
+    assert rooms == set(FLOOR), f"a room is missing from the import order: {sorted(rooms ^ set(FLOOR))}"
+    upward = []
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE)
+        room = rel.stem if len(rel.parts) == 1 else rel.parts[0]
+        if room == "__init__":
+            continue
+        for mod in _imports(path):
+            other = _room(mod)
+            if other == "cli" and room != "cli":
+                upward.append(f"{rel} imports the command line ({mod})")
+            elif other and other != room and FLOOR[other] > FLOOR[room]:
+                upward.append(f"{rel} ({room}, floor {FLOOR[room]}) imports {mod} ({other}, floor {FLOOR[other]})")
+    assert not upward, "\n".join(upward)
