@@ -122,4 +122,4 @@ def test_generate_bench_json(tmp_path):
         assert 0.8 < v["silhouette_iou"] <= 1.0
     bad = subprocess.run([sys.executable, "-m", "scalegen.cli", "bench", "generate", "bench.case=[x]"],
                          capture_output=True, text=True)
-    assert bad.returncode == 2 and "did you mean bench.cases" in bad.stderr
+    assert bad.returncode == 2 and "did you mean 'bench.cases'" in bad.stderr
