@@ -5,11 +5,12 @@ Errors a user can cause (``ScalegenError``) print one line and exit 2, without a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-from scalegen.errors import ScalegenError
+from scalegen.errors import Preempted, ScalegenError
 from scalegen.eval.report import format_table as _table
 from scalegen.eval.report import write_json as _write_json
 
@@ -19,6 +20,12 @@ def cmd_train(args) -> int:
     from scalegen.config import load_config, load_run_config
     from scalegen.train.loop import train
 
+    if args.resume == "auto":  # a requeued job: continue the run if it exists, else start it
+        if not args.out:
+            raise ScalegenError("--resume auto needs --out RUN_DIR, the run to continue or start")
+        args.resume = "yes" if (Path(args.out) / "config.yaml").is_file() else None
+        if args.resume:
+            args.config = None  # the run's own config.yaml (+ overrides) is what continues
     if args.resume:
         if args.config:
             raise ScalegenError("pass either --config (new run) or --resume (continue a run), not both")
@@ -37,15 +44,18 @@ def cmd_train(args) -> int:
     if not args.out and not args.resume and Path(out).exists():
         stem = Path(args.config).stem if args.config else "oracle-default"
         redirected = str(Path(out).parent / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-        print(f"'{out}' exists (train.out_dir): this run goes to '{redirected}' (pass --out to choose)", flush=True)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"'{out}' exists (train.out_dir): this run goes to '{redirected}' (pass --out to choose)", flush=True)
         out = redirected
     from scalegen.train.checkpoint import checkpoint_step, latest_checkpoint
 
     before = latest_checkpoint(out) if args.resume and Path(out).is_dir() else None
     start = checkpoint_step(before) if before is not None else 0
     t0 = time.perf_counter()
-    ckpt = train(cfg, out, resume=args.resume)
+    ckpt = train(cfg, out, resume=bool(args.resume))
     end = checkpoint_step(ckpt) if ckpt is not None else start
+    if int(os.environ.get("RANK", "0")) != 0:  # one closing line per job, not per process
+        return 0
     if end == start:
         print(f"nothing to train: the run in {out} is already at step {end} of {cfg.train.max_steps}; "
               "raise train.max_steps to continue it")
@@ -278,7 +288,16 @@ def cmd_data_build(args) -> int:
     if args.split:  # `--split train val text.dim=64`: nargs="+" also swallows the key=value overrides
         args.overrides = list(args.overrides or []) + [x for x in args.split if "=" in x]
         args.split = [x for x in args.split if "=" not in x] or None
-    state = PartialState(cpu=args.cpu)
+    import torch
+
+    # CPU-only machines too get one rank per process (gloo): without cpu=True, torchrun's ranks would each
+    # think they are process 0 of 1 and write the same shards.
+    state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
+    from scalegen.train.distributed import launch_warning
+
+    warning = launch_warning(state.num_processes)
+    if warning and state.is_main_process:
+        print(f"warning: {warning}", flush=True)
     encoder = None
     if args.encoder != "none":
         cfg = load_config(None, [f"text.encoder={args.encoder}"] + list(args.overrides or []))
@@ -337,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a generator (no arguments: the embedded oracle-world default)")
     p.add_argument("--config", help="YAML experiment file (configs/...)")
     p.add_argument("--out", help="run directory (default: train.out_dir)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", nargs="?", const="yes", choices=["yes", "auto"],
+                   help="continue the run in --out from its last checkpoint; `--resume auto`: continue it if it "
+                        "exists, else start it (requeued jobs)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
     p.set_defaults(fn=cmd_train)
@@ -464,6 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `--resume` takes an optional `auto`; anything else after it is not its value (an override, say).
+    argv = [("--resume=auto" if a == "--resume" and i + 1 < len(argv) and argv[i + 1] == "auto" else
+             "--resume=yes" if a == "--resume" else a) for i, a in enumerate(argv)
+            if not (a == "auto" and i > 0 and argv[i - 1] == "--resume")]
     # key=value overrides may follow options (`bench saturation --json f.json train.max_steps=10`),
     # which argparse's positional matching does not allow: collect them from the leftovers.
     args, extra = parser.parse_known_args(argv)
@@ -474,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides or []) + extra
     try:
         return args.fn(args)
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
     except ScalegenError as e:
         print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)  # one line, whatever a file name holds
         return 2

@@ -271,11 +271,15 @@ class TrainConfig:
     val_every: Annotated[int, AtLeast1] = 200
     ckpt_every: Annotated[int, AtLeast1] = 100
     keep_ckpts: Annotated[int, AtLeast1] = 2
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # null: what the launcher says (`accelerate launch --mixed_precision`, an accelerate/DeepSpeed config), else fp32
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
     logger: Literal["wandb", "none"] = "wandb"
     wandb_project: str = "scalegen"
     progress: bool = True
     threads: Annotated[int, NonNeg] = 0  # torch CPU threads; 0 = torch's default
+    skip_nonfinite: bool = True  # skip a step whose loss or gradient is not finite on any rank (one flag read per step)
+    max_bad_steps: Annotated[int, AtLeast1] = 20  # ... and stop after this many such steps in a row
+    collective_timeout_s: Annotated[int, AtLeast1] = 600  # a rank that stops answering fails the others after this
     grad_accum: Annotated[int, AtLeast1] = 1  # micro-batches per optimizer step (max_steps counts optimizer steps, as Lightning)
 
 

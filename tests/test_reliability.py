@@ -118,30 +118,59 @@ def test_data_build_names_the_problem_for_an_empty_mapping(tmp_path, capsys):
     assert not (tmp_path / "sh").exists()
 
 
-def test_a_non_finite_loss_stops_before_any_checkpoint_holds_it(tmp_path, monkeypatch):
-    """The loss is checked on the device every step and read on logging and checkpoint steps: the run
-    stops naming the step, and the last checkpoint is the one before the divergence."""
-    import torch
-
+def _poison(monkeypatch, bad_steps):
+    """Make the loss NaN at the given 0-based steps."""
     import scalegen.train.loop as loop
-    from scalegen.config import load_config
-    from scalegen.errors import TrainingError
 
-    real, calls = loop.regularisers, []
+    real = loop.regularisers
 
     def poisoned(cfg, out, step):
         total, logs = real(cfg, out, step)
-        calls.append(step)
-        return (total * float("nan") if step == 2 else total), logs  # the third step
+        return (total * float("nan") if step in bad_steps else total), logs
 
     monkeypatch.setattr(loop, "regularisers", poisoned)
-    cfg = load_config(None, [*TINY, "train.max_steps=6", "train.ckpt_every=2", "train.log_every=4"])
+    return loop
+
+
+def test_a_non_finite_step_is_skipped_counted_and_the_run_goes_on(tmp_path, monkeypatch):
+    """train.skip_nonfinite (default): the step whose loss is NaN is skipped (weights untouched, finite),
+    counted in the logs, and training continues; max_bad_steps in a row stop the run."""
+    import torch
+    from safetensors.torch import load_file
+
+    from scalegen.config import load_config
+    from scalegen.errors import TrainingError
+
+    loop = _poison(monkeypatch, {2})
+    cfg = load_config(None, [*TINY, "train.max_steps=5", "train.log_every=1"])
+    loop.train(cfg, tmp_path / "run")
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["skipped_steps"] for x in lines] == [0, 0, 1, 1, 1]
+    weights = load_file(str(tmp_path / "run" / "checkpoints" / "step_0000005" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    loop = _poison(monkeypatch, set(range(1, 10)))
+    cfg = load_config(None, [*TINY, "train.max_steps=9", "train.max_bad_steps=3"])
+    with pytest.raises(TrainingError, match="3 steps in a row had a non-finite loss or gradient \\(up to step 4\\)"):
+        loop.train(cfg, tmp_path / "run2")
+
+
+def test_without_skipping_a_non_finite_loss_stops_before_any_checkpoint_holds_it(tmp_path, monkeypatch):
+    """train.skip_nonfinite=false (no per-step flag read): the loss is checked on the device every step
+    and read on logging and checkpoint steps; the run stops naming the step, and the last checkpoint is
+    the one before the divergence."""
+    import torch
+    from safetensors.torch import load_file
+
+    from scalegen.config import load_config
+    from scalegen.errors import TrainingError
+
+    loop = _poison(monkeypatch, {2})  # the third step
+    cfg = load_config(None, [*TINY, "train.max_steps=6", "train.ckpt_every=2", "train.log_every=4",
+                             "train.skip_nonfinite=false"])
     with pytest.raises(TrainingError, match="the loss was not finite at step 3"):
         loop.train(cfg, tmp_path / "run")
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
     assert ckpts == ["step_0000002"]  # step 4's checkpoint was never written
-    from safetensors.torch import load_file
-
     assert all(torch.isfinite(t).all() for t in load_file(str(tmp_path / "run" / "checkpoints" / ckpts[0] /
                                                              "model.safetensors")).values())
 

@@ -131,14 +131,14 @@ def test_stateful_distiller_has_its_own_group_and_resumes_exactly(name, tmp_path
     extra = ["train.log_every=1", "train.val_every=1000", "train.ckpt_every=2", "train.max_steps=4",
              f"distill.name={name}", "distill.lr=0.003", "distill.net_width=8", "distill.net_blocks=1"]
     seen = {}
-    real_build = loop.build_optimizer
+    real_build = loop.build_distiller_optimizer
 
-    def spy(cfg, model, distiller):
-        opt = real_build(cfg, model, distiller)
+    def spy(cfg, distiller):
+        opt = real_build(cfg, distiller)
         seen.update({g["name"]: g["lr"] for g in opt.param_groups})
         return opt
 
-    monkeypatch.setattr(loop, "build_optimizer", spy)
+    monkeypatch.setattr(loop, "build_distiller_optimizer", spy)
     full = tmp_path / "full"
     train(load_config(None, TINY + extra), full)
     assert seen[f"distill_{name}_{'phi' if name == 'vsd' else 'psi'}"] == 0.003
@@ -158,8 +158,8 @@ def test_gradient_accumulation_averages_micro_batches(tmp_path, monkeypatch):
     real_build = loop.build_optimizer
     grads: list[dict[str, torch.Tensor]] = []
 
-    def recording(cfg, model, distiller):
-        opt = real_build(cfg, model, distiller)
+    def recording(cfg, model):
+        opt = real_build(cfg, model)
         named = dict(model.named_parameters())
         opt.step = lambda *a, **k: grads.append({n: p.grad.clone() for n, p in named.items() if p.grad is not None})
         return opt
