@@ -1,15 +1,16 @@
-"""Command line: ``scalegen train | eval | generate | bench | info | prior``.
+"""Command line: ``scalegen train | eval | generate | gallery | bench | info | prior | data``.
 
 Errors a user can cause (``ScalegenError``) print one line and exit 2, without a traceback.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-from scalegen.errors import ScalegenError
+from scalegen.errors import Preempted, ScalegenError
 from scalegen.eval.report import format_table as _table
 from scalegen.eval.report import write_json as _write_json
 
@@ -19,6 +20,12 @@ def cmd_train(args) -> int:
     from scalegen.config import load_config, load_run_config
     from scalegen.train.loop import train
 
+    if args.resume == "auto":  # a requeued job: continue the run if it exists, else start it
+        if not args.out:
+            raise ScalegenError("--resume auto needs --out RUN_DIR, the run to continue or start")
+        args.resume = "yes" if (Path(args.out) / "config.yaml").is_file() else None
+        if args.resume:
+            args.config = None  # the run's own config.yaml (+ overrides) is what continues
     if args.resume:
         if args.config:
             raise ScalegenError("pass either --config (new run) or --resume (continue a run), not both")
@@ -37,15 +44,18 @@ def cmd_train(args) -> int:
     if not args.out and not args.resume and Path(out).exists():
         stem = Path(args.config).stem if args.config else "oracle-default"
         redirected = str(Path(out).parent / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-        print(f"'{out}' exists (train.out_dir): this run goes to '{redirected}' (pass --out to choose)", flush=True)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"'{out}' exists (train.out_dir): this run goes to '{redirected}' (pass --out to choose)", flush=True)
         out = redirected
     from scalegen.train.checkpoint import checkpoint_step, latest_checkpoint
 
     before = latest_checkpoint(out) if args.resume and Path(out).is_dir() else None
     start = checkpoint_step(before) if before is not None else 0
     t0 = time.perf_counter()
-    ckpt = train(cfg, out, resume=args.resume)
+    ckpt = train(cfg, out, resume=bool(args.resume))
     end = checkpoint_step(ckpt) if ckpt is not None else start
+    if int(os.environ.get("RANK", "0")) != 0:  # one closing line per job, not per process
+        return 0
     if end == start:
         print(f"nothing to train: the run in {out} is already at step {end} of {cfg.train.max_steps}; "
               "raise train.max_steps to continue it")
@@ -156,41 +166,105 @@ def cmd_eval_make_tiny_clip(args) -> int:
     return 0
 
 
+def _generate_options(args):
+    from scalegen.export.pipeline import GenerateOptions
+
+    return GenerateOptions(format=args.format or "glb", resolution=args.resolution, level=args.level,
+                           min_fragment=0.0 if args.keep_fragments else 0.02, simplify=args.simplify,
+                           texture=args.texture, texture_size=args.texture_size, turntable=args.turntable,
+                           turntable_frames=args.frames, turntable_size=args.turntable_size, batch=args.batch,
+                           overwrite=args.overwrite)
+
+
 def cmd_generate(args) -> int:
+    import torch
+
     from scalegen.data.prompts import read_corpus
-    from scalegen.export.mesh import FORMATS, export_prompt
+    from scalegen.eval.report import format_table
+    from scalegen.export.pipeline import generate_assets, plan_jobs
     from scalegen.train.model import load_run
 
-    if bool(args.prompt) == bool(args.prompts):
+    if (args.prompt is None) == (args.prompts is None):
         raise ScalegenError("give exactly one of --prompt TEXT or --prompts FILE")
     if args.prompt is not None and not args.prompt.strip():
         raise ScalegenError("--prompt is empty; describe the asset, e.g. --prompt 'a large red cube'")
+    prompts = [" ".join(args.prompt.split())] if args.prompt is not None else read_corpus(args.prompts, split=args.split)
+    opts = _generate_options(args)
+    plan = plan_jobs(prompts, args.out, opts, single=args.prompt is not None, format_given=args.format is not None)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t_load = time.perf_counter()
-    cfg, text_encoder, model, _ = load_run(args.ckpt)
+    cfg, text_encoder, model, ckpt = load_run(args.ckpt)
     t_load = time.perf_counter() - t_load
-    if args.prompt:
-        jobs = [(args.prompt, Path(args.out))]
-    else:
-        out_dir = Path(args.out)
-        if out_dir.suffix.lower() in FORMATS:
-            raise ScalegenError("with --prompts, --out must be a folder (one asset per prompt)")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        prompts = read_corpus(args.prompts, split=args.split)
-        jobs = [(p, out_dir / f"{i:04d}_{_slug(p)}.{args.format}") for i, p in enumerate(prompts)]
-    for prompt, path in jobs:
-        info = export_prompt(model, text_encoder, prompt, path, cfg.render.bound, args.resolution,
-                             0.0 if args.keep_fragments else 0.02)
-        print(f"{info['path']}: {info['vertices']} vertices, {info['faces']} faces in {info['total_s']:.2f} s "
-              f"(generator {info['generate_s'] * 1000:.0f} ms, SDF grid + marching cubes {info['mesh_s']:.2f} s, "
-              f"write {info['write_s']:.2f} s)")
-    print(f"(checkpoint loaded in {t_load:.1f} s)")
+    res = generate_assets(plan, cfg, model, text_encoder, opts, checkpoint=str(ckpt))
+    n = len(res["assets"])
+    rows = [[stage, s, s / n] for stage, s in res["seconds"].items()] + [["total", res["total_s"], res["seconds_per_asset"]]]
+    print(format_table(rows, ["stage", "seconds", "per asset"]))
+    where = plan.folder if plan.folder is not None else plan.jobs[0].mesh
+    print(f"wrote {n} asset(s) to {where} in {res['total_s']:.2f} s ({res['seconds_per_asset']:.2f} s per asset; "
+          f"checkpoint loaded in {t_load:.1f} s, {torch.get_num_threads()} thread(s))")
     return 0
 
 
-def _slug(text: str) -> str:
-    import re
+def cmd_gallery(args) -> int:
+    import os
+    import shutil
 
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "prompt"
+    import torch
+
+    from scalegen.export.gallery import build_site, find_viewer
+    from scalegen.export.pipeline import MANIFEST, GenerateOptions, generate_assets, plan_jobs, read_manifest
+
+    source, out = Path(args.source), Path(args.out)
+    is_run = (source / "config.yaml").is_file() or (source / "model.safetensors").is_file()
+    if not is_run and not (source / MANIFEST).is_file():
+        raise ScalegenError(f"'{source}' is neither a run directory (config.yaml) nor an asset folder ({MANIFEST} "
+                            "from `scalegen generate --prompts`)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise ScalegenError(f"'{out}' already exists and is not empty; pass --overwrite to replace it")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise ScalegenError(f"folder '{parent}' does not exist; create it first")
+    viewer = find_viewer(args.viewer)
+    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        if is_run:
+            from scalegen.train.model import load_run
+
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            cfg, text_encoder, model, ckpt = load_run(source)
+            tags: dict[str, str] = {}
+            if args.prompts:
+                from scalegen.data.prompts import read_corpus
+
+                prompts = read_corpus(args.prompts, split=args.split)
+            elif cfg.prior.name == "oracle" and cfg.data.prompts == "oracle":
+                from scalegen.priors import build_world
+
+                world = build_world(cfg)
+                tags = {**{p: "seen" for p in world.seen}, **{p: "unseen" for p in world.unseen}}
+                prompts = world.unseen + world.seen
+            else:
+                raise ScalegenError("this run has no built-in prompt list; give --prompts FILE")
+            prompts = prompts[:args.max_prompts] if args.max_prompts else prompts
+            opts = GenerateOptions(resolution=args.resolution, turntable=True, turntable_frames=args.frames,
+                                   turntable_size=args.turntable_size, batch=args.batch, texture=args.texture)
+            plan = plan_jobs(prompts, tmp / "assets", opts, single=False)
+            res = generate_assets(plan, cfg, model, text_encoder, opts, checkpoint=str(ckpt))
+            entries = [{**e, "tag": tags.get(e["prompt"])} for e in res["assets"]]
+            build_site(tmp / "assets", entries, tmp, viewer, f"scalegen: {source.resolve().name}")
+        else:
+            entries = read_manifest(source)["assets"]
+            build_site(source, entries, tmp, viewer, f"scalegen: {source.resolve().name}")
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {out / 'index.html'} ({len(entries)} assets; open it in a browser, no server needed)")
+    return 0
 
 
 def cmd_info(args) -> int:
@@ -208,11 +282,13 @@ def cmd_info(args) -> int:
               "background": sum(p.numel() for p in model.background.parameters()),
               **{f"generator.{k}": v for k, v in groups.items()}}
     batch = cfg.data.prompts_per_step
-    res = {"params": params, "prompts_per_step_per_process": batch,
-           "images_per_step_per_process": batch * cfg.camera.views_per_prompt}
+    accum = cfg.train.grad_accum
+    res = {"params": params, "prompts_per_step_per_process": batch * accum,
+           "images_per_step_per_process": batch * accum * cfg.camera.views_per_prompt, "grad_accum": accum}
     print(_table([[k, f"{v:,}"] for k, v in params.items()], ["module", "parameters"]))
-    print(f"effective batch per process: {batch} prompts x {cfg.camera.views_per_prompt} views "
-          f"(multiply by the number of processes under accelerate launch)")
+    print(f"effective batch per process: {batch} prompts x {cfg.camera.views_per_prompt} views"
+          + (f" x {accum} accumulated micro-batches" if accum > 1 else "")
+          + " (multiply by the number of processes under accelerate launch)")
     _write_json(args.json, res)
     return 0
 
@@ -236,6 +312,41 @@ def cmd_prior_make_tiny(args) -> int:
     return 0
 
 
+def cmd_prior_make_tiny_mvdream(args) -> int:
+    from scalegen.priors.mvdream_convert import make_tiny_mvdream
+
+    out = Path(args.out)
+    if out.exists():
+        raise ScalegenError(f"'{out}' already exists; give a new file name for the tiny MVDream checkpoint")
+    if out.suffix != ".safetensors":
+        raise ScalegenError(f"--out '{out}' must end in .safetensors")
+    make_tiny_mvdream(out, seed=args.seed, context_dim=args.context_dim)
+    print(f"wrote a tiny random MVDream checkpoint in the official layout to {out} (convert it with "
+          f"`scalegen prior convert-mvdream {out} DIR --text-from TINY_SD_DIR`)")
+    return 0
+
+
+def cmd_prior_convert_mvdream(args) -> int:
+    import torch
+
+    from scalegen.priors.mvdream_convert import convert_mvdream
+
+    t0 = time.perf_counter()
+    res = convert_mvdream(args.ckpt, args.out, text_from=args.text_from, num_head_channels=args.head_channels,
+                          dtype=torch.float16 if args.half else None)
+    print(f"converted {res['unet_params'] / 1e6:.1f}M UNet and {res['vae_params'] / 1e6:.1f}M VAE parameters "
+          f"({res['num_head_channels']}-channel heads) to {res['out']} in {time.perf_counter() - t0:.0f} s"
+          + (f"; skipped MVDream's own text tower ({res['skipped_text_tensors']} tensors)"
+             if res["skipped_text_tensors"] else ""))
+    if res["text_tower"] is None:
+        print(f"no --text-from given: copy tokenizer/ and text_encoder/ of Stable Diffusion 2.1-base into {res['out']} "
+              "before training (or rerun with --text-from SD21_BASE_DIR)")
+    else:
+        print(f"text tower (tokenizer/, text_encoder/) copied from {res['text_tower']}; train with "
+              f"prior.model={res['out']}")
+    return 0
+
+
 def cmd_data_build(args) -> int:
     from accelerate import PartialState
 
@@ -245,7 +356,16 @@ def cmd_data_build(args) -> int:
     if args.split:  # `--split train val text.dim=64`: nargs="+" also swallows the key=value overrides
         args.overrides = list(args.overrides or []) + [x for x in args.split if "=" in x]
         args.split = [x for x in args.split if "=" not in x] or None
-    state = PartialState(cpu=args.cpu)
+    import torch
+
+    # CPU-only machines too get one rank per process (gloo): without cpu=True, torchrun's ranks would each
+    # think they are process 0 of 1 and write the same shards.
+    state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
+    from scalegen.train.distributed import launch_warning
+
+    warning = launch_warning(state.num_processes)
+    if warning and state.is_main_process:
+        print(f"warning: {warning}", flush=True)
     encoder = None
     if args.encoder != "none":
         cfg = load_config(None, [f"text.encoder={args.encoder}"] + list(args.overrides or []))
@@ -304,7 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a generator (no arguments: the embedded oracle-world default)")
     p.add_argument("--config", help="YAML experiment file (configs/...)")
     p.add_argument("--out", help="run directory (default: train.out_dir)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", nargs="?", const="yes", choices=["yes", "auto"],
+                   help="continue the run in --out from its last checkpoint; `--resume auto`: continue it if it "
+                        "exists, else start it (requeued jobs)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
     p.set_defaults(fn=cmd_train)
@@ -352,17 +474,46 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(fn=cmd_eval_make_tiny_clip)
 
-    p = sub.add_parser("generate", help="export a mesh (GLB/OBJ/PLY) for a prompt, no optimisation")
+    p = sub.add_parser("generate", help="prompts -> meshes (GLB/OBJ/PLY), optionally textured, with turntables")
     p.add_argument("--ckpt", required=True, help="run directory or checkpoint folder")
     p.add_argument("--prompt", help="one prompt")
-    p.add_argument("--prompts", help="a corpus file: one asset per prompt")
+    p.add_argument("--prompts", help="a corpus file (.txt/.json/.jsonl/.csv): one asset per prompt")
     p.add_argument("--split", default="test", help="split of a JSON corpus (default: test)")
-    p.add_argument("--out", required=True, help="output file (.glb/.obj/.ply), or folder with --prompts")
-    p.add_argument("--format", default="glb", choices=["glb", "obj", "ply"], help="with --prompts")
-    p.add_argument("--resolution", type=int, default=128, help="marching-cubes grid (default 128)")
+    p.add_argument("--out", required=True, help="output file (.glb/.obj/.ply) for --prompt, or a folder")
+    p.add_argument("--format", help="glb | obj | ply (default glb; a file name's suffix decides for --prompt)")
+    p.add_argument("--resolution", type=int, default=128, help="marching-cubes cells per axis (default 128)")
+    p.add_argument("--level", type=float, default=None,
+                   help="SDF level of the surface (default 1.5 * render.beta, which matches the volume renders)")
+    p.add_argument("--simplify", type=int, default=None, metavar="FACES",
+                   help="simplify to at most FACES faces (default: off; 10000 with --texture)")
+    p.add_argument("--texture", action="store_true", help="UV atlas (xatlas) + baked base-colour texture, GLB only")
+    p.add_argument("--texture-size", type=int, default=1024, help="texture width and height (default 1024)")
+    p.add_argument("--turntable", action="store_true", help="also write an orbit video (MP4, or GIF without ffmpeg)")
+    p.add_argument("--frames", type=int, default=24, help="turntable frames (default 24: one turn a second)")
+    p.add_argument("--turntable-size", type=int, default=128,
+                   help="turntable width and height, a multiple of 16 (default 128)")
+    p.add_argument("--batch", type=int, default=16, help="prompts per generator call (default 16)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.add_argument("--keep-fragments", action="store_true",
                    help="keep pieces smaller than 2%% of the largest (floaters are dropped by default)")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("gallery", help="a static page of a run's or an asset folder's assets (no network needed)")
+    p.add_argument("source", help="run directory (assets are generated) or a folder from `generate --prompts`")
+    p.add_argument("--out", required=True, help="site folder to write (index.html, viewer/, assets/)")
+    p.add_argument("--prompts", help="with a run: a corpus file (default: an oracle run's unseen + seen prompts)")
+    p.add_argument("--split", default="test", help="split of a JSON corpus (default: test)")
+    p.add_argument("--max-prompts", type=int, default=24, help="with a run: at most this many (default 24, 0 = all)")
+    p.add_argument("--resolution", type=int, default=128, help="with a run: marching-cubes cells per axis")
+    p.add_argument("--texture", action="store_true", help="with a run: baked textures instead of vertex colours")
+    p.add_argument("--frames", type=int, default=24, help="with a run: turntable frames (default 24)")
+    p.add_argument("--turntable-size", type=int, default=128, help="with a run: turntable size (default 128)")
+    p.add_argument("--batch", type=int, default=16, help="with a run: prompts per generator call")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--viewer", help="model-viewer-umd.min.js to vendor (default: node_modules, else npm install)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing site folder")
+    p.set_defaults(fn=cmd_gallery)
 
     p = sub.add_parser("info", help="parameter counts and effective batch of a config")
     p.add_argument("--config", help="YAML experiment file")
@@ -370,12 +521,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(fn=cmd_info)
 
-    p = sub.add_parser("prior", help="prior tools: make-tiny (a tiny random Stable Diffusion for tests)")
+    p = sub.add_parser("prior", help="prior tools: make-tiny (a tiny random Stable Diffusion), convert-mvdream, "
+                                      "make-tiny-mvdream")
     prior_sub = p.add_subparsers(dest="prior_command", required=True)
     q = prior_sub.add_parser("make-tiny", help="write a tiny random SD (unet, vae, scheduler, CLIP) in diffusers layout")
     q.add_argument("--out", required=True, help="new folder")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(fn=cmd_prior_make_tiny)
+    q = prior_sub.add_parser("make-tiny-mvdream",
+                             help="write a tiny random MVDream checkpoint in the official layout (tests, smoke runs)")
+    q.add_argument("--out", required=True, help="new .safetensors file")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--context-dim", type=int, default=32, help="text width (32 = the tiny SD's CLIP)")
+    q.set_defaults(fn=cmd_prior_make_tiny_mvdream)
+    q = prior_sub.add_parser("convert-mvdream", help="convert the official MVDream checkpoint (sd-v2.1-base-4view.pt) "
+                             "to the folder prior.name=mvdream loads")
+    q.add_argument("ckpt", help="the official checkpoint (.pt/.ckpt, read without running pickled code, or .safetensors)")
+    q.add_argument("out", help="new folder: unet/, vae/, scheduler/ (+ tokenizer/, text_encoder/ with --text-from)")
+    q.add_argument("--text-from", help="Stable Diffusion 2.1(-base) folder or cached hub id whose tokenizer/ and "
+                                       "text_encoder/ (OpenCLIP ViT-H) are copied in")
+    q.add_argument("--head-channels", type=int, default=None,
+                   help="channels per attention head (default: the checkpoint's metadata, else the official 64)")
+    q.add_argument("--half", action="store_true", help="store the weights in fp16 (half the disk)")
+    q.set_defaults(fn=cmd_prior_convert_mvdream)
 
     p = sub.add_parser("data", help="corpus tools: build (webdataset shards), check (verify them), compose (a corpus)")
     data_sub = p.add_subparsers(dest="data_command", required=True)
@@ -410,7 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_data_compose)
 
     p = sub.add_parser("bench", help="benchmarks (numbers for docs/performance.md)")
-    p.add_argument("name", help="saturation | sharpness | guidance | flops-sd | data | distill | toy2d | generators | eval")
+    p.add_argument("name", help="saturation | sharpness | guidance | flops-sd | flops-mvdream | data | distill | toy2d "
+                                "| generators | generate | eval")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--out", default="runs/bench", help="folder for the benchmark's runs")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
@@ -420,6 +589,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `--resume` takes an optional `auto`; anything else after it is not its value (an override, say).
+    argv = [("--resume=auto" if a == "--resume" and i + 1 < len(argv) and argv[i + 1] == "auto" else
+             "--resume=yes" if a == "--resume" else a) for i, a in enumerate(argv)
+            if not (a == "auto" and i > 0 and argv[i - 1] == "--resume")]
     # key=value overrides may follow options (`bench saturation --json f.json train.max_steps=10`),
     # which argparse's positional matching does not allow: collect them from the leftovers.
     args, extra = parser.parse_known_args(argv)
@@ -430,6 +604,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides or []) + extra
     try:
         return args.fn(args)
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
     except ScalegenError as e:
         print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)  # one line, whatever a file name holds
         return 2

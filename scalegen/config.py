@@ -102,11 +102,15 @@ class CameraConfig:
     """ScaleDreamer's Stable Diffusion camera distribution, plus the evaluation orbit."""
 
     views_per_prompt: Annotated[int, AtLeast1] = 4
+    # stratified: ScaleDreamer's SD cameras (azimuth stratified per view, each view its own elevation,
+    # distance, fovy); mvdream: views 360/V degrees apart from a random start sharing one elevation, fovy
+    # and distance per object, distance = distance_range draw / tan(fovy / 2) (data/cameras.py)
+    sampler: Literal["stratified", "mvdream"] = "stratified"
     share_across_prompts: bool = True  # one camera set per step: grid features computed once
     resolution: Annotated[int, Range(ge=8)] = 32
     elevation_range: list[float] = field(default_factory=lambda: [-10.0, 45.0])
     sphere_uniform_fraction: Annotated[float, Unit] = 0.5  # half the elevations uniform on the sphere, half in degrees
-    distance_range: list[float] = field(default_factory=lambda: [1.0, 1.5])
+    distance_range: list[float] = field(default_factory=lambda: [1.0, 1.5])  # mvdream: relative (x 1/tan(fovy/2))
     fovy_range: list[float] = field(default_factory=lambda: [40.0, 70.0])
     eval_elevation: float = 15.0
     eval_distance: Annotated[float, Positive] = 1.5
@@ -135,16 +139,20 @@ class OracleConfig:
 
 @dataclass
 class PriorConfig:
-    name: Literal["oracle", "stable_diffusion"] = "oracle"
+    name: Literal["oracle", "stable_diffusion", "mvdream"] = "oracle"
     oracle: OracleConfig = field(default_factory=OracleConfig)
-    # --- stable_diffusion (scalegen/priors/stable_diffusion.py) ---------------------------------
-    model: str = "stabilityai/stable-diffusion-2-1-base"  # diffusers folder or hub id (unet/ vae/ scheduler/)
+    # --- stable_diffusion and mvdream (scalegen/priors/stable_diffusion.py, mvdream.py) ------------
+    # SD: a diffusers folder or hub id (unet/ vae/ scheduler/); mvdream: a `scalegen prior convert-mvdream` folder
+    model: str = "stabilityai/stable-diffusion-2-1-base"
     dtype: Literal["fp16", "bf16", "fp32"] = "fp16"  # UNet + VAE weights (fp32 on CPU)
     channels_last: bool = True
     compile: bool = False  # torch.compile the UNet (first steps are slow; GPU only)
-    encode_resolution: Annotated[int, Range(ge=8)] = 512  # render -> bilinear upsample to this -> VAE encode (with grad)
-    latent_resolution: Annotated[int, AtLeast1] = 64  # latents are resized to this when the VAE returns another size
+    # render -> bilinear resize to this -> VAE encode (with grad); null: the prior's own (SD 512, MVDream 256)
+    encode_resolution: Annotated[Optional[int], Range(ge=8)] = None
+    # latents are resized to this when the VAE returns another size; null: the UNet's own (SD 64, MVDream 32)
+    latent_resolution: Annotated[Optional[int], AtLeast1] = None
     negative_prompt: str = ""  # the unconditional branch's prompt
+    # --- stable_diffusion only (MVDream takes the prompt as it is; the camera says the view) --------
     view_dependent: bool = True  # "<prompt>, <front|side|back|overhead> view" by camera angle
     front_threshold: Annotated[float, Range(ge=0, le=180)] = 30.0  # degrees of azimuth either side of +x that count as front
     back_threshold: Annotated[float, Range(ge=0, le=180)] = 30.0  # degrees either side of -x that count as back
@@ -154,7 +162,15 @@ class PriorConfig:
     perp_neg_f_sf: list[float] = field(default_factory=lambda: [4.0, 0.5, -2.426])
     perp_neg_f_sb: list[float] = field(default_factory=lambda: [1.0, 0.5, -0.606])
     perp_neg_f_fsb: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.967])
-    text_cache_size: Annotated[int, AtLeast1] = 1024  # prompts whose view-dependent UNet embeddings stay on the device (LRU)
+    text_cache_size: Annotated[int, AtLeast1] = 1024  # prompts whose UNet embeddings stay on the device (LRU)
+
+    def resolutions(self) -> tuple[int, int]:
+        """(encode, latent) resolution: the configured ones, else the prior's native sizes."""
+        enc, lat = NATIVE_RESOLUTION.get(self.name, (512, 64))
+        return self.encode_resolution or enc, self.latent_resolution or lat
+
+
+NATIVE_RESOLUTION = {"stable_diffusion": (512, 64), "mvdream": (256, 32)}  # (VAE input, UNet latent) sizes
 
 
 @dataclass
@@ -207,8 +223,12 @@ class DistillConfig:
     # term has vanished (bench guidance). Its measured effect is within run-to-run spread (docs/performance.md).
     t_range_end: list[float] = field(default_factory=lambda: [0.02, 0.25])
     t_anneal_steps: Annotated[Optional[float], Positive] = None  # length of the linear anneal (step position); null: the whole run
-    t_per: Literal["image", "prompt"] = "image"  # SD: per image; MVDream: per view group
+    t_per: Literal["image", "prompt"] = "image"  # SD: per image; MVDream: per view group (required)
     asd_eta: Annotated[float, NonNeg] = 0.1  # dt = floor(U(0,1) * eta * (t - t_min_now))
+    # SDS as MVDream's x0 reconstruction (its Sec. 3.2): g = z - x0_hat, x0_hat from eps_cfg with its std
+    # rescaled per object towards the conditional x0's by sds_x0_rescale (0: none; MVDream 0.5, CFG 50)
+    sds_x0_recon: bool = False
+    sds_x0_rescale: Annotated[float, Unit] = 0.5
     # Stateful distillers (VSD's eps_phi, VDM's M_psi): their own optimizer group and learning rate.
     lr: Annotated[float, Positive] = 1e-3
     net_width: int = 32  # channels of the small conv nets (VDM's M_psi; VSD's correction in the oracle world)
@@ -251,11 +271,16 @@ class TrainConfig:
     val_every: Annotated[int, AtLeast1] = 200
     ckpt_every: Annotated[int, AtLeast1] = 100
     keep_ckpts: Annotated[int, AtLeast1] = 2
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # null: what the launcher says (`accelerate launch --mixed_precision`, an accelerate/DeepSpeed config), else fp32
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
     logger: Literal["wandb", "none"] = "wandb"
     wandb_project: str = "scalegen"
     progress: bool = True
     threads: Annotated[int, NonNeg] = 0  # torch CPU threads; 0 = torch's default
+    skip_nonfinite: bool = True  # skip a step whose loss or gradient is not finite on any rank (one flag read per step)
+    max_bad_steps: Annotated[int, AtLeast1] = 20  # ... and stop after this many such steps in a row
+    collective_timeout_s: Annotated[int, AtLeast1] = 600  # a rank that stops answering fails the others after this
+    grad_accum: Annotated[int, AtLeast1] = 1  # micro-batches per optimizer step (max_steps counts optimizer steps, as Lightning)
 
 
 @dataclass
@@ -501,6 +526,10 @@ def validate(cfg: Config) -> None:
     else:
         need(len(cfg.optim.betas) == 2, "optim.betas must be [beta1, beta2]")
     p = cfg.prior
+    if p.name == "mvdream":
+        need(cfg.distill.t_per == "prompt", "prior.name=mvdream needs distill.t_per=prompt: MVDream denoises the "
+             "views of an object together, at one timestep")
+        need(p.perp_neg == 0, "prior.perp_neg is Stable Diffusion's; MVDream's camera condition replaces it (set 0)")
     need(not (p.perp_neg > 0 and not p.view_dependent),
          "prior.perp_neg needs prior.view_dependent=true (its negatives are the other views' prompts)")
     for key in ("perp_neg_f_fs", "perp_neg_f_sf", "perp_neg_f_sb", "perp_neg_f_fsb"):

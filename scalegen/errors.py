@@ -28,3 +28,10 @@ class ExportError(ScalegenError):
 
 class TrainingError(ScalegenError):
     """Training cannot go on (e.g. the loss diverged)."""
+
+
+class Preempted(ScalegenError):
+    """Training stopped on SIGTERM after writing a checkpoint; the CLI exits with ``exit_code`` (75,
+    EX_TEMPFAIL) so a job script can requeue the run."""
+
+    exit_code = 75

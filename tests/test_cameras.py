@@ -44,3 +44,54 @@ def test_training_distribution():
     assert cams[0].shape == (64, 4)
     shared = sample_train_cameras(load_config(None, []).camera, 8)
     assert shared.shape == (1, 4) and shared.expand(8).shape == (8, 4)
+
+
+def test_mvdream_sampler():
+    """MVDream's cameras: the views of an object 90 degrees apart from a random start, one elevation in
+    [0, 30], one fovy in [15, 60] and one distance d / tan(fovy / 2), d in [0.8, 1.0], per object."""
+    cfg = load_config(None, ["camera.sampler=mvdream", "camera.views_per_prompt=4", "camera.share_across_prompts=false",
+                             "camera.elevation_range=[0, 30]", "camera.fovy_range=[15, 60]",
+                             "camera.distance_range=[0.8, 1.0]"])
+    torch.manual_seed(0)
+    cams = sample_train_cameras(cfg.camera, 512)
+    assert cams.shape == (512, 4)
+    for x in (cams.elevation, cams.fovy, cams.distance):
+        assert (x == x[:, :1]).all()  # shared by the object's views
+    gaps = (cams.azimuth[:, 1:] - cams.azimuth[:, :-1])
+    assert torch.allclose(gaps, torch.full_like(gaps, 90.0), atol=1e-4)
+    start = cams.azimuth[:, 0]
+    assert start.min() >= -180 and start.max() < -90 and start.std() > 20  # a random start, uniform over a quarter
+    el, fov = cams.elevation[:, 0], torch.rad2deg(cams.fovy[:, 0])
+    assert el.min() >= -1e-4 and el.max() <= 30 + 1e-4 and el.std() > 5
+    assert fov.min() >= 15 - 1e-4 and fov.max() <= 60 + 1e-4
+    rel = cams.distance[:, 0] * torch.tan(cams.fovy[:, 0] / 2)
+    assert rel.min() >= 0.8 - 1e-5 and rel.max() <= 1.0 + 1e-5
+    assert cams.distance.max() > 5.0  # small fovs put the camera far out (d / tan(7.5 deg) ~ 7.6)
+    # the camera positions really are at those angles and distances
+    pos = cams.c2w[..., :3, 3]
+    assert torch.allclose(pos.norm(dim=-1), cams.distance, rtol=1e-5)
+    assert torch.allclose(torch.rad2deg(torch.asin(pos[..., 2] / cams.distance)), cams.elevation, atol=1e-3)
+    shared = sample_train_cameras(load_config(None, ["camera.sampler=mvdream"]).camera, 8)
+    assert shared.shape == (1, 4)
+
+
+def test_far_mvdream_cameras_still_see_the_object():
+    """The smallest fov puts the camera ~7.6 from the centre, past the reference's fixed far plane of 4:
+    near/far come from the scene box, so the object is rendered."""
+    from scalegen.data.cameras import make_cameras
+    from scalegen.render.base import Field
+    from scalegen.render.volsdf import VolSDFRenderer
+
+    class Ball(Field):
+        n_prompts = 1
+
+        def query(self, pts):
+            s = pts.norm(dim=-1) - 0.6
+            return s, torch.ones(*s.shape, 3)
+
+    fovy = torch.full((1, 4), 15.0)
+    dist = 1.0 / torch.tan(torch.deg2rad(fovy) / 2)
+    cams = make_cameras(torch.full((1, 4), 15.0), torch.tensor([[0.0, 90, 180, 270]]), dist, fovy, 16, 16)
+    out = VolSDFRenderer(bound=2.0, samples=32, importance_samples=16).eval()(Ball(), cams)
+    centre = out.opacity[:, 0, 6:10, 6:10]
+    assert dist[0, 0] > 7.5 and centre.min() > 0.99

@@ -264,18 +264,84 @@ def test_bf16_mixed_precision_trains_on_cpu(tmp_path, generator):
     assert [x["step"] for x in lines] == [1, 2, 3] and all(math.isfinite(x["loss"]) for x in lines)
 
 
-def test_resume_with_another_process_count_is_refused(tmp_path):
-    import json
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_prompt_positions_map_to_another_process_count_without_skipping_or_repeating(new_world):
+    """Two ranks read part of epoch 0 (rank 1 further: it finished its share and wrapped into epoch 1);
+    on 1 or 3 ranks epoch 0 goes on with exactly the prompts nobody read; the one prompt of epoch 1 that
+    rank 1 had read is the only repeat, and the note says so."""
+    from scalegen.data.prompts import PromptSampler
 
-    from scalegen.errors import CheckpointError
-    from scalegen.train.loop import train
+    prompts = [f"p{i}" for i in range(41)]  # rank 0 of 2 holds 21 positions per epoch, rank 1 holds 20
+    olds, read = {}, {}
+    for r, steps in ((0, 3), (1, 7)):
+        s = PromptSampler(prompts, 3, seed=5, rank=r, world_size=2)
+        read[r] = [p for _ in range(steps) for p in s.next_batch()]
+        olds[str(r)] = s.state_dict()
+    assert (olds["0"]["epoch"], olds["1"]["epoch"], olds["1"]["cursor"]) == (0, 1, 1)
+    epoch0_read = read[0] + read[1][:20]
+    news = [PromptSampler(prompts, 3, seed=5, rank=r, world_size=new_world) for r in range(new_world)]
+    notes = [n.remap(olds, 2) for n in news]
+    assert notes[0].startswith(f"data position mapped from 2 to {new_world} process(es): epoch 0 continues with "
+                               "the 12 of its 41 prompts") and "1 prompt(s) of epoch 1" in notes[0]
+    rest = [n.prompts[i] for n in news for i in n._order]
+    assert sorted(epoch0_read + rest) == sorted(prompts)  # nothing skipped, nothing read twice
+    again = PromptSampler(prompts, 3, seed=5, rank=0, world_size=new_world)
+    again.load_state_dict(news[0].state_dict())  # the mapped position survives a checkpoint
+    assert again._order == news[0]._order
+    nxt = news[0]
+    for _ in range(10):
+        nxt.next_batch()
+    assert nxt.epoch >= 1 and nxt.skip_epoch == 0  # later epochs read the whole corpus again
 
-    cfg = load_config(None, [*TINY, "train.max_steps=2"])
-    train(cfg, tmp_path / "r")
-    state_file = tmp_path / "r" / "checkpoints" / "step_0000002" / "state.json"
-    state = json.loads(state_file.read_text())
-    state["world_size"] = 2  # as if written by a 2-process run
-    state_file.write_text(json.dumps(state))
-    cfg = load_config(None, [*TINY, "train.max_steps=4"])
-    with pytest.raises(CheckpointError, match=r"written by 2 process\(es\) but this run has 1"):
-        train(cfg, tmp_path / "r", resume=True)
+
+def test_shard_positions_map_to_another_process_count(tmp_path):
+    """Shards: the finished shards of the epoch are not read again after the mapping, every other shard
+    of it is, and the shard group each rank was in the middle of is re-read from its start."""
+    from scalegen.data.shards import build_shards, write_manifest
+    from scalegen.data.stream import ShardStream
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(f"prompt {i}" for i in range(120)))
+    res = build_shards(str(corpus), tmp_path / "sh", None, shard_size=5, log=lambda m: None)  # 24 shards
+    write_manifest(str(corpus), tmp_path / "sh", res["plans"], res["report"], res["encoder"])
+    olds, read = {}, []
+    for r in range(2):  # 12 shards each, groups of 2 shards (10 prompts): 21 prompts = 2 groups + 1
+        s = ShardStream(str(tmp_path / "sh"), batch_size=7, rank=r, world_size=2, shuffle_shards=2)
+        read += [p for _ in range(3) for p in s.next_batch().prompts]
+        olds[str(r)] = s.state_dict()
+    assert [(st["group"], st["offset"]) for st in olds.values()] == [(2, 1), (2, 1)]
+    new = ShardStream(str(tmp_path / "sh"), batch_size=1, rank=0, world_size=1, shuffle_shards=2)
+    note = new.remap(olds, 2)
+    assert note == ("data position mapped from 2 to 1 process(es): epoch 0 continues with the 16 of its 24 shards "
+                    "no process had finished; 2 sample(s) of shard groups that processes were in the middle of "
+                    "will be read again")
+    rest = []
+    while True:
+        b = new.next_batch()
+        if new.epoch != 0:
+            break
+        rest += b.prompts
+    assert len(rest) == 80 and set(read) | set(rest) == {f"prompt {i}" for i in range(120)}
+    assert len(read) + len(rest) - len(set(read) | set(rest)) == 2  # the two re-read group starts
+
+
+def test_checkpoints_from_before_the_distiller_had_its_own_optimizer_still_resume():
+    """Old checkpoints hold one optimizer over [generator groups, distiller groups]; split, each part loads
+    into its optimizer with exactly the moments it had."""
+    from scalegen.train.loop import split_optimizer_state
+
+    gen = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, 2))]
+    dis = [torch.nn.Parameter(torch.randn(4))]
+    old = torch.optim.Adam([{"params": gen[:1], "lr": 0.1, "name": "grid"}, {"params": gen[1:], "lr": 0.2},
+                            {"params": dis, "lr": 0.3, "name": "distill_vdm_psi"}])
+    for p in (*gen, *dis):
+        p.grad = torch.randn_like(p)
+    old.step()
+    parts = split_optimizer_state(old.state_dict(), n_generator_groups=2)
+    g = torch.optim.Adam([{"params": gen[:1], "lr": 0.1}, {"params": gen[1:], "lr": 0.2}])
+    d = torch.optim.Adam([{"params": dis, "lr": 0.3}])
+    g.load_state_dict(parts["generator"])
+    d.load_state_dict(parts["distiller"])
+    assert torch.equal(g.state[gen[1]]["exp_avg"], old.state[gen[1]]["exp_avg"])
+    assert torch.equal(d.state[dis[0]]["exp_avg_sq"], old.state[dis[0]]["exp_avg_sq"])
+    assert d.param_groups[0]["name"] == "distill_vdm_psi"

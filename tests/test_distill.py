@@ -102,3 +102,58 @@ def test_sds_and_asd_pull_renders_toward_ground_truth():
         # Without guidance the expected gradient is (a positive multiple of) z - mu; with CFG it
         # also pushes away from other classes but still descends toward mu.
         assert cos > min_cos, (name, scale, cos)
+
+
+class _ScalingPrior(LinearPrior):
+    """eps = 0.5 x_t + [conditional] (0.4 x_t + 0.3): guidance changes the spread of x0, not just its mean."""
+
+    def predict_eps(self, x_t, t, text, cameras, guidance=None):
+        cond = (~guidance.uncond).float().view(-1, 1, 1, 1)
+        self.calls.append(len(x_t))
+        return 0.5 * x_t + cond * (0.4 * x_t + 0.3)
+
+
+def test_sds_x0_reconstruction_with_std_rescale():
+    """MVDream's SDS (threestudio's recon_loss): g = z - x0', x0' = r x0_cfg std(x0_c)/std(x0_cfg) + (1 - r) x0_cfg,
+    the stds over each object's 4 views; written out here per object."""
+    prior = _ScalingPrior()
+    sched = TimestepSchedule([0.02, 0.98], [0.02, 0.98], 1.0, 10)
+    s, r = 50.0, 0.5
+    sds = SDS(prior, sched, guidance_scale=s, x0_recon=True, x0_rescale=r, views=4)
+    z = torch.randn(8, 1, 4, 4)
+    t = torch.tensor([200] * 4 + [800] * 4)
+    eps = torch.randn_like(z)
+    cams = orbit_cameras(8, 0.0, 1.5, 50.0, 4)
+    g = sds.gradient(z, torch.arange(8), cams, t, eps)
+    ab = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
+    a, sig = ab.sqrt(), (1 - ab).sqrt()
+    x_t = a * z + sig * eps
+    e_u = 0.5 * x_t
+    e_c = e_u + 0.4 * x_t + 0.3
+    e_cfg = e_u + s * (e_c - e_u)
+    x0_cfg, x0_c = (x_t - sig * e_cfg) / a, (x_t - sig * e_c) / a
+    want = torch.empty_like(z)
+    for o in range(2):
+        rows = slice(4 * o, 4 * o + 4)
+        factor = (x0_c[rows].std() + 1e-8) / (x0_cfg[rows].std() + 1e-8)
+        want[rows] = z[rows] - (r * x0_cfg[rows] * factor + (1 - r) * x0_cfg[rows])
+    assert torch.allclose(g, want, atol=1e-4, rtol=1e-5)
+    assert (x0_c[:4].std() / x0_cfg[:4].std() - 1).abs() > 0.1  # the rescale is not a no-op here
+    # r = 0: SDS with w(t) = s_t / a_t
+    plain = SDS(prior, sched, guidance_scale=s, x0_recon=True, x0_rescale=0.0, views=4)
+    assert torch.allclose(plain.gradient(z, torch.arange(8), cams, t, eps), sig / a * (e_cfg - eps), atol=1e-4)
+
+
+def test_sds_x0_option_from_config():
+    from scalegen.distill import build_distiller
+
+    cfg = load_config(None, ["distill.name=sds", "distill.sds_x0_recon=true", "distill.sds_x0_rescale=0.3",
+                             "camera.views_per_prompt=4"])
+    d = build_distiller(cfg, LinearPrior())
+    assert d.x0_recon and d.x0_rescale == 0.3 and d.views == 4
+    import pytest
+
+    from scalegen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sds_x0_rescale"):
+        load_config(None, ["distill.sds_x0_rescale=1.5"])

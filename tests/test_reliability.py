@@ -116,3 +116,95 @@ def test_data_build_names_the_problem_for_an_empty_mapping(tmp_path, capsys):
     assert main(["data", "build", "--corpus", str(corpus), "--out", str(tmp_path / "sh")]) == 2
     assert "is an empty mapping" in capsys.readouterr().err
     assert not (tmp_path / "sh").exists()
+
+
+def _poison(monkeypatch, bad_steps):
+    """Make the loss NaN at the given 0-based steps."""
+    import scalegen.train.loop as loop
+
+    real = loop.regularisers
+
+    def poisoned(cfg, out, step):
+        total, logs = real(cfg, out, step)
+        return (total * float("nan") if step in bad_steps else total), logs
+
+    monkeypatch.setattr(loop, "regularisers", poisoned)
+    return loop
+
+
+def test_a_non_finite_step_is_skipped_counted_and_the_run_goes_on(tmp_path, monkeypatch):
+    """train.skip_nonfinite (default): the step whose loss is NaN is skipped (weights untouched, finite),
+    counted in the logs, and training continues; max_bad_steps in a row stop the run."""
+    import torch
+    from safetensors.torch import load_file
+
+    from scalegen.config import load_config
+    from scalegen.errors import TrainingError
+
+    loop = _poison(monkeypatch, {2})
+    cfg = load_config(None, [*TINY, "train.max_steps=5", "train.log_every=1"])
+    loop.train(cfg, tmp_path / "run")
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["skipped_steps"] for x in lines] == [0, 0, 1, 1, 1]
+    weights = load_file(str(tmp_path / "run" / "checkpoints" / "step_0000005" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    loop = _poison(monkeypatch, set(range(1, 10)))
+    cfg = load_config(None, [*TINY, "train.max_steps=9", "train.max_bad_steps=3"])
+    with pytest.raises(TrainingError, match="3 steps in a row had a non-finite loss or gradient \\(up to step 4\\)"):
+        loop.train(cfg, tmp_path / "run2")
+
+
+def test_without_skipping_a_non_finite_loss_stops_before_any_checkpoint_holds_it(tmp_path, monkeypatch):
+    """train.skip_nonfinite=false (no per-step flag read): the loss is checked on the device every step
+    and read on logging and checkpoint steps; the run stops naming the step, and the last checkpoint is
+    the one before the divergence."""
+    import torch
+    from safetensors.torch import load_file
+
+    from scalegen.config import load_config
+    from scalegen.errors import TrainingError
+
+    loop = _poison(monkeypatch, {2})  # the third step
+    cfg = load_config(None, [*TINY, "train.max_steps=6", "train.ckpt_every=2", "train.log_every=4",
+                             "train.skip_nonfinite=false"])
+    with pytest.raises(TrainingError, match="the loss was not finite at step 3"):
+        loop.train(cfg, tmp_path / "run")
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_0000002"]  # step 4's checkpoint was never written
+    assert all(torch.isfinite(t).all() for t in load_file(str(tmp_path / "run" / "checkpoints" / ckpts[0] /
+                                                             "model.safetensors")).values())
+
+
+def test_a_damaged_checkpoint_is_named_on_resume(tmp_path, capsys):
+    from scalegen.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *TINY, "train.max_steps=2"]) == 0
+    (run / "checkpoints" / "step_0000002" / "optimizer.pt").write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "train.max_steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert "step_0000002' is incomplete or corrupt" in err and "delete it to resume from the one before" in err
+
+
+def test_data_check_of_a_folder_without_shards_is_one_line(tmp_path, capsys):
+    from scalegen.cli import main
+
+    assert main(["data", "check", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no shard manifest at") and "scalegen data build" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("text, needle", [
+    ('{"train": "a red car"}', "split 'train' must be a list of prompt strings, not str"),
+    ('{"train": ["a red car", 5]}', "item 2 of split 'train' is not a string: 5"),
+    ('"a red car"', "must be a JSON list of prompts or a mapping of splits to lists, not str"),
+])
+def test_wrong_json_shapes_are_named_not_read_character_by_character(text, needle, tmp_path):
+    from scalegen.data.prompts import read_corpus_lines
+    from scalegen.errors import DataError
+
+    p = tmp_path / "c.json"
+    p.write_text(text)
+    with pytest.raises(DataError, match=needle):
+        read_corpus_lines(p)

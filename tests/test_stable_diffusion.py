@@ -244,7 +244,7 @@ def test_text_embeddings_are_computed_once_and_cached(tiny_sd, encoder):
     prior.text_embeddings(["a dog"])
     assert prior.n_text_encodes == 2  # cached
     prior.text_embeddings(["a bird"])  # evicts "a cat" (least recently used)
-    assert prior.n_text_encodes == 3 and 0 not in prior._cache
+    assert prior.n_text_encodes == 3 and 0 not in prior.table.cache
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([300])
     e1 = prior.predict_eps(x, t, a[:1], _cams([0.0], [0.0]))  # "a cat" again: re-encoded, same result
     assert prior.n_text_encodes == 4
@@ -442,5 +442,5 @@ def test_shards_with_view_variants_feed_the_prior_without_re_encoding(tiny_sd, e
     prompts, cond, ids = be(stream.next_batch())
     assert prior.n_text_encodes == 0 and be.n_encoded == 0
     ref = encoder.encode([prompts[0]] + [view_prompt(prompts[0], v) for v in VIEWS]).tokens
-    assert torch.allclose(prior._cache[int(ids[0])].float(), ref, atol=2e-3)
+    assert torch.allclose(prior.table.cache[int(ids[0])].float(), ref, atol=2e-3)
     assert torch.allclose(cond.tokens[0], encoder.encode(prompts[:1]).tokens[0], atol=2e-3)

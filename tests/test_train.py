@@ -131,14 +131,14 @@ def test_stateful_distiller_has_its_own_group_and_resumes_exactly(name, tmp_path
     extra = ["train.log_every=1", "train.val_every=1000", "train.ckpt_every=2", "train.max_steps=4",
              f"distill.name={name}", "distill.lr=0.003", "distill.net_width=8", "distill.net_blocks=1"]
     seen = {}
-    real_build = loop.build_optimizer
+    real_build = loop.build_distiller_optimizer
 
-    def spy(cfg, model, distiller):
-        opt = real_build(cfg, model, distiller)
+    def spy(cfg, distiller):
+        opt = real_build(cfg, distiller)
         seen.update({g["name"]: g["lr"] for g in opt.param_groups})
         return opt
 
-    monkeypatch.setattr(loop, "build_optimizer", spy)
+    monkeypatch.setattr(loop, "build_distiller_optimizer", spy)
     full = tmp_path / "full"
     train(load_config(None, TINY + extra), full)
     assert seen[f"distill_{name}_{'phi' if name == 'vsd' else 'psi'}"] == 0.003
@@ -146,3 +146,35 @@ def test_stateful_distiller_has_its_own_group_and_resumes_exactly(name, tmp_path
     assert any(k.startswith("distiller.") for k in w)
     part = _interrupted_then_resumed(monkeypatch, TINY + extra, tmp_path / "part", crash_at_step=3)
     assert _losses(full) == _losses(part)
+
+
+def test_gradient_accumulation_averages_micro_batches(tmp_path, monkeypatch):
+    """train.grad_accum=2: one optimizer step per two micro-batches, whose gradient is the mean of the two
+    micro-batch gradients. With the optimizer's step recorded and skipped the weights never move, so the
+    gradients of steps 1 and 2 of an unaccumulated run (same data order, same random stream, no t anneal)
+    are those two micro-batches."""
+    import scalegen.train.loop as loop
+
+    real_build = loop.build_optimizer
+    grads: list[dict[str, torch.Tensor]] = []
+
+    def recording(cfg, model):
+        opt = real_build(cfg, model)
+        named = dict(model.named_parameters())
+        opt.step = lambda *a, **k: grads.append({n: p.grad.clone() for n, p in named.items() if p.grad is not None})
+        return opt
+
+    monkeypatch.setattr(loop, "build_optimizer", recording)
+    frozen = ["optim.grad_clip=null", "data.prompts_per_step=1", "train.log_every=1",
+              "distill.t_range_end=[0.5, 0.98]"]  # no t anneal
+    train(load_config(None, TINY + frozen + ["train.max_steps=2", "train.grad_accum=1"]), tmp_path / "plain")
+    g1, g2 = grads
+    grads.clear()
+    train(load_config(None, TINY + frozen + ["train.max_steps=1", "train.grad_accum=2"]), tmp_path / "accum")
+    (g,) = grads
+    assert sorted(g) == sorted(g1) and len(g) > 0
+    for name in g:
+        assert torch.allclose(g[name], (g1[name] + g2[name]) / 2, rtol=1e-4, atol=1e-7), name
+    assert any((g1[n] - g2[n]).abs().max() > 1e-4 for n in g)  # the two micro-batches really differ
+    plain, accum = _losses(tmp_path / "plain"), _losses(tmp_path / "accum")
+    assert accum[1] == pytest.approx((plain[1] + plain[2]) / 2, rel=1e-5)  # the logged loss is their mean

@@ -125,7 +125,7 @@ def bench_flops_sd(opts: FlopsOptions, overrides: list[str], out_root: str = "")
     branches = {"sds": 2, "asd": 3}.get(cfg.distill.name, 2)
     perp = cfg.prior.perp_neg > 0
     k = branches + (2 if perp else 0)
-    lat, enc = cfg.prior.latent_resolution, cfg.prior.encode_resolution
+    enc, lat = cfg.prior.resolutions()
     res: dict = {"config": config, "images_per_step": n,
                  "unet_branches": k, "distill": cfg.distill.name, "perp_neg": perp,
                  "encode_resolution": enc, "latent_resolution": lat, "peak_tflops": peak_tflops}

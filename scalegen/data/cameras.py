@@ -1,4 +1,5 @@
-"""Cameras: ScaleDreamer's training distribution, evaluation orbits, and pixel rays.
+"""Cameras: ScaleDreamer's training distributions (Stable Diffusion's and MVDream's), evaluation
+orbits, and pixel rays.
 
 Conventions (DESIGN.md): world is z-up; ``c2w`` are camera-to-world 4x4 matrices in OpenGL
 convention (the camera looks down its -z axis, +y is up in the image). Camera batches have shape
@@ -90,28 +91,56 @@ def make_cameras(elevation: Tensor, azimuth: Tensor, distance: Tensor, fovy_deg:
     return Cameras(c2w, torch.deg2rad(fovy_deg), elevation, azimuth, distance, height, width)
 
 
-def sample_train_cameras(cfg, n_prompts: int, generator: torch.Generator | None = None) -> Cameras:
-    """Draw ``[P, V]`` training cameras from ``cfg`` (a ``CameraConfig``).
-
-    Elevation in ``cfg.elevation_range``: a ``sphere_uniform_fraction`` of the draws uniform on
-    the sphere (uniform in sin(elevation)), the rest uniform in degrees; azimuth stratified over
-    the views of each prompt; distance and fovy uniform in their ranges. With
-    ``cfg.share_across_prompts`` one set of V cameras (P = 1) serves all prompts.
-    """
-    p = 1 if cfg.share_across_prompts else n_prompts
-    v = cfg.views_per_prompt
-    u = lambda: torch.rand(p, v, generator=generator)  # noqa: E731
+def _elevation(cfg, shape: tuple[int, int], generator: torch.Generator | None) -> Tensor:
+    """Elevations in ``cfg.elevation_range`` (degrees): a ``sphere_uniform_fraction`` of the draws uniform
+    on the sphere (uniform in sin(elevation)), the rest uniform in degrees."""
+    u = lambda: torch.rand(*shape, generator=generator)  # noqa: E731
     lo, hi = cfg.elevation_range
     el_deg = lo + (hi - lo) * u()
     s_lo, s_hi = math.sin(math.radians(lo)), math.sin(math.radians(hi))
     el_sph = torch.rad2deg(torch.asin(s_lo + (s_hi - s_lo) * u()))
-    elevation = torch.where(u() < cfg.sphere_uniform_fraction, el_sph, el_deg)
+    return torch.where(u() < cfg.sphere_uniform_fraction, el_sph, el_deg)
+
+
+def sample_train_cameras(cfg, n_prompts: int, generator: torch.Generator | None = None) -> Cameras:
+    """Draw ``[P, V]`` training cameras from ``cfg`` (a ``CameraConfig``) with its ``sampler``.
+
+    ``stratified`` (ScaleDreamer's Stable Diffusion runs): every view its own elevation (``_elevation``),
+    azimuth stratified over the views of each prompt, distance and fovy uniform in their ranges.
+    ``mvdream``: ``sample_mvdream_cameras``. With ``cfg.share_across_prompts`` one set of V cameras
+    (P = 1) serves all prompts.
+    """
+    p = 1 if cfg.share_across_prompts else n_prompts
+    if cfg.sampler == "mvdream":
+        return sample_mvdream_cameras(cfg, p, generator)
+    v = cfg.views_per_prompt
+    u = lambda: torch.rand(p, v, generator=generator)  # noqa: E731
+    elevation = _elevation(cfg, (p, v), generator)
     azimuth = (torch.arange(v).view(1, v) + u()) / v * 360.0 - 180.0
     d_lo, d_hi = cfg.distance_range
     distance = d_lo + (d_hi - d_lo) * u()
     f_lo, f_hi = cfg.fovy_range
     fovy = f_lo + (f_hi - f_lo) * u()
     return make_cameras(elevation, azimuth, distance, fovy, cfg.resolution, cfg.resolution)
+
+
+def sample_mvdream_cameras(cfg, n_groups: int, generator: torch.Generator | None = None) -> Cameras:
+    """MVDream's training cameras (its threestudio data module), ``[n_groups, V]``: the V views of a group
+    are 360/V degrees apart from a random start, and share one elevation (``_elevation``), one fovy in
+    ``fovy_range`` and one distance ``d / tan(fovy / 2)`` with ``d`` uniform in ``distance_range``, so the
+    object fills the same share of the image at every fov. Near/far come from the renderer's scene box,
+    so the far cameras of a small fov (d / tan(7.5 deg) ~ 7.6 at 15 deg) still see the object (the
+    reference's fixed far plane of 4 loses them)."""
+    v = cfg.views_per_prompt
+    u = lambda: torch.rand(n_groups, 1, generator=generator)  # noqa: E731
+    elevation = _elevation(cfg, (n_groups, 1), generator).expand(n_groups, v)
+    azimuth = (u() + torch.arange(v).view(1, v)) / v * 360.0 - 180.0
+    f_lo, f_hi = cfg.fovy_range
+    fovy = (f_lo + (f_hi - f_lo) * u()).expand(n_groups, v)
+    d_lo, d_hi = cfg.distance_range
+    distance = (d_lo + (d_hi - d_lo) * u()).expand(n_groups, v) / torch.tan(torch.deg2rad(fovy) / 2)
+    return make_cameras(elevation.contiguous(), azimuth, distance.contiguous(), fovy.contiguous(), cfg.resolution,
+                        cfg.resolution)
 
 
 def orbit_cameras(n_views: int, elevation: float, distance: float, fovy: float, resolution: int,

@@ -95,8 +95,12 @@ def compose_corpus(n_train: int = 100_000, n_unseen_pairs: int = 20, n_val: int 
 def write_composed(out: str | Path, **kw) -> dict:
     corpus = compose_corpus(**kw)
     out = Path(out)
-    if not out.parent.is_dir():
-        raise DataError(f"cannot write '{out}': folder '{out.parent}' does not exist")
-    out.write_text(json.dumps({k: corpus[k] for k in ("train", "val", "test")}, indent=0) + "\n")
-    out.with_suffix(".unseen_pairs.json").write_text(json.dumps(corpus["unseen_pairs"], indent=1) + "\n")
+    if out.is_dir():
+        raise DataError(f"cannot write '{out}': it is a folder; give a file name such as {out / 'corpus.json'}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in ((out, json.dumps({k: corpus[k] for k in ("train", "val", "test")}, indent=0) + "\n"),
+                       (out.with_suffix(".unseen_pairs.json"), json.dumps(corpus["unseen_pairs"], indent=1) + "\n")):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
     return corpus

@@ -142,7 +142,12 @@ def _short(x, n: int = 60) -> str:
 
 
 class PromptSampler:
-    """Endless, exactly resumable batches of prompts for one rank."""
+    """Endless, exactly resumable batches of prompts for one rank.
+
+    Epoch e is a permutation ``perm_e`` of the corpus (seeded by (seed, e)); rank r of W reads the
+    positions r, r + W, ... of it. A run resumed on another number of processes continues the
+    current epoch with the positions nobody has read yet (``remap``): ``skip`` holds the positions
+    of epoch ``skip_epoch`` already read (a prefix length and the few read beyond it)."""
 
     info = None  # the encoder entry of embeddings its batches carry (ShardStream's manifest entry): none
 
@@ -152,13 +157,31 @@ class PromptSampler:
         self.prompts, self.batch_size = list(prompts), batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch, self.cursor = 0, 0
+        self.skip_epoch, self.skip_prefix, self.skip_extra = -1, 0, []
         self._order = self._epoch_order(0)
 
-    def _epoch_order(self, epoch: int) -> list[int]:
+    def _perm(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        perm = torch.randperm(len(self.prompts), generator=g).tolist()
-        mine = perm[self.rank::self.world_size]
-        return mine if mine else perm[: 1]  # more ranks than prompts: every rank still gets one
+        return torch.randperm(len(self.prompts), generator=g).tolist()
+
+    def _positions(self, epoch: int, rank: int, world: int, skip: tuple[int, int, list[int]]) -> list[int]:
+        """Positions in ``perm_epoch`` that ``rank`` of ``world`` reads in ``epoch``."""
+        skip_epoch, prefix, extra = skip
+        n = len(self.prompts)
+        if epoch == skip_epoch:
+            gone = set(extra)
+            remaining = [j for j in range(prefix, n) if j not in gone]
+        else:
+            remaining = list(range(n))
+        mine = remaining[rank::world]
+        if not mine and epoch != skip_epoch:
+            mine = remaining[:1]  # more ranks than prompts: every rank still gets one
+        return mine
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        perm = self._perm(epoch)
+        skip = (self.skip_epoch, self.skip_prefix, self.skip_extra)
+        return [perm[j] for j in self._positions(epoch, self.rank, self.world_size, skip)]
 
     def next_batch(self) -> list[str]:
         out = []
@@ -166,14 +189,49 @@ class PromptSampler:
             if self.cursor >= len(self._order):
                 self.epoch, self.cursor = self.epoch + 1, 0
                 self._order = self._epoch_order(self.epoch)
+                continue
             take = self._order[self.cursor:self.cursor + self.batch_size - len(out)]
             out += [self.prompts[i] for i in take]
             self.cursor += len(take)
         return out
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
+        return {"epoch": self.epoch, "cursor": self.cursor, "skip_epoch": self.skip_epoch,
+                "skip_prefix": self.skip_prefix, "skip_extra": list(self.skip_extra)}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self.skip_epoch = int(state.get("skip_epoch", -1))
+        self.skip_prefix, self.skip_extra = int(state.get("skip_prefix", 0)), list(state.get("skip_extra", []))
         self._order = self._epoch_order(self.epoch)
+
+    def remap(self, states: dict[str, dict], old_world: int) -> str:
+        """Continue from the positions ``states`` of ``old_world`` ranks on this sampler's
+        ``world_size``: the current epoch (the earliest any old rank is in) goes on with exactly the
+        positions no old rank has read; later epochs start afresh, so the few prompts of the next epoch
+        that ranks which had wrapped already read are read again. Returns what was done, in a sentence."""
+        olds = [states[str(r)] for r in range(old_world)]
+        e = min(int(st["epoch"]) for st in olds)
+        n = len(self.prompts)
+        read: set[int] = set()
+        ahead = 0
+        for r, st in enumerate(olds):
+            skip = (int(st.get("skip_epoch", -1)), int(st.get("skip_prefix", 0)), list(st.get("skip_extra", [])))
+            if skip[0] == e:
+                read |= set(range(skip[1])) | set(skip[2])
+            mine = self._positions(e, r, old_world, skip)
+            read |= set(mine if int(st["epoch"]) > e else mine[:int(st["cursor"])])
+            if int(st["epoch"]) > e:
+                ahead += int(st["cursor"])
+        prefix = 0
+        while prefix < n and prefix in read:
+            prefix += 1
+        self.epoch, self.cursor = e, 0
+        self.skip_epoch, self.skip_prefix, self.skip_extra = e, prefix, sorted(j for j in read if j >= prefix)
+        self._order = self._epoch_order(e)
+        return (f"data position mapped from {old_world} to {self.world_size} process(es): epoch {e} continues with "
+                f"the {n - len(read)} of its {n} prompts no process has read yet"
+                + (f"; {ahead} prompt(s) of epoch {e + 1} already read by processes that had wrapped will be read "
+                   "again" if ahead else ""))
+
+

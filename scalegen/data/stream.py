@@ -172,15 +172,22 @@ class _Plan:
             raise DataError(f"{n_shards} shard(s) cannot be split over {world_size} ranks; rebuild with a smaller "
                             "--shard-size (at least one shard per rank)")
         self.n, self.seed, self.rank, self.world, self.group, self.train = n_shards, seed, rank, world_size, group, train
+        self.skip_epoch = -1  # after a remap: the epoch whose already-read shards are skipped ...
+        self.skip: set[int] = set()  # ... and those shards
 
-    def shards(self, epoch: int) -> list[int]:
+    def shards(self, epoch: int, rank: int | None = None, world: int | None = None) -> list[int]:
+        rank = self.rank if rank is None else rank
+        world = self.world if world is None else world
         if not self.train:
-            return list(range(self.n))[self.rank::self.world]
+            return list(range(self.n))[rank::world]
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=g).tolist()[self.rank::self.world]
+        perm = torch.randperm(self.n, generator=g).tolist()
+        if epoch == self.skip_epoch:
+            perm = [s for s in perm if s not in self.skip]
+        return perm[rank::world]
 
-    def groups(self, epoch: int) -> list[list[int]]:
-        s = self.shards(epoch)
+    def groups(self, epoch: int, rank: int | None = None, world: int | None = None) -> list[list[int]]:
+        s = self.shards(epoch, rank, world)
         return [s[i:i + self.group] for i in range(0, len(s), self.group)]
 
     def items(self, epoch: int, group: int):
@@ -266,7 +273,8 @@ class ShardStream:
 
     # --- position ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "group": self.group, "offset": self.offset, "n_corrupt": self.n_corrupt}
+        return {"epoch": self.epoch, "group": self.group, "offset": self.offset, "n_corrupt": self.n_corrupt,
+                "skip_epoch": self.plan.skip_epoch, "skip_shards": sorted(self.plan.skip)}
 
     def load_state_dict(self, state: dict) -> None:
         if "group" not in state:
@@ -274,7 +282,37 @@ class ShardStream:
                             "resume with the data settings the run started with")
         self.epoch, self.group, self.offset = int(state["epoch"]), int(state["group"]), int(state["offset"])
         self.n_corrupt = int(state.get("n_corrupt", 0))
+        self.plan.skip_epoch, self.plan.skip = int(state.get("skip_epoch", -1)), set(state.get("skip_shards", []))
         self._reset()
+
+    def remap(self, states: dict[str, dict], old_world: int) -> str:
+        """Continue from the positions ``states`` of ``old_world`` ranks on this stream's world size:
+        the current epoch (the earliest any old rank is in) goes on with the shards no old rank has
+        finished (a shard group an old rank was in the middle of is read again from its start; no shard
+        is skipped); later epochs start afresh. Returns what was done, in a sentence."""
+        olds = [states[str(r)] for r in range(old_world)]
+        e = min(int(st["epoch"]) for st in olds)
+        done: set[int] = set()
+        partial = 0
+        for r, st in enumerate(olds):
+            self.plan.skip_epoch = int(st.get("skip_epoch", -1))
+            self.plan.skip = set(st.get("skip_shards", []))
+            if self.plan.skip_epoch == e:
+                done |= self.plan.skip
+            groups = self.plan.groups(e, r, old_world)
+            finished = groups if int(st["epoch"]) > e else groups[:int(st["group"])]
+            done |= {s for g in finished for s in g}
+            if int(st["epoch"]) == e and int(st["offset"]) > 0:
+                partial += int(st["offset"])
+        self.plan.skip_epoch, self.plan.skip = e, done
+        self.epoch, self.group, self.offset = e, 0, 0
+        self.n_corrupt = sum(int(st.get("n_corrupt", 0)) for st in olds)
+        self._reset()
+        left = self.plan.n - len(done)
+        return (f"data position mapped from {old_world} to {self.plan.world} process(es): epoch {e} continues with "
+                f"the {left} of its {self.plan.n} shards no process had finished"
+                + (f"; {partial} sample(s) of shard groups that processes were in the middle of will be read again"
+                   if partial else ""))
 
     def _reset(self) -> None:
         self._items, self._cur, self._cur_pos, self._pending = None, None, None, None

@@ -178,6 +178,7 @@ class LoRAUNet(VariationalEps):
         return net.to_eps(out, x.float(), t.to(dev)).to(x_t.device)
 
 
-def diffusion_timesteps(n: int) -> Tensor:
-    """t' ~ U{0, ..., T-1} for the variational model's own diffusion loss (threestudio's VSD)."""
-    return torch.randint(0, T, (n,))
+def diffusion_timesteps(n: int, group: int = 1) -> Tensor:
+    """t' ~ U{0, ..., T-1} for the variational model's own diffusion loss (threestudio's VSD); with
+    ``group > 1`` consecutive groups of that size (an object's views, MVDream) share one t'."""
+    return torch.randint(0, T, (-(-n // group),)).repeat_interleave(group)[:n]

@@ -77,7 +77,7 @@ class VSD(Distiller):
         n = len(latents)
         t = self.sample_t(n, step)
         eps, eps_tr = torch.randn_like(latents), torch.randn_like(latents)
-        t_tr = diffusion_timesteps(n)
+        t_tr = diffusion_timesteps(n, self.t_group)
         keep = (torch.rand(n) >= self.camera_dropout).float()
         g, loss_phi = self.gradient_and_loss(latents, text, cameras, t, eps, t_tr, eps_tr, keep, pooled)
         return target_loss(latents, g) + loss_phi.to(latents.dtype), grad_logs(t, g, loss_phi=loss_phi)

@@ -9,13 +9,17 @@ from scalegen.priors.oracle_world import OracleWorld, build_world
 
 def build_prior(cfg, world: OracleWorld | None = None, text_encoder=None, device=None) -> Prior:
     """``text_encoder``: the run's encoder, reused by priors that embed text with the same tower
-    (Stable Diffusion with ``text.model == prior.model``); ``device``: where a neural prior lives."""
+    (Stable Diffusion or MVDream with ``text.model == prior.model``); ``device``: where a neural prior lives."""
     if cfg.prior.name == "oracle":
         return build_oracle_prior(cfg, world if world is not None else build_world(cfg))
     if cfg.prior.name == "stable_diffusion":
         from scalegen.priors.stable_diffusion import build_sd_prior  # noqa: PLC0415 - needs the [sd] extra
 
         return build_sd_prior(cfg, text_encoder=text_encoder, device=device)
+    if cfg.prior.name == "mvdream":
+        from scalegen.priors.mvdream import build_mvdream_prior  # noqa: PLC0415 - needs the [sd] extra
+
+        return build_mvdream_prior(cfg, text_encoder=text_encoder, device=device)
     raise AssertionError(f"unhandled prior {cfg.prior.name}")  # config validation prevents this
 
 

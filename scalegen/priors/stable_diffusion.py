@@ -39,18 +39,17 @@ UNet forward (ASD: cond@t, uncond@t, 2 negatives@t, cond@t+dt = 5 branches).
 from __future__ import annotations
 
 import json
-import os
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from scalegen.errors import WeightsError
 from scalegen.priors.base import T, DenoiserNet, Guidance, Prior
+from scalegen.priors.latent import vae_decode, vae_encode
+from scalegen.priors.text_cache import PromptTable
 from scalegen.text.base import VIEWS, view_prompt
-from scalegen.text.clip import local_weights
+from scalegen.text.clip import local_weights, same_model
 
 FRONT, SIDE, BACK, OVERHEAD = (VIEWS.index(v) for v in ("front", "side", "back", "overhead"))
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -135,12 +134,6 @@ def _load_error(model: str, what: str, err: Exception) -> WeightsError:
                         "stabilityai/stable-diffusion-2-1-base --local-dir DIR`) and set prior.model=DIR")
 
 
-def _same_model(a: str, b: str) -> bool:
-    if Path(a).is_dir() and Path(b).is_dir():
-        return os.path.realpath(a) == os.path.realpath(b)
-    return a == b
-
-
 class StableDiffusionPrior(Prior):
     def __init__(self, model: str = "stabilityai/stable-diffusion-2-1-base", text_encoder=None,
                  device: str | torch.device = "cpu", dtype: str = "fp16", channels_last: bool = True,
@@ -200,31 +193,16 @@ class StableDiffusionPrior(Prior):
         self.perp_neg, self.perp_neg_f = perp_neg, {**PERP_NEG_F, **(perp_neg_f or {})}
         self.negative_prompt = negative_prompt
         self.uncond_tokens = self._encode_strings([negative_prompt])[0]  # [L, D]
-        self.cache_size = text_cache_size
-        self._ids: dict[str, int] = {}
-        self._prompts: list[str] = []
-        self._cache: OrderedDict[int, Tensor] = OrderedDict()
+        self.table = PromptTable(self._encode_strings, self._variants, text_cache_size)
         self.n_calls = 0  # predict_eps calls
-        self.n_text_encodes = 0  # prompts encoded (cache misses), for tests and logs
 
     # --- image space <-> latents ---------------------------------------------------------------
     def encode(self, rgb: Tensor) -> Tensor:
         """rgb [N, 3, h, w] in [0, 1] -> latents [N, 4, latent_resolution, latent_resolution] (with grad)."""
-        r = self.encode_resolution
-        with torch.autocast(self.device.type, enabled=False):
-            x = rgb.float()
-            if x.shape[-2:] != (r, r):
-                x = F.interpolate(x, (r, r), mode="bilinear", align_corners=False)
-            z = self.vae.encode((x * 2.0 - 1.0).to(self.dtype)).latent_dist.sample() * self.scaling
-            z = z.float()
-            if z.shape[-2:] != (self.latent_resolution,) * 2:
-                z = F.interpolate(z, (self.latent_resolution,) * 2, mode="bilinear", align_corners=False)
-        return z
+        return vae_encode(self.vae, rgb, self.encode_resolution, self.latent_resolution, self.scaling, self.dtype)
 
-    @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        img = self.vae.decode((latents / self.scaling).to(self.dtype)).sample.float()
-        return (img * 0.5 + 0.5).clamp(0, 1)
+        return vae_decode(self.vae, latents, self.scaling, self.dtype)
 
     # --- text ------------------------------------------------------------------------------------
     def _encode_strings(self, strings: list[str]) -> Tensor:
@@ -240,24 +218,16 @@ class StableDiffusionPrior(Prior):
         """Ids of ``prompts`` (long [B]); their UNet embeddings are computed now (once per prompt)
         unless cached. ``tokens`` [B, K, L, D] are precomputed embeddings of ``_variants(prompt)``
         (K = 5 with view-dependent prompting, else 1), e.g. read from shards."""
-        ids = []
-        for p in prompts:
-            if p not in self._ids:
-                self._ids[p] = len(self._prompts)
-                self._prompts.append(p)
-            ids.append(self._ids[p])
+        ids = self.table.ids(prompts)
         if tokens is not None:
             k = 1 + len(VIEWS) if self.view_dependent else 1
             if tokens.dim() != 4 or tokens.shape[:2] != (len(prompts), k):
                 raise WeightsError(f"precomputed text embeddings have shape {tuple(tokens.shape)}, expected "
                                    f"[{len(prompts)}, {k}, L, D] (the prompt{', then views ' if k > 1 else ''}"
                                    f"{VIEWS if k > 1 else ''})")
-            for i, t in zip(ids, tokens):
-                self._cache[i] = t.to(self.device, self.dtype)
-                self._cache.move_to_end(i)
-            self._evict()
+            self.table.put(ids, tokens.to(self.device, self.dtype))
         else:
-            self._lookup(ids)
+            self.table.lookup(ids)
         return torch.tensor(ids, dtype=torch.long)
 
     def stored_tokens(self, info: dict):
@@ -269,36 +239,19 @@ class StableDiffusionPrior(Prior):
             return "views" if info["store"] == "views" else None
         return "plain"
 
-    def _lookup(self, ids: list[int]) -> dict[int, Tensor]:
-        """{id: [K, L, D]} for ``ids``, encoding the missing prompts in one text-encoder call."""
-        need = list(dict.fromkeys(ids))
-        missing = [i for i in need if i not in self._cache]
-        if missing:
-            strings = [s for i in missing for s in self._variants(self._prompts[i])]
-            tok = self._encode_strings(strings)
-            k = len(strings) // len(missing)
-            self.n_text_encodes += len(missing)
-            for j, i in enumerate(missing):
-                self._cache[i] = tok[j * k:(j + 1) * k]
-        out = {}
-        for i in need:
-            self._cache.move_to_end(i)
-            out[i] = self._cache[i]
-        self._evict()
-        return out
-
-    def _evict(self) -> None:
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+    @property
+    def n_text_encodes(self) -> int:
+        """Prompts encoded so far (cache misses)."""
+        return self.table.n_encodes
 
     def prompt_of(self, text_id: int) -> str:
-        return self._prompts[text_id]
+        return self.table.prompt_of(text_id)
 
     # --- the denoiser ----------------------------------------------------------------------------
     def plain_embeddings(self, text: Tensor) -> Tensor:
         """UNet embeddings [N, L, D] of the prompts themselves (no view suffix): what VSD's LoRA
         is conditioned on (threestudio's ProlificDreamer uses the view-independent prompt)."""
-        table = self._lookup(text.tolist())
+        table = self.table.lookup(text.tolist())
         return torch.stack([table[int(i)][0] for i in text.tolist()])
 
     def denoiser_net(self) -> DenoiserNet:
@@ -330,7 +283,7 @@ class StableDiffusionPrior(Prior):
             raise ValueError(f"predict_eps got {n} rows but {az.shape[0]} cameras, {text.shape[0]} text rows and "
                              f"{uncond.shape[0]} guidance rows")
         cond_rows = (~uncond).nonzero().flatten().tolist()
-        table = self._lookup(text[~uncond].tolist())
+        table = self.table.lookup(text[~uncond].tolist())
         emb = self.uncond_tokens.expand(n, *self.uncond_tokens.shape).clone()
         front, back, overhead = self.thresholds
         use_pn = self.perp_neg > 0 and self.view_dependent
@@ -376,11 +329,12 @@ def build_sd_prior(cfg, text_encoder=None, device=None) -> StableDiffusionPrior:
     p = cfg.prior
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    share = (text_encoder is not None and cfg.text.encoder == "clip" and _same_model(cfg.text_model(), p.model))
+    share = (text_encoder is not None and cfg.text.encoder == "clip" and same_model(cfg.text_model(), p.model))
+    encode_resolution, latent_resolution = p.resolutions()
     return StableDiffusionPrior(
         p.model, text_encoder=text_encoder if share else None, device=device, dtype=p.dtype,
-        channels_last=p.channels_last, compile=p.compile, encode_resolution=p.encode_resolution,
-        latent_resolution=p.latent_resolution, negative_prompt=p.negative_prompt, view_dependent=p.view_dependent,
+        channels_last=p.channels_last, compile=p.compile, encode_resolution=encode_resolution,
+        latent_resolution=latent_resolution, negative_prompt=p.negative_prompt, view_dependent=p.view_dependent,
         front_threshold=p.front_threshold, back_threshold=p.back_threshold, overhead_threshold=p.overhead_threshold,
         perp_neg=p.perp_neg, text_cache_size=p.text_cache_size,
         perp_neg_f={"fs": tuple(p.perp_neg_f_fs), "sf": tuple(p.perp_neg_f_sf), "sb": tuple(p.perp_neg_f_sb),

@@ -19,7 +19,8 @@ def build_text_encoder(cfg) -> TextEncoder:
 
         from scalegen.text.clip import CLIPTextEncoder  # noqa: PLC0415 - needs the [sd] extra
 
-        return CLIPTextEncoder(cfg.text_model(), device="cuda" if torch.cuda.is_available() else "cpu")
+        return CLIPTextEncoder(cfg.text_model(), device="cuda" if torch.cuda.is_available() else "cpu",
+                               key="text.model" if t.model else "prior.model")  # the key that named it
     raise AssertionError(f"unhandled text encoder {t.encoder}")  # config validation prevents this
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -45,6 +46,14 @@ def local_weights(model: str, key: str, subfolders: tuple[str, ...]) -> str:
                            f"machine with network access run `huggingface-cli download {model} --local-dir DIR` "
                            f"and set {key}=DIR")
     return path
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model names (folders or hub ids) are the same model, so one loaded text tower can
+    serve both (folders compare by their real path)."""
+    if Path(a).is_dir() and Path(b).is_dir():
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a == b
 
 
 def _load_error(model: str, what: str, err: Exception) -> WeightsError:

@@ -48,16 +48,27 @@ def _write_atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def temp_checkpoint_dir(run_dir: str | Path, step: int, fresh: bool = True) -> Path:
+    """The temporary folder a checkpoint is written into before it is renamed into place; the same
+    name on every rank (DeepSpeed's ranks each write their part into it). ``fresh``: (re)create it."""
+    tmp = checkpoints_dir(run_dir) / f".tmp-step_{step:07d}"
+    if fresh:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    return tmp
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, optimizer_state: dict,
-                    state: dict, rng: dict, keep: int = 2) -> Path:
+                    state: dict, rng: dict, keep: int = 2, tmp: Path | None = None) -> Path:
+    """Write weights (safetensors), optimizer state, state.json and RNG into ``tmp`` (a fresh temporary
+    folder unless given) and rename it to ``step_N``: a crash never leaves a half checkpoint as latest."""
     d = checkpoints_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
     final = d / name
-    tmp = d / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    if tmp is None:
+        tmp = temp_checkpoint_dir(run_dir, step)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
     save_file(tensors, str(tmp / "model.safetensors"))
     torch.save(optimizer_state, tmp / "optimizer.pt")

@@ -50,9 +50,11 @@ class MetricLogger:
             id_file = run_dir / "wandb_id.txt"
             run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
             id_file.write_text(run_id)
+            # One wandb run per job (only the main process logs), grouped by run folder so that the
+            # requeued pieces of a preempted job and its resumes line up.
             self.wandb = wandb.init(project=cfg.train.wandb_project, dir=str(run_dir), id=run_id,
-                                    resume="allow", name=run_dir.name, config=cfg.to_dict(),
-                                    mode=wandb_mode())
+                                    resume="allow", name=run_dir.name, group=run_dir.name, job_type="train",
+                                    config=cfg.to_dict(), mode=wandb_mode())
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:

@@ -6,11 +6,15 @@
 Runs on one CPU, one GPU or many GPUs (``accelerate launch train.py --config ...``). Seeds are
 ``train.seed + rank``; data order is a function of (seed, epoch, rank); checkpoints hold weights,
 optimizer, data position and RNG, so ``--resume`` continues exactly where a run stopped (on CPU,
-the losses after resume equal those of an uninterrupted run; tested).
+the losses after resume equal those of an uninterrupted run; tested). With ``train.grad_accum = k``
+an optimizer step averages the gradients of k micro-batches (k x ``data.prompts_per_step`` prompts);
+``train.max_steps`` and every step position count optimizer steps, as Lightning's do.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
 from pathlib import Path
 
@@ -23,21 +27,32 @@ from scalegen.data.prompts import PromptSampler, read_corpus
 from scalegen.data.shards import check_encoder
 from scalegen.data.stream import ShardStream
 from scalegen.distill import build_distiller
-from scalegen.errors import CheckpointError, ConfigError, TrainingError
+from scalegen.errors import CheckpointError, ConfigError, Preempted, TrainingError
 from scalegen.priors import Prior, build_prior, build_world
 from scalegen.render import build_renderer
 from scalegen.render.images import image_grid
 from scalegen.text import TextCond
 from scalegen.text.base import LRU
 from scalegen.train.checkpoint import (latest_checkpoint, load_training_state, load_weights, rng_state,
-                                       save_checkpoint, set_rng_state)
+                                       save_checkpoint, set_rng_state, temp_checkpoint_dir)
+from scalegen.train.distributed import PREEMPTED_EXIT, StopSignal, agree, launch_warning
 from scalegen.train.logger import MetricLogger
 from scalegen.train.model import build_model
 
 
-def build_optimizer(cfg: Config, model, distiller) -> torch.optim.Optimizer:
-    """Adam/AdamW with one parameter group per generator module (``optim.group_lr``), the
-    background, and any parameters the distiller owns."""
+def _optimizer(cfg: Config, groups: list[dict]) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "adan":
+        from scalegen.train.adan import Adan  # noqa: PLC0415
+
+        return Adan(groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
+    """Adam/AdamW/Adan over the trainable 3D part: one parameter group per generator module
+    (``optim.group_lr``) and the background. This is the optimizer the engine (DDP, DeepSpeed) manages."""
     o = cfg.optim
     named = model.generator.param_groups()
     unknown = set(o.group_lr) - set(named)
@@ -46,14 +61,73 @@ def build_optimizer(cfg: Config, model, distiller) -> torch.optim.Optimizer:
                           f"{cfg.generator.name} has groups {sorted(named)}")
     groups = [{"params": ps, "lr": o.group_lr.get(name, o.lr), "name": name} for name, ps in named.items()]
     groups.append({"params": list(model.background.parameters()), "lr": o.lr_background, "name": "background"})
-    for name, ps, lr in distiller.param_groups():
-        groups.append({"params": ps, "lr": lr, "name": f"distill_{name}"})
-    if o.name == "adan":
-        from scalegen.train.adan import Adan  # noqa: PLC0415
+    return _optimizer(cfg, groups)
 
-        return Adan(groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return cls(groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+def build_distiller_optimizer(cfg: Config, distiller) -> torch.optim.Optimizer | None:
+    """The same optimizer kind over what a stateful distiller owns (VSD's phi, VDM's M_psi), at its own
+    learning rate; None for SDS/CSD/ASD. Kept apart from the generator's so that an engine that
+    partitions optimizer state (DeepSpeed ZeRO) only sees the generator; the distiller's replicas stay
+    in sync through an all-reduce of its gradients."""
+    groups = [{"params": ps, "lr": lr, "name": f"distill_{name}"} for name, ps, lr in distiller.param_groups()]
+    return _optimizer(cfg, groups) if groups else None
+
+
+class Optimizers:
+    """The generator's optimizer (wrapped by the engine) and the distiller's own (or None), stepped,
+    zeroed and scheduled together."""
+
+    def __init__(self, generator: torch.optim.Optimizer, distiller: torch.optim.Optimizer | None):
+        self.generator, self.distiller = generator, distiller
+        self.base_lr = [g["lr"] for g in self.groups()]  # before a resumed state overwrites them
+
+    def groups(self) -> list[dict]:
+        return [*self.generator.param_groups, *(self.distiller.param_groups if self.distiller else [])]
+
+    def scale_lr(self, factor: float) -> None:
+        for group, lr in zip(self.groups(), self.base_lr):
+            group["lr"] = lr * factor
+
+    def zero_grad(self) -> None:
+        self.generator.zero_grad(set_to_none=True)
+        if self.distiller is not None:
+            self.distiller.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        self.generator.step()
+        if self.distiller is not None:
+            self.distiller.step()
+
+    def state_dict(self, engine_holds_generator: bool = False) -> dict:
+        return {"generator": None if engine_holds_generator else self.generator.state_dict(),
+                "distiller": None if self.distiller is None else self.distiller.state_dict()}
+
+    def load_state_dict(self, state: dict, engine_holds_generator: bool = False) -> None:
+        if "generator" not in state:  # a checkpoint from before the split: one optimizer, distiller groups last
+            state = split_optimizer_state(state, len(self.generator.param_groups))
+        if not engine_holds_generator:
+            self.generator.load_state_dict(state["generator"])
+        if self.distiller is not None:
+            if state["distiller"] is None:
+                raise CheckpointError("the checkpoint holds no optimizer state for the distiller's own model; resume "
+                                      "with the distiller (distill.name) the run was trained with")
+            self.distiller.load_state_dict(state["distiller"])
+
+
+def split_optimizer_state(state: dict, n_generator_groups: int) -> dict:
+    """An optimizer state dict over [generator groups..., distiller groups...] (checkpoints written before
+    the distiller had its own optimizer) as the two optimizers' state dicts."""
+    groups = state["param_groups"]
+
+    def part(gs: list[dict]) -> dict | None:
+        if not gs:
+            return None
+        ids = [i for g in gs for i in g["params"]]
+        remap = {old: new for new, old in enumerate(ids)}
+        return {"state": {remap[i]: v for i, v in state["state"].items() if i in remap},
+                "param_groups": [{**g, "params": [remap[i] for i in g["params"]]} for g in gs]}
+
+    return {"generator": part(groups[:n_generator_groups]), "distiller": part(groups[n_generator_groups:])}
 
 
 def training_prompts(cfg: Config, world) -> list[str]:
@@ -178,17 +252,44 @@ class Validator:
         return grid
 
 
-def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
-    """Train (or resume) a run in ``run_dir``; returns the last checkpoint's path."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs  # noqa: PLC0415 - slow import
+ENGINES = {"NO": "one process", "MULTI_CPU": "DDP over gloo", "MULTI_GPU": "DDP over NCCL", "DEEPSPEED": "DeepSpeed"}
 
+
+def make_accelerator(cfg: Config):
+    """accelerate's Accelerator for this run: DDP (or the launcher's engine, e.g. DeepSpeed), the
+    collective timeout after which a rank that stopped answering fails the others, CPU when no GPU."""
+    from datetime import timedelta  # noqa: PLC0415
+
+    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs  # noqa: PLC0415
+
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.render.bg_random_prob > 0)
+    pg = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))
+    plugin = None
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":  # launched with a DeepSpeed config
+        from accelerate.utils import DeepSpeedPlugin  # noqa: PLC0415
+
+        # Accumulation and clipping are the run's (train.grad_accum, optim.grad_clip), whatever the launch
+        # config says; the rest (ZeRO stage, offload) comes from it.
+        plugin = DeepSpeedPlugin(gradient_accumulation_steps=cfg.train.grad_accum,
+                                 gradient_clipping=float(cfg.optim.grad_clip or 0.0))
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.prompts_per_step
+    # cpu=True picks accelerate's CPU path (gloo DDP); DeepSpeed runs on its own CPU accelerator instead.
+    return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available() and plugin is None,
+                       kwargs_handlers=[ddp, pg], deepspeed_plugin=plugin,
+                       gradient_accumulation_steps=cfg.train.grad_accum if plugin is not None else 1)
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
+    """Train (or resume) a run in ``run_dir``; returns the last checkpoint's path. Raises ``Preempted``
+    after writing a checkpoint when the process receives SIGTERM."""
     run_dir = Path(run_dir)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.render.bg_random_prob > 0)
-    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(),
-                      kwargs_handlers=[ddp])
+    acc = make_accelerator(cfg)
     rank, world_size, main = acc.process_index, acc.num_processes, acc.is_main_process
+    warning = launch_warning(world_size)
+    if warning and main:
+        print(f"warning: {warning}", flush=True)
 
     ckpt = None
     if resume:
@@ -207,46 +308,24 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
     prior = build_prior(cfg, world, text_encoder=text_encoder, device=acc.device)  # SD reuses the CLIP tower
     distiller = build_distiller(cfg, prior, cond_dim=text_encoder.dim)
     renderer = build_renderer(cfg).train()
-    optimizer = build_optimizer(cfg, model, distiller)
-    base_lr = [g["lr"] for g in optimizer.param_groups]  # before a resumed state overwrites them
-    if cfg.data.shards:
-        sampler = ShardStream(cfg.data.shards, cfg.data.split, cfg.data.prompts_per_step, seed=cfg.train.seed,
-                              rank=rank, world_size=world_size, mode="train", shuffle_shards=cfg.data.shuffle_shards,
-                              num_workers=cfg.data.num_workers, on_corrupt=cfg.data.on_corrupt, url=cfg.data.shard_url)
-        check_encoder(sampler.manifest, text_encoder, cfg.data.shards)
-        prompts = sampler.first_prompts(6)
-        if world is not None:  # every prompt must be in the oracle grammar: say so now, not mid-run
-            check = ShardStream(cfg.data.shards, cfg.data.split, 4096, mode="eval", url=cfg.data.shard_url,
-                                on_corrupt=cfg.data.on_corrupt)
-            for b in check:
-                for p in b.prompts:
-                    world.parse(p)
-    else:
-        sampler = PromptSampler(prompts, cfg.data.prompts_per_step, seed=cfg.train.seed, rank=rank,
-                                world_size=world_size)
+    optimizers = Optimizers(build_optimizer(cfg, model), build_distiller_optimizer(cfg, distiller))
+    sampler, prompts = build_sampler(cfg, world, text_encoder, prompts, rank, world_size)
+    deepspeed = acc.distributed_type.value == "DEEPSPEED"
     start = 0
     if ckpt is not None:
-        weights = load_weights(ckpt)
-        opt_state, rng, state = load_training_state(ckpt)
-        saved_world = int(state.get("world_size", 1))
-        if saved_world != world_size:
-            raise CheckpointError(f"checkpoint '{ckpt}' was written by {saved_world} process(es) but this run has "
-                                  f"{world_size}; resume with {saved_world} (each process continues its own data "
-                                  "position and RNG stream)")
-        model.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("model.")})
-        distiller.load_state_dict({k[len("distiller."):]: v for k, v in weights.items() if k.startswith("distiller.")})
-        optimizer.load_state_dict(opt_state)
-        sampler.load_state_dict(state["data"][str(rank)])
-        start = int(state["step"])
-        set_rng_state(rng["ranks"][str(rank)])
+        start = restore(ckpt, cfg, model, distiller, optimizers, sampler, rank, world_size, main, deepspeed)
     else:
         torch.manual_seed(cfg.train.seed + rank)
-    model, optimizer = acc.prepare(model, optimizer)
+    # The generator and background are the only module the engine wraps (DDP, DeepSpeed) and the only
+    # optimizer it manages; the frozen prior and text encoder are never wrapped and hold no optimizer state.
+    model, optimizers.generator = acc.prepare(model, optimizers.generator)
     raw_model = acc.unwrap_model(model)
+    if deepspeed and ckpt is not None:  # the engine's own (partitioned) optimizer state
+        model.load_checkpoint(str(ckpt / "deepspeed"), tag="engine", load_module_strict=True,
+                              load_optimizer_states=True, load_lr_scheduler_states=False)
     # Clip the generator's gradients only: a distiller's own model (VSD's phi, VDM's psi) trains on its
     # own loss and must not shrink the generator's step.
-    params = [p for g in optimizer.param_groups if not str(g.get("name", "")).startswith("distill_")
-              for p in g["params"]]
+    params = [p for g in optimizers.generator.param_groups for p in g["params"]]
     distiller_params = list(distiller.parameters())
     # Everything is built and every input checked: only now does the run directory appear, so a start
     # that fails leaves nothing behind (and the next attempt is not redirected by a stale folder).
@@ -259,6 +338,13 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
     encode = BatchEncoder(cfg, text_encoder, prior, acc.device, sampler)
     v = cfg.camera.views_per_prompt
     max_steps = cfg.train.max_steps
+    accum = cfg.train.grad_accum
+    if main:
+        p = cfg.data.prompts_per_step
+        print(f"effective batch: {p} prompt(s) x {v} view(s) per process x {world_size} process(es) x {accum} "
+              f"accumulation = {p * world_size * accum} prompts ({p * v * world_size * accum} images) per optimizer "
+              f"step; {ENGINES.get(acc.distributed_type.value, acc.distributed_type.value)} on {acc.device.type}"
+              f"{', ' + str(acc.mixed_precision) if acc.mixed_precision != 'no' else ''}", flush=True)
 
     bar = None
     if main and cfg.train.progress:
@@ -267,69 +353,156 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
         bar = tqdm(total=max_steps, initial=start, desc="train", dynamic_ncols=True, unit="step")
     last = ckpt
     step_time = None
-    # Host syncs (.item(), float(), bool checks) happen only on logging and checkpoint steps, so a GPU
-    # never waits for the CPU in between; a non-finite loss is remembered on the device until then.
+    # Host syncs: one read of two all-reduced flags per step (a non-finite step to skip, a stop signal),
+    # as torch.amp's GradScaler does; with train.skip_nonfinite=false not even that: the loss is kept on
+    # the device and checked on logging and checkpoint steps only.
     first_bad = torch.full((), -1, dtype=torch.long, device=acc.device)
+    bad_in_row, bad_total = 0, 0
+    stop = StopSignal()
     try:
-        for step in range(start, max_steps):
-            t0 = time.perf_counter()
-            batch, cond, prior_text = encode(sampler.next_batch())
-            with acc.autocast():
-                field, background = model(cond)
-                cams = sample_train_cameras(cfg.camera, len(batch)).to(acc.device)
-                lam_eik = schedule_value(cfg.loss.eikonal, step, max_steps)
-                out = renderer(field, cams, background=background, with_eikonal=lam_eik > 0)
-                latents = prior.encode(out.rgb)
-            loss_d, dlogs = distiller(latents, prior_text.repeat_interleave(v), cams.expand(len(batch)), step,
-                                      pooled=cond.pooled.repeat_interleave(v, 0))
-            reg, rlogs = regularisers(cfg, out, step)
-            loss = cfg.loss.distill * loss_d + reg
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), first_bad.new_full((), step),
-                                    first_bad)
-            optimizer.zero_grad(set_to_none=True)
-            acc.backward(loss)
-            if world_size > 1 and distiller_params:  # the distiller's own model is not DDP-wrapped: average by hand
-                _all_reduce_mean(distiller_params, world_size)
-            factor = lr_factor(cfg, step)
-            for group, lr in zip(optimizer.param_groups, base_lr):
-                group["lr"] = lr * factor
-            grad_norm = None
-            if cfg.optim.grad_clip:
-                grad_norm = acc.clip_grad_norm_(params, cfg.optim.grad_clip)
-            optimizer.step()
-            done = step + 1
-            dt = time.perf_counter() - t0
-            step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
-            log_now = done % cfg.train.log_every == 0 or done == max_steps or done == start + 1
-            save_now = done % cfg.train.ckpt_every == 0 or done == max_steps
-            if log_now or save_now:
-                bad = int(first_bad)
-                if bad >= 0:
-                    raise TrainingError(f"the loss was not finite at step {bad}: training diverged; lower the "
-                                        "learning rates and resume from the last checkpoint (`--resume`)")
-            if main and log_now:
-                metrics = {"loss": float(loss.detach()), "loss_distill": float(loss_d.detach()),
-                           "opacity": float(out.opacity.detach().mean()),
-                           "step_s": dt, **{f"distill/{k}": float(x) for k, x in dlogs.items()},
-                           **{k: float(x) for k, x in rlogs.items()}}
-                if grad_norm is not None:
-                    metrics["param_grad_norm"] = float(grad_norm)
-                logger.log(done, metrics)
+        with stop:
+            for step in range(start, max_steps):
+                t0 = time.perf_counter()
+                optimizers.zero_grad()
+                loss_sum, loss_d_sum = 0.0, 0.0
+                # ``grad_accum`` micro-batches per optimizer step, each backpropagated at once (its graph
+                # freed); gradients average over them (loss / accum) and DDP syncs only on the last one.
+                for micro in range(accum):
+                    batch, cond, prior_text = encode(sampler.next_batch())
+                    with acc.autocast():
+                        field, background = model(cond)
+                        cams = sample_train_cameras(cfg.camera, len(batch)).to(acc.device)
+                        lam_eik = schedule_value(cfg.loss.eikonal, step, max_steps)
+                        out = renderer(field, cams, background=background, with_eikonal=lam_eik > 0)
+                        latents = prior.encode(out.rgb)
+                    loss_d, dlogs = distiller(latents, prior_text.repeat_interleave(v), cams.expand(len(batch)),
+                                              step, pooled=cond.pooled.repeat_interleave(v, 0))
+                    reg, rlogs = regularisers(cfg, out, step)
+                    loss = cfg.loss.distill * loss_d + reg
+                    with acc.no_sync(model) if micro < accum - 1 else contextlib.nullcontext():
+                        acc.backward(loss / accum if accum > 1 else loss)
+                    loss_sum, loss_d_sum = loss_sum + loss.detach() / accum, loss_d_sum + loss_d.detach() / accum
+                if world_size > 1 and distiller_params:  # the distiller's own model is not DDP-wrapped
+                    _all_reduce_mean(distiller_params, world_size)
+                optimizers.scale_lr(lr_factor(cfg, step))
+                grad_norm = None
+                if cfg.optim.grad_clip:
+                    grad_norm = acc.clip_grad_norm_(params, cfg.optim.grad_clip)
+                finite = torch.isfinite(loss_sum) & (torch.isfinite(grad_norm) if torch.is_tensor(grad_norm)
+                                                     else torch.ones((), dtype=torch.bool, device=acc.device))
+                done = step + 1
+                skipped = False
+                if cfg.train.skip_nonfinite:
+                    bad, stopping = agree([~finite, stop.received is not None], acc.device, world_size)
+                    if bad and deepspeed:  # the engine already stepped inside backward: nothing to skip
+                        raise TrainingError(f"the loss or gradient was not finite at step {done} (DeepSpeed applies "
+                                            "the update inside backward, so the step cannot be skipped); lower the "
+                                            "learning rates and resume from the last checkpoint (`--resume`)")
+                    if bad:  # on some rank: every rank skips this step together
+                        skipped = True
+                        optimizers.zero_grad()
+                        bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
+                        if main:
+                            print(f"step {done}: the loss or gradient was not finite on a process; step skipped "
+                                  f"({bad_total} so far, {bad_in_row} in a row)", flush=True)
+                        if bad_in_row >= cfg.train.max_bad_steps:
+                            raise TrainingError(f"{bad_in_row} steps in a row had a non-finite loss or gradient (up "
+                                                f"to step {done}): training diverged; lower the learning rates and "
+                                                "resume from the last checkpoint (`--resume`)")
+                    else:
+                        bad_in_row = 0
+                        optimizers.step()
+                else:
+                    first_bad = torch.where((first_bad < 0) & ~finite, first_bad.new_full((), done), first_bad)
+                    optimizers.step()
+                    stopping = False
+                dt = time.perf_counter() - t0
+                step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
+                log_now = done % cfg.train.log_every == 0 or done == max_steps or done == start + 1
+                save_now = done % cfg.train.ckpt_every == 0 or done == max_steps
+                if not cfg.train.skip_nonfinite and (log_now or save_now):
+                    bad = int(first_bad)
+                    if bad >= 0:
+                        raise TrainingError(f"the loss was not finite at step {bad}: training diverged; lower the "
+                                            "learning rates and resume from the last checkpoint (`--resume`)")
+                    stopping = agree([stop.received is not None], acc.device, world_size)[0]
+                if main and log_now:
+                    metrics = {"loss": float(loss_sum), "loss_distill": float(loss_d_sum),
+                               "opacity": float(out.opacity.detach().mean()), "step_s": dt,
+                               "skipped_steps": bad_total, **{f"distill/{k}": float(x) for k, x in dlogs.items()},
+                               **{k: float(x) for k, x in rlogs.items()}}
+                    if grad_norm is not None and not skipped:
+                        metrics["param_grad_norm"] = float(grad_norm)
+                    logger.log(done, metrics)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{metrics['loss']:.3g}", opacity=f"{metrics['opacity']:.2f}",
+                                        s_per_step=f"{step_time:.2f}")
                 if bar is not None:
-                    bar.set_postfix(loss=f"{metrics['loss']:.3g}", opacity=f"{metrics['opacity']:.2f}",
-                                    s_per_step=f"{step_time:.2f}")
-            if bar is not None:
-                bar.update(1)
-            if validator is not None and (done % cfg.train.val_every == 0 or done == max_steps):
-                grid = validator(raw_model, text_encoder, run_dir / "val" / f"step_{done:07d}.png")
-                logger.log_image(done, "val/grid", grid)
-            if save_now:
-                last = _save(acc, run_dir, done, raw_model, optimizer, distiller, sampler, cfg)
+                    bar.update(1)
+                if validator is not None and (done % cfg.train.val_every == 0 or done == max_steps):
+                    grid = validator(raw_model, text_encoder, run_dir / "val" / f"step_{done:07d}.png")
+                    logger.log_image(done, "val/grid", grid)
+                if save_now or stopping:
+                    last = _save(acc, run_dir, done, model, raw_model, optimizers, distiller, sampler, cfg)
+                if stopping:
+                    raise Preempted(f"stopped on a termination signal after step {done}; checkpoint {last} is "
+                                    f"written; continue with `--resume` (exit code {PREEMPTED_EXIT} lets a job "
+                                    "script requeue the run)")
     finally:
         if bar is not None:
             bar.close()
         logger.close()
     return last
+
+
+def build_sampler(cfg: Config, world, text_encoder, prompts, rank: int, world_size: int):
+    """(this rank's batch source, prompts for the validation grid): webdataset shards (checked against
+    the run's text encoder and, in the oracle world, its grammar) or an in-memory corpus."""
+    if not cfg.data.shards:
+        return PromptSampler(prompts, cfg.data.prompts_per_step, seed=cfg.train.seed, rank=rank,
+                             world_size=world_size), prompts
+    sampler = ShardStream(cfg.data.shards, cfg.data.split, cfg.data.prompts_per_step, seed=cfg.train.seed,
+                          rank=rank, world_size=world_size, mode="train", shuffle_shards=cfg.data.shuffle_shards,
+                          num_workers=cfg.data.num_workers, on_corrupt=cfg.data.on_corrupt, url=cfg.data.shard_url)
+    check_encoder(sampler.manifest, text_encoder, cfg.data.shards)
+    if world is not None:  # every prompt must be in the oracle grammar: say so now, not mid-run
+        check = ShardStream(cfg.data.shards, cfg.data.split, 4096, mode="eval", url=cfg.data.shard_url,
+                            on_corrupt=cfg.data.on_corrupt)
+        for b in check:
+            for p in b.prompts:
+                world.parse(p)
+    return sampler, sampler.first_prompts(6)
+
+
+def restore(ckpt: Path, cfg: Config, model, distiller, optimizers: "Optimizers", sampler, rank: int,
+            world_size: int, main: bool, deepspeed: bool = False) -> int:
+    """Load a checkpoint into the run's objects; returns its step. On the number of processes that
+    wrote it, every rank continues its own data position and RNG stream exactly; on another number the
+    data position is mapped (``remap``: no prompt of the current epoch skipped, none repeated that need
+    not be) and each rank's RNG is reseeded from (seed, rank, step), and the log says so. Under DeepSpeed
+    the generator's optimizer state is the engine's own (loaded after ``prepare``)."""
+    weights = load_weights(ckpt)
+    opt_state, rng, state = load_training_state(ckpt)
+    model.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("model.")})
+    distiller.load_state_dict({k[len("distiller."):]: v for k, v in weights.items() if k.startswith("distiller.")})
+    written_by_deepspeed = (ckpt / "deepspeed").is_dir()
+    if written_by_deepspeed != deepspeed:
+        raise CheckpointError(f"checkpoint '{ckpt}' was written {'with' if written_by_deepspeed else 'without'} "
+                              f"DeepSpeed and this run is {'' if deepspeed else 'not '}using it; resume with the engine "
+                              "it was written with (the optimizer state's layouts differ)")
+    optimizers.load_state_dict(opt_state, engine_holds_generator=deepspeed)
+    step = int(state["step"])
+    saved_world = int(state.get("world_size", 1))
+    if saved_world == world_size:
+        sampler.load_state_dict(state["data"][str(rank)])
+        set_rng_state(rng["ranks"][str(rank)])
+    else:
+        note = sampler.remap(state["data"], saved_world)
+        torch.manual_seed((cfg.train.seed * 1_000_003 + step) * 10_007 + rank)
+        if main:
+            print(f"resuming a {saved_world}-process checkpoint on {world_size}: {note}; random streams reseeded "
+                  "from (seed, rank, step)", flush=True)
+    return step
 
 
 def _all_reduce_mean(params, world_size: int) -> None:
@@ -342,25 +515,52 @@ def _all_reduce_mean(params, world_size: int) -> None:
         p.grad /= world_size
 
 
-def _save(acc, run_dir: Path, step: int, model, optimizer, distiller, sampler, cfg: Config) -> Path:
-    """Gather every rank's data position and RNG, then write one checkpoint from the main rank."""
+def replica_digest(model, distiller) -> str:
+    """sha256 of every trainable tensor this rank holds (generator, background, the distiller's own):
+    equal on every rank while the replicas are in sync, as DDP and the all-reduce keep them."""
+    import hashlib  # noqa: PLC0415
+
+    h = hashlib.sha256()
+    for _, t in sorted({**{f"m.{k}": v for k, v in model.state_dict().items()},
+                        **{f"d.{k}": v for k, v in distiller.state_dict().items()}}.items()):
+        h.update(t.detach().float().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _save(acc, run_dir: Path, step: int, engine, model, optimizers: "Optimizers", distiller, sampler,
+          cfg: Config) -> Path:
+    """Gather every rank's data position, RNG and replica digest, check that the replicas agree, then
+    write one checkpoint from the main rank. Under DeepSpeed every rank first writes its part of the
+    engine's state (DeepSpeed's own format, in ``deepspeed/``) into the same temporary folder."""
     data = {str(acc.process_index): sampler.state_dict()}
     rng = {str(acc.process_index): rng_state()}
+    digests = [replica_digest(model, distiller)]
     if acc.num_processes > 1:
         import torch.distributed as dist  # noqa: PLC0415
 
         gathered: list = [None] * acc.num_processes
-        dist.all_gather_object(gathered, (data, rng))
-        data, rng = {}, {}
-        for d, r in gathered:
+        dist.all_gather_object(gathered, (data, rng, digests[0]))
+        data, rng, digests = {}, {}, []
+        for d, r, h in gathered:
             data.update(d)
             rng.update(r)
+            digests.append(h)
+        if len(set(digests)) > 1:
+            raise TrainingError(f"the processes' model replicas differ at step {step} (digests {digests}): the "
+                                "distributed engine lost sync; resume from the last checkpoint and report this")
     path = run_dir / "checkpoints" / f"step_{step:07d}"
+    deepspeed = acc.distributed_type.value == "DEEPSPEED"
+    tmp = None
+    if deepspeed:
+        tmp = temp_checkpoint_dir(run_dir, step, fresh=acc.is_main_process)
+        acc.wait_for_everyone()
+        engine.save_checkpoint(str(tmp / "deepspeed"), tag="engine")
+        acc.wait_for_everyone()
     if acc.is_main_process:
         state = {f"model.{k}": t for k, t in model.state_dict().items()}
         state.update({f"distiller.{k}": t for k, t in distiller.state_dict().items()})
-        path = save_checkpoint(run_dir, step, state, optimizer.state_dict(),
-                               {"data": data, "world_size": acc.num_processes}, {"ranks": rng},
-                               keep=cfg.train.keep_ckpts)
+        path = save_checkpoint(run_dir, step, state, optimizers.state_dict(engine_holds_generator=deepspeed),
+                               {"data": data, "world_size": acc.num_processes, "replica_digests": digests},
+                               {"ranks": rng}, keep=cfg.train.keep_ckpts, tmp=tmp)
     acc.wait_for_everyone()
     return path

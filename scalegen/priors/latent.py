@@ -1,0 +1,29 @@
+"""The VAE path shared by the latent-diffusion priors (Stable Diffusion, MVDream): the reference
+encode of ScaleDreamer/threestudio (bilinear resize of the render to the VAE's input size,
+``2 rgb - 1``, a posterior sample WITH grad, times the VAE's scaling factor) and the decode for
+pictures."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def vae_encode(vae, rgb: Tensor, resolution: int, latent_resolution: int, scaling: float, dtype: torch.dtype) -> Tensor:
+    """rgb [N, 3, h, w] in [0, 1] -> latents [N, C, latent_resolution, latent_resolution] in fp32, with
+    gradient to ``rgb`` through the frozen encoder; latents of another size are resized (bilinear)."""
+    with torch.autocast(rgb.device.type, enabled=False):
+        x = rgb.float()
+        if x.shape[-2:] != (resolution, resolution):
+            x = F.interpolate(x, (resolution, resolution), mode="bilinear", align_corners=False)
+        z = vae.encode((x * 2.0 - 1.0).to(dtype)).latent_dist.sample() * scaling
+        z = z.float()
+        if z.shape[-2:] != (latent_resolution,) * 2:
+            z = F.interpolate(z, (latent_resolution,) * 2, mode="bilinear", align_corners=False)
+    return z
+
+
+@torch.no_grad()
+def vae_decode(vae, latents: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
+    img = vae.decode((latents / scaling).to(dtype)).sample.float()
+    return (img * 0.5 + 0.5).clamp(0, 1)
