@@ -196,6 +196,7 @@ def cmd_generate(args) -> int:
     t_load = time.perf_counter()
     cfg, text_encoder, model, ckpt = load_run(args.ckpt)
     t_load = time.perf_counter() - t_load
+    _check_world_prompts(cfg, prompts, args.ckpt)
     res = generate_assets(plan, cfg, model, text_encoder, opts, checkpoint=str(ckpt))
     n = len(res["assets"])
     rows = [[stage, s, s / n] for stage, s in res["seconds"].items()] + [["total", res["total_s"], res["seconds_per_asset"]]]
@@ -204,6 +205,24 @@ def cmd_generate(args) -> int:
     print(f"wrote {n} asset(s) to {where} in {res['total_s']:.2f} s ({res['seconds_per_asset']:.2f} s per asset; "
           f"checkpoint loaded in {t_load:.1f} s, {torch.get_num_threads()} thread(s))")
     return 0
+
+
+def _check_world_prompts(cfg, prompts: list[str], ckpt) -> None:
+    """An oracle-world generator has only ever seen the world's grammar: a prompt outside it would give a
+    mesh of nothing in particular, so it is refused (with the grammar), not exported."""
+    if cfg.prior.name != "oracle":
+        return
+    from scalegen.errors import DataError
+    from scalegen.priors import build_world
+
+    world = build_world(cfg)
+    for p in prompts:
+        try:
+            world.parse(p)
+        except DataError:
+            raise ScalegenError(f"'{ckpt}' was trained in the oracle world, which only has prompts like "
+                                f"'{world.seen[0]}' (a <size> <color> <shape>); {p!r} is not one of them, so its "
+                                "mesh would mean nothing: use a run trained with a real prior for free text") from None
 
 
 def cmd_gallery(args) -> int:
@@ -239,6 +258,7 @@ def cmd_gallery(args) -> int:
                 from scalegen.data.prompts import read_corpus
 
                 prompts = read_corpus(args.prompts, split=args.split)
+                _check_world_prompts(cfg, prompts, source)
             elif cfg.prior.name == "oracle" and cfg.data.prompts == "oracle":
                 from scalegen.priors import build_world
 

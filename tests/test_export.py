@@ -334,18 +334,20 @@ def test_cli_batch_writes_one_file_per_prompt_and_a_manifest(red_run, tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["--prompt", "  ", "--out", "{tmp}/a.glb"], "--prompt is empty"),
+    (["--prompt", "", "--out", "{tmp}/a.glb"], "--prompt is empty"),
+    (["--prompt", "a DSLR photo of a corgi", "--out", "{tmp}/a.glb"], "was trained in the oracle world"),
     (["--prompt", "a red cube", "--out", "{tmp}/no/such/dir/a.glb"], "does not exist"),
     (["--prompt", "a red cube", "--out", "{tmp}/a.txt"], ".glb"),
     (["--prompts", "{tmp}/empty.txt", "--out", "{tmp}/out"], "holds no prompts"),
     (["--prompts", "{tmp}/prompts.txt", "--out", "{tmp}/out", "--format", "stl"], "unknown format 'stl'"),
     (["--prompt", "a red cube", "--out", "{tmp}/a.obj", "--texture"], "GLB"),
-    (["--prompt", "a red cube", "--out", "{tmp}/a.glb", "--level", "5"], "fills the whole scene box"),
+    (["--prompt", "a large red cube", "--out", "{tmp}/a.glb", "--level", "5"], "fills the whole scene box"),
     (["--prompts", "{tmp}/prompts.txt", "--out", "{tmp}/out", "--level", "-5"], "is empty"),
     (["--prompt", "a red cube", "--out", "{tmp}/a.glb", "--format", "ply"], "contradicts"),
 ])
 def test_generate_bad_input_is_one_line_and_leaves_nothing(red_run, tmp_path, args, needle):
     (tmp_path / "empty.txt").write_text("\n  \n")
-    (tmp_path / "prompts.txt").write_text("a red cube\na blue cube\n")
+    (tmp_path / "prompts.txt").write_text("a large red cube\na small blue cube\n")
     before = sorted(tmp_path.rglob("*"))
     r = _generate(red_run[0], *[a.replace("{tmp}", str(tmp_path)) for a in args], "--resolution", 32)
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
