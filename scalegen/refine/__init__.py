@@ -17,12 +17,14 @@ import torch
 
 from scalegen.config import Config, compose_config, load_run_config, load_yaml
 from scalegen.errors import ConfigError
-from scalegen.eval.oracle import evaluate_prompts
+from scalegen.eval.oracle import eval_cameras, evaluate_prompts, ground_truth_gallery
 from scalegen.eval.report import write_json
 from scalegen.export.gaussian_ply import write_gaussian_ply
-from scalegen.export.mesh import extract_mesh, write_mesh
+from scalegen.export.files import write_mesh
+from scalegen.export.mesh import extract_meshes, render_level
 from scalegen.generators import GaussianScene
 from scalegen.priors import build_world
+from scalegen.priors.oracle import build_oracle_prior
 from scalegen.refine.start import describe_start, start_state
 from scalegen.train.checkpoint import resolve_checkpoint, run_dir_of
 from scalegen.train.loop import train
@@ -81,10 +83,6 @@ def refine_config(prompt: str, representation: str, distill: Optional[str], init
     return compose_config(layers + [final], overrides)
 
 
-def _evaluate(cfg: Config, model, text_encoder, world) -> dict:
-    return evaluate_prompts(cfg, model, text_encoder, world, [cfg.data.prompt])
-
-
 def refine(cfg: Config, out: str | Path, init_from: Optional[str] = None, resume: bool = False, up: str = "y",
            fit: bool = False, mesh_resolution: int = 128, log: Callable[[str], None] = print) -> dict:
     """Train ``cfg``'s scene into ``out`` (continue it with ``resume``), then score it against the oracle
@@ -110,25 +108,30 @@ def refine(cfg: Config, out: str | Path, init_from: Optional[str] = None, resume
         report["gaussians"] = gen.n_gaussians
     if cfg.prior.name == "oracle":
         world = build_world(cfg)
-        scores = {"refined": _evaluate(cfg, model, text_encoder, world)}
+        gallery = ground_truth_gallery(build_oracle_prior(cfg, world).renderer, world, eval_cameras(cfg))
+        scores = {"refined": evaluate_prompts(cfg, model, text_encoder, world, [cfg.data.prompt], gallery=gallery)}
         if not resume:
             torch.manual_seed(cfg.train.seed)
             _, first = build_model(cfg)
             if init_state is not None:
                 first.load_state_dict(init_state)
-            scores["start"] = _evaluate(cfg, first, text_encoder, world)
+            scores["start"] = evaluate_prompts(cfg, first, text_encoder, world, [cfg.data.prompt], gallery=gallery)
         if start.get("start") == "run":
             run_cfg, run_te, run_model, _ = load_run(start["run"])
-            scores["amortized"] = evaluate_prompts(run_cfg, run_model, run_te, world, [cfg.data.prompt])
+            same_views = run_cfg.camera == cfg.camera  # else the run's own orbit gets its own ground truth
+            scores["amortized"] = evaluate_prompts(run_cfg, run_model, run_te, world, [cfg.data.prompt],
+                                                   gallery=gallery if same_views else None)
         report["metrics"] = scores
     field, _ = model(text_encoder.encode([cfg.data.prompt]))
     with torch.no_grad():
         if isinstance(gen, GaussianScene):
             report["ply"] = str(write_gaussian_ply(out / "gaussians.ply", field.means, field.log_scales, field.quats,
                                                    field.opacity_logits, field.sh))
-        verts, faces, colours = extract_mesh(field, cfg.render.bound, mesh_resolution)
-        report["mesh"] = str(write_mesh(verts, faces, colours, out / "mesh.glb"))
-        report["mesh_faces"] = len(faces)
+        # an iNGP's surface at the level its volume renders show; a Gaussian field's level set is its own
+        level = 0.0 if isinstance(gen, GaussianScene) else render_level(cfg.render.beta)
+        mesh = extract_meshes(field, cfg.render.bound, mesh_resolution, level, names=[cfg.data.prompt])[0]
+        report["mesh"] = str(write_mesh(mesh, out / "mesh.glb"))
+        report["mesh_faces"] = len(mesh.faces)
     write_json(out / "refine.json", report)
     return report
 
