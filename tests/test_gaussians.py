@@ -270,3 +270,25 @@ def test_gsplat_matches_the_torch_rasterizer():
     a = GaussianRasterizer(backend="torch")(f, cams)
     b = GaussianRasterizer(backend="gsplat")(f, cams)
     assert (a.rgb - b.rgb).abs().mean() < 2e-3 and (a.opacity - b.opacity).abs().mean() < 2e-3
+
+
+def test_without_gsplat_the_torch_rasterizer_runs(monkeypatch):
+    """gsplat is optional: with the package missing (even on a CUDA machine) ``auto`` renders with torch,
+    and asking for gsplat outright is a one-line ConfigError, not an ImportError."""
+    import sys
+
+    from scalegen.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "gsplat", None)  # `import gsplat` raises ImportError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not gsplat_available()
+    torch.manual_seed(8)
+    g = 50
+    f = GaussianField(torch.randn(g, 3) * 0.2, torch.full((g, 3), math.log(0.05)), torch.randn(g, 4),
+                      torch.randn(g), torch.rand(g, 1, 3))
+    cams = orbit_cameras(2, 15.0, 1.4, 50.0, 16)
+    a = GaussianRasterizer(backend="auto")(f, cams)
+    b = GaussianRasterizer(backend="torch")(f, cams)
+    assert torch.equal(a.rgb, b.rgb) and a.opacity.mean() > 0.01
+    with pytest.raises(ConfigError, match="splat_backend=torch"):
+        GaussianRasterizer(backend="gsplat")(f, cams)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -38,7 +38,7 @@ REPRESENTATIONS = ("gaussians", "ingp")
 PRESETS: dict[str, dict] = {
     "gaussians": {
         "data": {"prompts_per_step": 1},
-        "camera": {"resolution": 64, "views_per_prompt": 4},
+        "camera": {"resolution": 32, "views_per_prompt": 4},
         "loss": {"eikonal": 0.0, "sparsity": 0.0, "opacity_entropy": 0.0},
         "optim": {"name": "adam", "betas": [0.9, 0.99], "eps": 1.0e-15, "grad_clip": None, "lr": 1.0e-3,
                   "lr_background": 1.0e-3, "lr_schedule": "constant", "warmup_steps": 0.0,
@@ -49,7 +49,7 @@ PRESETS: dict[str, dict] = {
     },
     "ingp": {
         "data": {"prompts_per_step": 1},
-        "camera": {"resolution": 64, "views_per_prompt": 4},
+        "camera": {"resolution": 32, "views_per_prompt": 4},
         "optim": {"group_lr": {"grid": 1.0e-2, "mlp": 1.0e-3}},
         "distill": {"t_range_start": [0.02, 0.50], "t_range_end": [0.02, 0.25]},
         "train": {"max_steps": 400, "log_every": 10, "val_every": 100, "ckpt_every": 100},
@@ -58,19 +58,23 @@ PRESETS: dict[str, dict] = {
 
 
 def refine_config(prompt: str, representation: str, distill: Optional[str], init_from: Optional[str] = None,
-                  config_file: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+                  config_file: Optional[str] = None, overrides: Optional[list[str]] = None,
+                  base_run: Optional[str] = None) -> Config:
     """The config of a new refinement: the amortized run's own config when starting from one (its world,
-    text encoder, prior, renderer and field sizes), else the defaults; then the representation's preset,
+    text encoder, prior, renderer and field sizes), else ``base_run``'s (a sphere start under the same
+    world as a run start, for comparisons), else the defaults; then the representation's preset,
     ``config_file``, ``overrides``; then the prompt, representation and distiller given on the command line."""
     if representation not in REPRESENTATIONS:
         raise ConfigError(f"--representation must be one of {', '.join(REPRESENTATIONS)}, got {representation!r}")
     if not prompt or not prompt.strip():
         raise ConfigError("--prompt is empty; describe the asset, e.g. --prompt 'a large red cube'")
     base: dict = {}
-    if describe_start(init_from) == "run":
-        run_cfg = run_dir_of(resolve_checkpoint(init_from)) / "config.yaml"
+    if base_run is None and describe_start(init_from) == "run":
+        base_run = init_from
+    if base_run is not None:
+        run_cfg = run_dir_of(resolve_checkpoint(base_run)) / "config.yaml"
         if not run_cfg.is_file():
-            raise ConfigError(f"--init-from '{init_from}' has no config.yaml; give a run directory of `scalegen train`")
+            raise ConfigError(f"'{base_run}' has no config.yaml; give a run directory of `scalegen train`")
         base = load_yaml(run_cfg)
         base.get("optim", {}).pop("group_lr", None)  # the amortized generator's groups are not the scene's
         base.setdefault("data", {}).update({"shards": None})
@@ -84,7 +88,7 @@ def refine_config(prompt: str, representation: str, distill: Optional[str], init
 
 
 def refine(cfg: Config, out: str | Path, init_from: Optional[str] = None, resume: bool = False, up: str = "y",
-           fit: bool = False, mesh_resolution: int = 128, log: Callable[[str], None] = print) -> dict:
+           fit: bool = False, mesh_resolution: int = 128) -> dict:
     """Train ``cfg``'s scene into ``out`` (continue it with ``resume``), then score it against the oracle
     world's ground truth beside its start (and the amortized generator it started from), and export
     ``out/gaussians.ply`` (Gaussians) and ``out/mesh.glb``. Returns the report, also written to
