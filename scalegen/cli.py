@@ -128,7 +128,7 @@ def cmd_refine(args) -> int:
     if rows:
         print(_table(rows, ["scene", "PSNR (dB)", "PSNR fg", "mask IoU", "colour err"]))
     print(f"refined '{rep['prompt']}' ({rep['representation']}, {rep['distill']}, start: {rep['start']}) for "
-          f"{rep['steps']} steps in {rep['train_s']:.0f} s" + (f"; {rep['gaussians']} Gaussians" if "gaussians" in rep
+          f"{rep['steps']} steps in {rep['train_s']:.0f} s ({rep['train_cpu_s']:.0f} s CPU)" + (f"; {rep['gaussians']} Gaussians" if "gaussians" in rep
                                                               else "")
           + f"; wrote {', '.join(rep[k] for k in ('ply', 'mesh') if k in rep)} and {Path(args.out) / 'refine.json'}")
     _write_json(args.json, rep)

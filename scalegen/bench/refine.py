@@ -6,7 +6,8 @@ the prompt's scene (``bench.representation``, 3D Gaussians by default) from the 
 ``bench.steps`` steps through ``refine.refine`` (the `scalegen refine` path: same trainer, exports
 included); checkpoints every ``bench.eval_every`` steps are scored afterwards on the evaluation orbit
 against ground truth (PSNR, foreground PSNR, mask IoU, R@1), so each run has a PSNR-over-steps curve
-and its training seconds. With ``bench.sphere=true`` the first distiller also refines from a sphere,
+and its training seconds, wall and CPU (the process's CPU time: on a shared machine the wall time counts
+other people's jobs, the CPU time with ``train.threads=1`` is what one free core would take). With ``bench.sphere=true`` the first distiller also refines from a sphere,
 and the table gives the steps each start needs to reach the amortized generator's PSNR plus
 ``bench.targets`` dB (the first scored step at or above it; "-" when never reached).
 
@@ -92,25 +93,26 @@ def bench_refine(opts: RefineBenchOptions, overrides: list[str], out_root: str) 
         if out.exists():
             shutil.rmtree(out)
         t0 = time.perf_counter()
-        rep = refine(cfg, out, init_from=init, mesh_resolution=opts.mesh_resolution)
+        rep = refine(cfg, out, init_from=init, mesh_resolution=opts.mesh_resolution, gallery=gallery)
         total_s = time.perf_counter() - t0
         curve = psnr_curve(out, world, gallery, rep["metrics"]["start"])
         results.append({"case": name, "distill": distill, "start": "run" if init else "sphere",
-                        "train_s": rep["train_s"], "total_s": total_s, "gaussians": rep.get("gaussians"),
+                        "train_s": rep["train_s"], "train_cpu_s": rep["train_cpu_s"], "total_s": total_s,
+                        "gaussians": rep.get("gaussians"),
                         "metrics": rep["metrics"], "curve": curve})
     amortized = next(r["metrics"]["amortized"] for r in results if "amortized" in r["metrics"])
     res = {"prompt": prompt, "run": str(run_ckpt), "run_dir": str(run_dir_of(run_ckpt)), "steps": opts.steps,
            "options": asdict(opts), "overrides": overrides, "amortized": amortized, "cases": results,
            "load_average_before": list(load_before), "load_average_after": list(os.getloadavg())}
     rows = [["amortized generator", "-", "-", amortized["psnr"], amortized["psnr_fg"], amortized["iou"],
-             amortized["r_at_1"], "-", "-"]]
+             amortized["r_at_1"], "-", "-", "-"]]
     for r in results:
         m = r["metrics"]["refined"]
         rows.append([r["case"], r["curve"][0]["psnr"], r["gaussians"] or "-", m["psnr"], m["psnr_fg"], m["iou"],
-                     m["r_at_1"], m["psnr"] - amortized["psnr"], r["train_s"]])
+                     m["r_at_1"], m["psnr"] - amortized["psnr"], r["train_s"], r["train_cpu_s"]])
     print(f"prompt {prompt!r}, {opts.steps} steps, start run {run_ckpt}")
     print(format_table(rows, ["case", "start PSNR", "Gaussians", "PSNR (dB)", "PSNR fg", "mask IoU", "R@1",
-                              "vs amortized (dB)", "train s"]))
+                              "vs amortized (dB)", "train s", "train CPU s"]))
     if opts.sphere:
         first = opts.distillers[0]
         by = {r["case"]: r["curve"] for r in results}

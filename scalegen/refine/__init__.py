@@ -88,11 +88,12 @@ def refine_config(prompt: str, representation: str, distill: Optional[str], init
 
 
 def refine(cfg: Config, out: str | Path, init_from: Optional[str] = None, resume: bool = False, up: str = "y",
-           fit: bool = False, mesh_resolution: int = 128) -> dict:
+           fit: bool = False, mesh_resolution: int = 128, gallery: Optional[tuple] = None) -> dict:
     """Train ``cfg``'s scene into ``out`` (continue it with ``resume``), then score it against the oracle
     world's ground truth beside its start (and the amortized generator it started from), and export
     ``out/gaussians.ply`` (Gaussians) and ``out/mesh.glb``. Returns the report, also written to
-    ``out/refine.json``."""
+    ``out/refine.json``. ``gallery``: the world's ground truth on the evaluation orbit when the caller has
+    it (``eval.oracle.ground_truth_gallery``; rendered here otherwise)."""
     out = Path(out)
     if resume:
         start = load_yaml(out / "start.json") if (out / "start.json").is_file() else {"start": "unknown"}
@@ -101,18 +102,20 @@ def refine(cfg: Config, out: str | Path, init_from: Optional[str] = None, resume
         init_state, start = start_state(cfg, init_from, up=up, fit=fit)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "start.json", start)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ckpt = train(cfg, out, resume=resume, init_state=init_state)
-    train_s = time.perf_counter() - t0
+    train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     cfg, text_encoder, model, ckpt = load_run(out)
     report: dict = {"prompt": cfg.data.prompt, "representation": cfg.generator.name, "distill": cfg.distill.name,
-                    "steps": cfg.train.max_steps, "train_s": train_s, "checkpoint": str(ckpt), **start}
+                    "steps": cfg.train.max_steps, "train_s": train_s,
+                    "train_cpu_s": train_cpu_s, "checkpoint": str(ckpt), **start}
     gen = model.generator
     if isinstance(gen, GaussianScene):
         report["gaussians"] = gen.n_gaussians
     if cfg.prior.name == "oracle":
         world = build_world(cfg)
-        gallery = ground_truth_gallery(build_oracle_prior(cfg, world).renderer, world, eval_cameras(cfg))
+        if gallery is None:
+            gallery = ground_truth_gallery(build_oracle_prior(cfg, world).renderer, world, eval_cameras(cfg))
         scores = {"refined": evaluate_prompts(cfg, model, text_encoder, world, [cfg.data.prompt], gallery=gallery)}
         if not resume:
             torch.manual_seed(cfg.train.seed)
