@@ -197,3 +197,32 @@ def test_bad_input_is_one_line(tmp_path, args, needle):
 def test_preset_files_match_the_code():
     for name, preset in PRESETS.items():
         assert load_yaml(ROOT / "configs" / "refine" / f"{name}.yaml") == preset, name
+
+
+def test_start_from_obj_mesh_and_point_cloud_ply(tmp_path):
+    """An OBJ mesh (face colours) starts as discs on its surface; a plain PLY point cloud (no 3DGS fields)
+    as isotropic Gaussians at its points, with their colours."""
+    cfg = refine_config(PROMPT, "gaussians", "sds", None, None, TINY + SMALL + ["data.prompts_per_step=1"])
+    box = trimesh.creation.box(extents=[0.4, 0.4, 0.4])
+    box.visual.face_colors = np.tile([200, 30, 30, 255], (len(box.faces), 1))
+    obj = tmp_path / "box.obj"
+    box.export(obj)
+    state, info = start_state(cfg, str(obj), up="z")
+    m = state["generator.means"]
+    assert info["start"] == "file" and len(m) == 300
+    assert (m.abs().amax(-1) - 0.2).abs().max() < 1e-3  # every point on a face of the box
+    from scalegen.render.gaussians import quaternion_to_matrix
+
+    axis = quaternion_to_matrix(state["generator.quats"])[..., 2]
+    on_face = m.abs().argmax(-1)  # the face's normal axis
+    assert (axis.gather(1, on_face[:, None]).abs() > 0.99).all()  # discs lie in their face
+    pts = np.random.default_rng(0).uniform(-0.3, 0.3, (120, 3))
+    cloud = trimesh.PointCloud(pts, colors=np.tile([10, 20, 250, 255], (120, 1)))
+    ply = tmp_path / "cloud.ply"
+    cloud.export(ply)
+    state, info = start_state(cfg, str(ply), up="z")
+    assert info["points"] == 120 and np.allclose(np.sort(state["generator.means"].numpy(), 0), np.sort(pts, 0), atol=1e-6)
+    scales = state["generator.log_scales"].exp()
+    assert torch.allclose(scales[:, 0], scales[:, 2])  # isotropic
+    assert torch.allclose(state["generator.sh_dc"].mean(0) * 0.28209479177387814 + 0.5,
+                          torch.tensor([10, 20, 250]) / 255.0, atol=0.01)
