@@ -226,3 +226,23 @@ def test_start_from_obj_mesh_and_point_cloud_ply(tmp_path):
     assert torch.allclose(scales[:, 0], scales[:, 2])  # isotropic
     assert torch.allclose(state["generator.sh_dc"].mean(0) * 0.28209479177387814 + 0.5,
                           torch.tensor([10, 20, 250]) / 255.0, atol=0.01)
+
+
+@pytest.mark.slow
+def test_refine_bench_on_a_tiny_run(red_run, tmp_path):
+    """`bench refine`: per case a PSNR curve from step 0 (the start) over every kept checkpoint, the
+    amortized generator's scores, and steps to reach its PSNR from the run vs from a sphere."""
+    from scalegen.bench.refine import RefineBenchOptions, bench_refine, steps_to
+
+    run, _, _ = red_run
+    opts = RefineBenchOptions(run=str(run), prompt=PROMPT, distillers=["vdm"], steps=2, eval_every=1,
+                              mesh_resolution=32, targets=[-100.0, 100.0])
+    res = bench_refine(opts, SMALL + ["camera.eval_resolution=16"], str(tmp_path))
+    assert [c["case"] for c in res["cases"]] == ["vdm-run", "vdm-sphere"]
+    for c in res["cases"]:
+        assert [r["step"] for r in c["curve"]] == [0, 1, 2]
+        assert c["curve"][-1]["psnr"] == pytest.approx(c["metrics"]["refined"]["psnr"], abs=1e-4)
+        assert c["train_cpu_s"] > 0
+    assert res["amortized"]["iou"] > 0.9  # the fitted sphere
+    assert res["steps_to_psnr"][0]["from_run"] == 0 and res["steps_to_psnr"][1]["from_sphere"] is None
+    assert steps_to([{"step": 0, "psnr": 1.0}, {"step": 5, "psnr": 3.0}], 2.0) == 5

@@ -116,12 +116,12 @@ def bench_refine(opts: RefineBenchOptions, overrides: list[str], out_root: str) 
     if opts.sphere:
         first = opts.distillers[0]
         by = {r["case"]: r["curve"] for r in results}
-        trows = []
+        trows, res["steps_to_psnr"] = [], []
         for dt in opts.targets:
             target = amortized["psnr"] + dt
             a, b = steps_to(by[f"{first}-run"], target), steps_to(by[f"{first}-sphere"], target)
+            res["steps_to_psnr"].append({"psnr": target, "above_amortized": dt, "from_run": a, "from_sphere": b})
             trows.append([f"{target:.2f} (amortized {dt:+g})", "-" if a is None else a, "-" if b is None else b])
-        res["steps_to_psnr"] = [{"psnr": float(t[0].split()[0]), "from_run": t[1], "from_sphere": t[2]} for t in trows]
         print(format_table(trows, ["PSNR target (dB)", f"steps from run ({first})", f"steps from sphere ({first})"]))
     print(f"load average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f} (shared machine)")
     return res
