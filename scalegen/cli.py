@@ -87,8 +87,9 @@ def cmd_eval(args) -> int:
         _, init_model = build_model(cfg)
         base = evaluate_oracle(cfg, init_model.eval(), text_encoder, world, max_prompts=args.max_prompts)
         res["untrained"] = {k: {m: base[k][m] for m in ("psnr", "psnr_fg", "iou", "color_error")} for k in base}
+    splits = list(world.splits())
     rows = [[split, r["psnr"], r["psnr_fg"], r["iou"], r["color_error"], r["n_prompts"]]
-            for split, r in res.items() if split in ("seen", "unseen")]
+            for split, r in res.items() if split in splits]
     if "untrained" in res:
         rows += [[f"untrained/{k}", r["psnr"], r["psnr_fg"], r["iou"], r["color_error"], "-"]
                  for k, r in res["untrained"].items()]
@@ -278,9 +279,33 @@ def cmd_data_check(args) -> int:
 def cmd_data_compose(args) -> int:
     from scalegen.data.compose import write_composed
 
+    if args.world == "oracle":
+        return _compose_oracle(args)
+    if args.config or args.overrides:
+        raise ScalegenError("--config and key=value overrides only apply to `data compose --world oracle`")
     c = write_composed(args.out, n_train=args.n, n_unseen_pairs=args.unseen_pairs, n_val=args.n_val, seed=args.seed)
     print(f"wrote {len(c['train'])} training prompts and {len(c['val'])} prompts of {len(c['unseen_pairs'])} held-out "
           f"subject-activity pairs (val/test) to {args.out}")
+    return 0
+
+
+def _compose_oracle(args) -> int:
+    """A corpus of the oracle world's compositional grammar (the config's world.* vocabulary)."""
+    import dataclasses
+
+    from scalegen.config import load_config
+    from scalegen.data.compose import write_oracle_composed
+    from scalegen.priors import build_world
+
+    cfg = load_config(args.config, ["world.kind=compositional", "text.word_order=rotary", *(args.overrides or [])])
+    world = build_world(cfg)  # checks the vocabulary against the world's palette and shapes
+    t0 = time.perf_counter()
+    c = write_oracle_composed(args.out, world.grammar, dataclasses.asdict(cfg.world), args.n, args.n_val, args.seed)
+    levels = ", ".join(f"{len(c[k])} {k}" for k in c if k.startswith("unseen_"))
+    print(f"wrote {len(c['train'])} unique training prompts of the oracle world's compositional grammar and {levels} "
+          f"(val/test) to {args.out} ({time.perf_counter() - t0:.1f} s); train with data.prompts={args.out} and the "
+          f"same world.* keys (world.kind=compositional, text.word_order=rotary; {Path(args.out).with_suffix('.world.json')} "
+          "lists them)")
     return 0
 
 
@@ -372,12 +397,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("dir", help="a `scalegen data build` folder (or its manifest.json)")
     q.add_argument("--url", help="URL template of a shard, as data.shard_url (default: the local files)")
     q.set_defaults(fn=cmd_data_check)
-    q = data_sub.add_parser("compose", help="write an ATT3D-style compositional corpus with unseen combinations")
+    q = data_sub.add_parser("compose", help="write a compositional corpus with unseen combinations: ATT3D-style "
+                                             "(default) or of the oracle world's grammar (--world oracle)")
     q.add_argument("--out", required=True, help="output JSON ({train, val, test}; val = test = unseen)")
+    q.add_argument("--world", choices=["att3d", "oracle"], default="att3d",
+                   help="att3d: subject x activity x attire prompts (real priors); oracle: the oracle world's "
+                        "compositional grammar (world.* of --config and overrides), with ground truth")
+    q.add_argument("--config", help="--world oracle: YAML whose world.* keys set the vocabulary "
+                                    "(e.g. configs/oracle/world_compose.yaml)")
     q.add_argument("--n", type=int, default=100_000, help="training prompts (default 100000)")
-    q.add_argument("--unseen-pairs", type=int, default=20, help="subject-activity pairs held out (default 20)")
-    q.add_argument("--n-val", type=int, default=2000, help="unseen prompts written to val/test (default 2000)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--unseen-pairs", type=int, default=20, help="att3d: subject-activity pairs held out (default 20)")
+    q.add_argument("--n-val", type=int, default=2000,
+                   help="unseen prompts written to val/test (default 2000; oracle: per held-out level)")
+    q.add_argument("--seed", type=int, default=0, help="which prompts are drawn (the held-out combinations are "
+                                                       "world.seed's)")
+    q.add_argument("overrides", nargs="*", help="--world oracle: world.* overrides, e.g. world.colors=[red,blue]")
     q.set_defaults(fn=cmd_data_compose)
 
     p = sub.add_parser("bench", help="benchmarks (numbers for docs/performance.md)")

@@ -1,6 +1,9 @@
 """Oracle-world metrics: the generator's renders against ground truth on held-out cameras.
 
-Per split (seen = trained prompts, unseen = held-out attribute combinations):
+Per split (seen = trained prompts, unseen = held-out attribute combinations; the compositional world:
+seen and its held-out levels). Every metric compares with the *nearest completion* of the prompt
+(best of completions x instances, picked once per prompt over all views): in the default world that
+is the prompt's own ground truth.
   psnr         mean per-image PSNR (dB) of the RGB render (background included)
   psnr_fg      PSNR over the pixels inside either mask only (the object; harder, since the
                backdrop, most of each image, is easy to learn)
@@ -8,17 +11,24 @@ Per split (seen = trained prompts, unseen = held-out attribute combinations):
   color_error  signed colour error inside the object (pixels inside both masks):
                mean(|pred - 0.5| - |gt - 0.5|) over channels. Positive = colours pushed further
                from mid-grey than the truth (over-saturated), negative = washed out.
+Where they apply (``evaluate_prompts``): psnr_mean / psnr_mean_gt (mode averaging vs seeking on
+prompts with several completions), multi_face (objects with a front marker), diversity over z.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+from torch import Tensor
 
 from scalegen.data.cameras import orbit_cameras
 from scalegen.priors.oracle import build_oracle_prior
 from scalegen.render import build_renderer
 from scalegen.render.images import psnr
+
+# The multi-face measure (``multi_face``): a pixel shows the marker within MARKER_TOL of its colour (RGB
+# distance); a view shows it when MARKER_SHOWN of its object pixels do, and none when at most MARKER_NONE do.
+MARKER_TOL, MARKER_SHOWN, MARKER_NONE = 0.2, 0.03, 0.005
 
 
 def eval_cameras(cfg):
@@ -42,39 +52,147 @@ def image_metrics(pred_rgb, pred_op, gt_rgb, gt_op) -> dict[str, torch.Tensor]:
             "has_object": inter > 0}
 
 
+def best_of_completions(pred: Tensor, gts: Tensor) -> Tensor:
+    """Index of the completion nearest to a prediction: ``pred`` [V, 3, H, W] (one prompt, all views),
+    ``gts`` [C, V, 3, H, W]; nearest by mean squared error over all views together (one object is one
+    completion, not a different one per view)."""
+    return (gts - pred[None]).pow(2).flatten(1).mean(1).argmin()
+
+
+def marker_fraction(rgb: Tensor, opacity: Tensor, marker, body, tol: float = MARKER_TOL) -> Tensor:
+    """Per image [N]: the share of object pixels (opacity > 0.5) showing the marker colour (within ``tol``
+    in RGB and nearer to it than to the body colour). ``rgb`` [N, 3, H, W], ``opacity`` [N, 1, H, W]."""
+    m = torch.tensor(marker, dtype=rgb.dtype).view(1, 3, 1, 1)
+    b = torch.tensor(body, dtype=rgb.dtype).view(1, 3, 1, 1)
+    dm, db = (rgb - m).norm(dim=1), (rgb - b).norm(dim=1)
+    obj = opacity[:, 0] > 0.5
+    hit = obj & (dm < tol) & (dm < db)
+    return hit.flatten(1).sum(1).float() / obj.flatten(1).sum(1).clamp(min=1).float()
+
+
+def multi_face(pred_frac: Tensor, gt_frac: Tensor) -> tuple[int, int]:
+    """(views showing the marker where the ground truth shows none, views where it shows none): a view
+    shows the marker when at least ``MARKER_SHOWN`` of its object pixels have its colour, none when at
+    most ``MARKER_NONE`` do."""
+    none = gt_frac <= MARKER_NONE
+    return int((none & (pred_frac >= MARKER_SHOWN)).sum()), int(none.sum())
+
+
+def pairwise_rmse(images: Tensor) -> float:
+    """Mean RMSE over all pairs of ``images`` [M, ...] (M >= 2): how different the members of a set are."""
+    flat = images.flatten(1)
+    d = torch.cdist(flat, flat).pow(2) / flat.shape[1]
+    m = len(flat)
+    return float(d.sqrt().sum() / (m * (m - 1)))
+
+
 @torch.no_grad()
-def evaluate_oracle(cfg, model, text_encoder, world, batch: int = 8, max_prompts: int | None = None) -> dict:
-    """Metrics of ``model`` (a SceneModel) per split; returns plain floats."""
+def evaluate_prompts(cfg, model, text_encoder, world, prompts: list[str], gt_source, renderer, cams,
+                     batch: int = 8, z_draws: int = 4) -> dict:
+    """Metrics of ``model`` on ``prompts`` against the best of each prompt's completions (the prompt's
+    own ground truth in the default world). Extra keys when they apply: ``psnr_mean`` / ``psnr_mean_gt``
+    (PSNR to the completions' mean image, of the prediction / of the completions themselves: a mode
+    averager beats the completions here, a mode seeker matches them), ``multi_face`` (prompts with a
+    front marker), ``diversity`` / ``diversity_gt`` (generators that take a noise z: RMSE between
+    ``z_draws`` draws, and between the completions)."""
+    acc: dict[str, list] = {"psnr": [], "psnr_fg": [], "iou": [], "color_error": [], "has_object": []}
+    extra: dict[str, list] = {"psnr_mean": [], "psnr_mean_gt": [], "diversity": [], "diversity_gt": []}
+    faces = [0, 0]
+    v = cams.shape[1]
+    noise = model.generator.noise_dim()
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        cond = text_encoder.encode(chunk)
+        field, bg = model(cond)
+        out = renderer(field, cams, background=bg, samples=cfg.eval.samples,
+                       importance_samples=cfg.eval.importance_samples)
+        lists = world.completions([world.index(p) for p in chunk])
+        flat = [c for cl in lists for c in cl]
+        gt_rgb, gt_op = [], []
+        for j in range(0, len(flat), 32):
+            ids = flat[j:j + 32]
+            gt = gt_source.renderer(world.component_field(ids), cams.expand(len(ids)), background=world.background,
+                                    perturb=False)
+            gt_rgb.append(gt.rgb)
+            gt_op.append(gt.opacity)
+        gt_rgb, gt_op = torch.cat(gt_rgb), torch.cat(gt_op)
+        if len(flat) == len(chunk):  # one completion per prompt: it is the ground truth
+            best_rgb, best_op = gt_rgb, gt_op
+        else:
+            best_rgb, best_op, start = [], [], 0
+            for b, cl in enumerate(lists):
+                g = gt_rgb[start * v:(start + len(cl)) * v].view(len(cl), v, *gt_rgb.shape[1:])
+                o = gt_op[start * v:(start + len(cl)) * v].view(len(cl), v, *gt_op.shape[1:])
+                k = best_of_completions(out.rgb[b * v:(b + 1) * v], g)
+                best_rgb.append(g[k])
+                best_op.append(o[k])
+                if len(cl) > 1:
+                    mean = g.mean(0)
+                    extra["psnr_mean"].append(psnr(out.rgb[b * v:(b + 1) * v], mean).mean())
+                    extra["psnr_mean_gt"].append(torch.stack([psnr(gk, mean).mean() for gk in g]).mean())
+                    if noise > 0:
+                        extra["diversity_gt"].append(pairwise_rmse(g))
+                start += len(cl)
+            best_rgb, best_op = torch.cat(best_rgb), torch.cat(best_op)
+        m = image_metrics(out.rgb, out.opacity, best_rgb, best_op)
+        for k in acc:
+            acc[k].append(m[k])
+        for b, p in enumerate(chunk):
+            mk = world.marker_of(p)
+            if mk is not None:
+                sl = slice(b * v, (b + 1) * v)
+                got, views = multi_face(marker_fraction(out.rgb[sl], out.opacity[sl], *mk),
+                                        marker_fraction(best_rgb[sl], best_op[sl], *mk))
+                faces[0] += got
+                faces[1] += views
+        if noise > 0 and z_draws > 1:
+            draws = []
+            for _ in range(z_draws):
+                z = torch.randn(len(chunk), noise)
+                f = model.generator(cond, z)
+                draws.append(renderer(f, cams, background=bg, samples=cfg.eval.samples,
+                                      importance_samples=cfg.eval.importance_samples).rgb.view(len(chunk), -1))
+            draws = torch.stack(draws, 1)  # [B, Z, V*3*H*W]
+            extra["diversity"] += [pairwise_rmse(d) for d in draws]
+    cat = {k: torch.cat(x) for k, x in acc.items()}
+    has = cat["has_object"]
+    res = {
+        "psnr": float(cat["psnr"].mean()),
+        "psnr_fg": float(cat["psnr_fg"].mean()),
+        "iou": float(cat["iou"].mean()),
+        "color_error": float(cat["color_error"][has].mean()) if has.any() else math.nan,
+        "n_prompts": len(prompts),
+        "n_images": int(len(cat["psnr"])),
+    }
+    if extra["psnr_mean"]:
+        res["psnr_mean"] = float(torch.stack(extra["psnr_mean"]).mean())
+        res["psnr_mean_gt"] = float(torch.stack(extra["psnr_mean_gt"]).mean())
+        res["n_multimodal"] = len(extra["psnr_mean"])
+    if faces[1]:
+        res["multi_face"] = faces[0] / faces[1]
+        res["multi_face_views"] = faces[1]
+    if extra["diversity"]:
+        res["diversity"] = sum(extra["diversity"]) / len(extra["diversity"])
+        if extra["diversity_gt"]:
+            res["diversity_gt"] = sum(extra["diversity_gt"]) / len(extra["diversity_gt"])
+    return res
+
+
+@torch.no_grad()
+def evaluate_oracle(cfg, model, text_encoder, world, batch: int = 8, max_prompts: int | None = None,
+                    splits: dict[str, list[str]] | None = None) -> dict:
+    """Metrics of ``model`` (a SceneModel) per split of the world (default world: seen, unseen;
+    compositional: seen and each held-out level), or of ``splits``; returns plain floats."""
     model.eval()
     max_prompts = cfg.eval.max_prompts if max_prompts is None else max_prompts
     cams = eval_cameras(cfg)
     gt_source = build_oracle_prior(cfg, world)
     renderer = build_renderer(cfg).eval()
     result = {}
-    for split, prompts in (("seen", world.seen), ("unseen", world.unseen)):
+    for split, prompts in (splits or world.splits()).items():
         if max_prompts:
             prompts = prompts[:max_prompts]
         if not prompts:
             continue
-        acc: dict[str, list] = {"psnr": [], "psnr_fg": [], "iou": [], "color_error": [], "has_object": []}
-        for i in range(0, len(prompts), batch):
-            chunk = prompts[i:i + batch]
-            field, bg = model(text_encoder.encode(chunk))
-            out = renderer(field, cams, background=bg, samples=cfg.eval.samples,
-                           importance_samples=cfg.eval.importance_samples)
-            gt_field = world.field(chunk)
-            gt = gt_source.renderer(gt_field, cams.expand(len(chunk)), background=world.background, perturb=False)
-            m = image_metrics(out.rgb, out.opacity, gt.rgb, gt.opacity)
-            for k in acc:
-                acc[k].append(m[k])
-        cat = {k: torch.cat(v) for k, v in acc.items()}
-        has = cat["has_object"]
-        result[split] = {
-            "psnr": float(cat["psnr"].mean()),
-            "psnr_fg": float(cat["psnr_fg"].mean()),
-            "iou": float(cat["iou"].mean()),
-            "color_error": float(cat["color_error"][has].mean()) if has.any() else math.nan,
-            "n_prompts": len(prompts),
-            "n_images": int(len(cat["psnr"])),
-        }
+        result[split] = evaluate_prompts(cfg, model, text_encoder, world, prompts, gt_source, renderer, cams, batch)
     return result
