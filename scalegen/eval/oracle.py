@@ -78,6 +78,13 @@ def multi_face(pred_frac: Tensor, gt_frac: Tensor) -> tuple[int, int]:
     return int((none & (pred_frac >= MARKER_SHOWN)).sum()), int(none.sum())
 
 
+def marker_recall(pred_frac: Tensor, gt_frac: Tensor) -> tuple[int, int]:
+    """(views showing the marker where the ground truth shows it, views where it shows it): whether the
+    front is there at all, which a low multi-face rate alone does not say."""
+    shown = gt_frac >= MARKER_SHOWN
+    return int((shown & (pred_frac >= MARKER_SHOWN)).sum()), int(shown.sum())
+
+
 def pairwise_rmse(images: Tensor) -> float:
     """Mean RMSE over all pairs of ``images`` [M, ...] (M >= 2): how different the members of a set are."""
     flat = images.flatten(1)
@@ -93,11 +100,12 @@ def evaluate_prompts(cfg, model, text_encoder, world, prompts: list[str], gt_sou
     own ground truth in the default world). Extra keys when they apply: ``psnr_mean`` / ``psnr_mean_gt``
     (PSNR to the completions' mean image, of the prediction / of the completions themselves: a mode
     averager beats the completions here, a mode seeker matches them), ``multi_face`` (prompts with a
-    front marker), ``diversity`` / ``diversity_gt`` (generators that take a noise z: RMSE between
+    front marker; ``marker_recall``: the share of views where the truth shows the marker and so does the
+    prediction), ``diversity`` / ``diversity_gt`` (generators that take a noise z: RMSE between
     ``z_draws`` draws, and between the completions)."""
     acc: dict[str, list] = {"psnr": [], "psnr_fg": [], "iou": [], "color_error": [], "has_object": []}
     extra: dict[str, list] = {"psnr_mean": [], "psnr_mean_gt": [], "diversity": [], "diversity_gt": []}
-    faces = [0, 0]
+    faces = [0, 0, 0, 0]  # multi-face (hits, views), marker recall (hits, views)
     v = cams.shape[1]
     noise = model.generator.noise_dim()
     for i in range(0, len(prompts), batch):
@@ -141,10 +149,11 @@ def evaluate_prompts(cfg, model, text_encoder, world, prompts: list[str], gt_sou
             mk = world.marker_of(p)
             if mk is not None:
                 sl = slice(b * v, (b + 1) * v)
-                got, views = multi_face(marker_fraction(out.rgb[sl], out.opacity[sl], *mk),
-                                        marker_fraction(best_rgb[sl], best_op[sl], *mk))
-                faces[0] += got
-                faces[1] += views
+                pf = marker_fraction(out.rgb[sl], out.opacity[sl], *mk)
+                gf = marker_fraction(best_rgb[sl], best_op[sl], *mk)
+                for j, (got, views) in enumerate((multi_face(pf, gf), marker_recall(pf, gf))):
+                    faces[2 * j] += got
+                    faces[2 * j + 1] += views
         if noise > 0 and z_draws > 1:
             draws = []
             for _ in range(z_draws):
@@ -171,6 +180,8 @@ def evaluate_prompts(cfg, model, text_encoder, world, prompts: list[str], gt_sou
     if faces[1]:
         res["multi_face"] = faces[0] / faces[1]
         res["multi_face_views"] = faces[1]
+    if faces[3]:
+        res["marker_recall"] = faces[2] / faces[3]
     if extra["diversity"]:
         res["diversity"] = sum(extra["diversity"]) / len(extra["diversity"])
         if extra["diversity_gt"]:
