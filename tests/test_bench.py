@@ -104,3 +104,40 @@ def test_data_bench_json(tmp_path):
         assert data[n]["prompts_per_s"] > 0 and 100 < data[n]["peak_rss_mb"] < 2000
     assert data["sd21_shapes"][0]["bytes_per_prompt"] > 2 * (1024 + 77 * 1024)
     assert not (tmp_path / "data" / "bow-200").exists()  # shards deleted after measuring
+
+
+def test_claims_verdict_rules():
+    """The rules the claims bench states before measuring: an effect holds only with the paper's sign on
+    every seed and beyond both the seeds' spread and the minimum effect; the clear opposite does not hold."""
+    from scalegen.bench.claims import level, paired
+
+    assert paired([20.0, 21.0], [18.0, 19.2], +1, 0.5)[0] == "holds"  # d = 2.0, 1.8: spread 0.2
+    assert paired([20.0, 21.0], [18.0, 21.2], +1, 0.5)[0] == "inconclusive"  # signs disagree
+    assert paired([20.0, 21.0], [19.8, 20.7], +1, 0.5)[0] == "inconclusive"  # below the minimum effect
+    assert paired([20.0, 25.0], [19.0, 20.0], +1, 0.5)[0] == "inconclusive"  # d = 1, 5: spread 4 > mean 3
+    assert paired([18.0, 19.0], [20.0, 21.1], +1, 0.5)[0] == "does_not_hold"
+    assert paired([0.3, 0.2], [0.0, 0.05], -1, 0.1)[0] == "does_not_hold"  # sign -1: B should be larger
+    v, d = paired([0.5, 0.6], [0.1, 0.1], +1, 0.1)
+    assert v == "holds" and d["diff_per_seed"] == [0.4, 0.5] and d["spread"] == 0.1
+    assert level([0.3, 0.2], 0.1) == "holds" and level([0.05, 0.2], 0.1) == "inconclusive"
+    assert level([0.0, 0.1], 0.1) == "does_not_hold" and level([0.01, 0.0], 0.05, above=False) == "holds"
+
+
+@pytest.mark.slow
+def test_claims_bench_json(tmp_path):
+    """`bench claims` end to end on a tiny budget: the JSON rows carry claim, source, numbers and a verdict
+    of the three words; a second call reuses the finished runs and merges its rows into the same file."""
+    merged = tmp_path / "claims.json"
+    cmd = [sys.executable, "-m", "scalegen.cli", "bench", "claims", "--out", str(tmp_path), "bench.steps=2",
+           "bench.eval_prompts=2", f"bench.pictures={tmp_path / 'pics'}", f"bench.merge={merged}"]
+    r = subprocess.run([*cmd, "bench.claims=[f]"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([*cmd, "bench.claims=[f,a]"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("reusing") == 8  # claim f's 4 arms x 2 seeds
+    rows = json.loads(merged.read_text())["claims"]
+    assert [x["id"] for x in rows] == ["a", "f1", "f2", "f3", "f4"]
+    for x in rows:
+        assert {"claim", "source", "numbers", "verdict", "rule", "command"} <= set(x)
+        assert x["verdict"] in ("holds", "does_not_hold", "inconclusive")
+    assert (tmp_path / "pics" / "f1.png").stat().st_size > 0
