@@ -87,6 +87,11 @@ class CompositionalWorld:
         return c
 
     # --- components -------------------------------------------------------------------------------
+    @property
+    def n_registered(self) -> int:
+        """Components given an id so far (what the registry holds in memory)."""
+        return len(self._components)
+
     def completions(self, prompt_ids: list[int]) -> list[list[int]]:
         return [self._completions[i] for i in prompt_ids]
 

@@ -130,45 +130,65 @@ class SceneField(Field):
         self._flat = bool(((self.pattern == 0) | ~self.present).all() and not self.has_marker.any() and same.all())
 
     def _local(self, points: Tensor, j: int) -> Tensor:
-        """Unit coordinates q [B, N, 3] of object slot ``j``: rotate by -yaw about its centre, divide by its radius."""
-        d = points - self.centre[:, j, None, :].to(points)
-        c, s = self.cos[:, j, None].to(points), self.sin[:, j, None].to(points)
-        x, y = c * d[..., 0] + s * d[..., 1], -s * d[..., 0] + c * d[..., 1]
-        return torch.stack([x, y, d[..., 2]], -1) / self.radius[:, j, None, None].to(points)
+        """Unit coordinates q [B, N, 3] of object slot ``j``: q = R_z(-yaw) (p - c) / r as one batched
+        affine map, q = p M + b with M = R_z(-yaw)^T / r and b = -c M."""
+        c, s, r = self.cos[:, j], self.sin[:, j], self.radius[:, j]
+        m = torch.zeros(self.n_prompts, 3, 3)
+        m[:, 0, 0], m[:, 1, 0], m[:, 0, 1], m[:, 1, 1], m[:, 2, 2] = c, s, -s, c, torch.ones_like(c)
+        m = (m / r[:, None, None]).to(points)
+        b = -torch.bmm(self.centre[:, j, None, :].to(points), m)
+        return torch.baddbmm(b, points, m)
 
     def _slot_sdf(self, q: Tensor, j: int) -> Tensor:
+        kinds = self.shape[:, j][self.present[:, j]].unique().tolist()
+        if len(kinds) == 1 and bool(self.present[:, j].all()):  # one shape in this slot: no gather/scatter
+            return self.radius[:, j, None].to(q) * sdf_unit_shape(SHAPES[kinds[0]], q)
         out = q.new_full(q.shape[:2], 1e3)
-        for k in self.shape[:, j][self.present[:, j]].unique().tolist():
+        for k in kinds:
             rows = (self.shape[:, j] == k) & self.present[:, j]
             out[rows] = self.radius[rows, j, None].to(q) * sdf_unit_shape(SHAPES[k], q[rows])
         return out
 
     def _slot_rgb(self, q: Tensor, j: int) -> Tensor:
-        base, second = self.rgb[:, j, None, :].to(q), self.second[:, j, None, :].to(q)
-        pat = self.pattern[:, j, None].to(q.device)
-        stripe = torch.floor(q[..., 2] / 0.35).remainder(2) == 1
-        checker = torch.floor(q / 0.5).sum(-1).remainder(2) == 1
-        lower = q[..., 2] < 0
-        use_second = ((pat == 1) & stripe) | ((pat == 2) & checker) | ((pat == 3) & lower)
-        rgb = torch.where(use_second[..., None], second, base)
-        marked = self.has_marker[:, j, None].to(q.device) & (q[..., 0] > self.marker_x[:, j, None].to(q))
-        return torch.where(marked[..., None], self.marker[:, j, None, :].to(q), rgb)
+        base = self.rgb[:, j, None, :].to(q)
+        rgb = base.expand(*q.shape[:2], 3)
+        pat = self.pattern[:, j]
+        if bool((pat > 0).any()):
+            p = pat[:, None].to(q.device)
+            use_second = torch.zeros(q.shape[:2], dtype=torch.bool, device=q.device)
+            if bool((pat == 1).any()):
+                use_second |= (p == 1) & (torch.floor(q[..., 2] / 0.35).remainder(2) == 1)
+            if bool((pat == 2).any()):
+                use_second |= (p == 2) & (torch.floor(q / 0.5).sum(-1).remainder(2) == 1)
+            if bool((pat == 3).any()):
+                use_second |= (p == 3) & (q[..., 2] < 0)
+            rgb = torch.where(use_second[..., None], self.second[:, j, None, :].to(q), rgb)
+        if bool(self.has_marker[:, j].any()):
+            marked = self.has_marker[:, j, None].to(q.device) & (q[..., 0] > self.marker_x[:, j, None].to(q))
+            rgb = torch.where(marked[..., None], self.marker[:, j, None, :].to(q), rgb)
+        return rgb
 
     def _points(self, points: Tensor) -> Tensor:
         return points.expand(self.n_prompts, -1, -1) if points.shape[0] == 1 else points
 
     def sdf(self, points: Tensor) -> Tensor:
         points = self._points(points)
-        return torch.stack([self._slot_sdf(self._local(points, j), j) for j in range(self.slots)]).amin(0)
+        out = self._slot_sdf(self._local(points, 0), 0)
+        for j in range(1, self.slots):
+            out = torch.minimum(out, self._slot_sdf(self._local(points, j), j))
+        return out
 
     def query(self, points: Tensor) -> tuple[Tensor, Tensor]:
         points = self._points(points)
-        qs = [self._local(points, j) for j in range(self.slots)]
-        sdfs = torch.stack([self._slot_sdf(q, j) for j, q in enumerate(qs)])  # [S, B, N]
-        rgbs = torch.stack([self._slot_rgb(q, j) for j, q in enumerate(qs)])  # [S, B, N, 3]
-        nearest = sdfs.argmin(0)  # [B, N]
-        rgb = rgbs.gather(0, nearest[None, ..., None].expand(1, *rgbs.shape[1:])).squeeze(0)
-        return sdfs.gather(0, nearest[None]).squeeze(0), rgb
+        q = self._local(points, 0)
+        sdf, rgb = self._slot_sdf(q, 0), self._slot_rgb(q, 0)
+        for j in range(1, self.slots):  # the nearest object's colour
+            q = self._local(points, j)
+            d = self._slot_sdf(q, j)
+            nearer = d < sdf
+            sdf = torch.where(nearer, d, sdf)
+            rgb = torch.where(nearer[..., None], self._slot_rgb(q, j), rgb)
+        return sdf, rgb
 
     def constant_rgb(self) -> Optional[Tensor]:
         """One colour per scene when no object is patterned or marked and both objects share it."""
