@@ -171,6 +171,8 @@ def test_config_guards_of_the_new_worlds():
         load_config(None, ["prior.oracle.view_prompts=true"])
     with pytest.raises(ConfigError, match="needs prior.oracle.view_prompts"):
         load_config(None, ["prior.perp_neg=0.5", "prior.oracle.mode=view_agnostic"])
+    with pytest.raises(DataError, match="set text.max_tokens=18"):  # fronts + two-tone on both objects: 18 words
+        build_world(load_config("configs/oracle/world_compose.yaml", ["world.fronts=[white]"]))
 
 
 def test_rotary_bag_of_words_tells_the_order_apart():

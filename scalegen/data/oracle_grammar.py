@@ -335,6 +335,13 @@ class Grammar:
         return DataError(f"prompt {prompt!r} is not in the oracle world (compositional grammar {FORM}): {why}; "
                          "free-text prompts need a real prior (prior.name=stable_diffusion)")
 
+    def max_tokens(self) -> int:
+        """Words (``tokenize``) of the longest prompt of this grammar: what a text encoder must keep."""
+        longest = max(len(tokenize(o.phrase)) for o in self.phrases)
+        if not self.relations:
+            return longest
+        return 2 * longest + max(len(tokenize(r)) for r in self.relations)
+
     def words(self) -> set[str]:
         """Every word the vocabulary can put in a prompt (for the 'every word seen' checks)."""
         out = set(self.sizes) | set(self.colours) | set(self.shapes) | set(self.fronts)

@@ -177,7 +177,8 @@ class OracleWorld:
                     return options[0]
                 raise DataError(f"prompt {prompt!r} is not in the oracle world (prompts 'a <size> <color> <shape>'): it "
                                 f"needs exactly one {what} of {', '.join(options)}; free-text prompts need a real prior "
-                                "(prior.name=stable_diffusion)")
+                                "(prior.name=stable_diffusion), prompts of `data compose --world oracle` the "
+                                "compositional world (--config configs/oracle/world_compose.yaml)")
             return found[0]
         return Scene(pick(self.sizes, "size"), pick(self.colors, "color"), pick(self.shapes, "shape"))
 
@@ -234,5 +235,10 @@ def build_world(cfg):
     if w.kind == "compositional":
         from scalegen.priors.oracle_compose import build_compositional_world  # noqa: PLC0415 - imports this module
 
-        return build_compositional_world(w)
+        world = build_compositional_world(w)
+        longest = world.grammar.max_tokens()
+        if cfg.text.encoder == "bow" and longest > cfg.text.max_tokens:
+            raise DataError(f"the world's longest prompts have {longest} words and text.max_tokens is "
+                            f"{cfg.text.max_tokens}: the encoder would cut them; set text.max_tokens={longest}")
+        return world
     return OracleWorld(w.colors, w.shapes, w.sizes, n_unseen=w.n_unseen, seed=w.seed)
