@@ -68,6 +68,8 @@ class ClaimsOptions:
     threads: int = 1  # torch threads per run
     eval_prompts: int = 16  # prompts per evaluated split
     sizes: list[int] = field(default_factory=lambda: [15, 400, 2500, 100_000])  # claim b's corpora
+    scale_distillers: list[Literal["sds", "asd", "vsd", "csd", "vdm"]] = field(
+        default_factory=lambda: ["sds", "asd", "vsd"])  # claim b's distillers (sds and asd are needed)
     reuse: bool = True  # reuse a finished run whose resolved config is unchanged
     merge: Optional[str] = None  # a claims JSON to update in place (rows of other claims are kept)
     pictures: Optional[str] = "docs/claims"  # a grid per claim (None: no pictures)
@@ -266,8 +268,7 @@ def claim_b(r: Runner) -> list[dict]:
     same held-out prompts for all): per distiller, the change of held-out PSNR (mean over the three
     levels) from the smallest to the largest corpus. Rule: paired on change(ASD) - change(SDS) (min 0.5 dB):
     ASD is more stable than SDS."""
-    names = {"sds": ["distill.name=sds"], "asd": ["distill.name=asd"], "vsd": ["distill.name=vsd"],
-             "csd": ["distill.name=csd"]}
+    names = {k: [f"distill.name={k}"] for k in dict.fromkeys(["sds", "asd", *r.opts.scale_distillers])}
     table: dict[str, dict[int, list[float]]] = {}
     seen: dict[str, dict[int, list[float]]] = {}
     runs_by_size: dict[int, dict[str, list[dict]]] = {}
