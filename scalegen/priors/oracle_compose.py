@@ -49,8 +49,7 @@ class CompositionalWorld:
         self._prompt_id: dict[str, int] = {}
         self._completions: list[list[int]] = []
         self._component_id: dict[tuple[str, int], int] = {}
-        self._components: list[list[PlacedObject]] = []
-        self._specs: list[SceneSpec] = []  # of each component
+        self._components: list[tuple[SceneSpec, int]] = []  # (completion, instance); placed when rendered
         self.n_components: Optional[int] = None  # unbounded: the prior caches renders lazily
         self._n_one: Optional[int] = None
 
@@ -82,8 +81,7 @@ class CompositionalWorld:
         if c is None:
             c = len(self._components)
             self._component_id[key] = c
-            self._components.append(place(spec, instance_jitter(spec.prompt, k, *self.jitter, self.seed)))
-            self._specs.append(spec)
+            self._components.append((spec, k))
         return c
 
     # --- components -------------------------------------------------------------------------------
@@ -96,10 +94,14 @@ class CompositionalWorld:
         return [self._completions[i] for i in prompt_ids]
 
     def component_field(self, ids: list[int]) -> SceneField:
-        return SceneField([self._components[i] for i in ids])
+        return SceneField([self.placed(i) for i in ids])
+
+    def placed(self, i: int) -> list[PlacedObject]:
+        spec, k = self._components[i]
+        return place(spec, instance_jitter(spec.prompt, k, *self.jitter, self.seed))
 
     def component_spec(self, i: int) -> SceneSpec:
-        return self._specs[i]
+        return self._components[i][0]
 
     def random_scene(self, gen: Optional[torch.Generator] = None) -> SceneSpec:
         """A fully specified scene, drawn slot by slot (torch RNG): one object or two in proportion to how
