@@ -299,3 +299,22 @@ def test_perp_neg_applies_to_declared_pairs_only():
     want = pos + sum(neg_w[0, k] * perpendicular(eps_bucket(int(neg_views[0, k])) - e_u, pos - e_u) for k in range(2))
     assert torch.allclose(eps[:1], want, atol=1e-5)
     assert math.isfinite(float(eps.sum()))
+
+
+def test_diversity_over_z_only_for_generators_that_take_one():
+    from scalegen.eval.oracle import evaluate_oracle, pairwise_rmse
+    from scalegen.train.model import build_model
+
+    assert pairwise_rmse(torch.zeros(3, 12)) == 0.0
+    assert abs(pairwise_rmse(torch.stack([torch.zeros(12), torch.full((12,), 0.5)])) - 0.5) < 1e-6
+    tiny = ["camera.eval_resolution=8", "camera.eval_views=2", "eval.samples=8", "eval.importance_samples=4",
+            "prior.oracle.samples=8", "prior.oracle.importance_samples=4", "text.dim=32"]
+    for gen, has in ((["generator.name=conv3d", "generator.preset=small"], True), ([], False)):
+        cfg = load_config("configs/oracle/world_multimodal.yaml", [*SMALL, *tiny, *gen])
+        world = build_world(cfg)
+        te, model = build_model(cfg)
+        res = evaluate_oracle(cfg, model, te, world, splits={"under": ["a cube"]})["under"]
+        assert ("diversity" in res) == has and res["n_multimodal"] == 1
+        assert res["psnr_mean_gt"] > 0
+        if has:
+            assert res["diversity"] > 0 and res["diversity_gt"] > 0

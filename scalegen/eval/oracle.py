@@ -160,7 +160,7 @@ def evaluate_prompts(cfg, model, text_encoder, world, prompts: list[str], gt_sou
                 z = torch.randn(len(chunk), noise)
                 f = model.generator(cond, z)
                 draws.append(renderer(f, cams, background=bg, samples=cfg.eval.samples,
-                                      importance_samples=cfg.eval.importance_samples).rgb.view(len(chunk), -1))
+                                      importance_samples=cfg.eval.importance_samples).rgb.reshape(len(chunk), -1))
             draws = torch.stack(draws, 1)  # [B, Z, V*3*H*W]
             extra["diversity"] += [pairwise_rmse(d) for d in draws]
     cat = {k: torch.cat(x) for k, x in acc.items()}
