@@ -123,6 +123,19 @@ def test_claims_verdict_rules():
     assert level([0.0, 0.1], 0.1) == "does_not_hold" and level([0.01, 0.0], 0.05, above=False) == "holds"
 
 
+def test_claims_multi_face_remedy_needs_the_object_kept():
+    """A remedy that removes the marker from the back by losing the object (PSNR more than 0.5 dB below
+    the view-agnostic arm on every seed) does not hold, however low its multi-face rate."""
+    from scalegen.bench.claims import remedy_verdict
+
+    base_rate, base_psnr = [0.2, 0.35], [16.9, 16.1]
+    assert remedy_verdict(base_rate, [0.0, 0.1], base_psnr, [19.1, 19.0])[0] == "holds"
+    v, d = remedy_verdict(base_rate, [0.0, 0.0], base_psnr, [13.1, 12.9])  # rate 0, object lost
+    assert v == "does_not_hold" and d["object_kept"] == "does_not_hold" and d["psnr_below"] == [3.8, 3.2]
+    assert remedy_verdict(base_rate, [0.0, 0.0], base_psnr, [16.6, 15.0])[0] == "inconclusive"  # kept on one seed
+    assert remedy_verdict(base_rate, [0.4, 0.5], base_psnr, [17.0, 16.5])[0] == "does_not_hold"  # more faces
+
+
 @pytest.mark.slow
 def test_claims_bench_json(tmp_path):
     """`bench claims` end to end on a tiny budget: the JSON rows carry claim, source, numbers and a verdict

@@ -64,7 +64,7 @@ MIN_PSNR, MIN_COLOUR, MIN_FACE = 0.5, 0.02, 0.1
 class ClaimsOptions:
     claims: list[Claim] = field(default_factory=lambda: ["a", "b", "c", "d", "e", "f"])
     seeds: int = 2  # seeds per arm (the spread the verdicts compare effects with)
-    steps: int = 150  # training steps of every run
+    steps: int = 300  # training steps of every run
     threads: int = 1  # torch threads per run
     eval_prompts: int = 16  # prompts per evaluated split
     sizes: list[int] = field(default_factory=lambda: [15, 400, 2500, 100_000])  # claim b's corpora
@@ -97,6 +97,20 @@ def level(values: list[float], threshold: float, above: bool = True) -> str:
     """The level rule: beyond ``threshold`` on every seed / on none."""
     beyond = [(v > threshold) if above else (v <= threshold) for v in values]
     return "holds" if all(beyond) else "does_not_hold" if not any(beyond) else "inconclusive"
+
+
+def remedy_verdict(rate_base: list[float], rate_remedy: list[float], psnr_base: list[float],
+                   psnr_remedy: list[float]) -> tuple[str, dict]:
+    """A multi-face remedy (claim f): the paired rule on rate(base) - rate(remedy) (min ``MIN_FACE``), and
+    the object kept (seen PSNR at most ``MIN_PSNR`` below the base on every seed); lost (more than
+    ``MIN_PSNR`` below on every seed) is does_not_hold whatever the rate says."""
+    v, d = paired(rate_base, rate_remedy, +1, MIN_FACE)
+    below = [round(a - b, 4) for a, b in zip(psnr_base, psnr_remedy)]
+    kept = level(below, MIN_PSNR, above=False)
+    lost = level(below, MIN_PSNR) == "holds"
+    verdict = "holds" if v == "holds" and kept == "holds" else \
+        "does_not_hold" if v == "does_not_hold" or lost else "inconclusive"
+    return verdict, {"rate": d, "psnr_below": below, "object_kept": kept}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,12 +425,16 @@ FRONT_ARMS = {
 
 def claim_f(r: Runner) -> list[dict]:
     """Multi-face rate (front world, seen prompts with a front marker; SDS at CFG 7.5): the share of
-    evaluation views where the truth shows no marker and the render shows one. f1: view-agnostic priors
-    produce multi-faced objects; level rule, rate > 0.1. f2: view-dependent prompts + Perp-Neg reduce it;
-    paired on rate(view-agnostic) - rate(view prompts + Perp-Neg) (min 0.1). f3: a camera-aware prior
-    removes it; holds if the paired rule on rate(view-agnostic) - rate(camera-aware) holds and the
-    camera-aware rate is <= 0.05 on every seed; does_not_hold if that rule says so or the camera-aware
-    rate is > 0.05 on every seed; else inconclusive."""
+    evaluation views where the truth shows no marker and the render shows one. A remedy must lower the
+    rate while keeping the object: "kept" means its seen PSNR is at most 0.5 dB below the view-agnostic
+    arm's on every seed, "lost" that it is more than 0.5 dB below on every seed (a render without the
+    object, or without its marker anywhere, has no multi-face either). f1: view-agnostic priors produce
+    multi-faced objects; level rule, rate > 0.1. f2 (view-dependent prompts), f3 (view-dependent prompts
+    + Perp-Neg 0.5): holds if the paired rule on rate(view-agnostic) - rate(remedy) (min 0.1) holds and
+    the object is kept; does_not_hold if that rule says so or the object is lost; else inconclusive. f4:
+    a camera-aware prior removes it: as f2, and its rate is <= 0.05 on every seed (does_not_hold if it is
+    > 0.05 on every seed). (The quality condition was added after a 150-step pilot in which Perp-Neg's
+    rate fell to 0 while its PSNR fell below the untrained generator's: docs/claims.md.)"""
     arms = {k: ["distill.name=sds", "distill.guidance_scale=7.5", *v] for k, v in FRONT_ARMS.items()}
 
     def splits(world):
@@ -428,26 +446,34 @@ def claim_f(r: Runner) -> list[dict]:
     recall = {k: per_seed(v, lambda m: m["seen_front"].get("marker_recall", float("nan"))) for k, v in runs.items()}
     psnr = {k: per_seed(v, lambda m: m["seen_front"]["psnr"]) for k, v in runs.items()}
     base = {"multi_face_rate": rate, "marker_recall": recall, "psnr_seen_front": psnr}
+    exp = ("front world (single objects, most with a marker on the +x side; SDS CFG 7.5): multi-face rate on the "
+           "evaluation orbit's views without a marker in the truth, marker recall, PSNR: ")
+
+    def remedy(arm: str) -> tuple[str, dict]:
+        v, d = remedy_verdict(rate["view_agnostic"], rate[arm], psnr["view_agnostic"], psnr[arm])
+        return v, {**base, f"view_agnostic_minus_{arm}": d["rate"], "psnr_below_view_agnostic": d["psnr_below"],
+                   "object_kept": d["object_kept"]}
+
     v1 = level(rate["view_agnostic"], MIN_FACE)
-    v2, d2 = paired(rate["view_agnostic"], rate["view_prompts_perp_neg"], +1, MIN_FACE)
-    v3p, d3 = paired(rate["view_agnostic"], rate["camera_aware"], +1, MIN_FACE)
+    v2, n2 = remedy("view_prompts")
+    v3, n3 = remedy("view_prompts_perp_neg")
+    v4, n4 = remedy("camera_aware")
     low = level(rate["camera_aware"], 0.05, above=False)
-    v3 = "holds" if v3p == "holds" and low == "holds" else \
-        "does_not_hold" if v3p == "does_not_hold" or low == "does_not_hold" else "inconclusive"
-    exp = ("front world (single objects, half of them with a marker on the +x side; SDS CFG 7.5): multi-face rate "
-           "on the evaluation orbit's back views")
-    return shared_picture([row("f1", "View-agnostic priors produce multi-faced objects (the Janus problem)",
-                "Perp-Neg (Armandpour et al. 2023) Sec. 1; MVDream (Shi et al. 2023) Sec. 1",
-                exp + ": view-agnostic oracle", base, v1, claim_f.__doc__, runs, r, picture_world="front"),
-            row("f2", "View-dependent prompts with Perp-Neg reduce the multi-face problem",
-                "Perp-Neg (Armandpour et al. 2023) Sec. 4 (2D-to-3D); ScaleDreamer's SD runs use it",
-                exp + ": view-agnostic vs conditioned on the view bucket, with Perp-Neg 0.5",
-                {**base, "view_agnostic_minus_perp_neg": d2}, v2, claim_f.__doc__, {}, r),
-            row("f3", "A camera-aware (MVDream-like) prior removes it",
-                "MVDream (Shi et al. 2023) Sec. 4",
-                exp + ": view-agnostic vs camera-aware oracle",
-                {**base, "view_agnostic_minus_camera_aware": d3, "camera_aware_below_0.05": low}, v3, claim_f.__doc__,
-                {}, r)])
+    n4["camera_aware_rate_at_most_0.05"] = low
+    v4 = "does_not_hold" if low == "does_not_hold" else v4 if low == "holds" else \
+        ("does_not_hold" if v4 == "does_not_hold" else "inconclusive")
+    return shared_picture([
+        row("f1", "View-agnostic priors produce multi-faced objects (the Janus problem)",
+            "Perp-Neg (Armandpour et al. 2023) Sec. 1; MVDream (Shi et al. 2023) Sec. 1",
+            exp + "view-agnostic oracle", base, v1, claim_f.__doc__, runs, r, picture_world="front"),
+        row("f2", "View-dependent prompts reduce the multi-face problem",
+            "DreamFusion (Poole et al. 2022) Sec. 3.2 (view-dependent prompting)",
+            exp + "view-agnostic vs view prompts", n2, v2, claim_f.__doc__, {}, r),
+        row("f3", "View-dependent prompts with Perp-Neg reduce the multi-face problem",
+            "Perp-Neg (Armandpour et al. 2023) Sec. 4 (2D-to-3D); ScaleDreamer's SD runs use it",
+            exp + "view-agnostic vs view prompts perp neg", n3, v3, claim_f.__doc__, {}, r),
+        row("f4", "A camera-aware (MVDream-like) prior removes it", "MVDream (Shi et al. 2023) Sec. 4",
+            exp + "view-agnostic vs camera aware", n4, v4, claim_f.__doc__, {}, r)])
 
 
 def shared_picture(rows: list[dict]) -> list[dict]:
