@@ -128,9 +128,23 @@ def test_compose_world_has_100k_training_prompts_and_disjoint_held_out_levels():
     for lvl, ps in held.items():
         assert {w for p in ps for w in tokenize(p)} <= train_words, lvl
     # the held-out features really are absent from training
+    n_rel = 0
     for p in train:
         spec = g.parse(p)
         assert all((o.colour, o.shape) not in g.held_attribute for o in spec.objects)
+        if spec.relation is not None:
+            n_rel += 1
+            a, b = spec.objects[0].shape, spec.objects[1].shape
+            assert frozenset((a, b)) not in g.held_object_pair, p
+            assert (a, spec.relation) not in g.held_relation, p
+    assert n_rel > 1000  # the two-object scenes are most of the grammar
+    # ... and each level's prompts carry their held-out feature
+    for p in held["unseen_relation"]:
+        spec = g.parse(p)
+        assert (spec.objects[0].shape, spec.relation) in g.held_relation, p
+    for p in held["unseen_object_pair"]:
+        spec = g.parse(p)
+        assert frozenset((spec.objects[0].shape, spec.objects[1].shape)) in g.held_object_pair, p
 
 
 def test_parse_is_wording_insensitive_and_errors_say_why():
@@ -240,6 +254,9 @@ def test_best_of_completions_picks_the_nearest_and_mean_is_what_averaging_gives(
     gts = torch.rand(5, 4, 3, 8, 8)
     pred = gts[3] + 0.05 * torch.randn_like(gts[3])
     assert int(best_of_completions(pred, gts)) == 3
+    # one completion for the whole object: view 0 slightly nearer completion 1, the other views much nearer 2
+    pred = torch.cat([gts[1, :1] + 0.01, gts[2, 1:]])
+    assert int(best_of_completions(pred, gts)) == 2
     from scalegen.render.images import psnr
 
     mean = gts.mean(0)
