@@ -154,3 +154,11 @@ def test_claims_bench_json(tmp_path):
         assert {"claim", "source", "numbers", "verdict", "rule", "command"} <= set(x)
         assert x["verdict"] in ("holds", "does_not_hold", "inconclusive")
     assert (tmp_path / "pics" / "f1.png").stat().st_size > 0
+
+
+def test_claims_row_command_carries_the_options_that_shape_the_runs():
+    from scalegen.bench.claims import ClaimsOptions, option_items
+
+    assert option_items(ClaimsOptions()) == []
+    assert option_items(ClaimsOptions(steps=150, sizes=[15, 400], scale_distillers=["sds", "asd"], merge="x.json")) == \
+        ["bench.sizes=[15,400]", "bench.scale_distillers=[sds,asd]"]

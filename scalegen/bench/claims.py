@@ -25,7 +25,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -493,8 +493,8 @@ def row(cid: str, claim: str, source: str, experiment: str, numbers: dict, verdi
     out = {"id": cid, "claim": claim, "source": source, "experiment": experiment, "numbers": numbers,
            "verdict": verdict, "rule": " ".join(rule.split()), "seeds": r.opts.seeds, "steps": r.opts.steps,
            "budget": " ".join(BUDGET),
-           "command": f"scalegen bench claims bench.claims=[{cid[0]}] bench.seeds={r.opts.seeds} "
-                      f"bench.steps={r.opts.steps}" + (" " + " ".join(r.overrides) if r.overrides else "")}
+           "command": " ".join([f"scalegen bench claims bench.claims=[{cid[0]}] bench.seeds={r.opts.seeds} "
+                                f"bench.steps={r.opts.steps}", *option_items(r.opts), *r.overrides])}
     if pic_runs and r.opts.pictures:
         rows = [(name, runs[0]) for name, runs in pic_runs.items()]
         world = build_world(load_config(r.world_config(picture_world)))
@@ -502,6 +502,18 @@ def row(cid: str, claim: str, source: str, experiment: str, numbers: dict, verdi
         path = Path(r.opts.pictures) / f"{cid}.png"
         out["picture"] = str(path)
         out["picture_legend"] = picture(path, rows, prompts)
+    return out
+
+
+def option_items(opts: ClaimsOptions) -> list[str]:
+    """The options that shape the runs and differ from their defaults, as command-line items (so a row's
+    command reproduces it)."""
+    base, out = ClaimsOptions(), []
+    for f in fields(opts):
+        v = getattr(opts, f.name)
+        if f.name in ("claims", "seeds", "steps", "reuse", "merge", "pictures") or v == getattr(base, f.name):
+            continue
+        out.append(f"bench.{f.name}=[{','.join(map(str, v))}]" if isinstance(v, list) else f"bench.{f.name}={v}")
     return out
 
 
