@@ -1,10 +1,11 @@
-"""Command line: ``scalegen train | eval | generate | bench | info | prior``.
+"""Command line: ``scalegen train | eval | generate | gallery | bench | info | prior | data``.
 
 Errors a user can cause (``ScalegenError``) print one line and exit 2, without a traceback.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -69,6 +70,8 @@ def cmd_eval(args) -> int:
     from scalegen.priors import build_world
     from scalegen.train.model import build_model, load_run
 
+    if not args.ckpt:
+        raise ScalegenError("scalegen eval needs --ckpt RUN_DIR (CLIP scores: `scalegen eval clip --ckpt RUN --corpus FILE`)")
     cfg, text_encoder, model, ckpt = load_run(args.ckpt)
     if cfg.prior.name != "oracle":
         raise ScalegenError(f"'{args.ckpt}' was trained with prior {cfg.prior.name}; oracle metrics need an "
@@ -86,54 +89,209 @@ def cmd_eval(args) -> int:
         torch.manual_seed(cfg.train.seed)
         _, init_model = build_model(cfg)
         base = evaluate_oracle(cfg, init_model.eval(), text_encoder, world, max_prompts=args.max_prompts)
-        res["untrained"] = {k: {m: base[k][m] for m in ("psnr", "psnr_fg", "iou", "color_error")} for k in base}
+        res["untrained"] = {k: {m: base[k].get(m, math.nan) for m in ("psnr", "psnr_fg", "iou", "color_error", "r_at_1")}
+                            for k in base}
     splits = list(world.splits())
-    rows = [[split, r["psnr"], r["psnr_fg"], r["iou"], r["color_error"], r["n_prompts"]]
+    rows = [[split, r["psnr"], r["psnr_fg"], r["iou"], r["color_error"], r.get("r_at_1", math.nan), r["n_prompts"]]
             for split, r in res.items() if split in splits]
     if "untrained" in res:
-        rows += [[f"untrained/{k}", r["psnr"], r["psnr_fg"], r["iou"], r["color_error"], "-"]
+        rows += [[f"untrained/{k}", r["psnr"], r["psnr_fg"], r["iou"], r["color_error"], r["r_at_1"], "-"]
                  for k, r in res["untrained"].items()]
-    print(_table(rows, ["split", "PSNR (dB)", "PSNR fg", "mask IoU", "colour err", "prompts"]))
+    chance = next((r["r_at_1_chance"] for k, r in res.items() if k in splits and "r_at_1_chance" in r), None)
+    print(_table(rows, ["split", "PSNR (dB)", "PSNR fg", "mask IoU", "colour err", "R@1", "prompts"]))
+    if chance is not None:
+        print(f"R@1: each view retrieves its prompt among the ground truths of all prompts (chance {chance:.3f})")
+    else:
+        print("R@1: the default world's only (a compositional world's gallery would be its whole grammar)")
     print(f"({res['eval_s']:.0f} s, checkpoint {ckpt})")
     _write_json(args.json, res)
     return 0
 
 
-def cmd_generate(args) -> int:
-    from scalegen.data.prompts import read_corpus
-    from scalegen.export.mesh import FORMATS, export_prompt
+def cmd_eval_clip(args) -> int:
+    from accelerate import PartialState
+
+    from scalegen.eval.clip import (FolderViews, RunViews, evaluate_clip, make_protocol, people_table,
+                                    read_pool)
+    from scalegen.eval.clip_models import default_cache_dir, load_clip
+    from scalegen.train.checkpoint import run_dir_of
     from scalegen.train.model import load_run
 
-    if bool(args.prompt) == bool(args.prompts):
-        raise ScalegenError("give exactly one of --prompt TEXT or --prompts FILE")
-    if args.prompt is not None and not args.prompt.strip():
-        raise ScalegenError("--prompt is empty; describe the asset, e.g. --prompt 'a large red cube'")
-    t_load = time.perf_counter()
-    cfg, text_encoder, model, _ = load_run(args.ckpt)
-    t_load = time.perf_counter() - t_load
-    if args.prompt:
-        jobs = [(args.prompt, Path(args.out))]
+    if bool(args.ckpt) == bool(args.images):
+        raise ScalegenError("give exactly one of --ckpt RUN_DIR (render and score a run) or --images DIR (score "
+                            "views rendered elsewhere)")
+    render_keys = {"--views": args.views, "--resolution": args.resolution, "--elevation": args.elevation,
+                   "--distance": args.distance, "--fovy": args.fovy}
+    if args.images:
+        given = [k for k, v in render_keys.items() if v is not None] + (["--save-views"] if args.save_views else [])
+        if given:
+            raise ScalegenError(f"{given[0]} shapes the renders of --ckpt; --images scores the views as they are")
+        if not args.out:
+            raise ScalegenError("--images needs --out DIR for the results (not inside the images folder)")
+    protocol = make_protocol(args.protocol, model=args.model, views=args.views, resolution=args.resolution,
+                             elevation=args.elevation, distance=args.distance, fovy=args.fovy, crop=args.crop,
+                             resize=args.resize, caption_prefix=args.prefix, clipscore_w=args.clipscore_w,
+                             distractors=args.distractors, seed=args.seed, splits=args.split)
+    if args.batch < 1 or args.contact < 0:
+        raise ScalegenError(f"--batch must be at least 1 and --contact at least 0 (got {args.batch}, {args.contact})")
+    state = PartialState(cpu=args.cpu)
+    pool = read_pool(args.corpus, protocol.splits)  # corpus, run and images are checked before CLIP loads
+    if args.ckpt:
+        source = RunViews(*load_run(args.ckpt), protocol, state.device)
+        out = args.out or str(run_dir_of(source.ckpt) / "eval-clip" / f"{protocol.name}-{Path(args.corpus).stem}")
     else:
-        out_dir = Path(args.out)
-        if out_dir.suffix.lower() in FORMATS:
-            raise ScalegenError("with --prompts, --out must be a folder (one asset per prompt)")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        prompts = read_corpus(args.prompts, split=args.split)
-        jobs = [(p, out_dir / f"{i:04d}_{_slug(p)}.{args.format}") for i, p in enumerate(prompts)]
-    for prompt, path in jobs:
-        info = export_prompt(model, text_encoder, prompt, path, cfg.render.bound, args.resolution,
-                             0.0 if args.keep_fragments else 0.02)
-        print(f"{info['path']}: {info['vertices']} vertices, {info['faces']} faces in {info['total_s']:.2f} s "
-              f"(generator {info['generate_s'] * 1000:.0f} ms, SDF grid + marching cubes {info['mesh_s']:.2f} s, "
-              f"write {info['write_s']:.2f} s)")
-    print(f"(checkpoint loaded in {t_load:.1f} s)")
+        source = FolderViews(args.images, pool, args.glob)
+        out = args.out
+        if source.missing and state.is_main_process:
+            print(f"note: {len(source.missing)} of {len(pool.prompts)} corpus prompts have no image folder "
+                  f"(e.g. {source.missing[0]!r}); they are not scored but stay retrieval candidates", flush=True)
+    clip = load_clip(protocol.model, state.device)
+    summary = evaluate_clip(source, pool, protocol, clip, out, args.cache or default_cache_dir(), state=state,
+                            batch=args.batch, contact=args.contact, save_views=args.save_views,
+                            overwrite=args.overwrite, progress=not args.no_progress)
+    if state.is_main_process:
+        print(people_table(summary))
+        p = summary["protocol"]
+        how = "views as rendered" if args.images else f"{p['views']} views at {p['resolution']} px"
+        print(f"protocol {p['name']}: {p['model']} ({p['backend']}), {how}; {summary['n_images']} images, "
+              f"{summary['eval_s']:.0f} s; results in {out}/ (summary.json, summary.md, per_prompt.csv, "
+              "contact_sheet.png)")
+        _write_json(args.json, summary)
     return 0
 
 
-def _slug(text: str) -> str:
-    import re
+def cmd_eval_make_tiny_clip(args) -> int:
+    from scalegen.eval.clip_models import make_tiny_clip_model
 
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "prompt"
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ScalegenError(f"'{out}' is not empty; give a new folder for the tiny CLIP")
+    make_tiny_clip_model(out, backend=args.backend, seed=args.seed)
+    print(f"wrote a tiny random {args.backend} CLIP to {out} (use --model {out}; its scores mean nothing)")
+    return 0
+
+
+def _generate_options(args):
+    from scalegen.export.pipeline import GenerateOptions
+
+    return GenerateOptions(format=args.format or "glb", resolution=args.resolution, level=args.level,
+                           min_fragment=0.0 if args.keep_fragments else 0.02, simplify=args.simplify,
+                           texture=args.texture, texture_size=args.texture_size, turntable=args.turntable,
+                           turntable_frames=args.frames, turntable_size=args.turntable_size, batch=args.batch,
+                           overwrite=args.overwrite)
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from scalegen.data.prompts import read_corpus
+    from scalegen.eval.report import format_table
+    from scalegen.export.pipeline import generate_assets, plan_jobs
+    from scalegen.train.model import load_run
+
+    if (args.prompt is None) == (args.prompts is None):
+        raise ScalegenError("give exactly one of --prompt TEXT or --prompts FILE")
+    if args.prompt is not None and not args.prompt.strip():
+        raise ScalegenError("--prompt is empty; describe the asset, e.g. --prompt 'a large red cube'")
+    prompts = [" ".join(args.prompt.split())] if args.prompt is not None else read_corpus(args.prompts, split=args.split)
+    opts = _generate_options(args)
+    plan = plan_jobs(prompts, args.out, opts, single=args.prompt is not None, format_given=args.format is not None)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_load = time.perf_counter()
+    cfg, text_encoder, model, ckpt = load_run(args.ckpt)
+    t_load = time.perf_counter() - t_load
+    _check_world_prompts(cfg, prompts, args.ckpt)
+    res = generate_assets(plan, cfg, model, text_encoder, opts, checkpoint=str(ckpt))
+    n = len(res["assets"])
+    rows = [[stage, s, s / n] for stage, s in res["seconds"].items()] + [["total", res["total_s"], res["seconds_per_asset"]]]
+    print(format_table(rows, ["stage", "seconds", "per asset"]))
+    where = plan.folder if plan.folder is not None else plan.jobs[0].mesh
+    print(f"wrote {n} asset(s) to {where} in {res['total_s']:.2f} s ({res['seconds_per_asset']:.2f} s per asset; "
+          f"checkpoint loaded in {t_load:.1f} s, {torch.get_num_threads()} thread(s))")
+    return 0
+
+
+def _check_world_prompts(cfg, prompts: list[str], ckpt) -> None:
+    """An oracle-world generator has only ever seen the world's grammar: a prompt outside it would give a
+    mesh of nothing in particular, so it is refused (with the grammar), not exported."""
+    if cfg.prior.name != "oracle":
+        return
+    from scalegen.errors import DataError
+    from scalegen.priors import build_world
+
+    world = build_world(cfg)
+    for p in prompts:
+        try:
+            world.parse(p)
+        except DataError as e:
+            shape = "a <size> <color> <shape>" if cfg.world.kind == "single" else "its compositional grammar"
+            raise ScalegenError(f"'{ckpt}' was trained in the oracle world, which only has prompts like "
+                                f"'{world.seen[0]}' ({shape}); {p!r} is not one of them ({e}), so its "
+                                "mesh would mean nothing: use a run trained with a real prior for free text") from None
+
+
+def cmd_gallery(args) -> int:
+    import os
+    import shutil
+
+    import torch
+
+    from scalegen.export.gallery import build_site, find_viewer
+    from scalegen.export.pipeline import MANIFEST, GenerateOptions, generate_assets, plan_jobs, read_manifest
+
+    source, out = Path(args.source), Path(args.out)
+    is_run = (source / "config.yaml").is_file() or (source / "model.safetensors").is_file()
+    if not is_run and not (source / MANIFEST).is_file():
+        raise ScalegenError(f"'{source}' is neither a run directory (config.yaml) nor an asset folder ({MANIFEST} "
+                            "from `scalegen generate --prompts`)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise ScalegenError(f"'{out}' already exists and is not empty; pass --overwrite to replace it")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise ScalegenError(f"folder '{parent}' does not exist; create it first")
+    viewer = find_viewer(args.viewer)
+    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        if is_run:
+            from scalegen.train.model import load_run
+
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            cfg, text_encoder, model, ckpt = load_run(source)
+            tags: dict[str, str] = {}
+            if args.prompts:
+                from scalegen.data.prompts import read_corpus
+
+                prompts = read_corpus(args.prompts, split=args.split)
+                _check_world_prompts(cfg, prompts, source)
+            elif cfg.prior.name == "oracle" and cfg.data.prompts == "oracle":
+                from scalegen.priors import build_world
+
+                world = build_world(cfg)
+                splits = world.splits()  # seen, unseen (default world) or seen + held-out levels (compositional)
+                tags = {p: split for split, ps in splits.items() for p in ps}
+                prompts = [p for split, ps in splits.items() if split != "seen" for p in ps] + splits["seen"]
+            else:
+                raise ScalegenError("this run has no built-in prompt list; give --prompts FILE")
+            prompts = prompts[:args.max_prompts] if args.max_prompts else prompts
+            opts = GenerateOptions(resolution=args.resolution, turntable=True, turntable_frames=args.frames,
+                                   turntable_size=args.turntable_size, batch=args.batch, texture=args.texture)
+            plan = plan_jobs(prompts, tmp / "assets", opts, single=False)
+            res = generate_assets(plan, cfg, model, text_encoder, opts, checkpoint=str(ckpt))
+            entries = [{**e, "tag": tags.get(e["prompt"])} for e in res["assets"]]
+            build_site(tmp / "assets", entries, tmp, viewer, f"scalegen: {source.resolve().name}")
+        else:
+            entries = read_manifest(source)["assets"]
+            build_site(source, entries, tmp, viewer, f"scalegen: {source.resolve().name}")
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {out / 'index.html'} ({len(entries)} assets; open it in a browser, no server needed)")
+    return 0
 
 
 def cmd_info(args) -> int:
@@ -324,24 +482,89 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("eval", help="oracle-world metrics of a run (PSNR, mask IoU, colour error)")
-    p.add_argument("--ckpt", required=True, help="run directory or checkpoint folder")
+    p = sub.add_parser("eval", help="oracle-world metrics of a run (PSNR, mask IoU, colour error, R@1); "
+                                    "`eval clip`: CLIP scores on a prompt corpus")
+    p.add_argument("--ckpt", help="run directory or checkpoint folder")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--baseline", action="store_true", help="also evaluate the untrained generator")
     p.add_argument("--max-prompts", type=int, default=None, help="per split (default: eval.max_prompts)")
     p.set_defaults(fn=cmd_eval)
+    eval_sub = p.add_subparsers(dest="eval_command")
+    q = eval_sub.add_parser("clip", help="CLIP similarity, CLIPScore and R@1 of a run (or of rendered views) on a corpus")
+    q.add_argument("--ckpt", help="run directory or checkpoint folder to render")
+    q.add_argument("--images", help="score views rendered elsewhere: DIR/<prompt>/<view>.png (README)")
+    q.add_argument("--corpus", required=True, help="prompt file (ScaleDreamer JSON, text, CSV, JSON lines) or shard folder")
+    q.add_argument("--split", nargs="+", help="corpus splits to score (default: the protocol's; test falls back to val)")
+    q.add_argument("--protocol", default="scalegen", choices=["scaledreamer", "triplaneturbo", "scalegen"])
+    q.add_argument("--model", help="CLIP: transformers folder or hub id, open_clip NAME:PRETRAINED or folder")
+    q.add_argument("--views", type=int, help="views per prompt (protocol default)")
+    q.add_argument("--resolution", type=int, help="rendered pixels per side (protocol default)")
+    q.add_argument("--elevation", type=float, help="degrees (protocol default 15)")
+    q.add_argument("--distance", type=float, help="camera distance (default: the run's camera.eval_distance)")
+    q.add_argument("--fovy", type=float, help="degrees (default: the run's camera.eval_fovy)")
+    q.add_argument("--crop", choices=["left", "center"], help="left square (ScaleDreamer) or center crop")
+    q.add_argument("--resize", choices=["bilinear", "bicubic"], help="resampling to CLIP's input size")
+    q.add_argument("--prefix", help="caption prefix (triplaneturbo: 'A photo depicts')")
+    q.add_argument("--clipscore-w", type=float, help="CLIPScore weight w (2.5)")
+    q.add_argument("--distractors", type=int, help="k of the distractor R@1 (99)")
+    q.add_argument("--seed", type=int, help="distractor draw (0)")
+    q.add_argument("--json", help="also write the summary to this JSON file")
+    q.add_argument("--out", help="results folder (default: RUN/eval-clip/PROTOCOL-CORPUS); rerun to resume")
+    q.add_argument("--cache", help="text-feature cache (default: $SCALEGEN_CACHE or ~/.cache/scalegen/clip-text)")
+    q.add_argument("--batch", type=int, default=64, help="images per CLIP forward (default 64)")
+    q.add_argument("--contact", type=int, default=16, help="prompts on the contact sheet (default 16)")
+    q.add_argument("--glob", default="*", help="with --images: which files of a prompt folder are views")
+    q.add_argument("--save-views", action="store_true", help="also write every view as OUT/views/<prompt>/<i>.png")
+    q.add_argument("--overwrite", action="store_true", help="discard results of another evaluation in --out")
+    q.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.set_defaults(fn=cmd_eval_clip)
+    q = eval_sub.add_parser("make-tiny-clip", help="write a tiny random CLIP (tests and smoke runs)")
+    q.add_argument("--out", required=True, help="new folder")
+    q.add_argument("--backend", default="transformers", choices=["transformers", "open_clip"])
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(fn=cmd_eval_make_tiny_clip)
 
-    p = sub.add_parser("generate", help="export a mesh (GLB/OBJ/PLY) for a prompt, no optimisation")
+    p = sub.add_parser("generate", help="prompts -> meshes (GLB/OBJ/PLY), optionally textured, with turntables")
     p.add_argument("--ckpt", required=True, help="run directory or checkpoint folder")
     p.add_argument("--prompt", help="one prompt")
-    p.add_argument("--prompts", help="a corpus file: one asset per prompt")
+    p.add_argument("--prompts", help="a corpus file (.txt/.json/.jsonl/.csv): one asset per prompt")
     p.add_argument("--split", default="test", help="split of a JSON corpus (default: test)")
-    p.add_argument("--out", required=True, help="output file (.glb/.obj/.ply), or folder with --prompts")
-    p.add_argument("--format", default="glb", choices=["glb", "obj", "ply"], help="with --prompts")
-    p.add_argument("--resolution", type=int, default=128, help="marching-cubes grid (default 128)")
+    p.add_argument("--out", required=True, help="output file (.glb/.obj/.ply) for --prompt, or a folder")
+    p.add_argument("--format", help="glb | obj | ply (default glb; a file name's suffix decides for --prompt)")
+    p.add_argument("--resolution", type=int, default=128, help="marching-cubes cells per axis (default 128)")
+    p.add_argument("--level", type=float, default=None,
+                   help="SDF level of the surface (default 1.5 * render.beta, which matches the volume renders)")
+    p.add_argument("--simplify", type=int, default=None, metavar="FACES",
+                   help="simplify to at most FACES faces (default: off; 10000 with --texture)")
+    p.add_argument("--texture", action="store_true", help="UV atlas (xatlas) + baked base-colour texture, GLB only")
+    p.add_argument("--texture-size", type=int, default=1024, help="texture width and height (default 1024)")
+    p.add_argument("--turntable", action="store_true", help="also write an orbit video (MP4, or GIF without ffmpeg)")
+    p.add_argument("--frames", type=int, default=24, help="turntable frames (default 24: one turn a second)")
+    p.add_argument("--turntable-size", type=int, default=128,
+                   help="turntable width and height, a multiple of 16 (default 128)")
+    p.add_argument("--batch", type=int, default=16, help="prompts per generator call (default 16)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.add_argument("--keep-fragments", action="store_true",
                    help="keep pieces smaller than 2%% of the largest (floaters are dropped by default)")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("gallery", help="a static page of a run's or an asset folder's assets (no network needed)")
+    p.add_argument("source", help="run directory (assets are generated) or a folder from `generate --prompts`")
+    p.add_argument("--out", required=True, help="site folder to write (index.html, viewer/, assets/)")
+    p.add_argument("--prompts", help="with a run: a corpus file (default: an oracle run's unseen + seen prompts)")
+    p.add_argument("--split", default="test", help="split of a JSON corpus (default: test)")
+    p.add_argument("--max-prompts", type=int, default=24, help="with a run: at most this many (default 24, 0 = all)")
+    p.add_argument("--resolution", type=int, default=128, help="with a run: marching-cubes cells per axis")
+    p.add_argument("--texture", action="store_true", help="with a run: baked textures instead of vertex colours")
+    p.add_argument("--frames", type=int, default=24, help="with a run: turntable frames (default 24)")
+    p.add_argument("--turntable-size", type=int, default=128, help="with a run: turntable size (default 128)")
+    p.add_argument("--batch", type=int, default=16, help="with a run: prompts per generator call")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--viewer", help="model-viewer-umd.min.js to vendor (default: node_modules, else npm install)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing site folder")
+    p.set_defaults(fn=cmd_gallery)
 
     p = sub.add_parser("info", help="parameter counts and effective batch of a config")
     p.add_argument("--config", help="YAML experiment file")
@@ -416,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks (numbers for docs/performance.md)")
     p.add_argument("name", help="saturation | sharpness | guidance | flops-sd | flops-mvdream | data | distill | toy2d "
-                                "| generators | claims | oracle-cost")
+                               "| generators | generate | eval | claims | oracle-cost")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--out", default="runs/bench", help="folder for the benchmark's runs")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")

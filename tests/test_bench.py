@@ -32,6 +32,8 @@ def test_unknown_bench_is_a_clear_error():
     ("data", "bench.sizes=ten", "must be a list"),
     ("generators", "bench.generators=[conv4d]", "must be one of"),
     ("toy2d", "train.max_steps=3", "runs no training config"),
+    ("eval", "bench.image=4", "did you mean 'bench.images'"),
+    ("eval", "bench.resolutions=[4]", "must be >= 8"),
 ])
 def test_bench_options_are_typed_config_keys(name, item, message):
     """Bench options go through the config schema's checks: typos name the closest option, wrong
@@ -162,3 +164,37 @@ def test_claims_row_command_carries_the_options_that_shape_the_runs():
     assert option_items(ClaimsOptions()) == []
     assert option_items(ClaimsOptions(steps=150, sizes=[15, 400], scale_distillers=["sds", "asd"], merge="x.json")) == \
         ["bench.sizes=[15,400]", "bench.scale_distillers=[sds,asd]"]
+
+
+def test_generate_bench_json(tmp_path):
+    """`bench generate` on a tiny run: the JSON the docs table is made from, per case and batch."""
+    out = tmp_path / "g.json"
+    r = subprocess.run([sys.executable, "-m", "scalegen.cli", "bench", "generate", "--out", str(tmp_path),
+                        "--json", str(out), *TINY, "bench.train_steps=3", "bench.cases=[hyper_ingp_32]",
+                        "bench.batches=[1,2]", "bench.prompts=2", "bench.threads=1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert set(data) == {"hyper_ingp/32/batch1", "hyper_ingp/32/batch2"}
+    for name, v in data.items():
+        assert v["resolution"] == 32 and v["batch"] == int(name[-1]) and v["prompts"] == 2
+        assert set(v["stages"]) == {"generator", "sdf", "marching_cubes", "colours", "write"}
+        assert abs(sum(v["stages"].values()) - v["seconds_per_asset"]) < 0.05 * v["seconds_per_asset"] + 0.01
+        assert 0.8 < v["silhouette_iou"] <= 1.0
+    bad = subprocess.run([sys.executable, "-m", "scalegen.cli", "bench", "generate", "bench.case=[x]"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "did you mean 'bench.cases'" in bad.stderr
+
+
+def test_eval_bench_json(tmp_path):
+    """`bench eval` on a tiny budget: images/s of CLIP scoring and of rendering per (model, resolution)."""
+    pytest.importorskip("open_clip")
+    out = tmp_path / "eval.json"
+    r = subprocess.run([sys.executable, "-m", "scalegen.cli", "bench", "eval", "--json", str(out), *TINY,
+                        "bench.models=[ViT-B-32]", "bench.resolutions=[16,32]", "bench.images=4", "bench.batch=4",
+                        "bench.prompts=8", "bench.views=2", "bench.threads=1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert [(c["model"], c["resolution"]) for c in data["cases"]] == [("ViT-B-32", 16), ("ViT-B-32", 32)]
+    for c in data["cases"]:
+        assert c["score_images_per_s"] > 0 and c["render_images_per_s"] > 0
+        assert c["end_to_end_images_per_s"] < min(c["score_images_per_s"], c["render_images_per_s"])

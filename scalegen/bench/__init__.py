@@ -15,7 +15,7 @@ from scalegen.config import parse_options
 from scalegen.errors import ScalegenError
 
 NAMES = ("saturation", "sharpness", "guidance", "flops-sd", "flops-mvdream", "data", "distill", "toy2d", "generators",
-         "claims", "oracle-cost")
+         "generate", "eval", "claims", "oracle-cost")
 
 
 def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
@@ -67,6 +67,14 @@ def run_bench(name: str, items: list[str], out_root: str = "runs/bench") -> dict
         from scalegen.bench.generators import GeneratorsOptions, bench_generators  # noqa: PLC0415
 
         return bench_generators(parse(GeneratorsOptions), overrides, out_root)
+    if name == "generate":
+        from scalegen.bench.generate import GenerateBenchOptions, bench_generate  # noqa: PLC0415
+
+        return bench_generate(parse(GenerateBenchOptions), overrides, out_root)
+    if name == "eval":
+        from scalegen.bench.clip_eval import EvalOptions, bench_eval  # noqa: PLC0415
+
+        return bench_eval(parse(EvalOptions), overrides, out_root)
     if name == "claims":
         from scalegen.bench.claims import ClaimsOptions, bench_claims  # noqa: PLC0415
 

@@ -11,6 +11,13 @@ is the prompt's own ground truth.
   color_error  signed colour error inside the object (pixels inside both masks):
                mean(|pred - 0.5| - |gt - 0.5|) over channels. Positive = colours pushed further
                from mid-grey than the truth (over-saturated), negative = washed out.
+  r_at_1       the oracle's CLIP R-precision: each render retrieves, among the ground-truth renders
+               of *all* the world's prompts (seen and unseen) from the same camera, the one nearest
+               in pixel MSE; a hit when that is its own prompt's (ties shared, as in CLIP R@1:
+               scalegen/eval/retrieval.py). Known answers: 1.0 for the ground truth itself, about
+               chance (1 / number of prompts) for a generator that ignores the prompt.
+  (r_at_1 is the default world's: its gallery is all 60 prompts; a compositional world has 288k
+  prompts and completions, so R@1 is not reported there.)
 Where they apply (``evaluate_prompts``): psnr_mean / psnr_mean_gt (mode averaging vs seeking on
 prompts with several completions), multi_face (objects with a front marker), diversity over z.
 """
@@ -22,6 +29,7 @@ import torch
 from torch import Tensor
 
 from scalegen.data.cameras import orbit_cameras
+from scalegen.eval.retrieval import r_at_1
 from scalegen.priors.oracle import build_oracle_prior
 from scalegen.render import build_renderer
 from scalegen.render.images import psnr
@@ -93,18 +101,46 @@ def pairwise_rmse(images: Tensor) -> float:
     return float(d.sqrt().sum() / (m * (m - 1)))
 
 
+def ground_truth_gallery(gt_renderer, world, cams, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rgb [N, V, 3, H, W], opacity [N, V, 1, H, W]) of every world prompt (``world.prompts`` order)."""
+    rgb, op = [], []
+    v = cams.shape[1]
+    for i in range(0, len(world.prompts), batch):
+        chunk = world.prompts[i:i + batch]
+        gt = gt_renderer(world.field(chunk), cams.expand(len(chunk)), background=world.background, perturb=False)
+        rgb.append(gt.rgb.view(len(chunk), v, *gt.rgb.shape[1:]))
+        op.append(gt.opacity.view(len(chunk), v, *gt.opacity.shape[1:]))
+    return torch.cat(rgb), torch.cat(op)
+
+
+@torch.no_grad()
+def retrieval_r_at_1(pred: torch.Tensor, gallery: torch.Tensor, own: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Per-prompt R@1 of renders ``pred`` [B, V, 3, H, W] among ``gallery`` [N, V, 3, H, W] (same cameras
+    per view), scored by negative pixel MSE; ``own`` [B] = each prompt's gallery row. Returns [B]."""
+    b, v = pred.shape[:2]
+    hits = []
+    for j in range(v):
+        q = pred[:, j].flatten(1)
+        scores = torch.cat([-(q[:, None] - gallery[s:s + chunk, j].flatten(1)[None]).pow(2).mean(-1)
+                            for s in range(0, len(gallery), chunk)], dim=1)  # [B, N]
+        hits.append(r_at_1(scores, own))
+    return torch.stack(hits, 1).mean(1)
+
+
 @torch.no_grad()
 def evaluate_prompts(cfg, model, text_encoder, world, prompts: list[str], gt_source, renderer, cams,
-                     batch: int = 8, z_draws: int = 4) -> dict:
+                     batch: int = 8, z_draws: int = 4, gallery: Tensor | None = None) -> dict:
     """Metrics of ``model`` on ``prompts`` against the best of each prompt's completions (the prompt's
     own ground truth in the default world). Extra keys when they apply: ``psnr_mean`` / ``psnr_mean_gt``
     (PSNR to the completions' mean image, of the prediction / of the completions themselves: a mode
     averager beats the completions here, a mode seeker matches them), ``multi_face`` (prompts with a
     front marker; ``marker_recall``: the share of views where the truth shows the marker and so does the
     prediction), ``diversity`` / ``diversity_gt`` (generators that take a noise z: RMSE between
-    ``z_draws`` draws, and between the completions)."""
+    ``z_draws`` draws, and between the completions), ``r_at_1`` (with ``gallery``, the ground-truth renders of
+    all the world's prompts [N, V, 3, H, W]: the default world's)."""
     acc: dict[str, list] = {"psnr": [], "psnr_fg": [], "iou": [], "color_error": [], "has_object": []}
     extra: dict[str, list] = {"psnr_mean": [], "psnr_mean_gt": [], "diversity": [], "diversity_gt": []}
+    r1 = []
     faces = [0, 0, 0, 0]  # multi-face (hits, views), marker recall (hits, views)
     v = cams.shape[1]
     noise = model.generator.noise_dim()
@@ -143,6 +179,9 @@ def evaluate_prompts(cfg, model, text_encoder, world, prompts: list[str], gt_sou
                 start += len(cl)
             best_rgb, best_op = torch.cat(best_rgb), torch.cat(best_op)
         m = image_metrics(out.rgb, out.opacity, best_rgb, best_op)
+        if gallery is not None:
+            own = torch.tensor([world.index(p) for p in chunk])
+            r1.append(retrieval_r_at_1(out.rgb.view(len(chunk), v, *out.rgb.shape[1:]), gallery, own))
         for k in acc:
             acc[k].append(m[k])
         for b, p in enumerate(chunk):
@@ -173,6 +212,9 @@ def evaluate_prompts(cfg, model, text_encoder, world, prompts: list[str], gt_sou
         "n_prompts": len(prompts),
         "n_images": int(len(cat["psnr"])),
     }
+    if r1:
+        res["r_at_1"] = float(torch.cat(r1).mean())
+        res["r_at_1_chance"] = 1.0 / len(gallery)
     if extra["psnr_mean"]:
         res["psnr_mean"] = float(torch.stack(extra["psnr_mean"]).mean())
         res["psnr_mean_gt"] = float(torch.stack(extra["psnr_mean_gt"]).mean())
@@ -199,11 +241,13 @@ def evaluate_oracle(cfg, model, text_encoder, world, batch: int = 8, max_prompts
     cams = eval_cameras(cfg)
     gt_source = build_oracle_prior(cfg, world)
     renderer = build_renderer(cfg).eval()
+    gallery = ground_truth_gallery(gt_source.renderer, world, cams, batch)[0] if cfg.world.kind == "single" else None
     result = {}
     for split, prompts in (splits or world.splits()).items():
         if max_prompts:
             prompts = prompts[:max_prompts]
         if not prompts:
             continue
-        result[split] = evaluate_prompts(cfg, model, text_encoder, world, prompts, gt_source, renderer, cams, batch)
+        result[split] = evaluate_prompts(cfg, model, text_encoder, world, prompts, gt_source, renderer, cams, batch,
+                                         gallery=gallery)
     return result
