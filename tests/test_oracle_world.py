@@ -332,6 +332,7 @@ def test_diversity_over_z_only_for_generators_that_take_one():
         te, model = build_model(cfg)
         res = evaluate_oracle(cfg, model, te, world, splits={"under": ["a cube"]})["under"]
         assert ("diversity" in res) == has and res["n_multimodal"] == 1
+        assert "r_at_1" not in res  # R@1 is the default world's: a compositional gallery would be the whole grammar
         assert res["psnr_mean_gt"] > 0
         if has:
             assert res["diversity"] > 0 and res["diversity_gt"] > 0
