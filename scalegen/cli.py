@@ -5,6 +5,7 @@ Errors a user can cause (``ScalegenError``) print one line and exit 2, without a
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -88,16 +89,20 @@ def cmd_eval(args) -> int:
         torch.manual_seed(cfg.train.seed)
         _, init_model = build_model(cfg)
         base = evaluate_oracle(cfg, init_model.eval(), text_encoder, world, max_prompts=args.max_prompts)
-        res["untrained"] = {k: {m: base[k][m] for m in ("psnr", "psnr_fg", "iou", "color_error", "r_at_1")}
+        res["untrained"] = {k: {m: base[k].get(m, math.nan) for m in ("psnr", "psnr_fg", "iou", "color_error", "r_at_1")}
                             for k in base}
-    rows = [[split, r["psnr"], r["psnr_fg"], r["iou"], r["color_error"], r["r_at_1"], r["n_prompts"]]
-            for split, r in res.items() if split in ("seen", "unseen")]
+    splits = list(world.splits())
+    rows = [[split, r["psnr"], r["psnr_fg"], r["iou"], r["color_error"], r.get("r_at_1", math.nan), r["n_prompts"]]
+            for split, r in res.items() if split in splits]
     if "untrained" in res:
         rows += [[f"untrained/{k}", r["psnr"], r["psnr_fg"], r["iou"], r["color_error"], r["r_at_1"], "-"]
                  for k, r in res["untrained"].items()]
-    chance = next(r["r_at_1_chance"] for k, r in res.items() if k in ("seen", "unseen"))
+    chance = next((r["r_at_1_chance"] for k, r in res.items() if k in splits and "r_at_1_chance" in r), None)
     print(_table(rows, ["split", "PSNR (dB)", "PSNR fg", "mask IoU", "colour err", "R@1", "prompts"]))
-    print(f"R@1: each view retrieves its prompt among the ground truths of all prompts (chance {chance:.3f})")
+    if chance is not None:
+        print(f"R@1: each view retrieves its prompt among the ground truths of all prompts (chance {chance:.3f})")
+    else:
+        print("R@1: the default world's only (a compositional world's gallery would be its whole grammar)")
     print(f"({res['eval_s']:.0f} s, checkpoint {ckpt})")
     _write_json(args.json, res)
     return 0
@@ -255,9 +260,10 @@ def _check_world_prompts(cfg, prompts: list[str], ckpt) -> None:
     for p in prompts:
         try:
             world.parse(p)
-        except DataError:
+        except DataError as e:
+            shape = "a <size> <color> <shape>" if cfg.world.kind == "single" else "its compositional grammar"
             raise ScalegenError(f"'{ckpt}' was trained in the oracle world, which only has prompts like "
-                                f"'{world.seen[0]}' (a <size> <color> <shape>); {p!r} is not one of them, so its "
+                                f"'{world.seen[0]}' ({shape}); {p!r} is not one of them ({e}), so its "
                                 "mesh would mean nothing: use a run trained with a real prior for free text") from None
 
 
@@ -299,8 +305,9 @@ def cmd_gallery(args) -> int:
                 from scalegen.priors import build_world
 
                 world = build_world(cfg)
-                tags = {**{p: "seen" for p in world.seen}, **{p: "unseen" for p in world.unseen}}
-                prompts = world.unseen + world.seen
+                splits = world.splits()  # seen, unseen (default world) or seen + held-out levels (compositional)
+                tags = {p: split for split, ps in splits.items() for p in ps}
+                prompts = [p for split, ps in splits.items() if split != "seen" for p in ps] + splits["seen"]
             else:
                 raise ScalegenError("this run has no built-in prompt list; give --prompts FILE")
             prompts = prompts[:args.max_prompts] if args.max_prompts else prompts
@@ -466,9 +473,33 @@ def cmd_data_check(args) -> int:
 def cmd_data_compose(args) -> int:
     from scalegen.data.compose import write_composed
 
+    if args.world == "oracle":
+        return _compose_oracle(args)
+    if args.config or args.overrides:
+        raise ScalegenError("--config and key=value overrides only apply to `data compose --world oracle`")
     c = write_composed(args.out, n_train=args.n, n_unseen_pairs=args.unseen_pairs, n_val=args.n_val, seed=args.seed)
     print(f"wrote {len(c['train'])} training prompts and {len(c['val'])} prompts of {len(c['unseen_pairs'])} held-out "
           f"subject-activity pairs (val/test) to {args.out}")
+    return 0
+
+
+def _compose_oracle(args) -> int:
+    """A corpus of the oracle world's compositional grammar (the config's world.* vocabulary)."""
+    import dataclasses
+
+    from scalegen.config import load_config
+    from scalegen.data.compose import write_oracle_composed
+    from scalegen.priors import build_world
+
+    cfg = load_config(args.config, ["world.kind=compositional", "text.word_order=rotary", *(args.overrides or [])])
+    world = build_world(cfg)  # checks the vocabulary against the world's palette and shapes
+    t0 = time.perf_counter()
+    c = write_oracle_composed(args.out, world.grammar, dataclasses.asdict(cfg.world), args.n, args.n_val, args.seed)
+    levels = ", ".join(f"{len(c[k])} {k}" for k in c if k.startswith("unseen_"))
+    print(f"wrote {len(c['train'])} unique training prompts of the oracle world's compositional grammar and {levels} "
+          f"(val/test) to {args.out} ({time.perf_counter() - t0:.1f} s); train with data.prompts={args.out} and the "
+          f"same world.* keys (world.kind=compositional, text.word_order=rotary; {Path(args.out).with_suffix('.world.json')} "
+          "lists them)")
     return 0
 
 
@@ -645,17 +676,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("dir", help="a `scalegen data build` folder (or its manifest.json)")
     q.add_argument("--url", help="URL template of a shard, as data.shard_url (default: the local files)")
     q.set_defaults(fn=cmd_data_check)
-    q = data_sub.add_parser("compose", help="write an ATT3D-style compositional corpus with unseen combinations")
+    q = data_sub.add_parser("compose", help="write a compositional corpus with unseen combinations: ATT3D-style "
+                                             "(default) or of the oracle world's grammar (--world oracle)")
     q.add_argument("--out", required=True, help="output JSON ({train, val, test}; val = test = unseen)")
+    q.add_argument("--world", choices=["att3d", "oracle"], default="att3d",
+                   help="att3d: subject x activity x attire prompts (real priors); oracle: the oracle world's "
+                        "compositional grammar (world.* of --config and overrides), with ground truth")
+    q.add_argument("--config", help="--world oracle: YAML whose world.* keys set the vocabulary "
+                                    "(e.g. configs/oracle/world_compose.yaml)")
     q.add_argument("--n", type=int, default=100_000, help="training prompts (default 100000)")
-    q.add_argument("--unseen-pairs", type=int, default=20, help="subject-activity pairs held out (default 20)")
-    q.add_argument("--n-val", type=int, default=2000, help="unseen prompts written to val/test (default 2000)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--unseen-pairs", type=int, default=20, help="att3d: subject-activity pairs held out (default 20)")
+    q.add_argument("--n-val", type=int, default=2000,
+                   help="unseen prompts written to val/test (default 2000; oracle: per held-out level)")
+    q.add_argument("--seed", type=int, default=0, help="which prompts are drawn (the held-out combinations are "
+                                                       "world.seed's)")
+    q.add_argument("overrides", nargs="*", help="--world oracle: world.* overrides, e.g. world.colors=[red,blue]")
     q.set_defaults(fn=cmd_data_compose)
 
     p = sub.add_parser("bench", help="benchmarks (numbers for docs/performance.md)")
     p.add_argument("name", help="saturation | sharpness | guidance | flops-sd | flops-mvdream | data | distill | toy2d "
-                                "| generators | generate | eval")
+                               "| generators | generate | eval | claims | oracle-cost")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--out", default="runs/bench", help="folder for the benchmark's runs")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")

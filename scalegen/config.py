@@ -75,13 +75,33 @@ def schedule_value(value: Schedule, step: int, max_steps: int) -> float:
 
 @dataclass
 class WorldConfig:
-    """The procedural oracle world: prompts are `a <size> <color> <shape>`."""
+    """The procedural oracle world. ``single`` (the default): prompts are `a <size> <color> <shape>`.
+    ``compositional`` (configs/oracle/world_*.yaml; scalegen/data/oracle_grammar.py): one or two objects
+    with a spatial relation, surface patterns, objects with a front, optionally under-specified prompts
+    and K instances per scene, with held-out combinations at three levels."""
 
+    kind: Literal["single", "compositional"] = "single"
     colors: list[str] = field(default_factory=lambda: ["red", "green", "blue", "yellow", "purple", "orange"])
     shapes: list[str] = field(default_factory=lambda: ["sphere", "cube", "cylinder", "cone", "torus"])
     sizes: list[str] = field(default_factory=lambda: ["small", "large"])
-    n_unseen: Annotated[int, NonNeg] = 10  # attribute combinations held out of training (every attribute stays seen)
+    n_unseen: Annotated[int, NonNeg] = 10  # single: attribute combinations held out of training (every attribute stays seen)
     seed: int = 0
+    # --- compositional only -------------------------------------------------------------------------
+    patterns: list[Literal["plain", "striped", "checkered", "two-tone"]] = field(
+        default_factory=lambda: ["plain", "striped", "checkered", "two-tone"])
+    relations: list[Literal["on top of", "left of", "right of", "in front of", "behind"]] = field(
+        default_factory=lambda: ["on top of", "left of", "right of", "in front of", "behind"])
+    fronts: list[str] = field(default_factory=list)  # marker colours: "a blue cylinder with a yellow front"
+    underspecified: bool = False  # prompts may omit size, colour or shape ("a cube", "a red object")
+    max_completions: Annotated[int, AtLeast1] = 64  # prompts standing for more completions are not in the world
+    instances: Annotated[int, AtLeast1] = 1  # K: each scene in K instances (small turns/shifts), K modes per prompt
+    instance_rotation: Annotated[float, NonNeg] = 15.0  # degrees of yaw, at most, of instances 1..K-1
+    instance_offset: Annotated[float, NonNeg] = 0.04  # ground-plane shift, at most, of instances 1..K-1
+    unseen_attribute_pairs: Annotated[int, NonNeg] = 3  # (colour, shape) pairs no training prompt binds
+    unseen_object_pairs: Annotated[int, NonNeg] = 2  # shape pairs never in one training scene
+    unseen_relation_uses: Annotated[int, NonNeg] = 2  # (first shape, relation) uses never trained
+    n_prompts: Annotated[int, AtLeast1] = 2000  # training prompts of data.prompts=oracle
+    n_eval: Annotated[int, NonNeg] = 32  # evaluation prompts per held-out level
 
 
 @dataclass
@@ -123,6 +143,9 @@ class CameraConfig:
 @dataclass
 class TextConfig:
     encoder: Literal["bow", "clip"] = "bow"  # bow: offline token-hash bag of words (oracle world)
+    # bow only: "bag" ignores word order; "rotary" turns each word's vector by its position (RoPE), so
+    # "a red cube on top of a blue sphere" and "a blue cube on top of a red sphere" differ (compositional world)
+    word_order: Literal["bag", "rotary"] = "bag"
     dim: Annotated[int, AtLeast1] = 128  # bow only (CLIP's width comes from its weights)
     max_tokens: Annotated[int, AtLeast1] = 16  # bow only (CLIP: 77)
     model: Optional[str] = None  # clip: diffusers folder or hub id; null: the same as prior.model
@@ -134,6 +157,10 @@ class OracleConfig:
     mode: Literal["camera_aware", "view_agnostic"] = "camera_aware"
     n_uncond: Annotated[int, AtLeast1] = 16  # components of the unconditional mixture (prompts), own prompt always in
     n_fixed_views: Annotated[int, AtLeast1] = 8  # view-agnostic mode: renders per prompt from fixed cameras
+    # view-agnostic mode: condition on the view bucket of the row's camera (front/side/back/overhead by
+    # prior.front_threshold etc.), the oracle's counterpart of Stable Diffusion's view-dependent prompts;
+    # with prior.perp_neg > 0 the CFG pairs get Perp-Neg (negatives: the other buckets)
+    view_prompts: bool = False
     samples: Annotated[int, Range(ge=2)] = 48  # ground-truth proposal samples per ray (SDF only)
     importance_samples: Annotated[int, NonNeg] = 32  # ground-truth samples composited (midpoint rule)
 
@@ -575,6 +602,13 @@ def validate(cfg: Config) -> None:
         need(p.perp_neg == 0, "prior.perp_neg is Stable Diffusion's; MVDream's camera condition replaces it (set 0)")
     need(not (p.perp_neg > 0 and not p.view_dependent),
          "prior.perp_neg needs prior.view_dependent=true (its negatives are the other views' prompts)")
+    if p.name == "oracle":
+        need(not (p.oracle.view_prompts and p.oracle.mode != "view_agnostic"),
+             "prior.oracle.view_prompts needs prior.oracle.mode=view_agnostic (the camera-aware oracle already "
+             "knows the exact view)")
+        need(not (p.perp_neg > 0 and not p.oracle.view_prompts),
+             "prior.perp_neg in the oracle world needs prior.oracle.view_prompts=true (its negatives are the other "
+             "view buckets)")
     for key in ("perp_neg_f_fs", "perp_neg_f_sf", "perp_neg_f_sb", "perp_neg_f_fsb"):
         need(len(getattr(p, key)) == 3, f"prior.{key} must be [a, b, c] of a*exp(-b*r)+c")
     need(cfg.generator.hash_max_resolution >= cfg.generator.hash_base_resolution,
@@ -592,8 +626,14 @@ def validate(cfg: Config) -> None:
     w = cfg.world
     need(len(w.colors) >= 2 and len(w.shapes) >= 2 and len(w.sizes) >= 1,
          "world needs at least 2 colors, 2 shapes and 1 size")
-    n_total = len(w.colors) * len(w.shapes) * len(w.sizes)
-    need(w.n_unseen <= n_total // 2, f"world.n_unseen must be between 0 and {n_total // 2} for this grammar")
+    if w.kind == "single":
+        n_total = len(w.colors) * len(w.shapes) * len(w.sizes)
+        need(w.n_unseen <= n_total // 2, f"world.n_unseen must be between 0 and {n_total // 2} for this grammar")
+    else:
+        need(len(w.patterns) >= 1, "world.patterns needs at least one pattern (e.g. [plain])")
+        need(cfg.text.encoder != "bow" or cfg.text.word_order == "rotary" or not w.relations,
+             "world.kind=compositional with relations needs text.word_order=rotary: a bag of words cannot tell "
+             "'a red cube on top of a blue sphere' from 'a blue cube on top of a red sphere'")
     for key in ("eikonal", "sparsity", "opacity_entropy"):
         v = getattr(cfg.loss, key)
         if isinstance(v, (int, float)):

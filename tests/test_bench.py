@@ -110,6 +110,64 @@ def test_data_bench_json(tmp_path):
     assert not (tmp_path / "data" / "bow-200").exists()  # shards deleted after measuring
 
 
+def test_claims_verdict_rules():
+    """The rules the claims bench states before measuring: an effect holds only with the paper's sign on
+    every seed and beyond both the seeds' spread and the minimum effect; the clear opposite does not hold."""
+    from scalegen.bench.claims import level, paired
+
+    assert paired([20.0, 21.0], [18.0, 19.2], +1, 0.5)[0] == "holds"  # d = 2.0, 1.8: spread 0.2
+    assert paired([20.0, 21.0], [18.0, 21.2], +1, 0.5)[0] == "inconclusive"  # signs disagree
+    assert paired([20.0, 21.0], [19.8, 20.7], +1, 0.5)[0] == "inconclusive"  # below the minimum effect
+    assert paired([20.0, 25.0], [19.0, 20.0], +1, 0.5)[0] == "inconclusive"  # d = 1, 5: spread 4 > mean 3
+    assert paired([18.0, 19.0], [20.0, 21.1], +1, 0.5)[0] == "does_not_hold"
+    assert paired([0.3, 0.2], [0.0, 0.05], -1, 0.1)[0] == "does_not_hold"  # sign -1: B should be larger
+    v, d = paired([0.5, 0.6], [0.1, 0.1], +1, 0.1)
+    assert v == "holds" and d["diff_per_seed"] == [0.4, 0.5] and d["spread"] == 0.1
+    assert level([0.3, 0.2], 0.1) == "holds" and level([0.05, 0.2], 0.1) == "inconclusive"
+    assert level([0.0, 0.1], 0.1) == "does_not_hold" and level([0.01, 0.0], 0.05, above=False) == "holds"
+
+
+def test_claims_multi_face_remedy_needs_the_object_kept():
+    """A remedy that removes the marker from the back by losing the object (PSNR more than 0.5 dB below
+    the view-agnostic arm on every seed) does not hold, however low its multi-face rate."""
+    from scalegen.bench.claims import remedy_verdict
+
+    base_rate, base_psnr = [0.2, 0.35], [16.9, 16.1]
+    assert remedy_verdict(base_rate, [0.0, 0.1], base_psnr, [19.1, 19.0])[0] == "holds"
+    v, d = remedy_verdict(base_rate, [0.0, 0.0], base_psnr, [13.1, 12.9])  # rate 0, object lost
+    assert v == "does_not_hold" and d["object_kept"] == "does_not_hold" and d["psnr_below"] == [3.8, 3.2]
+    assert remedy_verdict(base_rate, [0.0, 0.0], base_psnr, [16.6, 15.0])[0] == "inconclusive"  # kept on one seed
+    assert remedy_verdict(base_rate, [0.4, 0.5], base_psnr, [17.0, 16.5])[0] == "does_not_hold"  # more faces
+
+
+@pytest.mark.slow
+def test_claims_bench_json(tmp_path):
+    """`bench claims` end to end on a tiny budget: the JSON rows carry claim, source, numbers and a verdict
+    of the three words; a second call reuses the finished runs and merges its rows into the same file."""
+    merged = tmp_path / "claims.json"
+    cmd = [sys.executable, "-m", "scalegen.cli", "bench", "claims", "--out", str(tmp_path), "bench.steps=2",
+           "bench.eval_prompts=2", f"bench.pictures={tmp_path / 'pics'}", f"bench.merge={merged}"]
+    r = subprocess.run([*cmd, "bench.claims=[f]"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([*cmd, "bench.claims=[f,a]"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("reusing") == 8  # claim f's 4 arms x 2 seeds
+    rows = json.loads(merged.read_text())["claims"]
+    assert [x["id"] for x in rows] == ["a", "f1", "f2", "f3", "f4"]
+    for x in rows:
+        assert {"claim", "source", "numbers", "verdict", "rule", "command"} <= set(x)
+        assert x["verdict"] in ("holds", "does_not_hold", "inconclusive")
+    assert (tmp_path / "pics" / "f1.png").stat().st_size > 0
+
+
+def test_claims_row_command_carries_the_options_that_shape_the_runs():
+    from scalegen.bench.claims import ClaimsOptions, option_items
+
+    assert option_items(ClaimsOptions()) == []
+    assert option_items(ClaimsOptions(steps=150, sizes=[15, 400], scale_distillers=["sds", "asd"], merge="x.json")) == \
+        ["bench.sizes=[15,400]", "bench.scale_distillers=[sds,asd]"]
+
+
 def test_generate_bench_json(tmp_path):
     """`bench generate` on a tiny run: the JSON the docs table is made from, per case and batch."""
     out = tmp_path / "g.json"

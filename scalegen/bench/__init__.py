@@ -15,7 +15,7 @@ from scalegen.config import parse_options
 from scalegen.errors import ScalegenError
 
 NAMES = ("saturation", "sharpness", "guidance", "flops-sd", "flops-mvdream", "data", "distill", "toy2d", "generators",
-         "generate", "eval", "refine")
+         "generate", "eval", "refine", "claims", "oracle-cost")
 
 
 def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
@@ -79,4 +79,12 @@ def run_bench(name: str, items: list[str], out_root: str = "runs/bench") -> dict
         from scalegen.bench.refine import RefineBenchOptions, bench_refine  # noqa: PLC0415
 
         return bench_refine(parse(RefineBenchOptions), overrides, out_root)
+    if name == "claims":
+        from scalegen.bench.claims import ClaimsOptions, bench_claims  # noqa: PLC0415
+
+        return bench_claims(parse(ClaimsOptions), overrides, out_root)
+    if name == "oracle-cost":
+        from scalegen.bench.oracle_cost import OracleCostOptions, bench_oracle_cost  # noqa: PLC0415
+
+        return bench_oracle_cost(parse(OracleCostOptions), overrides, out_root)
     raise ScalegenError(f"unknown benchmark {name!r}; choose from {', '.join(NAMES)}")

@@ -4,6 +4,9 @@ subject × activity × material ("... made out of gold"), as in AT2520.
 Amortization is measured on *unseen combinations*: a seeded choice of (subject, activity) pairs is
 held out entirely: no training prompt contains such a pair, while every subject and every activity
 still occurs in training. Everything is a function of the seed.
+
+``compose_oracle_corpus``: corpora of the oracle world's compositional grammar (data/oracle_grammar.py)
+of any size, with its held-out levels, for `scalegen data compose --world oracle`.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from scalegen.data.oracle_grammar import LEVELS, Grammar
 from scalegen.errors import DataError
 
 SUBJECTS = [
@@ -92,15 +96,47 @@ def compose_corpus(n_train: int = 100_000, n_unseen_pairs: int = 20, n_val: int 
             "unseen_pairs": [f"{SUBJECTS[s]} | {ACTIVITIES[a]}" for s, a in held_sorted]}
 
 
-def write_composed(out: str | Path, **kw) -> dict:
-    corpus = compose_corpus(**kw)
+def _write_files(out: str | Path, files: list[tuple[Path, str]]) -> None:
     out = Path(out)
     if out.is_dir():
         raise DataError(f"cannot write '{out}': it is a folder; give a file name such as {out / 'corpus.json'}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    for path, text in ((out, json.dumps({k: corpus[k] for k in ("train", "val", "test")}, indent=0) + "\n"),
-                       (out.with_suffix(".unseen_pairs.json"), json.dumps(corpus["unseen_pairs"], indent=1) + "\n")):
+    for path, text in files:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)
         tmp.replace(path)
+
+
+def write_composed(out: str | Path, **kw) -> dict:
+    corpus = compose_corpus(**kw)
+    out = Path(out)
+    _write_files(out, [(out, json.dumps({k: corpus[k] for k in ("train", "val", "test")}, indent=0) + "\n"),
+                       (out.with_suffix(".unseen_pairs.json"), json.dumps(corpus["unseen_pairs"], indent=1) + "\n")])
+    return corpus
+
+
+def compose_oracle_corpus(grammar: Grammar, n_train: int, n_eval: int, seed: int = 0) -> dict:
+    """A corpus of the oracle world's compositional grammar: ``train`` = ``n_train`` unique training prompts,
+    one list per held-out level (up to ``n_eval`` prompts each), ``val`` = ``test`` = all held-out ones."""
+    train = grammar.sample("train", n_train, seed, exact=True)
+    held = {"unseen_attribute": grammar.held_attribute, "unseen_object_pair": grammar.held_object_pair,
+            "unseen_relation": grammar.held_relation}
+    levels = {lvl: grammar.sample(lvl, n_eval, seed, exact=False) for lvl in LEVELS if held[lvl]}
+    val = [p for ps in levels.values() for p in ps]
+    return {"train": train, "val": val, "test": list(val), **levels}
+
+
+def write_oracle_composed(out: str | Path, grammar: Grammar, world: dict, n_train: int, n_eval: int,
+                          seed: int = 0) -> dict:
+    """Write ``compose_oracle_corpus`` to ``out`` and, beside it, ``<out>.world.json``: the world config it
+    belongs to (train with the same ``world.*`` keys) and its held-out combinations."""
+    corpus = compose_oracle_corpus(grammar, n_train, n_eval, seed)
+    out = Path(out)
+    info = {"world": world, "held_out": {
+        "unseen_attribute": sorted(f"{c} {s}" for c, s in grammar.held_attribute),
+        "unseen_object_pair": sorted(" + ".join(sorted(p)) for p in grammar.held_object_pair),
+        "unseen_relation": sorted(f"{s} {r}" for s, r in grammar.held_relation)},
+        "counts": grammar.counts()}
+    _write_files(out, [(out, json.dumps(corpus, indent=0) + "\n"),
+                       (out.with_suffix(".world.json"), json.dumps(info, indent=1) + "\n")])
     return corpus

@@ -1,6 +1,9 @@
 """Oracle-world metrics: the generator's renders against ground truth on held-out cameras.
 
-Per split (seen = trained prompts, unseen = held-out attribute combinations):
+Per split (seen = trained prompts, unseen = held-out attribute combinations; the compositional world:
+seen and its held-out levels). Every metric compares with the *nearest completion* of the prompt
+(best of completions x instances, picked once per prompt over all views): in the default world that
+is the prompt's own ground truth.
   psnr         mean per-image PSNR (dB) of the RGB render (background included)
   psnr_fg      PSNR over the pixels inside either mask only (the object; harder, since the
                backdrop, most of each image, is easy to learn)
@@ -13,18 +16,27 @@ Per split (seen = trained prompts, unseen = held-out attribute combinations):
                in pixel MSE; a hit when that is its own prompt's (ties shared, as in CLIP R@1:
                scalegen/eval/retrieval.py). Known answers: 1.0 for the ground truth itself, about
                chance (1 / number of prompts) for a generator that ignores the prompt.
+  (r_at_1 is the default world's: its gallery is all 60 prompts; a compositional world has 288k
+  prompts and completions, so R@1 is not reported there.)
+Where they apply (``evaluate_prompts``): psnr_mean / psnr_mean_gt (mode averaging vs seeking on
+prompts with several completions), multi_face (objects with a front marker), diversity over z.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+from torch import Tensor
 
 from scalegen.data.cameras import orbit_cameras
 from scalegen.eval.retrieval import r_at_1
 from scalegen.priors.oracle import build_oracle_prior
 from scalegen.render import build_renderer
 from scalegen.render.images import psnr
+
+# The multi-face measure (``multi_face``): a pixel shows the marker within MARKER_TOL of its colour (RGB
+# distance); a view shows it when MARKER_SHOWN of its object pixels do, and none when at most MARKER_NONE do.
+MARKER_TOL, MARKER_SHOWN, MARKER_NONE = 0.2, 0.03, 0.005
 
 
 def eval_cameras(cfg):
@@ -48,7 +60,47 @@ def image_metrics(pred_rgb, pred_op, gt_rgb, gt_op) -> dict[str, torch.Tensor]:
             "has_object": inter > 0}
 
 
-@torch.no_grad()
+def best_of_completions(pred: Tensor, gts: Tensor) -> Tensor:
+    """Index of the completion nearest to a prediction: ``pred`` [V, 3, H, W] (one prompt, all views),
+    ``gts`` [C, V, 3, H, W]; nearest by mean squared error over all views together (one object is one
+    completion, not a different one per view)."""
+    return (gts - pred[None]).pow(2).flatten(1).mean(1).argmin()
+
+
+def marker_fraction(rgb: Tensor, opacity: Tensor, marker, body, tol: float = MARKER_TOL) -> Tensor:
+    """Per image [N]: the share of object pixels (opacity > 0.5) showing the marker colour (within ``tol``
+    in RGB and nearer to it than to the body colour). ``rgb`` [N, 3, H, W], ``opacity`` [N, 1, H, W]."""
+    m = torch.tensor(marker, dtype=rgb.dtype).view(1, 3, 1, 1)
+    b = torch.tensor(body, dtype=rgb.dtype).view(1, 3, 1, 1)
+    dm, db = (rgb - m).norm(dim=1), (rgb - b).norm(dim=1)
+    obj = opacity[:, 0] > 0.5
+    hit = obj & (dm < tol) & (dm < db)
+    return hit.flatten(1).sum(1).float() / obj.flatten(1).sum(1).clamp(min=1).float()
+
+
+def multi_face(pred_frac: Tensor, gt_frac: Tensor) -> tuple[int, int]:
+    """(views showing the marker where the ground truth shows none, views where it shows none): a view
+    shows the marker when at least ``MARKER_SHOWN`` of its object pixels have its colour, none when at
+    most ``MARKER_NONE`` do."""
+    none = gt_frac <= MARKER_NONE
+    return int((none & (pred_frac >= MARKER_SHOWN)).sum()), int(none.sum())
+
+
+def marker_recall(pred_frac: Tensor, gt_frac: Tensor) -> tuple[int, int]:
+    """(views showing the marker where the ground truth shows it, views where it shows it): whether the
+    front is there at all, which a low multi-face rate alone does not say."""
+    shown = gt_frac >= MARKER_SHOWN
+    return int((shown & (pred_frac >= MARKER_SHOWN)).sum()), int(shown.sum())
+
+
+def pairwise_rmse(images: Tensor) -> float:
+    """Mean RMSE over all pairs of ``images`` [M, ...] (M >= 2): how different the members of a set are."""
+    flat = images.flatten(1)
+    d = torch.cdist(flat, flat).pow(2) / flat.shape[1]
+    m = len(flat)
+    return float(d.sqrt().sum() / (m * (m - 1)))
+
+
 def ground_truth_gallery(gt_renderer, world, cams, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """(rgb [N, V, 3, H, W], opacity [N, V, 1, H, W]) of every world prompt (``world.prompts`` order)."""
     rgb, op = [], []
@@ -77,61 +129,136 @@ def retrieval_r_at_1(pred: torch.Tensor, gallery: torch.Tensor, own: torch.Tenso
 
 @torch.no_grad()
 def evaluate_prompts(cfg, model, text_encoder, world, prompts: list[str], batch: int = 8,
-                     gallery: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
-    """Mean metrics of ``model`` (a SceneModel) over ``prompts`` on the evaluation orbit, rendered with
-    the config's renderer (VolSDF, or the Gaussian rasterizer for a Gaussian scene) against the same
-    ground truth, so amortized and per-prompt scores are comparable. A per-prompt model is asked for
-    its one prompt at a time. ``gallery``: every world prompt's ground truth (``ground_truth_gallery``),
-    rendered here when not given."""
-    model.eval()
+                     gallery: tuple[Tensor, Tensor] | None = None, z_draws: int = 4, gt_source=None) -> dict:
+    """Metrics of ``model`` (a SceneModel) on ``prompts`` against the best of each prompt's completions
+    (the prompt's own ground truth in the default world), rendered with the config's renderer (VolSDF, or
+    the Gaussian rasterizer for a Gaussian scene) on the evaluation orbit, so amortized and per-prompt
+    scores are comparable; a per-prompt model (``data.prompt``) is asked for its one prompt at a time.
+    Extra keys when they apply: ``psnr_mean`` / ``psnr_mean_gt`` (PSNR to the completions' mean image, of
+    the prediction / of the completions themselves: a mode averager beats the completions here, a mode
+    seeker matches them), ``multi_face`` (prompts with a front marker; ``marker_recall``: the share of
+    views where the truth shows the marker and so does the prediction), ``diversity`` / ``diversity_gt``
+    (generators that take a noise z: RMSE between ``z_draws`` draws, and between the completions),
+    ``r_at_1`` (with ``gallery`` = ``ground_truth_gallery``, every world prompt's ground truth: the default
+    world's). ``gt_source``: the oracle prior whose renderer draws the ground truth (built when not given)."""
     cams = eval_cameras(cfg)
     renderer = build_renderer(cfg).eval()
-    if gallery is None:
-        gallery = ground_truth_gallery(build_oracle_prior(cfg, world).renderer, world, cams, batch)
-    gallery_rgb, gallery_op = gallery
+    gt_source = build_oracle_prior(cfg, world) if gt_source is None else gt_source
     if cfg.data.prompt is not None:
         batch = 1
     acc: dict[str, list] = {"psnr": [], "psnr_fg": [], "iou": [], "color_error": [], "has_object": []}
+    extra: dict[str, list] = {"psnr_mean": [], "psnr_mean_gt": [], "diversity": [], "diversity_gt": []}
     r1 = []
+    faces = [0, 0, 0, 0]  # multi-face (hits, views), marker recall (hits, views)
+    v = cams.shape[1]
+    noise = model.generator.noise_dim()
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
-        field, bg = model(text_encoder.encode(chunk))
+        cond = text_encoder.encode(chunk)
+        field, bg = model(cond)
         out = renderer(field, cams, background=bg, samples=cfg.eval.samples,
                        importance_samples=cfg.eval.importance_samples)
-        own = torch.tensor([world.index(p) for p in chunk])
-        gt_rgb, gt_op = gallery_rgb[own].flatten(0, 1), gallery_op[own].flatten(0, 1)
-        m = image_metrics(out.rgb, out.opacity, gt_rgb, gt_op)
+        lists = world.completions([world.index(p) for p in chunk])
+        flat = [c for cl in lists for c in cl]
+        gt_rgb, gt_op = [], []
+        for j in range(0, len(flat), 32):
+            ids = flat[j:j + 32]
+            gt = gt_source.renderer(world.component_field(ids), cams.expand(len(ids)), background=world.background,
+                                    perturb=False)
+            gt_rgb.append(gt.rgb)
+            gt_op.append(gt.opacity)
+        gt_rgb, gt_op = torch.cat(gt_rgb), torch.cat(gt_op)
+        if len(flat) == len(chunk):  # one completion per prompt: it is the ground truth
+            best_rgb, best_op = gt_rgb, gt_op
+        else:
+            best_rgb, best_op, start = [], [], 0
+            for b, cl in enumerate(lists):
+                g = gt_rgb[start * v:(start + len(cl)) * v].view(len(cl), v, *gt_rgb.shape[1:])
+                o = gt_op[start * v:(start + len(cl)) * v].view(len(cl), v, *gt_op.shape[1:])
+                k = best_of_completions(out.rgb[b * v:(b + 1) * v], g)
+                best_rgb.append(g[k])
+                best_op.append(o[k])
+                if len(cl) > 1:
+                    mean = g.mean(0)
+                    extra["psnr_mean"].append(psnr(out.rgb[b * v:(b + 1) * v], mean).mean())
+                    extra["psnr_mean_gt"].append(torch.stack([psnr(gk, mean).mean() for gk in g]).mean())
+                    if noise > 0:
+                        extra["diversity_gt"].append(pairwise_rmse(g))
+                start += len(cl)
+            best_rgb, best_op = torch.cat(best_rgb), torch.cat(best_op)
+        m = image_metrics(out.rgb, out.opacity, best_rgb, best_op)
+        if gallery is not None:
+            own = torch.tensor([world.index(p) for p in chunk])
+            r1.append(retrieval_r_at_1(out.rgb.view(len(chunk), v, *out.rgb.shape[1:]), gallery[0], own))
         for k in acc:
             acc[k].append(m[k])
-        r1.append(retrieval_r_at_1(out.rgb.view(len(chunk), -1, *out.rgb.shape[1:]), gallery_rgb, own))
-    cat = {k: torch.cat(v) for k, v in acc.items()}
+        for b, p in enumerate(chunk):
+            mk = world.marker_of(p)
+            if mk is not None:
+                sl = slice(b * v, (b + 1) * v)
+                pf = marker_fraction(out.rgb[sl], out.opacity[sl], *mk)
+                gf = marker_fraction(best_rgb[sl], best_op[sl], *mk)
+                for j, (got, views) in enumerate((multi_face(pf, gf), marker_recall(pf, gf))):
+                    faces[2 * j] += got
+                    faces[2 * j + 1] += views
+        if noise > 0 and z_draws > 1:
+            draws = []
+            for _ in range(z_draws):
+                z = torch.randn(len(chunk), noise)
+                f = model.generator(cond, z)
+                draws.append(renderer(f, cams, background=bg, samples=cfg.eval.samples,
+                                      importance_samples=cfg.eval.importance_samples).rgb.reshape(len(chunk), -1))
+            draws = torch.stack(draws, 1)  # [B, Z, V*3*H*W]
+            extra["diversity"] += [pairwise_rmse(d) for d in draws]
+    cat = {k: torch.cat(x) for k, x in acc.items()}
     has = cat["has_object"]
-    return {
+    res = {
         "psnr": float(cat["psnr"].mean()),
         "psnr_fg": float(cat["psnr_fg"].mean()),
         "iou": float(cat["iou"].mean()),
         "color_error": float(cat["color_error"][has].mean()) if has.any() else math.nan,
-        "r_at_1": float(torch.cat(r1).mean()),
-        "r_at_1_chance": 1.0 / len(world.prompts),
         "n_prompts": len(prompts),
         "n_images": int(len(cat["psnr"])),
     }
+    if r1:
+        res["r_at_1"] = float(torch.cat(r1).mean())
+        res["r_at_1_chance"] = 1.0 / len(gallery[0])
+    if extra["psnr_mean"]:
+        res["psnr_mean"] = float(torch.stack(extra["psnr_mean"]).mean())
+        res["psnr_mean_gt"] = float(torch.stack(extra["psnr_mean_gt"]).mean())
+        res["n_multimodal"] = len(extra["psnr_mean"])
+    if faces[1]:
+        res["multi_face"] = faces[0] / faces[1]
+        res["multi_face_views"] = faces[1]
+    if faces[3]:
+        res["marker_recall"] = faces[2] / faces[3]
+    if extra["diversity"]:
+        res["diversity"] = sum(extra["diversity"]) / len(extra["diversity"])
+        if extra["diversity_gt"]:
+            res["diversity_gt"] = sum(extra["diversity_gt"]) / len(extra["diversity_gt"])
+    return res
 
 
 @torch.no_grad()
-def evaluate_oracle(cfg, model, text_encoder, world, batch: int = 8, max_prompts: int | None = None) -> dict:
-    """Metrics of ``model`` (a SceneModel) per split; returns plain floats. A per-prompt run
-    (``data.prompt``) is scored on its prompt, under the split the prompt belongs to."""
+def evaluate_oracle(cfg, model, text_encoder, world, batch: int = 8, max_prompts: int | None = None,
+                    splits: dict[str, list[str]] | None = None) -> dict:
+    """Metrics of ``model`` (a SceneModel) per split of the world (default world: seen, unseen;
+    compositional: seen and each held-out level), or of ``splits``; returns plain floats. A per-prompt
+    run (``data.prompt``) is scored on its prompt, under the split the prompt belongs to."""
+    model.eval()
     max_prompts = cfg.eval.max_prompts if max_prompts is None else max_prompts
-    gallery = ground_truth_gallery(build_oracle_prior(cfg, world).renderer, world, eval_cameras(cfg), batch)
-    if cfg.data.prompt is not None:
-        prompt = world.prompts[world.index(cfg.data.prompt)]
-        return {"seen" if prompt in world.seen else "unseen":
-                evaluate_prompts(cfg, model, text_encoder, world, [cfg.data.prompt], batch, gallery)}
+    gt_source = build_oracle_prior(cfg, world)
+    gallery = (ground_truth_gallery(gt_source.renderer, world, eval_cameras(cfg), batch)
+               if cfg.world.kind == "single" else None)
+    if cfg.data.prompt is not None and splits is None:
+        prompt = world.prompts[world.index(cfg.data.prompt)]  # the world's spelling of it
+        split = next(name for name, ps in world.splits().items() if prompt in ps)
+        splits = {split: [cfg.data.prompt]}
     result = {}
-    for split, prompts in (("seen", world.seen), ("unseen", world.unseen)):
+    for split, prompts in (splits or world.splits()).items():
         if max_prompts:
             prompts = prompts[:max_prompts]
         if prompts:
-            result[split] = evaluate_prompts(cfg, model, text_encoder, world, prompts, batch, gallery)
+            result[split] = evaluate_prompts(cfg, model, text_encoder, world, prompts, batch, gallery,
+                                             gt_source=gt_source)
     return result

@@ -15,10 +15,15 @@ class Generator(nn.Module):
     """``forward(cond: TextCond, z=None) -> Field`` with one field per prompt of ``cond``. A prompt's
     field depends only on that prompt's condition (and its row of ``z``), never on the other prompts
     of the batch (tested for every generator). ``param_groups()`` names parameter groups for
-    per-module learning rates (``optim.group_lr``); the default is one group, ``generator``."""
+    per-module learning rates (``optim.group_lr``); the default is one group, ``generator``.
+    ``noise_dim()`` says how wide a ``z`` it takes (default 0: none)."""
 
     def forward(self, cond: TextCond, z: Optional[Tensor] = None) -> Field:
         raise NotImplementedError
+
+    def noise_dim(self) -> int:
+        """Width of the noise ``z`` the generator takes (0: it takes none and ignores ``z``)."""
+        return 0
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"generator": list(self.parameters())}

@@ -166,6 +166,9 @@ class Conv3DNet(Generator):
     def forward(self, cond: TextCond, z: Tensor | None = None) -> FeatureField:
         return FeatureField(self.grid(cond, z), "voxel", self.sdf_mlp, self.rgb_mlp, self.bound, self.sdf_radius)
 
+    def noise_dim(self) -> int:
+        return self.z_dim
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Named parameter groups for per-module learning rates (``optim.group_lr``)."""
         return {"mapping": [*self.mapping.parameters(), *self.embed.parameters()],

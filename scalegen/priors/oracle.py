@@ -8,15 +8,26 @@ scaling) whose components are ground-truth renders ``mu_k`` with covariance ``s^
                 = (1 - a^2 s^2 / D) sum_k r_k mu_k + (a s^2 / D) x_t
     eps(x_t, t) = (x_t - a E[x0 | x_t]) / s_t
 
+Mixtures are built from the world's *components* (one ground-truth scene each): a prompt of the
+default world is one component; a prompt of the compositional world stands for all its completions
+(an under-specified prompt such as "a cube": every size and colour of cube) times K instances.
+
 Conditions (``text`` rows are world prompt indices; ``Guidance.uncond`` marks the unconditional rows):
-  * camera_aware (MVDream-like): the conditional has one component, prompt y rendered at the
-    row's own camera;
-  * view_agnostic (Stable-Diffusion-like): prompt y rendered from K fixed cameras; the prior does
-    not know the view, which reproduces the multi-face problem;
-  * unconditional: the components of all prompts (subsampled to ``n_uncond`` prompts, always
-    including the row's own), so ``eps_c - eps_u`` vanishes once a render is clearly of its class,
-    as a real classifier's gradient does.
-``s`` sets the sharpness: small ``s`` turns ``eps_c - eps`` into an exact regression pull.
+  * camera_aware (MVDream-like): the prompt's components rendered at the row's own camera, all of
+    them (exact: one component in the default world);
+  * view_agnostic (Stable-Diffusion-like): the prompt's components rendered from V fixed cameras, all
+    of them (exact); the prior does not know the view, which reproduces the multi-face problem. With
+    ``view_prompts`` only the fixed cameras in the row's view bucket (front/side/back/overhead, the
+    thresholds of Stable Diffusion's view-dependent prompts) count, and with ``perp_neg > 0`` the
+    declared CFG pairs get Perp-Neg with the other buckets as negatives (``_perp_neg``);
+  * unconditional: the components of all prompts, SUBSAMPLED to ``n_uncond`` (always including every
+    row's own components), so ``eps_c - eps_u`` vanishes once a render is clearly of its class, as a
+    real classifier's gradient does. The default world (60 prompts) draws the others from its prompts,
+    the compositional one from random fully specified scenes of its grammar.
+``s`` sets the sharpness: small ``s`` turns ``eps_c - eps`` into an exact regression pull. Renders are
+made per component when a step needs them (camera-aware), or once per component and fixed camera
+(view-agnostic: all up front for a small world, in an LRU for a large one), so a step costs the same
+at 60 or 100k prompts.
 """
 from __future__ import annotations
 
@@ -25,14 +36,19 @@ from torch import Tensor
 
 from scalegen.data.cameras import Cameras, orbit_cameras
 from scalegen.priors.base import Guidance, Prior, ddpm_alphas_cumprod
-from scalegen.priors.oracle_world import OracleWorld
+from scalegen.priors.views import PERP_NEG_F, perp_neg_plan, perpendicular, view_index
 from scalegen.render.volsdf import VolSDFRenderer
+from scalegen.text.base import LRU
 
 
-def mixture_posterior_mean(x: Tensor, a: Tensor, s_t: Tensor, mu: Tensor, s: float) -> Tensor:
-    """E[x0 | x_t] for rows ``x`` [N, D] under equal-weight mixtures ``mu`` [N, K, D] of N(mu_k, s^2 I)."""
+def mixture_posterior_mean(x: Tensor, a: Tensor, s_t: Tensor, mu: Tensor, s: float,
+                           mask: Tensor | None = None) -> Tensor:
+    """E[x0 | x_t] for rows ``x`` [N, D] under equal-weight mixtures ``mu`` [N, K, D] of N(mu_k, s^2 I);
+    ``mask`` [N, K] (optional) keeps only the True components of each row (at least one per row)."""
     var = a * a * s * s + s_t * s_t  # D in the formula, [N]
     d2 = (x[:, None, :] - a[:, None, None] * mu).pow(2).sum(-1)  # [N, K]
+    if mask is not None:
+        d2 = d2.masked_fill(~mask, float("inf"))
     r = torch.softmax(-d2 / (2.0 * var[:, None]), dim=-1)
     mbar = torch.einsum("nk,nkd->nd", r, mu)
     k = (a * s * s / var)[:, None]
@@ -42,16 +58,21 @@ def mixture_posterior_mean(x: Tensor, a: Tensor, s_t: Tensor, mu: Tensor, s: flo
 class OraclePrior(Prior):
     latent_channels = 3
 
-    def __init__(self, world: OracleWorld, renderer: VolSDFRenderer, sharpness: float = 0.1,
+    def __init__(self, world, renderer: VolSDFRenderer, sharpness: float = 0.1,
                  mode: str = "camera_aware", n_uncond: int = 32, n_fixed_views: int = 8,
-                 fixed_elevation: float = 17.5, fixed_distance: float = 1.25, fixed_fovy: float = 55.0):
+                 fixed_elevation: float = 17.5, fixed_distance: float = 1.25, fixed_fovy: float = 55.0,
+                 view_prompts: bool = False, thresholds: tuple[float, float, float] = (30.0, 30.0, 60.0),
+                 perp_neg: float = 0.0, perp_neg_f: dict | None = None, cache_size: int = 8192):
         self.world, self.renderer, self.s, self.mode = world, renderer.eval(), sharpness, mode
         self.n_uncond, self.n_fixed_views = n_uncond, n_fixed_views
         self.fixed = (fixed_elevation, fixed_distance, fixed_fovy)
+        self.view_prompts, self.thresholds = view_prompts, thresholds
+        self.perp_neg, self.perp_neg_f = perp_neg, {**PERP_NEG_F, **(perp_neg_f or {})}
         self.alphas_cumprod = ddpm_alphas_cumprod()
         self.n_calls = 0  # predict_eps calls (tests count them: one per training step)
-        self.n_rows = 0  # rows denoised by those calls
+        self.n_rows = 0  # rows denoised by those calls (+ Perp-Neg's negative evaluations)
         self._fixed_cache: dict[tuple[int, int], Tensor] = {}
+        self._fixed_lru: LRU = LRU(cache_size)  # worlds too large to render up front: (component, h, w) -> [K, D]
 
     # --- image space -------------------------------------------------------------------------
     def encode(self, rgb: Tensor) -> Tensor:
@@ -67,44 +88,73 @@ class OraclePrior(Prior):
 
     # --- ground truth ------------------------------------------------------------------------
     @torch.no_grad()
-    def render(self, scene_ids: list[int], cameras: Cameras) -> Tensor:
-        """Ground-truth renders of world scenes at shared cameras [1, U] -> rgb [K, U, 3, H, W]."""
-        field = self.world.field([self.world.prompts[i] for i in scene_ids])
-        out = self.renderer(field, cameras.expand(len(scene_ids)), background=self.world.background,
-                            perturb=False)
-        return out.rgb.view(len(scene_ids), cameras.shape[1], 3, cameras.height, cameras.width)
+    def render(self, prompt_ids: list[int], cameras: Cameras) -> Tensor:
+        """Ground truth of world prompts at shared cameras [1, U] -> rgb [K, U, 3, H, W]: each prompt's
+        first completion (the prompt itself in the default world)."""
+        return self.render_components([c[0] for c in self.world.completions(prompt_ids)], cameras)
+
+    @torch.no_grad()
+    def render_components(self, ids: list[int], cameras: Cameras) -> Tensor:
+        """Renders of mixture components at shared cameras [1, U] -> rgb [len(ids), U, 3, H, W]; each
+        component on its own cameras (its own sample placement), so a render never depends on the batch."""
+        outs = []
+        for i in range(0, len(ids), 64):
+            chunk = ids[i:i + 64]
+            out = self.renderer(self.world.component_field(chunk), cameras.expand(len(chunk)),
+                                background=self.world.background, perturb=False)
+            outs.append(out.rgb.view(len(chunk), cameras.shape[1], 3, cameras.height, cameras.width))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _fixed_cameras(self, h: int, w: int) -> Cameras:
+        el, dist, fovy = self.fixed
+        cams = orbit_cameras(self.n_fixed_views, el, dist, fovy, h, azimuth_offset=0.0)
+        cams.width = w
+        return cams
 
     def _fixed_views(self, h: int, w: int) -> Tensor:
-        """View-agnostic components: every world prompt from K fixed cameras, [n_world, K, D]."""
+        """View-agnostic components of a small world: every prompt from K fixed cameras, [n_world, K, D]."""
         key = (h, w)
         if key not in self._fixed_cache:
-            el, dist, fovy = self.fixed
-            cams = orbit_cameras(self.n_fixed_views, el, dist, fovy, h, azimuth_offset=0.0)
-            cams.width = w
-            ids = list(range(len(self.world.prompts)))
-            renders = torch.cat([self.render(ids[i:i + 16], cams) for i in range(0, len(ids), 16)])
+            cams = self._fixed_cameras(h, w)
+            ids = list(range(self.world.n_components))
+            renders = torch.cat([self.render_components(ids[i:i + 16], cams) for i in range(0, len(ids), 16)])
             self._fixed_cache[key] = self.encode(renders).flatten(2)
         return self._fixed_cache[key]
 
+    def _fixed_of(self, ids: Tensor, h: int, w: int) -> Tensor:
+        """Fixed-camera renders of components ``ids`` [M] -> [M, K, D]: all rendered up front for a small
+        world, else rendered when first needed and kept in an LRU."""
+        n = self.world.n_components
+        if n is not None and n <= 4096:
+            return self._fixed_views(h, w)[ids]
+        keys = [(int(i), h, w) for i in ids.tolist()]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._fixed_lru))
+        if missing:
+            cams = self._fixed_cameras(h, w)
+            for j in range(0, len(missing), 16):
+                part = missing[j:j + 16]
+                renders = self.encode(self.render_components([k[0] for k in part], cams)).flatten(2)
+                for k, r in zip(part, renders):
+                    self._fixed_lru.put(k, r)
+        return torch.stack([self._fixed_lru.get(k) for k in keys])
+
+    def fixed_buckets(self) -> Tensor:
+        """The view bucket (index into VIEWS) of each fixed camera."""
+        cams = self._fixed_cameras(8, 8)
+        return view_index(cams.azimuth[0], cams.elevation[0], *self.thresholds)
+
     def uncond_set(self, own: Tensor) -> Tensor:
-        """Prompts of the unconditional mixture: every row's own prompt, topped up with random
-        others to ``n_uncond`` (all prompts when the world is small enough)."""
-        n_world = len(self.world.prompts)
-        own_u = torch.unique(own)
-        if self.n_uncond >= n_world:
-            return torch.arange(n_world)
-        rest = torch.ones(n_world, dtype=torch.bool)
-        rest[own_u] = False
-        others = torch.nonzero(rest).squeeze(1)
-        n_more = max(self.n_uncond - len(own_u), 0)
-        pick = others[torch.randperm(len(others))[:n_more]]
-        return torch.cat([own_u, pick])
+        """Components of the unconditional mixture: every row's own, topped up with random others to
+        ``n_uncond`` (all of them when the world is small enough)."""
+        return self.world.uncond_set(own, self.n_uncond)
 
     # --- the denoiser ------------------------------------------------------------------------
     @torch.no_grad()
     def predict_eps(self, x_t: Tensor, t: Tensor, text: Tensor, cameras: Cameras,
                     guidance: Guidance | None = None) -> Tensor:
-        """Exact eps of every row; CFG pairs need nothing special here (the oracle has no Perp-Neg)."""
+        """Exact eps of every row. Conditional rows: the mixture over their prompt's components (all
+        completions x instances; view-agnostic: x the fixed views, only those of the row's view bucket
+        with ``view_prompts``); with Perp-Neg the declared CFG pairs' conditional rows get its correction."""
         self.n_calls += 1
         n, c, h, w = x_t.shape
         self.n_rows += n
@@ -114,40 +164,108 @@ class OraclePrior(Prior):
         a, s_t = ab.sqrt(), (1.0 - ab).sqrt()
         own = text.to(x.device)
         is_cond = ~guidance.uncond.to(x.device)
-        uset = self.uncond_set(own.cpu())
-        pos = torch.full((len(self.world.prompts),), -1, dtype=torch.long)
+        lists = self.world.completions(own.tolist())
+        k_max = max(len(cl) for cl in lists)
+        if k_max == 1:  # one component per prompt (the default world: the prompt's own id)
+            comp, cmask = torch.tensor([cl[0] for cl in lists], dtype=torch.long)[:, None], None
+        else:  # ragged: pad with each row's first component, masked out
+            comp = torch.tensor([cl + cl[:1] * (k_max - len(cl)) for cl in lists], dtype=torch.long)
+            cmask = torch.tensor([[j < len(cl) for j in range(k_max)] for cl in lists])
+        uset = self.uncond_set(comp.flatten().cpu() if cmask is None else comp[cmask].cpu())
+        pos = torch.full((int(max(uset.max(), comp.max())) + 1,), -1, dtype=torch.long)
         pos[uset] = torch.arange(len(uset))
 
+        rows = cameras.rows()
         if self.mode == "camera_aware":
-            rows = cameras.rows()
             key = torch.cat([rows.c2w[0].reshape(n, 16), rows.fovy[0].reshape(n, 1)], 1)
             ukey, inv = torch.unique(key, dim=0, return_inverse=True)
             first = torch.full((len(ukey),), n, dtype=torch.long).scatter_reduce(
                 0, inv, torch.arange(n), reduce="amin")
             ucams = Cameras(rows.c2w[:, first], rows.fovy[:, first], rows.elevation[:, first],
                             rows.azimuth[:, first], rows.distance[:, first], h, w)
-            comps = self.encode(self.render(uset.tolist(), ucams)).flatten(2).to(x)  # [S, U, D]
-            mu_cond = comps[pos[own], inv][:, None]  # [N, 1, D]
+            comps = self.encode(self.render_components(uset.tolist(), ucams)).flatten(2).to(x)  # [S, U, D]
+            mu_cond = comps[pos[comp], inv[:, None]]  # [N, K, D]
             mu_unc = comps[:, inv].transpose(0, 1)  # [N, S, D]
+            mask = cmask
         else:
-            fixed = self._fixed_views(h, w).to(x)  # [n_world, K, D]
-            mu_cond = fixed[own]  # [N, K, D]
-            mu_unc = fixed[uset].reshape(1, -1, fixed.shape[-1]).expand(n, -1, -1)
+            fixed_u = self._fixed_of(uset, h, w).to(x)  # [S, V, D]
+            fixed_c = self._fixed_of(comp.flatten(), h, w).to(x)  # [N*K, V, D]
+            v = fixed_c.shape[1]
+            mu_cond = fixed_c.reshape(n, -1, fixed_c.shape[-1])  # [N, K*V, D]
+            mu_unc = fixed_u.reshape(1, -1, fixed_u.shape[-1]).expand(n, -1, -1)
+            cm = torch.ones(n, comp.shape[1], dtype=torch.bool) if cmask is None else cmask
+            buckets = None
+            if self.view_prompts:
+                buckets = view_index(rows.azimuth[0].cpu(), rows.elevation[0].cpu(), *self.thresholds)
+            mask = self._view_mask(cm, buckets, v) if (cmask is not None or buckets is not None) else None
 
         x0 = torch.empty_like(x)
         ci, ui = is_cond.nonzero().squeeze(1), (~is_cond).nonzero().squeeze(1)
         if len(ci):
-            x0[ci] = mixture_posterior_mean(x[ci], a[ci], s_t[ci], mu_cond[ci], self.s)
+            x0[ci] = mixture_posterior_mean(x[ci], a[ci], s_t[ci], mu_cond[ci], self.s,
+                                            None if mask is None else mask[ci])
         if len(ui):
             x0[ui] = mixture_posterior_mean(x[ui], a[ui], s_t[ui], mu_unc[ui], self.s)
         eps = (x - a[:, None] * x0) / s_t[:, None]
+        if self.mode != "camera_aware" and self.view_prompts and self.perp_neg > 0 and len(ci):
+            eps = self._perp_neg(eps, x, a, s_t, rows, mu_cond, cm, v, ci, guidance)
         return eps.view(n, c, h, w).to(x_t.dtype)
 
+    def _view_mask(self, cmask: Tensor, buckets: Tensor | None, v: int) -> Tensor:
+        """[N, K*V] components x fixed views a row's conditional keeps: its prompt's components, and with
+        ``buckets`` [N] only the fixed views in the row's bucket (all of them when the bucket has none)."""
+        if buckets is None:
+            return cmask[:, :, None].expand(-1, -1, v).reshape(len(cmask), -1)
+        fixed = self.fixed_buckets()
+        vm = fixed[None, :] == buckets[:, None]  # [N, V]
+        vm[~vm.any(1)] = True
+        return (cmask[:, :, None] & vm[:, None, :]).reshape(len(cmask), -1)
 
-def build_oracle_prior(cfg, world: OracleWorld) -> OraclePrior:
-    o, r, cam = cfg.prior.oracle, cfg.render, cfg.camera
+    def _perp_neg(self, eps: Tensor, x: Tensor, a: Tensor, s_t: Tensor, rows: Cameras, mu_cond: Tensor,
+                  cmask: Tensor, v: int, ci: Tensor, guidance: Guidance) -> Tensor:
+        """Perp-Neg as the Stable Diffusion prior applies it (stable_diffusion.py), with the oracle's exact
+        bucket-conditioned eps in place of view-prompt embeddings: every conditional row's positive is
+        sum_b mix_b eps(bucket b); a declared CFG pair's conditional row becomes
+        eps_pos + sum_i w_i perp(eps(neg bucket i) - eps_u, eps_pos - eps_u)."""
+        az, el = rows.azimuth[0].cpu().float(), rows.elevation[0].cpu().float()
+        mix, neg_views, neg_w = perp_neg_plan(az, el, self.thresholds[2], self.perp_neg, self.perp_neg_f)
+
+        def eps_in(idx: Tensor, bucket: Tensor) -> Tensor:
+            m = self._view_mask(cmask[idx], bucket, v)
+            x0 = mixture_posterior_mean(x[idx], a[idx], s_t[idx], mu_cond[idx], self.s, m)
+            return (x[idx] - a[idx, None] * x0) / s_t[idx, None]
+
+        eps = eps.clone()
+        pos = torch.zeros_like(eps[ci])
+        for b in range(mix.shape[1]):
+            wb = mix[ci, b].to(eps)
+            if bool((wb > 0).any()):
+                sel = (wb > 0).nonzero().squeeze(1)
+                pos[sel] += wb[sel, None] * eps_in(ci[sel], torch.full((len(sel),), b, dtype=torch.long))
+        eps[ci] = pos
+        pairs = [(cc, uu) for cc, uu in guidance.pairs.tolist() if bool((neg_w[cc] != 0).any())]
+        if pairs:
+            cs = torch.tensor([p[0] for p in pairs])
+            us = torch.tensor([p[1] for p in pairs])
+            e_u = eps[us]
+            e_pos = eps[cs] - e_u
+            acc = torch.zeros_like(e_pos)
+            for k in range(2):
+                e_neg = eps_in(cs, neg_views[cs, k]) - e_u
+                acc += neg_w[cs, k].to(eps)[:, None] * perpendicular(e_neg, e_pos)
+            self.n_rows += 2 * len(cs)
+            eps[cs] = eps[cs] + acc
+        return eps
+
+
+def build_oracle_prior(cfg, world) -> OraclePrior:
+    o, r, cam, p = cfg.prior.oracle, cfg.render, cfg.camera, cfg.prior
     gt_renderer = VolSDFRenderer(bound=r.bound, samples=o.samples, importance_samples=o.importance_samples,
                                  beta=r.beta, near_min=r.near_min)
     return OraclePrior(world, gt_renderer, sharpness=o.sharpness, mode=o.mode, n_uncond=o.n_uncond,
                        n_fixed_views=o.n_fixed_views, fixed_elevation=sum(cam.elevation_range) / 2,
-                       fixed_distance=sum(cam.distance_range) / 2, fixed_fovy=sum(cam.fovy_range) / 2)
+                       fixed_distance=sum(cam.distance_range) / 2, fixed_fovy=sum(cam.fovy_range) / 2,
+                       view_prompts=o.view_prompts,
+                       thresholds=(p.front_threshold, p.back_threshold, p.overhead_threshold), perp_neg=p.perp_neg,
+                       perp_neg_f={"fs": tuple(p.perp_neg_f_fs), "sf": tuple(p.perp_neg_f_sf),
+                                   "sb": tuple(p.perp_neg_f_sb), "fsb": tuple(p.perp_neg_f_fsb)})

@@ -177,12 +177,47 @@ class OracleWorld:
                     return options[0]
                 raise DataError(f"prompt {prompt!r} is not in the oracle world (prompts 'a <size> <color> <shape>'): it "
                                 f"needs exactly one {what} of {', '.join(options)}; free-text prompts need a real prior "
-                                "(prior.name=stable_diffusion)")
+                                "(prior.name=stable_diffusion), prompts of `data compose --world oracle` the "
+                                "compositional world (--config configs/oracle/world_compose.yaml)")
             return found[0]
         return Scene(pick(self.sizes, "size"), pick(self.colors, "color"), pick(self.shapes, "shape"))
 
     def field(self, prompts: list[str]) -> AnalyticField:
         return AnalyticField([self.scenes[self.index(p)] for p in prompts])
+
+    # --- the interface the oracle prior and the metrics use (shared with CompositionalWorld) -------
+    # A *component* is one ground-truth scene of the prior's mixtures. Here every prompt is exactly
+    # one component with the prompt's own id; the compositional world has completions and instances.
+    @property
+    def n_components(self) -> int:
+        return len(self.prompts)
+
+    def splits(self) -> dict[str, list[str]]:
+        return {"seen": self.seen, "unseen": self.unseen}
+
+    def completions(self, prompt_ids: list[int]) -> list[list[int]]:
+        return [[i] for i in prompt_ids]
+
+    def component_field(self, ids: list[int]) -> AnalyticField:
+        return AnalyticField([self.scenes[i] for i in ids])
+
+    def uncond_set(self, own: Tensor, n_uncond: int) -> Tensor:
+        """Prompts of the unconditional mixture: every row's own prompt, topped up with random
+        others to ``n_uncond`` (all prompts when the world is small enough)."""
+        n_world = len(self.prompts)
+        own_u = torch.unique(own)
+        if n_uncond >= n_world:
+            return torch.arange(n_world)
+        rest = torch.ones(n_world, dtype=torch.bool)
+        rest[own_u] = False
+        others = torch.nonzero(rest).squeeze(1)
+        n_more = max(n_uncond - len(own_u), 0)
+        pick = others[torch.randperm(len(others))[:n_more]]
+        return torch.cat([own_u, pick])
+
+    def marker_of(self, prompt: str) -> None:
+        """No object of this world has a front marker."""
+        return None
 
     def colour(self, prompt: str) -> tuple[float, float, float]:
         return PALETTE[self.parse(prompt).color]
@@ -193,6 +228,17 @@ class OracleWorld:
         return background_rgb(dirs)
 
 
-def build_world(cfg) -> OracleWorld:
+def build_world(cfg):
+    """The oracle world of ``cfg.world``: the default single-object world (``kind: single``), or the
+    compositional world of priors/oracle_compose.py (``kind: compositional``)."""
     w = cfg.world
+    if w.kind == "compositional":
+        from scalegen.priors.oracle_compose import build_compositional_world  # noqa: PLC0415 - imports this module
+
+        world = build_compositional_world(w)
+        longest = world.grammar.max_tokens()
+        if cfg.text.encoder == "bow" and longest > cfg.text.max_tokens:
+            raise DataError(f"the world's longest prompts have {longest} words and text.max_tokens is "
+                            f"{cfg.text.max_tokens}: the encoder would cut them; set text.max_tokens={longest}")
+        return world
     return OracleWorld(w.colors, w.shapes, w.sizes, n_unseen=w.n_unseen, seed=w.seed)

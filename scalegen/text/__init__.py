@@ -13,7 +13,7 @@ def build_text_encoder(cfg) -> TextEncoder:
     """``cfg`` is the whole ``Config``."""
     t = cfg.text
     if t.encoder == "bow":
-        return BagOfWordsEncoder(dim=t.dim, max_tokens=t.max_tokens)
+        return BagOfWordsEncoder(dim=t.dim, max_tokens=t.max_tokens, word_order=t.word_order)
     if t.encoder == "clip":
         import torch  # noqa: PLC0415
 

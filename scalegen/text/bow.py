@@ -4,6 +4,12 @@ Each lower-cased word maps to a fixed Gaussian vector seeded by a stable hash of
 the encoder needs no weights, is identical on every machine, and can express prompts never seen
 in training (an unseen attribute combination is the sum of seen words). Articles are dropped so
 "a red cube" and "red cube" agree.
+
+A bag of words cannot bind words to each other: "a red cube on top of a blue sphere" and "a blue
+cube on top of a red sphere" sum to the same vector. With ``word_order="rotary"`` each word's
+vector is turned by its position j as rotary position embeddings do (pairs of dimensions (2k, 2k+1)
+rotated by the angle j * 10000^(-2k/dim)), so the sum keeps the order while an unseen combination
+is still a sum of seen words at seen positions.
 """
 from __future__ import annotations
 
@@ -23,11 +29,25 @@ def tokenize(prompt: str) -> list[str]:
 
 
 class BagOfWordsEncoder(TextEncoder):
-    def __init__(self, dim: int = 128, max_tokens: int = 16):
+    def __init__(self, dim: int = 128, max_tokens: int = 16, word_order: str = "bag"):
+        if word_order == "rotary" and dim % 2:
+            raise DataError(f"text.word_order=rotary needs an even text.dim, got {dim}")
         self.dim = dim
         self.max_tokens = max_tokens
-        self.id = f"bow-v1-d{dim}-l{max_tokens}"
+        self.word_order = word_order
+        self.id = f"bow-v1-d{dim}-l{max_tokens}" + ("-rotary" if word_order == "rotary" else "")
         self._cache: dict[str, torch.Tensor] = {}
+        self._angles = None
+        if word_order == "rotary":
+            freq = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # [dim/2]
+            self._angles = torch.arange(max_tokens, dtype=torch.float64)[:, None] * freq  # [L, dim/2]
+
+    def _rotate(self, v: torch.Tensor, j: int) -> torch.Tensor:
+        cos, sin = self._angles[j].cos().float(), self._angles[j].sin().float()
+        x, y = v[0::2], v[1::2]
+        out = torch.empty_like(v)
+        out[0::2], out[1::2] = x * cos - y * sin, x * sin + y * cos
+        return out
 
     def count_tokens(self, prompt: str) -> int:
         return len(tokenize(prompt))
@@ -50,7 +70,8 @@ class BagOfWordsEncoder(TextEncoder):
             if not words:
                 raise DataError(f"prompt {p!r} has no words to encode; give a non-empty prompt such as 'a red cube'")
             for j, w in enumerate(words[:l]):
-                tokens[i, j] = self.word_vector(w)
+                v = self.word_vector(w)
+                tokens[i, j] = self._rotate(v, j) if self._angles is not None else v
                 mask[i, j] = True
         # Pooled: the sum of word vectors, normalised to unit expected norm per word count.
         pooled = tokens.sum(1) / mask.sum(1, keepdim=True).clamp(min=1).sqrt()
