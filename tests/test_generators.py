@@ -173,3 +173,70 @@ def test_checkpointing_and_bf16_keep_the_field(name):
     torch.testing.assert_close(s1, s0, atol=1e-5, rtol=1e-4)
     s2 = half(cond).sdf(pts)
     assert s2.dtype == torch.float32 and (s2 - s0).abs().max() < 0.05 * s0.abs().max()
+
+
+def _residual(gen, cond, pts):
+    """The field's SDF minus the start sphere: what the generator adds."""
+    with torch.no_grad():
+        return gen(cond).sdf(pts) - (pts.norm(dim=-1) - gen.sdf_radius)
+
+
+@pytest.mark.parametrize("cls", [Conv3DNet, TriplaneTransformer])
+def test_feature_init_scale_shrinks_the_first_residual_and_keeps_every_gradient(cls):
+    """The decoders are bias-free ReLU MLPs (1-homogeneous), so scaling the feature-writing layers'
+    initial weights by s scales what the first field adds to the start sphere by exactly s; unlike a
+    zero init, every parameter group still gets a gradient at the first step."""
+    pts = (torch.rand(1, 300, 3) * 2 - 1) * 0.75
+    cond = _cond(3)
+    torch.manual_seed(0)
+    plain = cls(TEXT_DIM, "small").eval()
+    torch.manual_seed(0)
+    small = cls(TEXT_DIM, "small", feature_init_scale=1e-3).eval()
+    r1, r2 = _residual(plain, cond, pts), _residual(small, cond, pts)
+    assert r1.abs().max() > 1e-3
+    torch.testing.assert_close(r2, 1e-3 * r1, atol=1e-7, rtol=1e-3)
+    small.train()
+    sdf, rgb = small(cond).query(pts)
+    (sdf.square().mean() + rgb.mean()).backward()
+    for group, params in small.param_groups().items():
+        for p in params:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"a parameter of group {group} got no gradient"
+
+
+def test_conv3d_without_noise_trains_the_field_it_evaluates():
+    """sample_noise=False: z = 0 and no synthesis noise in training too, so the trained field is the
+    evaluated one (with noise the two differ)."""
+    torch.manual_seed(0)
+    gen = Conv3DNet(TEXT_DIM, "small", sample_noise=False)
+    with torch.no_grad():
+        for block in gen.blocks:  # trained-like noise strengths, so synthesis noise would show
+            for conv in (block.conv0, block.conv1):
+                if conv is not None:
+                    conv.noise_strength.fill_(0.5)
+    pts = (torch.rand(1, 300, 3) * 2 - 1) * 0.75
+    cond = _cond(2)
+    with torch.no_grad():
+        train_sdf = gen.train()(cond).sdf(pts)
+        eval_sdf = gen.eval()(cond).sdf(pts)
+        gen.sample_noise = True
+        noisy = gen.train()(cond).sdf(pts)
+    torch.testing.assert_close(train_sdf, eval_sdf)
+    assert (noisy - eval_sdf).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("cls", [Conv3DNet, TriplaneTransformer])
+def test_text_norm_makes_the_field_independent_of_the_text_scale(cls):
+    """text_norm: a prompt's condition enters at unit second moment, so scaling the text embeddings
+    changes nothing (without it, it changes the field); per prompt, so batches stay independent."""
+    torch.manual_seed(0)
+    gen = cls(TEXT_DIM, "small", text_norm=True).eval()
+    torch.manual_seed(0)
+    plain = cls(TEXT_DIM, "small").eval()
+    cond = _cond(3)
+    loud = TextCond(cond.pooled * 10, cond.tokens * 10, cond.mask)
+    pts = (torch.rand(1, 300, 3) * 2 - 1) * 0.75
+    with torch.no_grad():
+        torch.testing.assert_close(gen(loud).sdf(pts), gen(cond).sdf(pts), atol=1e-5, rtol=1e-4)
+        assert (plain(loud).sdf(pts) - plain(cond).sdf(pts)).abs().max() > 1e-3
+        alone = gen(cond.index([1])).sdf(pts)
+        torch.testing.assert_close(alone[0], gen(cond).sdf(pts)[1], atol=1e-5, rtol=1e-4)
