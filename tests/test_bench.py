@@ -104,3 +104,28 @@ def test_data_bench_json(tmp_path):
         assert data[n]["prompts_per_s"] > 0 and 100 < data[n]["peak_rss_mb"] < 2000
     assert data["sd21_shapes"][0]["bytes_per_prompt"] > 2 * (1024 + 77 * 1024)
     assert not (tmp_path / "data" / "bow-200").exists()  # shards deleted after measuring
+
+
+def test_generators_curve_bench_scores_every_checkpoint_and_reuses_the_run(tmp_path):
+    """Curve points at step 0 (untrained), every `every` steps and the last step (all prompts), a PNG;
+    a second call reuses the finished run (no training), another config in the same folder is an error."""
+    from scalegen.bench.generators_curve import GeneratorsCurveOptions, bench_generators_curve
+    from scalegen.errors import ConfigError
+
+    png = tmp_path / "curves.png"
+    opts = GeneratorsCurveOptions(generators=["conv3d"], every=2, curve_prompts=2, plot=str(png))
+    res = bench_generators_curve(opts, [*TINY, "train.max_steps=4"], str(tmp_path))
+    pts = res["curves"]["conv3d"]
+    assert [p["step"] for p in pts] == [0, 2, 4]
+    assert all(0 < p["seen_psnr"] < 60 and 0 <= p["unseen_iou"] <= 1 for p in pts)
+    assert png.stat().st_size > 0 and res["train"]["conv3d"]["steps"] == 4
+    run = tmp_path / "generators-curve" / "conv3d"
+    ckpt, cache = run / "checkpoints" / "step_0000004", run / "bench_curve.json"
+    mtimes = ckpt.stat().st_mtime, cache.stat().st_mtime
+    again = bench_generators_curve(opts, [*TINY, "train.max_steps=4"], str(tmp_path))
+    assert (ckpt.stat().st_mtime, cache.stat().st_mtime) == mtimes and again == res  # neither trained nor scored
+    cache.unlink()
+    rescored = bench_generators_curve(opts, [*TINY, "train.max_steps=4"], str(tmp_path))
+    assert rescored["curves"]["conv3d"] == pts  # evaluation is deterministic, so the cache changes nothing
+    with pytest.raises(ConfigError, match="another or an unfinished run"):
+        bench_generators_curve(opts, [*TINY, "train.max_steps=6"], str(tmp_path))
