@@ -1,4 +1,4 @@
-"""Command line: ``scalegen train | eval | generate | bench | info | prior``.
+"""Command line: ``scalegen train | eval | generate | gallery | bench | info | prior | data``.
 
 Errors a user can cause (``ScalegenError``) print one line and exit 2, without a traceback.
 """
@@ -98,41 +98,125 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _generate_options(args):
+    from scalegen.export.pipeline import GenerateOptions
+
+    return GenerateOptions(format=args.format or "glb", resolution=args.resolution, level=args.level,
+                           min_fragment=0.0 if args.keep_fragments else 0.02, simplify=args.simplify,
+                           texture=args.texture, texture_size=args.texture_size, turntable=args.turntable,
+                           turntable_frames=args.frames, turntable_size=args.turntable_size, batch=args.batch,
+                           overwrite=args.overwrite)
+
+
 def cmd_generate(args) -> int:
+    import torch
+
     from scalegen.data.prompts import read_corpus
-    from scalegen.export.mesh import FORMATS, export_prompt
+    from scalegen.eval.report import format_table
+    from scalegen.export.pipeline import generate_assets, plan_jobs
     from scalegen.train.model import load_run
 
-    if bool(args.prompt) == bool(args.prompts):
+    if (args.prompt is None) == (args.prompts is None):
         raise ScalegenError("give exactly one of --prompt TEXT or --prompts FILE")
     if args.prompt is not None and not args.prompt.strip():
         raise ScalegenError("--prompt is empty; describe the asset, e.g. --prompt 'a large red cube'")
+    prompts = [" ".join(args.prompt.split())] if args.prompt is not None else read_corpus(args.prompts, split=args.split)
+    opts = _generate_options(args)
+    plan = plan_jobs(prompts, args.out, opts, single=args.prompt is not None, format_given=args.format is not None)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t_load = time.perf_counter()
-    cfg, text_encoder, model, _ = load_run(args.ckpt)
+    cfg, text_encoder, model, ckpt = load_run(args.ckpt)
     t_load = time.perf_counter() - t_load
-    if args.prompt:
-        jobs = [(args.prompt, Path(args.out))]
-    else:
-        out_dir = Path(args.out)
-        if out_dir.suffix.lower() in FORMATS:
-            raise ScalegenError("with --prompts, --out must be a folder (one asset per prompt)")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        prompts = read_corpus(args.prompts, split=args.split)
-        jobs = [(p, out_dir / f"{i:04d}_{_slug(p)}.{args.format}") for i, p in enumerate(prompts)]
-    for prompt, path in jobs:
-        info = export_prompt(model, text_encoder, prompt, path, cfg.render.bound, args.resolution,
-                             0.0 if args.keep_fragments else 0.02)
-        print(f"{info['path']}: {info['vertices']} vertices, {info['faces']} faces in {info['total_s']:.2f} s "
-              f"(generator {info['generate_s'] * 1000:.0f} ms, SDF grid + marching cubes {info['mesh_s']:.2f} s, "
-              f"write {info['write_s']:.2f} s)")
-    print(f"(checkpoint loaded in {t_load:.1f} s)")
+    _check_world_prompts(cfg, prompts, args.ckpt)
+    res = generate_assets(plan, cfg, model, text_encoder, opts, checkpoint=str(ckpt))
+    n = len(res["assets"])
+    rows = [[stage, s, s / n] for stage, s in res["seconds"].items()] + [["total", res["total_s"], res["seconds_per_asset"]]]
+    print(format_table(rows, ["stage", "seconds", "per asset"]))
+    where = plan.folder if plan.folder is not None else plan.jobs[0].mesh
+    print(f"wrote {n} asset(s) to {where} in {res['total_s']:.2f} s ({res['seconds_per_asset']:.2f} s per asset; "
+          f"checkpoint loaded in {t_load:.1f} s, {torch.get_num_threads()} thread(s))")
     return 0
 
 
-def _slug(text: str) -> str:
-    import re
+def _check_world_prompts(cfg, prompts: list[str], ckpt) -> None:
+    """An oracle-world generator has only ever seen the world's grammar: a prompt outside it would give a
+    mesh of nothing in particular, so it is refused (with the grammar), not exported."""
+    if cfg.prior.name != "oracle":
+        return
+    from scalegen.errors import DataError
+    from scalegen.priors import build_world
 
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "prompt"
+    world = build_world(cfg)
+    for p in prompts:
+        try:
+            world.parse(p)
+        except DataError:
+            raise ScalegenError(f"'{ckpt}' was trained in the oracle world, which only has prompts like "
+                                f"'{world.seen[0]}' (a <size> <color> <shape>); {p!r} is not one of them, so its "
+                                "mesh would mean nothing: use a run trained with a real prior for free text") from None
+
+
+def cmd_gallery(args) -> int:
+    import os
+    import shutil
+
+    import torch
+
+    from scalegen.export.gallery import build_site, find_viewer
+    from scalegen.export.pipeline import MANIFEST, GenerateOptions, generate_assets, plan_jobs, read_manifest
+
+    source, out = Path(args.source), Path(args.out)
+    is_run = (source / "config.yaml").is_file() or (source / "model.safetensors").is_file()
+    if not is_run and not (source / MANIFEST).is_file():
+        raise ScalegenError(f"'{source}' is neither a run directory (config.yaml) nor an asset folder ({MANIFEST} "
+                            "from `scalegen generate --prompts`)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise ScalegenError(f"'{out}' already exists and is not empty; pass --overwrite to replace it")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise ScalegenError(f"folder '{parent}' does not exist; create it first")
+    viewer = find_viewer(args.viewer)
+    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        if is_run:
+            from scalegen.train.model import load_run
+
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            cfg, text_encoder, model, ckpt = load_run(source)
+            tags: dict[str, str] = {}
+            if args.prompts:
+                from scalegen.data.prompts import read_corpus
+
+                prompts = read_corpus(args.prompts, split=args.split)
+                _check_world_prompts(cfg, prompts, source)
+            elif cfg.prior.name == "oracle" and cfg.data.prompts == "oracle":
+                from scalegen.priors import build_world
+
+                world = build_world(cfg)
+                tags = {**{p: "seen" for p in world.seen}, **{p: "unseen" for p in world.unseen}}
+                prompts = world.unseen + world.seen
+            else:
+                raise ScalegenError("this run has no built-in prompt list; give --prompts FILE")
+            prompts = prompts[:args.max_prompts] if args.max_prompts else prompts
+            opts = GenerateOptions(resolution=args.resolution, turntable=True, turntable_frames=args.frames,
+                                   turntable_size=args.turntable_size, batch=args.batch, texture=args.texture)
+            plan = plan_jobs(prompts, tmp / "assets", opts, single=False)
+            res = generate_assets(plan, cfg, model, text_encoder, opts, checkpoint=str(ckpt))
+            entries = [{**e, "tag": tags.get(e["prompt"])} for e in res["assets"]]
+            build_site(tmp / "assets", entries, tmp, viewer, f"scalegen: {source.resolve().name}")
+        else:
+            entries = read_manifest(source)["assets"]
+            build_site(source, entries, tmp, viewer, f"scalegen: {source.resolve().name}")
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {out / 'index.html'} ({len(entries)} assets; open it in a browser, no server needed)")
+    return 0
 
 
 def cmd_info(args) -> int:
@@ -306,17 +390,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompts", type=int, default=None, help="per split (default: eval.max_prompts)")
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("generate", help="export a mesh (GLB/OBJ/PLY) for a prompt, no optimisation")
+    p = sub.add_parser("generate", help="prompts -> meshes (GLB/OBJ/PLY), optionally textured, with turntables")
     p.add_argument("--ckpt", required=True, help="run directory or checkpoint folder")
     p.add_argument("--prompt", help="one prompt")
-    p.add_argument("--prompts", help="a corpus file: one asset per prompt")
+    p.add_argument("--prompts", help="a corpus file (.txt/.json/.jsonl/.csv): one asset per prompt")
     p.add_argument("--split", default="test", help="split of a JSON corpus (default: test)")
-    p.add_argument("--out", required=True, help="output file (.glb/.obj/.ply), or folder with --prompts")
-    p.add_argument("--format", default="glb", choices=["glb", "obj", "ply"], help="with --prompts")
-    p.add_argument("--resolution", type=int, default=128, help="marching-cubes grid (default 128)")
+    p.add_argument("--out", required=True, help="output file (.glb/.obj/.ply) for --prompt, or a folder")
+    p.add_argument("--format", help="glb | obj | ply (default glb; a file name's suffix decides for --prompt)")
+    p.add_argument("--resolution", type=int, default=128, help="marching-cubes cells per axis (default 128)")
+    p.add_argument("--level", type=float, default=None,
+                   help="SDF level of the surface (default 1.5 * render.beta, which matches the volume renders)")
+    p.add_argument("--simplify", type=int, default=None, metavar="FACES",
+                   help="simplify to at most FACES faces (default: off; 10000 with --texture)")
+    p.add_argument("--texture", action="store_true", help="UV atlas (xatlas) + baked base-colour texture, GLB only")
+    p.add_argument("--texture-size", type=int, default=1024, help="texture width and height (default 1024)")
+    p.add_argument("--turntable", action="store_true", help="also write an orbit video (MP4, or GIF without ffmpeg)")
+    p.add_argument("--frames", type=int, default=24, help="turntable frames (default 24: one turn a second)")
+    p.add_argument("--turntable-size", type=int, default=128,
+                   help="turntable width and height, a multiple of 16 (default 128)")
+    p.add_argument("--batch", type=int, default=16, help="prompts per generator call (default 16)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.add_argument("--keep-fragments", action="store_true",
                    help="keep pieces smaller than 2%% of the largest (floaters are dropped by default)")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("gallery", help="a static page of a run's or an asset folder's assets (no network needed)")
+    p.add_argument("source", help="run directory (assets are generated) or a folder from `generate --prompts`")
+    p.add_argument("--out", required=True, help="site folder to write (index.html, viewer/, assets/)")
+    p.add_argument("--prompts", help="with a run: a corpus file (default: an oracle run's unseen + seen prompts)")
+    p.add_argument("--split", default="test", help="split of a JSON corpus (default: test)")
+    p.add_argument("--max-prompts", type=int, default=24, help="with a run: at most this many (default 24, 0 = all)")
+    p.add_argument("--resolution", type=int, default=128, help="with a run: marching-cubes cells per axis")
+    p.add_argument("--texture", action="store_true", help="with a run: baked textures instead of vertex colours")
+    p.add_argument("--frames", type=int, default=24, help="with a run: turntable frames (default 24)")
+    p.add_argument("--turntable-size", type=int, default=128, help="with a run: turntable size (default 128)")
+    p.add_argument("--batch", type=int, default=16, help="with a run: prompts per generator call")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--viewer", help="model-viewer-umd.min.js to vendor (default: node_modules, else npm install)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing site folder")
+    p.set_defaults(fn=cmd_gallery)
 
     p = sub.add_parser("info", help="parameter counts and effective batch of a config")
     p.add_argument("--config", help="YAML experiment file")
@@ -382,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks (numbers for docs/performance.md)")
     p.add_argument("name", help="saturation | sharpness | guidance | flops-sd | flops-mvdream | data | distill | toy2d "
-                                "| generators")
+                                "| generators | generate")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--out", default="runs/bench", help="folder for the benchmark's runs")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")

@@ -22,6 +22,7 @@ TINY = [
 
 
 from scalegen.priors.fakes import LinearPrior  # noqa: E402,F401 - shared with the benches
+from scalegen.render.base import Field  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -57,3 +58,23 @@ def shared_path(*parts: str) -> Path:
     if not p.exists():
         pytest.skip(f"{p} is absent (the ../shared folder ships with CI, not with user clones)")
     return p
+
+
+class BallsField(Field):
+    """A batch field with an exact SDF (``Field.select`` is the base class's default): prompt b
+    is a ball of radius ``radii[b]`` at ``centres[b]``; colour = 0.5 + position (clamped), so a
+    texture or axis mix-up changes the colours an asset shows. ``empty`` prompts have no surface."""
+
+    def __init__(self, radii, centres=None, empty=()):
+        self.radii = torch.tensor(radii, dtype=torch.float32)
+        self.centres = torch.zeros(len(radii), 3) if centres is None else torch.tensor(centres, dtype=torch.float32)
+        self.empty = torch.tensor([i in empty for i in range(len(radii))])
+        self.n_prompts = len(radii)
+
+    def sdf(self, points):
+        d = (points - self.centres[:, None]).norm(dim=-1) - self.radii[:, None]
+        return torch.where(self.empty[:, None], torch.ones_like(d), d)
+
+    def query(self, points):
+        rgb = (0.5 + points).clamp(0, 1).expand(self.n_prompts, -1, -1)
+        return self.sdf(points), rgb

@@ -129,3 +129,22 @@ def test_generators_curve_bench_scores_every_checkpoint_and_reuses_the_run(tmp_p
     assert rescored["curves"]["conv3d"] == pts  # evaluation is deterministic, so the cache changes nothing
     with pytest.raises(ConfigError, match="another or an unfinished run"):
         bench_generators_curve(opts, [*TINY, "train.max_steps=6"], str(tmp_path))
+
+
+def test_generate_bench_json(tmp_path):
+    """`bench generate` on a tiny run: the JSON the docs table is made from, per case and batch."""
+    out = tmp_path / "g.json"
+    r = subprocess.run([sys.executable, "-m", "scalegen.cli", "bench", "generate", "--out", str(tmp_path),
+                        "--json", str(out), *TINY, "bench.train_steps=3", "bench.cases=[hyper_ingp_32]",
+                        "bench.batches=[1,2]", "bench.prompts=2", "bench.threads=1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert set(data) == {"hyper_ingp/32/batch1", "hyper_ingp/32/batch2"}
+    for name, v in data.items():
+        assert v["resolution"] == 32 and v["batch"] == int(name[-1]) and v["prompts"] == 2
+        assert set(v["stages"]) == {"generator", "sdf", "marching_cubes", "colours", "write"}
+        assert abs(sum(v["stages"].values()) - v["seconds_per_asset"]) < 0.05 * v["seconds_per_asset"] + 0.01
+        assert 0.8 < v["silhouette_iou"] <= 1.0
+    bad = subprocess.run([sys.executable, "-m", "scalegen.cli", "bench", "generate", "bench.case=[x]"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "did you mean 'bench.cases'" in bad.stderr

@@ -193,3 +193,18 @@ def test_data_check_of_a_folder_without_shards_is_one_line(tmp_path, capsys):
     assert main(["data", "check", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no shard manifest at") and "scalegen data build" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("text, needle", [
+    ('{"train": "a red car"}', "split 'train' must be a list of prompt strings, not str"),
+    ('{"train": ["a red car", 5]}', "item 2 of split 'train' is not a string: 5"),
+    ('"a red car"', "must be a JSON list of prompts or a mapping of splits to lists, not str"),
+])
+def test_wrong_json_shapes_are_named_not_read_character_by_character(text, needle, tmp_path):
+    from scalegen.data.prompts import read_corpus_lines
+    from scalegen.errors import DataError
+
+    p = tmp_path / "c.json"
+    p.write_text(text)
+    with pytest.raises(DataError, match=needle):
+        read_corpus_lines(p)

@@ -15,7 +15,7 @@ from scalegen.config import parse_options
 from scalegen.errors import ScalegenError
 
 NAMES = ("saturation", "sharpness", "guidance", "flops-sd", "flops-mvdream", "data", "distill", "toy2d", "generators",
-         "generators-curve")
+         "generators-curve", "generate")
 
 
 def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
@@ -71,4 +71,8 @@ def run_bench(name: str, items: list[str], out_root: str = "runs/bench") -> dict
         from scalegen.bench.generators_curve import GeneratorsCurveOptions, bench_generators_curve  # noqa: PLC0415
 
         return bench_generators_curve(parse(GeneratorsCurveOptions), overrides, out_root)
+    if name == "generate":
+        from scalegen.bench.generate import GenerateBenchOptions, bench_generate  # noqa: PLC0415
+
+        return bench_generate(parse(GenerateBenchOptions), overrides, out_root)
     raise ScalegenError(f"unknown benchmark {name!r}; choose from {', '.join(NAMES)}")

@@ -2,8 +2,10 @@
 
 Interface (``base.Generator``): ``forward(cond: TextCond, z=None) -> Field`` where
 ``Field.query(points [P, N, 3])`` (``render.base.Field``) returns ``sdf [B, N]`` and ``rgb [B, N, 3]``
-(P == 1 broadcasts shared points to every prompt), ``Field.sdf(points)`` returns the SDF alone, and
-``param_groups()`` names parameter groups for per-module learning rates (``optim.group_lr``).
+(P == 1 broadcasts shared points to every prompt), ``Field.sdf(points)`` returns the SDF alone,
+``Field.select(prompts)`` the fields of a subset of the prompts (inference on uneven point sets, e.g.
+mesh export), and ``param_groups()`` names parameter groups for per-module learning rates
+(``optim.group_lr``).
 """
 from __future__ import annotations
 

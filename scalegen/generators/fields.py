@@ -184,6 +184,10 @@ class FeatureField(Field):
         self.sdf_mlp, self.rgb_mlp, self.bound, self.sdf_radius = sdf_mlp, rgb_mlp, bound, sdf_radius
         self.n_prompts = features.shape[0]
 
+    def select(self, prompts: list[int]) -> "FeatureField":
+        """The fields of a subset of the prompts (their feature grids, shared decoders)."""
+        return FeatureField(self.features[prompts], self.kind, self.sdf_mlp, self.rgb_mlp, self.bound, self.sdf_radius)
+
     def encode(self, points: Tensor) -> tuple[Tensor, bool]:
         """Per-prompt features at ``points`` [P, N, 3]: ``[B, N, C]``, or ``[N, B, C]`` for shared
         points (the flag says which). Sampling and decoding run in fp32 outside any autocast: the

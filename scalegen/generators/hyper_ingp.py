@@ -71,6 +71,10 @@ class HyperINGPField(Field):
         self.grid, self.w, self.bound, self.sdf_radius = grid, weights, bound, sdf_radius
         self.n_prompts = weights["sdf1"].shape[0]
 
+    def select(self, prompts: list[int]) -> "HyperINGPField":
+        """The fields of a subset of the prompts (the same weights, no copy of the grid)."""
+        return HyperINGPField(self.grid, {k: w[prompts] for k, w in self.w.items()}, self.bound, self.sdf_radius)
+
     def _encode(self, points: Tensor) -> Tensor:
         p, n, _ = points.shape
         unit = (points.reshape(-1, 3) / self.bound + 1.0) * 0.5

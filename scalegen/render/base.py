@@ -32,6 +32,33 @@ class Field:
         per-sample colours; None (the default) otherwise."""
         return None
 
+    def select(self, prompts: list[int]) -> "Field":
+        """The fields of ``prompts`` (indices, in that order) alone, so per-prompt point sets of
+        different sizes need not be padded to the largest (mesh export). The default evaluates every
+        prompt and keeps those rows; generators' fields override it to compute only those prompts."""
+        return SelectedRows(self, prompts)
+
+
+class SelectedRows(Field):
+    """``Field.select``'s default: the chosen rows of a whole batch's values."""
+
+    def __init__(self, whole: Field, prompts: list[int]):
+        self.whole, self.prompts, self.n_prompts = whole, list(prompts), len(prompts)
+
+    def _points(self, points: Tensor) -> Tensor:
+        if points.shape[0] == 1:
+            return points
+        full = points.new_zeros(self.whole.n_prompts, *points.shape[1:])
+        full[self.prompts] = points
+        return full
+
+    def query(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        sdf, rgb = self.whole.query(self._points(points))
+        return sdf[self.prompts], rgb[self.prompts]
+
+    def sdf(self, points: Tensor) -> Tensor:
+        return self.whole.sdf(self._points(points))[self.prompts]
+
 
 @dataclass
 class RenderOutput:
