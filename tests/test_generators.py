@@ -3,15 +3,18 @@ feature sampling against hand-built fields, paper-size parameter counts."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from scalegen.generators import Conv3DNet, HyperINGP, TriplaneTransformer
+from scalegen.config import load_config
+from scalegen.generators import Conv3DNet, HyperINGP, TriplaneTransformer, build_generator
 from scalegen.generators.fields import FeatureField, decoder, run_decoder, sample_planes, sample_voxels, shared_interp
 from scalegen.text import TextCond
 
 TEXT_DIM = 24
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _cond(b: int, seed: int = 0) -> TextCond:
@@ -29,16 +32,19 @@ def _generators():
                       hyper_hidden=16).eval()
     with torch.no_grad():
         hyper.grid.table.normal_()  # trained-like features (the init is ~1e-4, which hides the prompt)
-    return {"conv3d": conv, "triplane": tri, "hyper_ingp": hyper}
+    # the committed oracle defaults (text_norm, conv3d without sampled noise), built as `scalegen train` builds them
+    oracle = {f"{n}_oracle": build_generator(load_config(str(CONFIGS / "oracle" / f"{n}.yaml"), []), TEXT_DIM).eval()
+              for n in ("conv3d", "triplane")}
+    return {"conv3d": conv, "triplane": tri, "hyper_ingp": hyper, **oracle}
 
 
-@pytest.mark.parametrize("name", ["conv3d", "triplane", "hyper_ingp"])
+@pytest.mark.parametrize("name", ["conv3d", "triplane", "hyper_ingp", "conv3d_oracle", "triplane_oracle"])
 def test_batch4_prompts_are_independent_and_permutation_equivariant(name):
     """The reference flattens sampled features [B, C, N] as [C, B*N], which mixes prompts at B > 1:
     here prompt i's field must equal its field alone, follow a permutation, and ignore the others."""
     gen = _generators()[name]
     cond, b = _cond(4), 4
-    z = torch.randn(b, gen.z_dim) if name == "conv3d" else None  # Hyper-iNGP: shared points take the fused MLP
+    z = torch.randn(b, gen.z_dim) if name.startswith("conv3d") else None  # Hyper-iNGP: shared points take the fused MLP
     zi = (lambda i: None) if z is None else (lambda i: z[i])  # noqa: E731
     shared = (torch.rand(1, 500, 3) * 2 - 1) * gen.bound * 1.05  # some points outside the box
     own = (torch.rand(b, 500, 3) * 2 - 1) * gen.bound
@@ -240,3 +246,22 @@ def test_text_norm_makes_the_field_independent_of_the_text_scale(cls):
         assert (plain(loud).sdf(pts) - plain(cond).sdf(pts)).abs().max() > 1e-3
         alone = gen(cond.index([1])).sdf(pts)
         torch.testing.assert_close(alone[0], gen(cond).sdf(pts)[1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("path, params, lr", [("sd/conv3d_asd_at2520.yaml", 88.7e6, 0.004),
+                                              ("sd/conv3d_asd_df415.yaml", 88.7e6, 0.004),
+                                              ("sd/conv3d_asd_cp100k.yaml", 144.8e6, 0.004),
+                                              ("sd/conv3d_asd_cp100k_shards.yaml", 144.8e6, 0.004),
+                                              ("mvdream/triplane_asd_dl17k.yaml", 120.5e6, 0.0002)])
+def test_paper_configs_keep_the_papers_sizes_learning_rates_and_the_oracle_init(path, params, lr):
+    """The SD / MVDream configs build ScaleDreamer's sizes with its published learning rates, and take the
+    oracle configs' initialisation (feature_init_scale) while keeping the reference's sampled noise and
+    raw CLIP condition (text_norm is for the bag-of-words encoder)."""
+    cfg = load_config(str(CONFIGS / path), [])
+    oracle = load_config(str(CONFIGS / "oracle" / ("conv3d.yaml" if "conv3d" in path else "triplane.yaml")), [])
+    with torch.device("meta"):
+        n = sum(p.numel() for p in build_generator(cfg, 1024).parameters())
+    assert abs(n - params) / params < 0.02, n
+    assert cfg.optim.lr == lr and cfg.optim.group_lr == {}
+    assert cfg.generator.feature_init_scale == oracle.generator.feature_init_scale
+    assert cfg.generator.sample_noise and not cfg.generator.text_norm
