@@ -109,6 +109,8 @@ def test_data_bench_json(tmp_path):
 def test_generators_curve_bench_scores_every_checkpoint_and_reuses_the_run(tmp_path):
     """Curve points at step 0 (untrained), every `every` steps and the last step (all prompts), a PNG;
     a second call reuses the finished run (no training), another config in the same folder is an error."""
+    from dataclasses import replace
+
     from scalegen.bench.generators_curve import GeneratorsCurveOptions, bench_generators_curve
     from scalegen.errors import ConfigError
 
@@ -127,8 +129,12 @@ def test_generators_curve_bench_scores_every_checkpoint_and_reuses_the_run(tmp_p
     cache.unlink()
     rescored = bench_generators_curve(opts, [*TINY, "train.max_steps=4"], str(tmp_path))
     assert rescored["curves"]["conv3d"] == pts  # evaluation is deterministic, so the cache changes nothing
+    sparse = bench_generators_curve(replace(opts, score_every=4, plot=""), [*TINY, "train.max_steps=4"], str(tmp_path))
+    assert sparse["curves"]["conv3d"] == [pts[0], pts[2]]  # step 0 and the last, read from the same run
     with pytest.raises(ConfigError, match="another or an unfinished run"):
         bench_generators_curve(opts, [*TINY, "train.max_steps=6"], str(tmp_path))
+    with pytest.raises(ConfigError, match="multiple of bench.every"):
+        bench_generators_curve(replace(opts, score_every=3), [*TINY, "train.max_steps=4"], str(tmp_path))
 
 
 def test_generate_bench_json(tmp_path):

@@ -3,7 +3,8 @@ each at its committed defaults, and the plot ``docs/generators.png``.
 
 Each generator trains once with its own config (Hyper-iNGP: the embedded default;
 ``configs/oracle/conv3d.yaml``, ``configs/oracle/triplane.yaml``) and keeps a checkpoint every
-``bench.every`` steps. The untrained generator (step 0) and every checkpoint are scored by the oracle
+``bench.every`` steps. The untrained generator (step 0) and the checkpoints at multiples of
+``bench.score_every`` (0: all) and the last one are scored by the oracle
 evaluation (``scalegen eval``'s metrics): intermediate ones on the first ``bench.curve_prompts``
 prompts of each split, the last one on all prompts (the numbers of the performance table). The plot
 shows seen PSNR (thick) and unseen PSNR (thin) against steps.
@@ -46,7 +47,8 @@ COLORS = {"hyper_ingp": (31, 119, 180), "conv3d": (214, 39, 40), "triplane_trans
 @dataclass
 class GeneratorsCurveOptions:
     generators: list[Name] = field(default_factory=lambda: list(CONFIGS))
-    every: int = 50  # checkpoint (and curve point) every this many steps
+    every: int = 50  # checkpoint every this many steps
+    score_every: int = 0  # score the checkpoints at multiples of this (0: every checkpoint); the last always
     curve_prompts: int = 16  # prompts per split scored at intermediate checkpoints (0: all); the last: all
     plot: str = "docs/generators.png"  # "" writes no plot
 
@@ -94,10 +96,12 @@ def _scores(res: dict) -> dict:
     return {f"{split}_{k}": res[split][k] for split in ("seen", "unseen") for k in ("psnr", "psnr_fg", "iou")}
 
 
-def curve(name: str, cfg: Config, run_dir: Path, curve_prompts: int) -> list[dict]:
-    """Scores of the untrained generator (step 0) and of every checkpoint of ``run_dir``; kept in
-    ``run_dir/bench_curve.json`` and reused while the checkpoints and ``curve_prompts`` are the same."""
-    ckpts = sorted(p for p in checkpoints_dir(run_dir).glob("step_*") if (p / "state.json").is_file())
+def curve(name: str, cfg: Config, run_dir: Path, curve_prompts: int, score_every: int = 0) -> list[dict]:
+    """Scores of the untrained generator (step 0) and of the chosen checkpoints of ``run_dir``; kept in
+    ``run_dir/bench_curve.json`` and reused while the scored steps and ``curve_prompts`` are the same."""
+    last = cfg.train.max_steps
+    ckpts = sorted(p for p in checkpoints_dir(run_dir).glob("step_*") if (p / "state.json").is_file()
+                   and (checkpoint_step(p) == last or not score_every or checkpoint_step(p) % score_every == 0))
     key = {"curve_prompts": curve_prompts, "steps": [checkpoint_step(p) for p in ckpts]}
     cache = run_dir / "bench_curve.json"
     if cache.is_file():
@@ -106,7 +110,6 @@ def curve(name: str, cfg: Config, run_dir: Path, curve_prompts: int) -> list[dic
             print(f"[generators-curve] {name}: reusing the scores in {cache}", flush=True)
             return saved["points"]
     world = build_world(cfg)
-    last = cfg.train.max_steps
     torch.manual_seed(cfg.train.seed)  # the run's initial weights, as `scalegen eval --baseline`
     text_encoder, model = build_model(cfg)
     points = [{"step": 0, **_scores(evaluate_oracle(cfg, model.eval(), text_encoder, world, max_prompts=curve_prompts))}]
@@ -159,12 +162,14 @@ def draw_curves(curves: dict[str, list[dict]], path: Path, w: int = 720, h: int 
 
 def bench_generators_curve(o: GeneratorsCurveOptions, overrides: list[str], out_root: str) -> dict:
     if o.every < 1:
-        raise ConfigError("bench.every must be at least 1 (steps between curve points)")
+        raise ConfigError("bench.every must be at least 1 (steps between checkpoints)")
+    if o.score_every < 0 or (o.score_every and o.score_every % o.every):
+        raise ConfigError(f"bench.score_every must be 0 or a multiple of bench.every ({o.every})")
     curves, trained = {}, {}
     for name in o.generators:
         run_dir = Path(out_root) / "generators-curve" / name
         cfg, trained[name] = _train(name, o, overrides, run_dir)
-        curves[name] = curve(name, cfg, run_dir, o.curve_prompts)
+        curves[name] = curve(name, cfg, run_dir, o.curve_prompts, o.score_every)
     rows = []
     for name, info in trained.items():
         f = curves[name][-1]
