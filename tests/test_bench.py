@@ -109,6 +109,7 @@ def test_data_bench_json(tmp_path):
 def test_generators_curve_bench_scores_every_checkpoint_and_reuses_the_run(tmp_path):
     """Curve points at step 0 (untrained), every `every` steps and the last step (all prompts), a PNG;
     a second call reuses the finished run (no training), another config in the same folder is an error."""
+    import shutil
     from dataclasses import replace
 
     from scalegen.bench.generators_curve import GeneratorsCurveOptions, bench_generators_curve
@@ -135,6 +136,14 @@ def test_generators_curve_bench_scores_every_checkpoint_and_reuses_the_run(tmp_p
         bench_generators_curve(opts, [*TINY, "train.max_steps=6"], str(tmp_path))
     with pytest.raises(ConfigError, match="multiple of bench.every"):
         bench_generators_curve(replace(opts, score_every=3), [*TINY, "train.max_steps=4"], str(tmp_path))
+    (run / "bench_train.json").unlink()  # as if stopped after the checkpoint at step 2
+    shutil.rmtree(ckpt)
+    with pytest.raises(ConfigError, match="unfinished run"):
+        bench_generators_curve(opts, [*TINY, "train.max_steps=4"], str(tmp_path))
+    part = bench_generators_curve(replace(opts, unfinished=True, plot=""), [*TINY, "train.max_steps=4"], str(tmp_path))
+    assert [p["step"] for p in part["curves"]["conv3d"]] == [0, 2] and part["curves"]["conv3d"][0] == pts[0]
+    assert part["train"]["conv3d"]["steps"] == 2 and not part["train"]["conv3d"]["finished"]
+    assert part["curves"]["conv3d"][1]["seen_psnr"] != pts[1]["seen_psnr"]  # step 2 now scored on all prompts
 
 
 def test_generate_bench_json(tmp_path):

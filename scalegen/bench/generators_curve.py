@@ -51,6 +51,9 @@ class GeneratorsCurveOptions:
     score_every: int = 0  # score the checkpoints at multiples of this (0: every checkpoint); the last always
     curve_prompts: int = 16  # prompts per split scored at intermediate checkpoints (0: all); the last: all
     plot: str = "docs/generators.png"  # "" writes no plot
+    # score a run of the same config that stopped before train.max_steps as far as it got (no training; its last
+    # checkpoint is scored on all prompts, its time estimated from the logged step times); the table marks it
+    unfinished: bool = False
 
 
 def _config_path(name: str) -> str | None:
@@ -72,6 +75,23 @@ def _finished(run_dir: Path, cfg: Config) -> bool:
     return cfg_file.read_text() == cfg.to_yaml() and cfg.train.max_steps in steps
 
 
+def _same_config(run_dir: Path, cfg: Config) -> bool:
+    return (run_dir / "config.yaml").is_file() and (run_dir / "config.yaml").read_text() == cfg.to_yaml()
+
+
+def _unfinished_info(run_dir: Path, cfg: Config) -> dict:
+    """What an interrupted run reached: its last checkpoint's step and the mean logged seconds per step."""
+    steps = [checkpoint_step(p) for p in checkpoints_dir(run_dir).glob("step_*") if (p / "state.json").is_file()]
+    if not steps:
+        raise ConfigError(f"'{run_dir}' has no checkpoint to score yet")
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    step_s = [m["step_s"] for m in logged if "step_s" in m]
+    print(f"[generators-curve] {run_dir.name}: scoring the unfinished run (step {max(steps)} of "
+          f"{cfg.train.max_steps})", flush=True)
+    return {"train_s": sum(step_s) / len(step_s) * max(steps), "steps": max(steps), "threads": cfg.train.threads,
+            "load_start": float("nan"), "load_end": float("nan"), "finished": False}
+
+
 def _train(name: str, o: GeneratorsCurveOptions, overrides: list[str], run_dir: Path) -> tuple[Config, dict]:
     cfg = load_config(_config_path(name), ["train.logger=none", "train.progress=false", *overrides,
                                             f"train.ckpt_every={o.every}", "train.keep_ckpts=1000",
@@ -79,6 +99,8 @@ def _train(name: str, o: GeneratorsCurveOptions, overrides: list[str], run_dir: 
     if _finished(run_dir, cfg):
         print(f"[generators-curve] {name}: reusing the finished run in {run_dir}", flush=True)
         return cfg, json.loads((run_dir / "bench_train.json").read_text())
+    if o.unfinished and _same_config(run_dir, cfg):
+        return cfg, _unfinished_info(run_dir, cfg)
     if run_dir.exists():
         raise ConfigError(f"'{run_dir}' holds another or an unfinished run; remove it (or pass another --out) "
                           "so the curve is not mixed from two runs")
@@ -87,7 +109,7 @@ def _train(name: str, o: GeneratorsCurveOptions, overrides: list[str], run_dir: 
     t0 = time.perf_counter()
     train(cfg, run_dir)
     info = {"train_s": time.perf_counter() - t0, "steps": cfg.train.max_steps, "threads": cfg.train.threads,
-            "load_start": load0, "load_end": os.getloadavg()[0]}
+            "load_start": load0, "load_end": os.getloadavg()[0], "finished": True}
     write_json(run_dir / "bench_train.json", info)
     return cfg, info
 
@@ -99,7 +121,8 @@ def _scores(res: dict) -> dict:
 def curve(name: str, cfg: Config, run_dir: Path, curve_prompts: int, score_every: int = 0) -> list[dict]:
     """Scores of the untrained generator (step 0) and of the chosen checkpoints of ``run_dir``; kept in
     ``run_dir/bench_curve.json`` and reused while the scored steps and ``curve_prompts`` are the same."""
-    last = cfg.train.max_steps
+    all_steps = [checkpoint_step(p) for p in checkpoints_dir(run_dir).glob("step_*") if (p / "state.json").is_file()]
+    last = max(all_steps, default=cfg.train.max_steps)  # max_steps unless the run is scored unfinished
     ckpts = sorted(p for p in checkpoints_dir(run_dir).glob("step_*") if (p / "state.json").is_file()
                    and (checkpoint_step(p) == last or not score_every or checkpoint_step(p) % score_every == 0))
     key = {"curve_prompts": curve_prompts, "steps": [checkpoint_step(p) for p in ckpts]}
@@ -153,7 +176,8 @@ def draw_curves(curves: dict[str, list[dict]], path: Path, w: int = 720, h: int 
                 dr.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
         final = pts[-1]
         dr.text((r + 10, t + 36 * i), LABELS[name], fill=color)
-        dr.text((r + 10, t + 36 * i + 14), f"{final['seen_psnr']:.1f} / {final['unseen_psnr']:.1f} dB", fill=color)
+        dr.text((r + 10, t + 36 * i + 14), f"{final['seen_psnr']:.1f} / {final['unseen_psnr']:.1f} dB"
+                f" @ {final['step']}", fill=color)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
     img.save(tmp, format="PNG")
@@ -173,7 +197,8 @@ def bench_generators_curve(o: GeneratorsCurveOptions, overrides: list[str], out_
     rows = []
     for name, info in trained.items():
         f = curves[name][-1]
-        rows.append([LABELS[name], info["steps"], info["train_s"] / info["steps"], info["train_s"],
+        steps = info["steps"] if info.get("finished", True) else f"{info['steps']} (unfinished)"
+        rows.append([LABELS[name], steps, info["train_s"] / info["steps"], info["train_s"],
                      f"{info['load_start']:.1f}-{info['load_end']:.1f}", f["seen_psnr"], f["seen_psnr_fg"],
                      f["seen_iou"], f["unseen_psnr"], f["unseen_iou"]])
     print(format_table(rows, ["generator", "steps", "s/step", "train s", "load", "PSNR seen", "PSNR fg seen",
