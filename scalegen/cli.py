@@ -69,6 +69,8 @@ def cmd_eval(args) -> int:
     from scalegen.priors import build_world
     from scalegen.train.model import build_model, load_run
 
+    if not args.ckpt:
+        raise ScalegenError("scalegen eval needs --ckpt RUN_DIR (CLIP scores: `scalegen eval clip --ckpt RUN --corpus FILE`)")
     cfg, text_encoder, model, ckpt = load_run(args.ckpt)
     if cfg.prior.name != "oracle":
         raise ScalegenError(f"'{args.ckpt}' was trained with prior {cfg.prior.name}; oracle metrics need an "
@@ -86,15 +88,81 @@ def cmd_eval(args) -> int:
         torch.manual_seed(cfg.train.seed)
         _, init_model = build_model(cfg)
         base = evaluate_oracle(cfg, init_model.eval(), text_encoder, world, max_prompts=args.max_prompts)
-        res["untrained"] = {k: {m: base[k][m] for m in ("psnr", "psnr_fg", "iou", "color_error")} for k in base}
-    rows = [[split, r["psnr"], r["psnr_fg"], r["iou"], r["color_error"], r["n_prompts"]]
+        res["untrained"] = {k: {m: base[k][m] for m in ("psnr", "psnr_fg", "iou", "color_error", "r_at_1")}
+                            for k in base}
+    rows = [[split, r["psnr"], r["psnr_fg"], r["iou"], r["color_error"], r["r_at_1"], r["n_prompts"]]
             for split, r in res.items() if split in ("seen", "unseen")]
     if "untrained" in res:
-        rows += [[f"untrained/{k}", r["psnr"], r["psnr_fg"], r["iou"], r["color_error"], "-"]
+        rows += [[f"untrained/{k}", r["psnr"], r["psnr_fg"], r["iou"], r["color_error"], r["r_at_1"], "-"]
                  for k, r in res["untrained"].items()]
-    print(_table(rows, ["split", "PSNR (dB)", "PSNR fg", "mask IoU", "colour err", "prompts"]))
+    chance = next(r["r_at_1_chance"] for k, r in res.items() if k in ("seen", "unseen"))
+    print(_table(rows, ["split", "PSNR (dB)", "PSNR fg", "mask IoU", "colour err", "R@1", "prompts"]))
+    print(f"R@1: each view retrieves its prompt among the ground truths of all prompts (chance {chance:.3f})")
     print(f"({res['eval_s']:.0f} s, checkpoint {ckpt})")
     _write_json(args.json, res)
+    return 0
+
+
+def cmd_eval_clip(args) -> int:
+    from accelerate import PartialState
+
+    from scalegen.eval.clip import (FolderViews, RunViews, evaluate_clip, make_protocol, people_table,
+                                    read_pool)
+    from scalegen.eval.clip_models import default_cache_dir, load_clip
+    from scalegen.train.checkpoint import run_dir_of
+    from scalegen.train.model import load_run
+
+    if bool(args.ckpt) == bool(args.images):
+        raise ScalegenError("give exactly one of --ckpt RUN_DIR (render and score a run) or --images DIR (score "
+                            "views rendered elsewhere)")
+    render_keys = {"--views": args.views, "--resolution": args.resolution, "--elevation": args.elevation,
+                   "--distance": args.distance, "--fovy": args.fovy}
+    if args.images:
+        given = [k for k, v in render_keys.items() if v is not None] + (["--save-views"] if args.save_views else [])
+        if given:
+            raise ScalegenError(f"{given[0]} shapes the renders of --ckpt; --images scores the views as they are")
+        if not args.out:
+            raise ScalegenError("--images needs --out DIR for the results (not inside the images folder)")
+    protocol = make_protocol(args.protocol, model=args.model, views=args.views, resolution=args.resolution,
+                             elevation=args.elevation, distance=args.distance, fovy=args.fovy, crop=args.crop,
+                             resize=args.resize, caption_prefix=args.prefix, clipscore_w=args.clipscore_w,
+                             distractors=args.distractors, seed=args.seed, splits=args.split)
+    if args.batch < 1 or args.contact < 0:
+        raise ScalegenError(f"--batch must be at least 1 and --contact at least 0 (got {args.batch}, {args.contact})")
+    state = PartialState(cpu=args.cpu)
+    pool = read_pool(args.corpus, protocol.splits)  # corpus, run and images are checked before CLIP loads
+    if args.ckpt:
+        source = RunViews(*load_run(args.ckpt), protocol, state.device)
+        out = args.out or str(run_dir_of(source.ckpt) / "eval-clip" / f"{protocol.name}-{Path(args.corpus).stem}")
+    else:
+        source = FolderViews(args.images, pool, args.glob)
+        out = args.out
+        if source.missing and state.is_main_process:
+            print(f"note: {len(source.missing)} of {len(pool.prompts)} corpus prompts have no image folder "
+                  f"(e.g. {source.missing[0]!r}); they are not scored but stay retrieval candidates", flush=True)
+    clip = load_clip(protocol.model, state.device)
+    summary = evaluate_clip(source, pool, protocol, clip, out, args.cache or default_cache_dir(), state=state,
+                            batch=args.batch, contact=args.contact, save_views=args.save_views,
+                            overwrite=args.overwrite, progress=not args.no_progress)
+    if state.is_main_process:
+        print(people_table(summary))
+        p = summary["protocol"]
+        how = "views as rendered" if args.images else f"{p['views']} views at {p['resolution']} px"
+        print(f"protocol {p['name']}: {p['model']} ({p['backend']}), {how}; {summary['n_images']} images, "
+              f"{summary['eval_s']:.0f} s; results in {out}/ (summary.json, summary.md, per_prompt.csv, "
+              "contact_sheet.png)")
+        _write_json(args.json, summary)
+    return 0
+
+
+def cmd_eval_make_tiny_clip(args) -> int:
+    from scalegen.eval.clip_models import make_tiny_clip_model
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ScalegenError(f"'{out}' is not empty; give a new folder for the tiny CLIP")
+    make_tiny_clip_model(out, backend=args.backend, seed=args.seed)
+    print(f"wrote a tiny random {args.backend} CLIP to {out} (use --model {out}; its scores mean nothing)")
     return 0
 
 
@@ -383,12 +451,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("eval", help="oracle-world metrics of a run (PSNR, mask IoU, colour error)")
-    p.add_argument("--ckpt", required=True, help="run directory or checkpoint folder")
+    p = sub.add_parser("eval", help="oracle-world metrics of a run (PSNR, mask IoU, colour error, R@1); "
+                                    "`eval clip`: CLIP scores on a prompt corpus")
+    p.add_argument("--ckpt", help="run directory or checkpoint folder")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--baseline", action="store_true", help="also evaluate the untrained generator")
     p.add_argument("--max-prompts", type=int, default=None, help="per split (default: eval.max_prompts)")
     p.set_defaults(fn=cmd_eval)
+    eval_sub = p.add_subparsers(dest="eval_command")
+    q = eval_sub.add_parser("clip", help="CLIP similarity, CLIPScore and R@1 of a run (or of rendered views) on a corpus")
+    q.add_argument("--ckpt", help="run directory or checkpoint folder to render")
+    q.add_argument("--images", help="score views rendered elsewhere: DIR/<prompt>/<view>.png (README)")
+    q.add_argument("--corpus", required=True, help="prompt file (ScaleDreamer JSON, text, CSV, JSON lines) or shard folder")
+    q.add_argument("--split", nargs="+", help="corpus splits to score (default: the protocol's; test falls back to val)")
+    q.add_argument("--protocol", default="scalegen", choices=["scaledreamer", "triplaneturbo", "scalegen"])
+    q.add_argument("--model", help="CLIP: transformers folder or hub id, open_clip NAME:PRETRAINED or folder")
+    q.add_argument("--views", type=int, help="views per prompt (protocol default)")
+    q.add_argument("--resolution", type=int, help="rendered pixels per side (protocol default)")
+    q.add_argument("--elevation", type=float, help="degrees (protocol default 15)")
+    q.add_argument("--distance", type=float, help="camera distance (default: the run's camera.eval_distance)")
+    q.add_argument("--fovy", type=float, help="degrees (default: the run's camera.eval_fovy)")
+    q.add_argument("--crop", choices=["left", "center"], help="left square (ScaleDreamer) or center crop")
+    q.add_argument("--resize", choices=["bilinear", "bicubic"], help="resampling to CLIP's input size")
+    q.add_argument("--prefix", help="caption prefix (triplaneturbo: 'A photo depicts')")
+    q.add_argument("--clipscore-w", type=float, help="CLIPScore weight w (2.5)")
+    q.add_argument("--distractors", type=int, help="k of the distractor R@1 (99)")
+    q.add_argument("--seed", type=int, help="distractor draw (0)")
+    q.add_argument("--json", help="also write the summary to this JSON file")
+    q.add_argument("--out", help="results folder (default: RUN/eval-clip/PROTOCOL-CORPUS); rerun to resume")
+    q.add_argument("--cache", help="text-feature cache (default: $SCALEGEN_CACHE or ~/.cache/scalegen/clip-text)")
+    q.add_argument("--batch", type=int, default=64, help="images per CLIP forward (default 64)")
+    q.add_argument("--contact", type=int, default=16, help="prompts on the contact sheet (default 16)")
+    q.add_argument("--glob", default="*", help="with --images: which files of a prompt folder are views")
+    q.add_argument("--save-views", action="store_true", help="also write every view as OUT/views/<prompt>/<i>.png")
+    q.add_argument("--overwrite", action="store_true", help="discard results of another evaluation in --out")
+    q.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.set_defaults(fn=cmd_eval_clip)
+    q = eval_sub.add_parser("make-tiny-clip", help="write a tiny random CLIP (tests and smoke runs)")
+    q.add_argument("--out", required=True, help="new folder")
+    q.add_argument("--backend", default="transformers", choices=["transformers", "open_clip"])
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(fn=cmd_eval_make_tiny_clip)
 
     p = sub.add_parser("generate", help="prompts -> meshes (GLB/OBJ/PLY), optionally textured, with turntables")
     p.add_argument("--ckpt", required=True, help="run directory or checkpoint folder")
@@ -495,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks (numbers for docs/performance.md)")
     p.add_argument("name", help="saturation | sharpness | guidance | flops-sd | flops-mvdream | data | distill | toy2d "
-                                "| generators | generate")
+                                "| generators | generate | eval")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--out", default="runs/bench", help="folder for the benchmark's runs")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")

@@ -32,6 +32,8 @@ def test_unknown_bench_is_a_clear_error():
     ("data", "bench.sizes=ten", "must be a list"),
     ("generators", "bench.generators=[conv4d]", "must be one of"),
     ("toy2d", "train.max_steps=3", "runs no training config"),
+    ("eval", "bench.image=4", "did you mean 'bench.images'"),
+    ("eval", "bench.resolutions=[4]", "must be >= 8"),
 ])
 def test_bench_options_are_typed_config_keys(name, item, message):
     """Bench options go through the config schema's checks: typos name the closest option, wrong
@@ -163,3 +165,18 @@ def test_generate_bench_json(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "scalegen.cli", "bench", "generate", "bench.case=[x]"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "did you mean 'bench.cases'" in bad.stderr
+
+
+def test_eval_bench_json(tmp_path):
+    """`bench eval` on a tiny budget: images/s of CLIP scoring and of rendering per (model, resolution)."""
+    pytest.importorskip("open_clip")
+    out = tmp_path / "eval.json"
+    r = subprocess.run([sys.executable, "-m", "scalegen.cli", "bench", "eval", "--json", str(out), *TINY,
+                        "bench.models=[ViT-B-32]", "bench.resolutions=[16,32]", "bench.images=4", "bench.batch=4",
+                        "bench.prompts=8", "bench.views=2", "bench.threads=1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert [(c["model"], c["resolution"]) for c in data["cases"]] == [("ViT-B-32", 16), ("ViT-B-32", 32)]
+    for c in data["cases"]:
+        assert c["score_images_per_s"] > 0 and c["render_images_per_s"] > 0
+        assert c["end_to_end_images_per_s"] < min(c["score_images_per_s"], c["render_images_per_s"])

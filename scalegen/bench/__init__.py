@@ -15,7 +15,7 @@ from scalegen.config import parse_options
 from scalegen.errors import ScalegenError
 
 NAMES = ("saturation", "sharpness", "guidance", "flops-sd", "flops-mvdream", "data", "distill", "toy2d", "generators",
-         "generators-curve", "generate")
+         "generators-curve", "generate", "eval")
 
 
 def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
@@ -75,4 +75,8 @@ def run_bench(name: str, items: list[str], out_root: str = "runs/bench") -> dict
         from scalegen.bench.generate import GenerateBenchOptions, bench_generate  # noqa: PLC0415
 
         return bench_generate(parse(GenerateBenchOptions), overrides, out_root)
+    if name == "eval":
+        from scalegen.bench.clip_eval import EvalOptions, bench_eval  # noqa: PLC0415
+
+        return bench_eval(parse(EvalOptions), overrides, out_root)
     raise ScalegenError(f"unknown benchmark {name!r}; choose from {', '.join(NAMES)}")

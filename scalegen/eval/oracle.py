@@ -8,6 +8,11 @@ Per split (seen = trained prompts, unseen = held-out attribute combinations):
   color_error  signed colour error inside the object (pixels inside both masks):
                mean(|pred - 0.5| - |gt - 0.5|) over channels. Positive = colours pushed further
                from mid-grey than the truth (over-saturated), negative = washed out.
+  r_at_1       the oracle's CLIP R-precision: each render retrieves, among the ground-truth renders
+               of *all* the world's prompts (seen and unseen) from the same camera, the one nearest
+               in pixel MSE; a hit when that is its own prompt's (ties shared, as in CLIP R@1:
+               scalegen/eval/retrieval.py). Known answers: 1.0 for the ground truth itself, about
+               chance (1 / number of prompts) for a generator that ignores the prompt.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import math
 import torch
 
 from scalegen.data.cameras import orbit_cameras
+from scalegen.eval.retrieval import r_at_1
 from scalegen.priors.oracle import build_oracle_prior
 from scalegen.render import build_renderer
 from scalegen.render.images import psnr
@@ -43,6 +49,33 @@ def image_metrics(pred_rgb, pred_op, gt_rgb, gt_op) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
+def ground_truth_gallery(gt_renderer, world, cams, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rgb [N, V, 3, H, W], opacity [N, V, 1, H, W]) of every world prompt (``world.prompts`` order)."""
+    rgb, op = [], []
+    v = cams.shape[1]
+    for i in range(0, len(world.prompts), batch):
+        chunk = world.prompts[i:i + batch]
+        gt = gt_renderer(world.field(chunk), cams.expand(len(chunk)), background=world.background, perturb=False)
+        rgb.append(gt.rgb.view(len(chunk), v, *gt.rgb.shape[1:]))
+        op.append(gt.opacity.view(len(chunk), v, *gt.opacity.shape[1:]))
+    return torch.cat(rgb), torch.cat(op)
+
+
+@torch.no_grad()
+def retrieval_r_at_1(pred: torch.Tensor, gallery: torch.Tensor, own: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Per-prompt R@1 of renders ``pred`` [B, V, 3, H, W] among ``gallery`` [N, V, 3, H, W] (same cameras
+    per view), scored by negative pixel MSE; ``own`` [B] = each prompt's gallery row. Returns [B]."""
+    b, v = pred.shape[:2]
+    hits = []
+    for j in range(v):
+        q = pred[:, j].flatten(1)
+        scores = torch.cat([-(q[:, None] - gallery[s:s + chunk, j].flatten(1)[None]).pow(2).mean(-1)
+                            for s in range(0, len(gallery), chunk)], dim=1)  # [B, N]
+        hits.append(r_at_1(scores, own))
+    return torch.stack(hits, 1).mean(1)
+
+
+@torch.no_grad()
 def evaluate_oracle(cfg, model, text_encoder, world, batch: int = 8, max_prompts: int | None = None) -> dict:
     """Metrics of ``model`` (a SceneModel) per split; returns plain floats."""
     model.eval()
@@ -50,6 +83,7 @@ def evaluate_oracle(cfg, model, text_encoder, world, batch: int = 8, max_prompts
     cams = eval_cameras(cfg)
     gt_source = build_oracle_prior(cfg, world)
     renderer = build_renderer(cfg).eval()
+    gallery_rgb, gallery_op = ground_truth_gallery(gt_source.renderer, world, cams, batch)
     result = {}
     for split, prompts in (("seen", world.seen), ("unseen", world.unseen)):
         if max_prompts:
@@ -57,16 +91,18 @@ def evaluate_oracle(cfg, model, text_encoder, world, batch: int = 8, max_prompts
         if not prompts:
             continue
         acc: dict[str, list] = {"psnr": [], "psnr_fg": [], "iou": [], "color_error": [], "has_object": []}
+        r1 = []
         for i in range(0, len(prompts), batch):
             chunk = prompts[i:i + batch]
             field, bg = model(text_encoder.encode(chunk))
             out = renderer(field, cams, background=bg, samples=cfg.eval.samples,
                            importance_samples=cfg.eval.importance_samples)
-            gt_field = world.field(chunk)
-            gt = gt_source.renderer(gt_field, cams.expand(len(chunk)), background=world.background, perturb=False)
-            m = image_metrics(out.rgb, out.opacity, gt.rgb, gt.opacity)
+            own = torch.tensor([world.index(p) for p in chunk])
+            gt_rgb, gt_op = gallery_rgb[own].flatten(0, 1), gallery_op[own].flatten(0, 1)
+            m = image_metrics(out.rgb, out.opacity, gt_rgb, gt_op)
             for k in acc:
                 acc[k].append(m[k])
+            r1.append(retrieval_r_at_1(out.rgb.view(len(chunk), -1, *out.rgb.shape[1:]), gallery_rgb, own))
         cat = {k: torch.cat(v) for k, v in acc.items()}
         has = cat["has_object"]
         result[split] = {
@@ -74,6 +110,8 @@ def evaluate_oracle(cfg, model, text_encoder, world, batch: int = 8, max_prompts
             "psnr_fg": float(cat["psnr_fg"].mean()),
             "iou": float(cat["iou"].mean()),
             "color_error": float(cat["color_error"][has].mean()) if has.any() else math.nan,
+            "r_at_1": float(torch.cat(r1).mean()),
+            "r_at_1_chance": 1.0 / len(world.prompts),
             "n_prompts": len(prompts),
             "n_images": int(len(cat["psnr"])),
         }
