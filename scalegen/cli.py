@@ -1,4 +1,4 @@
-"""Command line: ``scalegen train | eval | generate | gallery | bench | info | prior | data``.
+"""Command line: ``scalegen train | eval | generate | refine | gallery | bench | info | prior | data``.
 
 Errors a user can cause (``ScalegenError``) print one line and exit 2, without a traceback.
 """
@@ -100,6 +100,38 @@ def cmd_eval(args) -> int:
     print(f"R@1: each view retrieves its prompt among the ground truths of all prompts (chance {chance:.3f})")
     print(f"({res['eval_s']:.0f} s, checkpoint {ckpt})")
     _write_json(args.json, res)
+    return 0
+
+
+def cmd_refine(args) -> int:
+    from scalegen.refine import refine, refine_config, resume_config
+
+    if args.resume:
+        if args.prompt or args.init_from or args.config or args.representation or args.distill:
+            raise ScalegenError("--resume continues the refinement in --out as it was set up; give only key=value "
+                                "overrides (e.g. train.max_steps=800) with it")
+        cfg = resume_config(args.out, args.overrides)
+    else:
+        if not args.prompt:
+            raise ScalegenError("give --prompt TEXT, the prompt to refine (or --resume to continue a refinement)")
+        cfg = refine_config(args.prompt, args.representation or "gaussians", args.distill, args.init_from,
+                            args.config, args.overrides)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    rep = refine(cfg, args.out, init_from=args.init_from, resume=bool(args.resume), up=args.up, fit=args.fit,
+                 mesh_resolution=args.mesh_resolution)
+    scores = rep.get("metrics", {})
+    rows = [[name, s["psnr"], s["psnr_fg"], s["iou"], s["color_error"]]
+            for name, s in (("amortized generator", scores.get("amortized")), ("start", scores.get("start")),
+                            ("refined", scores.get("refined"))) if s]
+    if rows:
+        print(_table(rows, ["scene", "PSNR (dB)", "PSNR fg", "mask IoU", "colour err"]))
+    print(f"refined '{rep['prompt']}' ({rep['representation']}, {rep['distill']}, start: {rep['start']}) for "
+          f"{rep['steps']} steps in {rep['train_s']:.0f} s ({rep['train_cpu_s']:.0f} s CPU)" + (f"; {rep['gaussians']} Gaussians" if "gaussians" in rep
+                                                              else "")
+          + f"; wrote {', '.join(rep[k] for k in ('ply', 'mesh') if k in rep)} and {Path(args.out) / 'refine.json'}")
+    _write_json(args.json, rep)
     return 0
 
 
@@ -209,7 +241,11 @@ def cmd_generate(args) -> int:
 
 def _check_world_prompts(cfg, prompts: list[str], ckpt) -> None:
     """An oracle-world generator has only ever seen the world's grammar: a prompt outside it would give a
-    mesh of nothing in particular, so it is refused (with the grammar), not exported."""
+    mesh of nothing in particular, so it is refused (with the grammar), not exported. A per-prompt scene
+    (`scalegen refine`) has only its own prompt."""
+    if cfg.data.prompt is not None and any(p.strip().lower() != cfg.data.prompt.strip().lower() for p in prompts):
+        raise ScalegenError(f"'{ckpt}' is the per-prompt scene of '{cfg.data.prompt}'; export that prompt (its "
+                            "mesh.glb is already in the folder) or use an amortized run")
     if cfg.prior.name != "oracle":
         return
     from scalegen.errors import DataError
@@ -518,6 +554,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-fragments", action="store_true",
                    help="keep pieces smaller than 2%% of the largest (floaters are dropped by default)")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("refine", help="per-prompt refinement: one prompt's 3D Gaussians or iNGP, from a sphere, an "
+                                      "asset file or an amortized run's output")
+    p.add_argument("--prompt", help="the prompt to refine")
+    p.add_argument("--representation", choices=["gaussians", "ingp"], help="default: gaussians")
+    p.add_argument("--distill", choices=["sds", "asd", "vdm", "csd", "vsd"],
+                   help="distiller (default: the base config's: the run's, or sds)")
+    p.add_argument("--init-from", help="'sphere' (default), a run directory of `scalegen train` (its output for the "
+                                       "prompt), or a PLY / OBJ / GLB file (3DGS PLY, point cloud or mesh)")
+    p.add_argument("--up", choices=["y", "z"], default="y",
+                   help="up axis of a mesh / point-cloud start file (default y, glTF's; a 3DGS PLY is read as is)")
+    p.add_argument("--fit", action="store_true", help="centre and scale a start file to the start sphere")
+    p.add_argument("--config", help="YAML file applied over the preset")
+    p.add_argument("--out", required=True, help="output folder (checkpoints, gaussians.ply, mesh.glb, refine.json)")
+    p.add_argument("--resume", nargs="?", const="yes", choices=["yes"], help="continue the refinement in --out")
+    p.add_argument("--mesh-resolution", type=int, default=128, help="marching-cubes grid of mesh.glb (default 128)")
+    p.add_argument("--json", help="also write the report to this JSON file")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=200")
+    p.set_defaults(fn=cmd_refine)
 
     p = sub.add_parser("gallery", help="a static page of a run's or an asset folder's assets (no network needed)")
     p.add_argument("source", help="run directory (assets are generated) or a folder from `generate --prompts`")

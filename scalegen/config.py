@@ -95,6 +95,7 @@ class DataConfig:
     num_workers: Annotated[int, NonNeg] = 0  # dataloader workers reading shards (the batch order does not depend on it)
     on_corrupt: Literal["fail", "skip"] = "fail"  # a corrupt/truncated shard: stop, or skip it and count it
     embed_cache: Annotated[int, AtLeast1] = 4096  # prompts whose text embeddings are kept in memory when shards carry none (LRU)
+    prompt: Optional[str] = None  # one prompt (per-prompt refinement, `scalegen refine`); replaces data.prompts
 
 
 @dataclass
@@ -170,12 +171,35 @@ class PriorConfig:
         return self.encode_resolution or enc, self.latent_resolution or lat
 
 
+PER_PROMPT = ("gaussians", "ingp")  # generators that are one prompt's scene (per-prompt refinement)
 NATIVE_RESOLUTION = {"stable_diffusion": (512, 64), "mvdream": (256, 32)}  # (VAE input, UNet latent) sizes
 
 
 @dataclass
+class GaussiansConfig:
+    """generator.name=gaussians: one prompt's 3D Gaussians (per-prompt refinement, generators/gaussians.py)."""
+
+    n_init: Annotated[int, AtLeast1] = 4096  # Gaussians of the sphere start (a start from a file or a run brings its own)
+    sh_degree: Annotated[int, Range(ge=0, le=3)] = 0  # view-dependent colour; 0 = one colour per Gaussian
+    init_opacity: Annotated[float, Range(gt=0, lt=1)] = 0.1  # start opacity in a volume (sphere, point cloud): 3DGS's
+    surface_opacity: Annotated[float, Range(gt=0, lt=1)] = 0.8  # start opacity of discs on a known surface (run, mesh)
+    densify_from: Annotated[float, NonNeg] = 0.0  # densify in [from, until) (step positions), every densify_every steps
+    densify_until: Annotated[float, NonNeg] = 0.6
+    densify_every: Annotated[int, AtLeast1] = 50
+    densify_grad: Annotated[float, Positive] = 2e-4  # mean screen-space gradient (NDC) above which a Gaussian is cloned/split
+    percent_dense: Annotated[float, Positive] = 0.01  # clone below this size (x render.bound), split above
+    min_opacity: Annotated[float, Unit] = 0.005  # prune below this opacity
+    max_scale: Annotated[float, Positive] = 0.1  # prune above this size (x render.bound)
+    max_gaussians: Annotated[int, AtLeast1] = 20000  # densification stops growing the set here (CPU budget)
+    opacity_reset_every: Annotated[int, NonNeg] = 0  # 3DGS resets opacities to <= 0.01 every N steps; 0 = never
+    mesh_level: Annotated[float, Positive] = 0.5  # mesh export: the surface where the summed density reaches this
+
+
+@dataclass
 class GeneratorConfig:
-    name: Literal["hyper_ingp", "conv3d", "triplane_transformer"] = "hyper_ingp"
+    # hyper_ingp / conv3d / triplane_transformer: amortized (any prompt); gaussians / ingp: one prompt's scene
+    # (per-prompt refinement: data.prompt, data.prompts_per_step=1)
+    name: Literal["hyper_ingp", "conv3d", "triplane_transformer", "gaussians", "ingp"] = "hyper_ingp"
     # Multi-resolution hash grid shared by all prompts (paper: 16 x 2, 2^19, 16 -> 4096).
     hash_levels: Annotated[int, AtLeast1] = 8
     hash_features: Annotated[int, AtLeast1] = 2
@@ -207,6 +231,7 @@ class GeneratorConfig:
     text_norm: bool = False
     checkpointing: bool = False  # recompute each block in backward (activation memory / ~1.3x time)
     bf16: bool = False  # run the conv / transformer trunk under bfloat16 autocast
+    gaussians: GaussiansConfig = field(default_factory=GaussiansConfig)
 
 
 @dataclass
@@ -222,6 +247,9 @@ class RenderConfig:
     eikonal_points: Annotated[int, AtLeast1] = 4096  # ray samples per step used for the eikonal term
     background: Literal["env", "solid"] = "env"
     bg_random_prob: Annotated[float, Unit] = 0.0  # random solid-colour background augmentation (SD runs: 0.2)
+    # generator.name=gaussians: the rasterizer (render/gaussians.py)
+    splat_backend: Literal["auto", "torch", "gsplat"] = "auto"  # auto: gsplat's CUDA kernels when installed on a GPU
+    splat_blur: Annotated[float, NonNeg] = 0.3  # px^2 added to every projected covariance (3DGS / gsplat eps2d)
 
 
 @dataclass
@@ -406,6 +434,11 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
         return int(value)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
         return float(value)
@@ -505,6 +538,16 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
     return from_dict(data)
 
 
+def compose_config(layers: list[dict], overrides: list[str] | None = None) -> Config:
+    """Defaults <- each layer of nested sections in turn (deep-merged) <- ``key=value`` overrides, validated."""
+    data: dict = {}
+    for layer in layers:
+        data = _deep_merge(data, layer)
+    if overrides:
+        data = _deep_merge(data, parse_overrides(overrides))
+    return from_dict(data)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- ``key=value`` overrides, validated."""
     data = load_yaml(path) if path else {}
@@ -549,6 +592,14 @@ def validate(cfg: Config) -> None:
          "generator.hash_max_resolution must be >= generator.hash_base_resolution")
     need(cfg.generator.sdf_radius < cfg.render.bound,
          "generator.sdf_radius must be smaller than render.bound (the start sphere must fit in the scene box)")
+    if cfg.generator.name in PER_PROMPT:
+        need(bool(cfg.data.prompt), f"generator.name={cfg.generator.name} is one prompt's scene: give data.prompt "
+             "(`scalegen refine --prompt TEXT` does)")
+        need(cfg.data.prompts_per_step == 1, f"generator.name={cfg.generator.name} renders one prompt per step: set "
+             "data.prompts_per_step=1")
+        need(not cfg.data.shards, "per-prompt refinement trains on data.prompt; drop data.shards")
+    if cfg.data.prompt is not None:
+        need(bool(cfg.data.prompt.strip()), "data.prompt is empty; describe the asset, e.g. 'a large red cube'")
     w = cfg.world
     need(len(w.colors) >= 2 and len(w.shapes) >= 2 and len(w.sizes) >= 1,
          "world needs at least 2 colors, 2 shapes and 1 size")

@@ -34,6 +34,8 @@ def test_unknown_bench_is_a_clear_error():
     ("toy2d", "train.max_steps=3", "runs no training config"),
     ("eval", "bench.image=4", "did you mean 'bench.images'"),
     ("eval", "bench.resolutions=[4]", "must be >= 8"),
+    ("refine", "bench.distiller=[vdm]", "did you mean 'bench.distillers'"),
+    ("refine", "bench.representation=nerf", "must be one of"),
 ])
 def test_bench_options_are_typed_config_keys(name, item, message):
     """Bench options go through the config schema's checks: typos name the closest option, wrong

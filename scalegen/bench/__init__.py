@@ -15,7 +15,7 @@ from scalegen.config import parse_options
 from scalegen.errors import ScalegenError
 
 NAMES = ("saturation", "sharpness", "guidance", "flops-sd", "flops-mvdream", "data", "distill", "toy2d", "generators",
-         "generators-curve", "generate", "eval")
+         "generators-curve", "generate", "eval", "refine")
 
 
 def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
@@ -79,4 +79,8 @@ def run_bench(name: str, items: list[str], out_root: str = "runs/bench") -> dict
         from scalegen.bench.clip_eval import EvalOptions, bench_eval  # noqa: PLC0415
 
         return bench_eval(parse(EvalOptions), overrides, out_root)
+    if name == "refine":
+        from scalegen.bench.refine import RefineBenchOptions, bench_refine  # noqa: PLC0415
+
+        return bench_refine(parse(RefineBenchOptions), overrides, out_root)
     raise ScalegenError(f"unknown benchmark {name!r}; choose from {', '.join(NAMES)}")

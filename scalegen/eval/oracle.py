@@ -76,43 +76,62 @@ def retrieval_r_at_1(pred: torch.Tensor, gallery: torch.Tensor, own: torch.Tenso
 
 
 @torch.no_grad()
-def evaluate_oracle(cfg, model, text_encoder, world, batch: int = 8, max_prompts: int | None = None) -> dict:
-    """Metrics of ``model`` (a SceneModel) per split; returns plain floats."""
+def evaluate_prompts(cfg, model, text_encoder, world, prompts: list[str], batch: int = 8,
+                     gallery: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """Mean metrics of ``model`` (a SceneModel) over ``prompts`` on the evaluation orbit, rendered with
+    the config's renderer (VolSDF, or the Gaussian rasterizer for a Gaussian scene) against the same
+    ground truth, so amortized and per-prompt scores are comparable. A per-prompt model is asked for
+    its one prompt at a time. ``gallery``: every world prompt's ground truth (``ground_truth_gallery``),
+    rendered here when not given."""
     model.eval()
-    max_prompts = cfg.eval.max_prompts if max_prompts is None else max_prompts
     cams = eval_cameras(cfg)
-    gt_source = build_oracle_prior(cfg, world)
     renderer = build_renderer(cfg).eval()
-    gallery_rgb, gallery_op = ground_truth_gallery(gt_source.renderer, world, cams, batch)
+    if gallery is None:
+        gallery = ground_truth_gallery(build_oracle_prior(cfg, world).renderer, world, cams, batch)
+    gallery_rgb, gallery_op = gallery
+    if cfg.data.prompt is not None:
+        batch = 1
+    acc: dict[str, list] = {"psnr": [], "psnr_fg": [], "iou": [], "color_error": [], "has_object": []}
+    r1 = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        field, bg = model(text_encoder.encode(chunk))
+        out = renderer(field, cams, background=bg, samples=cfg.eval.samples,
+                       importance_samples=cfg.eval.importance_samples)
+        own = torch.tensor([world.index(p) for p in chunk])
+        gt_rgb, gt_op = gallery_rgb[own].flatten(0, 1), gallery_op[own].flatten(0, 1)
+        m = image_metrics(out.rgb, out.opacity, gt_rgb, gt_op)
+        for k in acc:
+            acc[k].append(m[k])
+        r1.append(retrieval_r_at_1(out.rgb.view(len(chunk), -1, *out.rgb.shape[1:]), gallery_rgb, own))
+    cat = {k: torch.cat(v) for k, v in acc.items()}
+    has = cat["has_object"]
+    return {
+        "psnr": float(cat["psnr"].mean()),
+        "psnr_fg": float(cat["psnr_fg"].mean()),
+        "iou": float(cat["iou"].mean()),
+        "color_error": float(cat["color_error"][has].mean()) if has.any() else math.nan,
+        "r_at_1": float(torch.cat(r1).mean()),
+        "r_at_1_chance": 1.0 / len(world.prompts),
+        "n_prompts": len(prompts),
+        "n_images": int(len(cat["psnr"])),
+    }
+
+
+@torch.no_grad()
+def evaluate_oracle(cfg, model, text_encoder, world, batch: int = 8, max_prompts: int | None = None) -> dict:
+    """Metrics of ``model`` (a SceneModel) per split; returns plain floats. A per-prompt run
+    (``data.prompt``) is scored on its prompt, under the split the prompt belongs to."""
+    max_prompts = cfg.eval.max_prompts if max_prompts is None else max_prompts
+    gallery = ground_truth_gallery(build_oracle_prior(cfg, world).renderer, world, eval_cameras(cfg), batch)
+    if cfg.data.prompt is not None:
+        prompt = world.prompts[world.index(cfg.data.prompt)]
+        return {"seen" if prompt in world.seen else "unseen":
+                evaluate_prompts(cfg, model, text_encoder, world, [cfg.data.prompt], batch, gallery)}
     result = {}
     for split, prompts in (("seen", world.seen), ("unseen", world.unseen)):
         if max_prompts:
             prompts = prompts[:max_prompts]
-        if not prompts:
-            continue
-        acc: dict[str, list] = {"psnr": [], "psnr_fg": [], "iou": [], "color_error": [], "has_object": []}
-        r1 = []
-        for i in range(0, len(prompts), batch):
-            chunk = prompts[i:i + batch]
-            field, bg = model(text_encoder.encode(chunk))
-            out = renderer(field, cams, background=bg, samples=cfg.eval.samples,
-                           importance_samples=cfg.eval.importance_samples)
-            own = torch.tensor([world.index(p) for p in chunk])
-            gt_rgb, gt_op = gallery_rgb[own].flatten(0, 1), gallery_op[own].flatten(0, 1)
-            m = image_metrics(out.rgb, out.opacity, gt_rgb, gt_op)
-            for k in acc:
-                acc[k].append(m[k])
-            r1.append(retrieval_r_at_1(out.rgb.view(len(chunk), -1, *out.rgb.shape[1:]), gallery_rgb, own))
-        cat = {k: torch.cat(v) for k, v in acc.items()}
-        has = cat["has_object"]
-        result[split] = {
-            "psnr": float(cat["psnr"].mean()),
-            "psnr_fg": float(cat["psnr_fg"].mean()),
-            "iou": float(cat["iou"].mean()),
-            "color_error": float(cat["color_error"][has].mean()) if has.any() else math.nan,
-            "r_at_1": float(torch.cat(r1).mean()),
-            "r_at_1_chance": 1.0 / len(world.prompts),
-            "n_prompts": len(prompts),
-            "n_images": int(len(cat["psnr"])),
-        }
+        if prompts:
+            result[split] = evaluate_prompts(cfg, model, text_encoder, world, prompts, batch, gallery)
     return result

@@ -3,6 +3,7 @@ prints, and the JSON file ``--json FILE`` writes with the same figures."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from scalegen.errors import ScalegenError
@@ -19,10 +20,13 @@ def format_table(rows: list[list], header: list[str]) -> str:
     return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
 
 
-def write_json(path: str | None, data: dict) -> None:
-    """Write ``data`` to ``path`` (nothing when ``path`` is None); the folder must exist."""
+def write_json(path: str | Path | None, data: dict) -> None:
+    """Write ``data`` to ``path`` (nothing when ``path`` is None) atomically (temp file, then rename);
+    the folder must exist."""
     if path:
         p = Path(path)
         if not p.parent.is_dir():
             raise ScalegenError(f"cannot write '{path}': folder '{p.parent}' does not exist")
-        p.write_text(json.dumps(data, indent=2) + "\n")
+        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, p)

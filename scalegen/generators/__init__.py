@@ -1,4 +1,6 @@
-"""Generators: text condition (+ noise) -> a batch of per-prompt 3D fields.
+"""Generators: text condition (+ noise) -> a batch of per-prompt 3D fields (amortized: Hyper-iNGP,
+3DConv-Net, Triplane-Transformer), or one prompt's own scene for per-prompt refinement (3D Gaussians,
+single-prompt iNGP).
 
 Interface (``base.Generator``): ``forward(cond: TextCond, z=None) -> Field`` where
 ``Field.query(points [P, N, 3])`` (``render.base.Field``) returns ``sdf [B, N]`` and ``rgb [B, N, 3]``
@@ -12,7 +14,9 @@ from __future__ import annotations
 from scalegen.generators.base import Generator
 from scalegen.generators.conv3d import Conv3DNet
 from scalegen.generators.fields import FeatureField
+from scalegen.generators.gaussians import GaussianScene, build_gaussian_scene
 from scalegen.generators.hyper_ingp import HyperINGP, HyperINGPField
+from scalegen.generators.ingp import SingleINGP, build_single_ingp
 from scalegen.generators.triplane_transformer import TriplaneTransformer
 
 
@@ -34,7 +38,12 @@ def build_generator(cfg, text_dim: int) -> Generator:
         return TriplaneTransformer(text_dim=text_dim, preset=g.preset, bound=cfg.render.bound, sdf_radius=g.sdf_radius,
                                    checkpointing=g.checkpointing, bf16=g.bf16,
                                    feature_init_scale=g.feature_init_scale, text_norm=g.text_norm)
+    if g.name == "gaussians":  # per-prompt: one prompt's scene, the text is not read
+        return build_gaussian_scene(cfg)
+    if g.name == "ingp":
+        return build_single_ingp(cfg)
     raise AssertionError(f"unhandled generator {g.name}")  # config validation prevents this
 
 
-__all__ = ["Generator", "Conv3DNet", "FeatureField", "HyperINGP", "HyperINGPField", "TriplaneTransformer", "build_generator"]
+__all__ = ["Generator", "Conv3DNet", "FeatureField", "GaussianScene", "HyperINGP", "HyperINGPField", "SingleINGP",
+           "TriplaneTransformer", "build_generator"]

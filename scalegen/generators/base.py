@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
-from scalegen.render.base import Field
+from scalegen.render.base import Field, RenderOutput
 from scalegen.text.base import TextCond
 
 
@@ -21,3 +22,13 @@ class Generator(nn.Module):
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"generator": list(self.parameters())}
+
+    def after_backward(self, out: RenderOutput) -> None:
+        """Read what a step's backward pass left on its render (a Gaussian scene: the screen-space
+        gradients that drive densification). Default: nothing."""
+
+    def adapt(self, step: int, optimizer: torch.optim.Optimizer) -> bool:
+        """Change the set of parameters after optimizer step ``step`` (a Gaussian scene densifies and
+        prunes), keeping ``optimizer``'s state aligned with the rows; True when something changed.
+        Default: never. A generator that adapts runs in one process (DDP needs fixed shapes)."""
+        return False

@@ -21,7 +21,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import torch
 
-from scalegen.config import Config, schedule_value, step_position
+from scalegen.config import PER_PROMPT, Config, schedule_value, step_position
 from scalegen.data.cameras import orbit_cameras, sample_train_cameras
 from scalegen.data.prompts import PromptSampler, read_corpus
 from scalegen.data.shards import check_encoder
@@ -131,6 +131,10 @@ def split_optimizer_state(state: dict, n_generator_groups: int) -> dict:
 
 
 def training_prompts(cfg: Config, world) -> list[str]:
+    if cfg.data.prompt is not None:  # per-prompt refinement
+        if world is not None:
+            world.parse(cfg.data.prompt)  # a clear message for a prompt outside the oracle world
+        return [cfg.data.prompt]
     if cfg.data.prompts == "oracle":
         if world is None:
             raise ConfigError("data.prompts=oracle needs prior.name=oracle; give a corpus file for other priors")
@@ -221,7 +225,9 @@ class Validator:
     def __init__(self, cfg: Config, world, prior, prompts: list[str]):
         c = cfg.camera
         self.cams = orbit_cameras(4, c.eval_elevation, c.eval_distance, c.eval_fovy, c.eval_resolution)
-        if world is not None:
+        if cfg.data.prompt is not None:  # per-prompt refinement: its one prompt
+            self.prompts = [cfg.data.prompt]
+        elif world is not None:
             self.prompts = world.seen[:3] + world.unseen[:3]
         else:
             self.prompts = prompts[:6]
@@ -279,9 +285,10 @@ def make_accelerator(cfg: Config):
                        gradient_accumulation_steps=cfg.train.grad_accum if plugin is not None else 1)
 
 
-def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, init_state: dict | None = None) -> Path:
     """Train (or resume) a run in ``run_dir``; returns the last checkpoint's path. Raises ``Preempted``
-    after writing a checkpoint when the process receives SIGTERM."""
+    after writing a checkpoint when the process receives SIGTERM. ``init_state``: the ``SceneModel``'s
+    starting weights (a new run only; per-prompt refinement starts from an amortized generator's output)."""
     run_dir = Path(run_dir)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
@@ -301,8 +308,13 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
     elif latest_checkpoint(run_dir) is not None:
         raise CheckpointError(f"'{run_dir}' already holds checkpoints; pass --resume to continue it or choose "
                               "another --out")
+    if world_size > 1 and cfg.generator.name in PER_PROMPT:
+        raise ConfigError(f"generator.name={cfg.generator.name} (per-prompt refinement) runs in one process; "
+                          "launch it without accelerate launch / torchrun")
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     text_encoder, model = build_model(cfg)
+    if init_state is not None and ckpt is None:
+        model.load_state_dict(init_state)
     world = build_world(cfg) if cfg.prior.name == "oracle" else None
     prompts = training_prompts(cfg, world) if not cfg.data.shards else None
     prior = build_prior(cfg, world, text_encoder=text_encoder, device=acc.device)  # SD reuses the CLIP tower
@@ -318,6 +330,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
         torch.manual_seed(cfg.train.seed + rank)
     # The generator and background are the only module the engine wraps (DDP, DeepSpeed) and the only
     # optimizer it manages; the frozen prior and text encoder are never wrapped and hold no optimizer state.
+    generator_optimizer = optimizers.generator  # the torch optimizer itself (a Gaussian scene edits its state)
     model, optimizers.generator = acc.prepare(model, optimizers.generator)
     raw_model = acc.unwrap_model(model)
     if deepspeed and ckpt is not None:  # the engine's own (partitioned) optimizer state
@@ -381,6 +394,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
                     loss = cfg.loss.distill * loss_d + reg
                     with acc.no_sync(model) if micro < accum - 1 else contextlib.nullcontext():
                         acc.backward(loss / accum if accum > 1 else loss)
+                    raw_model.generator.after_backward(out)  # e.g. a Gaussian scene's densification statistics
                     loss_sum, loss_d_sum = loss_sum + loss.detach() / accum, loss_d_sum + loss_d.detach() / accum
                 if world_size > 1 and distiller_params:  # the distiller's own model is not DDP-wrapped
                     _all_reduce_mean(distiller_params, world_size)
@@ -416,6 +430,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path:
                     first_bad = torch.where((first_bad < 0) & ~finite, first_bad.new_full((), done), first_bad)
                     optimizers.step()
                     stopping = False
+                if raw_model.generator.adapt(done, generator_optimizer):  # e.g. densify / prune Gaussians
+                    params = [p for g in optimizers.generator.param_groups for p in g["params"]]
                 dt = time.perf_counter() - t0
                 step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
                 log_now = done % cfg.train.log_every == 0 or done == max_steps or done == start + 1
