@@ -245,6 +245,17 @@ class GeneratorConfig:
     preset: Literal["paper", "small"] = "paper"  # paper: ScaleDreamer's sizes; small: oracle world on CPU
     channel_multiplier: Annotated[int, Range(ge=1, le=2)] = 1  # conv3d: widths at resolutions >= 32 (paper: 1 -> 88.7M, 2 -> 144.8M)
     z_dim: Annotated[int, NonNeg] = 0  # conv3d noise width; 0 = the preset's (paper 64)
+    # conv3d: draw z ~ N(0, I) and per-voxel synthesis noise in training (ScaleDreamer); false: z = 0 and no
+    # synthesis noise in training too, as at evaluation (a world with one answer per prompt has nothing to sample)
+    sample_noise: bool = True
+    # conv3d / triplane_transformer: scale of the initial weights of the layers that write the features (to-grid
+    # convs, deconv). The decoders are bias-free ReLU MLPs (1-homogeneous), so the first field is the start sphere
+    # plus a residual this many times the plain init's; 1 = the reference's init
+    feature_init_scale: Annotated[float, Positive] = 1.0
+    # conv3d / triplane_transformer: scale the text condition (conv3d: the pooled embedding; triplane: each token) to
+    # unit second moment before it enters. CLIP's layer-normed embeddings are near that already; the oracle's
+    # bag-of-words vectors have rms 1/sqrt(text.dim) and so reach the styles / cross-attention ~10x weaker
+    text_norm: bool = False
     checkpointing: bool = False  # recompute each block in backward (activation memory / ~1.3x time)
     bf16: bool = False  # run the conv / transformer trunk under bfloat16 autocast
     gaussians: GaussiansConfig = field(default_factory=GaussiansConfig)

@@ -168,6 +168,46 @@ def test_claims_row_command_carries_the_options_that_shape_the_runs():
         ["bench.sizes=[15,400]", "bench.scale_distillers=[sds,asd]"]
 
 
+def test_generators_curve_bench_scores_every_checkpoint_and_reuses_the_run(tmp_path):
+    """Curve points at step 0 (untrained), every `every` steps and the last step (all prompts), a PNG;
+    a second call reuses the finished run (no training), another config in the same folder is an error."""
+    import shutil
+    from dataclasses import replace
+
+    from scalegen.bench.generators_curve import GeneratorsCurveOptions, bench_generators_curve
+    from scalegen.errors import ConfigError
+
+    png = tmp_path / "curves.png"
+    opts = GeneratorsCurveOptions(generators=["conv3d"], every=2, curve_prompts=2, plot=str(png))
+    res = bench_generators_curve(opts, [*TINY, "train.max_steps=4"], str(tmp_path))
+    pts = res["curves"]["conv3d"]
+    assert [p["step"] for p in pts] == [0, 2, 4]
+    assert all(0 < p["seen_psnr"] < 60 and 0 <= p["unseen_iou"] <= 1 for p in pts)
+    assert png.stat().st_size > 0 and res["train"]["conv3d"]["steps"] == 4
+    run = tmp_path / "generators-curve" / "conv3d"
+    ckpt, cache = run / "checkpoints" / "step_0000004", run / "bench_curve.json"
+    mtimes = ckpt.stat().st_mtime, cache.stat().st_mtime
+    again = bench_generators_curve(opts, [*TINY, "train.max_steps=4"], str(tmp_path))
+    assert (ckpt.stat().st_mtime, cache.stat().st_mtime) == mtimes and again == res  # neither trained nor scored
+    cache.unlink()
+    rescored = bench_generators_curve(opts, [*TINY, "train.max_steps=4"], str(tmp_path))
+    assert rescored["curves"]["conv3d"] == pts  # evaluation is deterministic, so the cache changes nothing
+    sparse = bench_generators_curve(replace(opts, score_every=4, plot=""), [*TINY, "train.max_steps=4"], str(tmp_path))
+    assert sparse["curves"]["conv3d"] == [pts[0], pts[2]]  # step 0 and the last, read from the same run
+    with pytest.raises(ConfigError, match="another or an unfinished run"):
+        bench_generators_curve(opts, [*TINY, "train.max_steps=6"], str(tmp_path))
+    with pytest.raises(ConfigError, match="multiple of bench.every"):
+        bench_generators_curve(replace(opts, score_every=3), [*TINY, "train.max_steps=4"], str(tmp_path))
+    (run / "bench_train.json").unlink()  # as if stopped after the checkpoint at step 2
+    shutil.rmtree(ckpt)
+    with pytest.raises(ConfigError, match="unfinished run"):
+        bench_generators_curve(opts, [*TINY, "train.max_steps=4"], str(tmp_path))
+    part = bench_generators_curve(replace(opts, unfinished=True, plot=""), [*TINY, "train.max_steps=4"], str(tmp_path))
+    assert [p["step"] for p in part["curves"]["conv3d"]] == [0, 2] and part["curves"]["conv3d"][0] == pts[0]
+    assert part["train"]["conv3d"]["steps"] == 2 and not part["train"]["conv3d"]["finished"]
+    assert part["curves"]["conv3d"][1]["seen_psnr"] != pts[1]["seen_psnr"]  # step 2 now scored on all prompts
+
+
 def test_generate_bench_json(tmp_path):
     """`bench generate` on a tiny run: the JSON the docs table is made from, per case and batch."""
     out = tmp_path / "g.json"

@@ -3,15 +3,18 @@ feature sampling against hand-built fields, paper-size parameter counts."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from scalegen.generators import Conv3DNet, HyperINGP, TriplaneTransformer
+from scalegen.config import load_config
+from scalegen.generators import Conv3DNet, HyperINGP, TriplaneTransformer, build_generator
 from scalegen.generators.fields import FeatureField, decoder, run_decoder, sample_planes, sample_voxels, shared_interp
 from scalegen.text import TextCond
 
 TEXT_DIM = 24
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _cond(b: int, seed: int = 0) -> TextCond:
@@ -29,16 +32,19 @@ def _generators():
                       hyper_hidden=16).eval()
     with torch.no_grad():
         hyper.grid.table.normal_()  # trained-like features (the init is ~1e-4, which hides the prompt)
-    return {"conv3d": conv, "triplane": tri, "hyper_ingp": hyper}
+    # the committed oracle defaults (text_norm, conv3d without sampled noise), built as `scalegen train` builds them
+    oracle = {f"{n}_oracle": build_generator(load_config(str(CONFIGS / "oracle" / f"{n}.yaml"), []), TEXT_DIM).eval()
+              for n in ("conv3d", "triplane")}
+    return {"conv3d": conv, "triplane": tri, "hyper_ingp": hyper, **oracle}
 
 
-@pytest.mark.parametrize("name", ["conv3d", "triplane", "hyper_ingp"])
+@pytest.mark.parametrize("name", ["conv3d", "triplane", "hyper_ingp", "conv3d_oracle", "triplane_oracle"])
 def test_batch4_prompts_are_independent_and_permutation_equivariant(name):
     """The reference flattens sampled features [B, C, N] as [C, B*N], which mixes prompts at B > 1:
     here prompt i's field must equal its field alone, follow a permutation, and ignore the others."""
     gen = _generators()[name]
     cond, b = _cond(4), 4
-    z = torch.randn(b, gen.z_dim) if name == "conv3d" else None  # Hyper-iNGP: shared points take the fused MLP
+    z = torch.randn(b, gen.z_dim) if name.startswith("conv3d") else None  # Hyper-iNGP: shared points take the fused MLP
     zi = (lambda i: None) if z is None else (lambda i: z[i])  # noqa: E731
     shared = (torch.rand(1, 500, 3) * 2 - 1) * gen.bound * 1.05  # some points outside the box
     own = (torch.rand(b, 500, 3) * 2 - 1) * gen.bound
@@ -173,3 +179,89 @@ def test_checkpointing_and_bf16_keep_the_field(name):
     torch.testing.assert_close(s1, s0, atol=1e-5, rtol=1e-4)
     s2 = half(cond).sdf(pts)
     assert s2.dtype == torch.float32 and (s2 - s0).abs().max() < 0.05 * s0.abs().max()
+
+
+def _residual(gen, cond, pts):
+    """The field's SDF minus the start sphere: what the generator adds."""
+    with torch.no_grad():
+        return gen(cond).sdf(pts) - (pts.norm(dim=-1) - gen.sdf_radius)
+
+
+@pytest.mark.parametrize("cls", [Conv3DNet, TriplaneTransformer])
+def test_feature_init_scale_shrinks_the_first_residual_and_keeps_every_gradient(cls):
+    """The decoders are bias-free ReLU MLPs (1-homogeneous), so scaling the feature-writing layers'
+    initial weights by s scales what the first field adds to the start sphere by exactly s; unlike a
+    zero init, every parameter group still gets a gradient at the first step."""
+    pts = (torch.rand(1, 300, 3) * 2 - 1) * 0.75
+    cond = _cond(3)
+    torch.manual_seed(0)
+    plain = cls(TEXT_DIM, "small").eval()
+    torch.manual_seed(0)
+    small = cls(TEXT_DIM, "small", feature_init_scale=1e-3).eval()
+    r1, r2 = _residual(plain, cond, pts), _residual(small, cond, pts)
+    assert r1.abs().max() > 1e-3
+    torch.testing.assert_close(r2, 1e-3 * r1, atol=1e-7, rtol=1e-3)
+    small.train()
+    sdf, rgb = small(cond).query(pts)
+    (sdf.square().mean() + rgb.mean()).backward()
+    for group, params in small.param_groups().items():
+        for p in params:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"a parameter of group {group} got no gradient"
+
+
+def test_conv3d_without_noise_trains_the_field_it_evaluates():
+    """sample_noise=False: z = 0 and no synthesis noise in training too, so the trained field is the
+    evaluated one (with noise the two differ)."""
+    torch.manual_seed(0)
+    gen = Conv3DNet(TEXT_DIM, "small", sample_noise=False)
+    with torch.no_grad():
+        for block in gen.blocks:  # trained-like noise strengths, so synthesis noise would show
+            for conv in (block.conv0, block.conv1):
+                if conv is not None:
+                    conv.noise_strength.fill_(0.5)
+    pts = (torch.rand(1, 300, 3) * 2 - 1) * 0.75
+    cond = _cond(2)
+    with torch.no_grad():
+        train_sdf = gen.train()(cond).sdf(pts)
+        eval_sdf = gen.eval()(cond).sdf(pts)
+        gen.sample_noise = True
+        noisy = gen.train()(cond).sdf(pts)
+    torch.testing.assert_close(train_sdf, eval_sdf)
+    assert (noisy - eval_sdf).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("cls", [Conv3DNet, TriplaneTransformer])
+def test_text_norm_makes_the_field_independent_of_the_text_scale(cls):
+    """text_norm: a prompt's condition enters at unit second moment, so scaling the text embeddings
+    changes nothing (without it, it changes the field); per prompt, so batches stay independent."""
+    torch.manual_seed(0)
+    gen = cls(TEXT_DIM, "small", text_norm=True).eval()
+    torch.manual_seed(0)
+    plain = cls(TEXT_DIM, "small").eval()
+    cond = _cond(3)
+    loud = TextCond(cond.pooled * 10, cond.tokens * 10, cond.mask)
+    pts = (torch.rand(1, 300, 3) * 2 - 1) * 0.75
+    with torch.no_grad():
+        torch.testing.assert_close(gen(loud).sdf(pts), gen(cond).sdf(pts), atol=1e-5, rtol=1e-4)
+        assert (plain(loud).sdf(pts) - plain(cond).sdf(pts)).abs().max() > 1e-3
+        alone = gen(cond.index([1])).sdf(pts)
+        torch.testing.assert_close(alone[0], gen(cond).sdf(pts)[1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("path, params, lr", [("sd/conv3d_asd_at2520.yaml", 88.7e6, 0.004),
+                                              ("sd/conv3d_asd_df415.yaml", 88.7e6, 0.004),
+                                              ("sd/conv3d_asd_cp100k.yaml", 144.8e6, 0.004),
+                                              ("sd/conv3d_asd_cp100k_shards.yaml", 144.8e6, 0.004),
+                                              ("mvdream/triplane_asd_dl17k.yaml", 120.5e6, 0.0002)])
+def test_paper_configs_keep_the_papers_sizes_learning_rates_and_the_oracle_init(path, params, lr):
+    """The SD / MVDream configs build ScaleDreamer's sizes with its published learning rates, and take the
+    oracle configs' initialisation (feature_init_scale) while keeping the reference's sampled noise and
+    raw CLIP condition (text_norm is for the bag-of-words encoder)."""
+    cfg = load_config(str(CONFIGS / path), [])
+    oracle = load_config(str(CONFIGS / "oracle" / ("conv3d.yaml" if "conv3d" in path else "triplane.yaml")), [])
+    with torch.device("meta"):
+        n = sum(p.numel() for p in build_generator(cfg, 1024).parameters())
+    assert abs(n - params) / params < 0.02, n
+    assert cfg.optim.lr == lr and cfg.optim.group_lr == {}
+    assert cfg.generator.feature_init_scale == oracle.generator.feature_init_scale
+    assert cfg.generator.sample_noise and not cfg.generator.text_norm

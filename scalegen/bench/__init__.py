@@ -15,7 +15,7 @@ from scalegen.config import parse_options
 from scalegen.errors import ScalegenError
 
 NAMES = ("saturation", "sharpness", "guidance", "flops-sd", "flops-mvdream", "data", "distill", "toy2d", "generators",
-         "generate", "eval", "refine", "claims", "oracle-cost")
+         "generators-curve", "generate", "eval", "refine", "claims", "oracle-cost")
 
 
 def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
@@ -67,6 +67,10 @@ def run_bench(name: str, items: list[str], out_root: str = "runs/bench") -> dict
         from scalegen.bench.generators import GeneratorsOptions, bench_generators  # noqa: PLC0415
 
         return bench_generators(parse(GeneratorsOptions), overrides, out_root)
+    if name == "generators-curve":
+        from scalegen.bench.generators_curve import GeneratorsCurveOptions, bench_generators_curve  # noqa: PLC0415
+
+        return bench_generators_curve(parse(GeneratorsCurveOptions), overrides, out_root)
     if name == "generate":
         from scalegen.bench.generate import GenerateBenchOptions, bench_generate  # noqa: PLC0415
 

@@ -32,10 +32,12 @@ def build_generator(cfg, text_dim: int) -> Generator:
         )
     if g.name == "conv3d":
         return Conv3DNet(text_dim=text_dim, preset=g.preset, channel_multiplier=g.channel_multiplier, z_dim=g.z_dim,
-                         bound=cfg.render.bound, sdf_radius=g.sdf_radius, checkpointing=g.checkpointing, bf16=g.bf16)
+                         bound=cfg.render.bound, sdf_radius=g.sdf_radius, checkpointing=g.checkpointing, bf16=g.bf16,
+                         sample_noise=g.sample_noise, feature_init_scale=g.feature_init_scale, text_norm=g.text_norm)
     if g.name == "triplane_transformer":
         return TriplaneTransformer(text_dim=text_dim, preset=g.preset, bound=cfg.render.bound, sdf_radius=g.sdf_radius,
-                                   checkpointing=g.checkpointing, bf16=g.bf16)
+                                   checkpointing=g.checkpointing, bf16=g.bf16,
+                                   feature_init_scale=g.feature_init_scale, text_norm=g.text_norm)
     if g.name == "gaussians":  # per-prompt: one prompt's scene, the text is not read
         return build_gaussian_scene(cfg)
     if g.name == "ingp":

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from scalegen.generators.fields import FeatureField, decoder
+from scalegen.generators.fields import FeatureField, decoder, unit_rms
 from scalegen.generators.base import Generator
 from scalegen.text.base import TextCond
 
@@ -115,10 +115,15 @@ class Conv3DNet(Generator):
 
     ``z`` [B, z_dim]: drawn from N(0, I) per prompt in training and zero in eval mode when not
     given (the reference samples it per prompt). Synthesis noise is random in training, off in eval.
+    ``sample_noise=False`` makes training deterministic as evaluation is (z = 0, no synthesis noise).
+    ``text_norm`` scales the pooled text embedding to unit second moment, as z is, before the two meet.
+    ``feature_init_scale`` scales the to-grid weights at init: the grid, and so (1-homogeneous decoders)
+    the residual added to the start sphere, shrink by that factor while every layer still gets gradients.
     """
 
     def __init__(self, text_dim: int, preset: str = "paper", channel_multiplier: int = 1, z_dim: int = 0,
-                 bound: float = 0.75, sdf_radius: float = 0.5, checkpointing: bool = False, bf16: bool = False):
+                 bound: float = 0.75, sdf_radius: float = 0.5, checkpointing: bool = False, bf16: bool = False,
+                 sample_noise: bool = True, feature_init_scale: float = 1.0, text_norm: bool = False):
         super().__init__()
         p = dict(PRESETS[preset])
         self.z_dim = z_dim or p["z_dim"]
@@ -134,16 +139,23 @@ class Conv3DNet(Generator):
             blocks.append(SynthesisBlock(ch[r // 2], ch[r], r, w_dim, gc, const_bias=r <= p["bias_resolution"]))
             r *= 2
         self.blocks = nn.ModuleList(blocks)
+        with torch.no_grad():
+            for block in self.blocks:
+                block.to_grid.weight.mul_(feature_init_scale)
         self.sdf_mlp = decoder(gc, p["mlp_hidden"], 1, 1)
         self.rgb_mlp = decoder(gc, p["mlp_hidden"], 3, 1)
         self.bound, self.sdf_radius, self.checkpointing, self.bf16 = bound, sdf_radius, checkpointing, bf16
+        self.sample_noise, self.text_norm = sample_noise, text_norm
 
     def style(self, cond: TextCond, z: Tensor | None) -> Tensor:
         """w [B, w_dim] from the noise and the pooled text embedding."""
         c = cond.pooled.float()
+        if self.text_norm:
+            c = unit_rms(c)
         if z is None:
-            z = torch.randn(c.shape[0], self.z_dim, device=c.device) if self.training else c.new_zeros(c.shape[0], self.z_dim)
-        h = z * (z.square().mean(1, keepdim=True) + 1e-8).rsqrt()
+            draw = self.training and self.sample_noise
+            z = torch.randn(c.shape[0], self.z_dim, device=c.device) if draw else c.new_zeros(c.shape[0], self.z_dim)
+        h = unit_rms(z)
         for layer in self.mapping:
             h = layer(h)
         return self.embed(torch.cat([h, c], 1))
@@ -151,7 +163,7 @@ class Conv3DNet(Generator):
     def grid(self, cond: TextCond, z: Tensor | None = None) -> Tensor:
         """The per-prompt feature grid [B, C, R, R, R] (z indexes D, y H, x W)."""
         w = self.style(cond, z)
-        noise = self.training
+        noise = self.training and self.sample_noise
         dev = w.device.type
         # bf16 here, or whatever the trainer's autocast says (never switching an outer autocast off)
         with torch.autocast(dev, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext():

@@ -21,6 +21,11 @@ from torch import Tensor, nn
 from scalegen.render.base import Field
 
 
+def unit_rms(x: Tensor, dim: int = -1) -> Tensor:
+    """``x / sqrt(mean(x^2))`` along ``dim`` (StyleGAN's normalize_2nd_moment); zero stays zero."""
+    return x * (x.square().mean(dim, keepdim=True) + 1e-8).rsqrt()
+
+
 def sample_voxels(grid: Tensor, unit: Tensor) -> Tensor:
     """Trilinear features ``[B, N, C]`` of ``grid`` [B, C, D, H, W] at ``unit`` [B, N, 3] in
     [-1, 1]^3 (x indexes W, y indexes H, z indexes D; cell-centred, zero outside)."""

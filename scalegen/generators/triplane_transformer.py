@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from scalegen.generators.fields import FeatureField, decoder
+from scalegen.generators.fields import FeatureField, decoder, unit_rms
 from scalegen.generators.base import Generator
 from scalegen.text.base import TextCond
 
@@ -68,10 +68,15 @@ class Block(nn.Module):
 
 
 class TriplaneTransformer(Generator):
-    """Generator interface: ``forward(cond, z=None) -> FeatureField`` (z is ignored)."""
+    """Generator interface: ``forward(cond, z=None) -> FeatureField`` (z is ignored).
+
+    ``text_norm`` scales each text token to unit second moment before the cross-attention reads it.
+    ``feature_init_scale`` scales the deconv's initial weights: the planes, and so (1-homogeneous
+    decoders) the residual added to the start sphere, shrink by that factor."""
 
     def __init__(self, text_dim: int, preset: str = "paper", bound: float = 0.75, sdf_radius: float = 0.5,
-                 checkpointing: bool = False, bf16: bool = False):
+                 checkpointing: bool = False, bf16: bool = False, feature_init_scale: float = 1.0,
+                 text_norm: bool = False):
         super().__init__()
         p = PRESETS[preset]
         d, self.low_res, self.plane_channels = p["width"], p["low_res"], p["plane_channels"]
@@ -79,13 +84,18 @@ class TriplaneTransformer(Generator):
         self.layers = nn.ModuleList([Block(d, text_dim, p["heads"]) for _ in range(p["layers"])])
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self.deconv = nn.ConvTranspose2d(d, self.plane_channels, kernel_size=2, stride=2, bias=False)
+        with torch.no_grad():
+            self.deconv.weight.mul_(feature_init_scale)
         self.sdf_mlp = decoder(3 * self.plane_channels, p["mlp_hidden"], 1, 2)
         self.rgb_mlp = decoder(3 * self.plane_channels, p["mlp_hidden"], 3, 2)
         self.bound, self.sdf_radius, self.checkpointing, self.bf16 = bound, sdf_radius, checkpointing, bf16
+        self.text_norm = text_norm
 
     def planes(self, cond: TextCond) -> Tensor:
         """Per-prompt planes [B, 3, C, 2h, 2h] (xy, xz, zy)."""
         text = cond.tokens.float()
+        if self.text_norm:
+            text = unit_rms(text)
         mask = cond.mask.bool()
         mask = mask | ~mask.any(1, keepdim=True)  # a prompt without a marked token attends to all
         b, h = text.shape[0], self.low_res
