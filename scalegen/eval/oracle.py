@@ -139,11 +139,14 @@ def evaluate_prompts(cfg, model, text_encoder, world, prompts: list[str], batch:
     seeker matches them), ``multi_face`` (prompts with a front marker; ``marker_recall``: the share of
     views where the truth shows the marker and so does the prediction), ``diversity`` / ``diversity_gt``
     (generators that take a noise z: RMSE between ``z_draws`` draws, and between the completions),
-    ``r_at_1`` (with ``gallery`` = ``ground_truth_gallery``, every world prompt's ground truth: the default
-    world's). ``gt_source``: the oracle prior whose renderer draws the ground truth (built when not given)."""
+    ``r_at_1`` in the default world (``gallery``: every world prompt's ground truth, ``ground_truth_gallery``;
+    rendered here when not given). ``gt_source``: the oracle prior whose renderer draws the ground truth
+    (built when not given)."""
     cams = eval_cameras(cfg)
     renderer = build_renderer(cfg).eval()
     gt_source = build_oracle_prior(cfg, world) if gt_source is None else gt_source
+    if gallery is None and cfg.world.kind == "single":
+        gallery = ground_truth_gallery(gt_source.renderer, world, cams, batch)
     if cfg.data.prompt is not None:
         batch = 1
     acc: dict[str, list] = {"psnr": [], "psnr_fg": [], "iou": [], "color_error": [], "has_object": []}
