@@ -8,8 +8,8 @@ are written in the scene's frame (z-up), as 3DGS writes its scene's: no axis swa
 """
 from __future__ import annotations
 
+import io
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from scalegen.errors import ExportError
+from scalegen.export.files import write_atomic
 
 PROPERTIES_HEAD = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
 
@@ -48,16 +49,9 @@ def write_gaussian_ply(path: str | Path, means: Tensor, log_scales: Tensor, quat
     records = np.empty(g, dtype=[(n, "<f4") for n in names])
     for i, n in enumerate(names):
         records[n] = data[:, i]
-    tmp = p.with_name(f".{p.stem}.tmp-{os.getpid()}.ply")
-    try:
-        PlyData([PlyElement.describe(records, "vertex")], text=False, byte_order="<").write(str(tmp))
-        os.replace(tmp, p)
-    except OSError as e:
-        raise ExportError(f"cannot write '{path}': {e.strerror}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return p
+    buf = io.BytesIO()
+    PlyData([PlyElement.describe(records, "vertex")], text=False, byte_order="<").write(buf)
+    return write_atomic(p, buf.getvalue())
 
 
 def is_gaussian_ply(path: str | Path) -> bool:
