@@ -192,12 +192,18 @@ def cmd_eval_clip(args) -> int:
     return 0
 
 
+def _empty_folder(path: str, what: str) -> Path:
+    """``path`` as a folder to create ``what`` in: refused when it holds anything (never overwrite)."""
+    out = Path(path)
+    if out.exists() and any(out.iterdir()):
+        raise ScalegenError(f"'{out}' is not empty; give a new folder for {what}")
+    return out
+
+
 def cmd_eval_make_tiny_clip(args) -> int:
     from scalegen.eval.clip_models import make_tiny_clip_model
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise ScalegenError(f"'{out}' is not empty; give a new folder for the tiny CLIP")
+    out = _empty_folder(args.out, "the tiny CLIP")
     make_tiny_clip_model(out, backend=args.backend, seed=args.seed)
     print(f"wrote a tiny random {args.backend} CLIP to {out} (use --model {out}; its scores mean nothing)")
     return 0
@@ -367,9 +373,7 @@ def cmd_bench(args) -> int:
 def cmd_prior_make_tiny(args) -> int:
     from scalegen.priors.stable_diffusion import make_tiny_sd
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise ScalegenError(f"'{out}' is not empty; give a new folder for the tiny Stable Diffusion")
+    out = _empty_folder(args.out, "the tiny Stable Diffusion")
     make_tiny_sd(out, seed=args.seed)
     print(f"wrote a tiny random Stable Diffusion to {out} (use prior.model={out})")
     return 0
