@@ -220,6 +220,9 @@ class GaussiansConfig:
     max_gaussians: Annotated[int, AtLeast1] = 20000  # densification stops growing the set here (CPU budget)
     opacity_reset_every: Annotated[int, NonNeg] = 0  # 3DGS resets opacities to <= 0.01 every N steps; 0 = never
     mesh_level: Annotated[float, Positive] = 0.5  # mesh export: the surface where the summed density reaches this
+    # a start from an amortized run: steps fitting the surface discs to the run's own renders (RGB and opacity,
+    # random training views) before distillation, so the start renders as the run does; 0 = the discs as placed
+    start_fit_steps: Annotated[int, NonNeg] = 200
 
 
 @dataclass

@@ -170,7 +170,8 @@ def test_claims_row_command_carries_the_options_that_shape_the_runs():
 
 def test_generators_curve_bench_scores_every_checkpoint_and_reuses_the_run(tmp_path):
     """Curve points at step 0 (untrained), every `every` steps and the last step (all prompts), a PNG;
-    a second call reuses the finished run (no training), another config in the same folder is an error."""
+    a second call reuses the finished run (no training), another config in the same folder is an error, an
+    interrupted run is scored as far as it got (bench.unfinished) or resumed to the uninterrupted run's curve."""
     import shutil
     from dataclasses import replace
 
@@ -194,18 +195,19 @@ def test_generators_curve_bench_scores_every_checkpoint_and_reuses_the_run(tmp_p
     assert rescored["curves"]["conv3d"] == pts  # evaluation is deterministic, so the cache changes nothing
     sparse = bench_generators_curve(replace(opts, score_every=4, plot=""), [*TINY, "train.max_steps=4"], str(tmp_path))
     assert sparse["curves"]["conv3d"] == [pts[0], pts[2]]  # step 0 and the last, read from the same run
-    with pytest.raises(ConfigError, match="another or an unfinished run"):
+    with pytest.raises(ConfigError, match="holds another run"):
         bench_generators_curve(opts, [*TINY, "train.max_steps=6"], str(tmp_path))
     with pytest.raises(ConfigError, match="multiple of bench.every"):
         bench_generators_curve(replace(opts, score_every=3), [*TINY, "train.max_steps=4"], str(tmp_path))
     (run / "bench_train.json").unlink()  # as if stopped after the checkpoint at step 2
     shutil.rmtree(ckpt)
-    with pytest.raises(ConfigError, match="unfinished run"):
-        bench_generators_curve(opts, [*TINY, "train.max_steps=4"], str(tmp_path))
     part = bench_generators_curve(replace(opts, unfinished=True, plot=""), [*TINY, "train.max_steps=4"], str(tmp_path))
     assert [p["step"] for p in part["curves"]["conv3d"]] == [0, 2] and part["curves"]["conv3d"][0] == pts[0]
     assert part["train"]["conv3d"]["steps"] == 2 and not part["train"]["conv3d"]["finished"]
     assert part["curves"]["conv3d"][1]["seen_psnr"] != pts[1]["seen_psnr"]  # step 2 now scored on all prompts
+    resumed = bench_generators_curve(replace(opts, plot=""), [*TINY, "train.max_steps=4"], str(tmp_path))
+    assert resumed["curves"]["conv3d"] == pts  # resume is exact: the uninterrupted run's scores
+    assert resumed["train"]["conv3d"]["resumed"] and resumed["train"]["conv3d"]["steps"] == 4
 
 
 def test_generate_bench_json(tmp_path):

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RED = [0.85, 0.18, 0.15]
 PROMPT = "a large red sphere"  # radius 0.45 in the oracle world
 SMALL = ["camera.resolution=16", "camera.eval_resolution=16", "generator.gaussians.n_init=300", "train.threads=1",
-         "train.logger=none", "train.progress=false", "prior.oracle.n_uncond=2"]
+         "train.logger=none", "train.progress=false", "prior.oracle.n_uncond=2",
+         "generator.gaussians.start_fit_steps=10"]  # the fit's path, short (its effect: its own test)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def red_run(tmp_path_factory):
 
 def test_gaussians_start_on_the_run_surface(red_run):
     run, _, _ = red_run
-    cfg = refine_config(PROMPT, "gaussians", "vdm", str(run), None, SMALL)
+    cfg = refine_config(PROMPT, "gaussians", "vdm", str(run), None, SMALL + ["generator.gaussians.start_fit_steps=0"])
     assert cfg.world.colors == ["red", "green", "blue"] and cfg.generator.hash_levels == 4  # the run's own config
     state, info = start_state(cfg, str(run))
     assert info["start"] == "run"
@@ -66,6 +67,38 @@ def test_gaussians_start_on_the_run_surface(red_run):
     axis = quaternion_to_matrix(state["generator.quats"])[..., 2]
     assert (axis * torch.nn.functional.normalize(means, dim=-1)).sum(-1).abs().min() > 0.95
     assert torch.equal(state["background.out.3.weight"], red_run[1].background.state_dict()["out.3.weight"])
+
+
+def test_fitting_the_start_to_the_run_renders_brings_it_closer(red_run):
+    """The discs fitted to the run's own renders (start_fit_steps) render nearer to the run on the held-out
+    evaluation orbit than the discs as placed; the background stays the run's."""
+    from scalegen.eval.oracle import eval_cameras
+    from scalegen.render import build_renderer
+    from scalegen.train.model import load_run
+
+    run, model, text_encoder = red_run
+    run_cfg, _, _, _ = load_run(run)
+    cond = text_encoder.encode([PROMPT])
+    cams = eval_cameras(load_config(None, SMALL))
+    with torch.no_grad():
+        field, bg = model(cond)
+        target = build_renderer(run_cfg)(field, cams, background=bg)
+    err, infos = [], []
+    for steps in (0, 40):
+        cfg = refine_config(PROMPT, "gaussians", "vdm", str(run), None,
+                            SMALL + [f"generator.gaussians.start_fit_steps={steps}"])
+        state, info = start_state(cfg, str(run))
+        _, scene = build_model(cfg)
+        scene.load_state_dict(state)
+        with torch.no_grad():
+            f, b = scene.eval()(cond)
+            out = build_renderer(cfg)(f, cams, background=b)
+        err.append(float((out.rgb - target.rgb).pow(2).mean() + (out.opacity - target.opacity).pow(2).mean()))
+        infos.append(info)
+        assert torch.equal(state["background.out.3.weight"], model.background.state_dict()["out.3.weight"])
+    assert "fit_steps" not in infos[0] and infos[1]["fit_steps"] == 40
+    assert infos[1]["fit_loss_last"] < infos[1]["fit_loss_first"]
+    assert err[1] < 0.7 * err[0], err
 
 
 def test_ingp_start_is_exactly_the_amortized_field(red_run):

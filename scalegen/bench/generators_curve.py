@@ -9,9 +9,10 @@ evaluation (``scalegen eval``'s metrics): intermediate ones on the first ``bench
 prompts of each split, the last one on all prompts (the numbers of the performance table). The plot
 shows seen PSNR (thick) and unseen PSNR (thin) against steps.
 
-A finished run of the same config in ``OUT/generators-curve/NAME`` is reused, and so are its scores (``bench_curve.json``), so the figure and table can be
-redrawn from runs trained one generator at a time; its train time is the one recorded when it was
-trained. Times depend on the machine's load (recorded beside them);
+A finished run of the same config in ``OUT/generators-curve/NAME`` is reused, and so are its scores
+(``bench_curve.json``), so the figure and table can be redrawn from runs trained one generator at a time; its
+train time is the one recorded when it was trained. An interrupted run of the same config is resumed from its
+last checkpoint (its train time then estimated from the logged step times). Times depend on the machine's load (recorded beside them);
 PSNR / IoU do not.
 
 Options: ``GeneratorsCurveOptions`` (``bench.generators=[conv3d]``, ``bench.every=50``, ...).
@@ -79,17 +80,22 @@ def _same_config(run_dir: Path, cfg: Config) -> bool:
     return (run_dir / "config.yaml").is_file() and (run_dir / "config.yaml").read_text() == cfg.to_yaml()
 
 
+def _step_time_info(run_dir: Path, cfg: Config, steps: int) -> dict:
+    """Train time of ``steps`` steps estimated from the mean logged seconds per step (a run trained in pieces)."""
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    step_s = [m["step_s"] for m in logged if "step_s" in m]
+    return {"train_s": sum(step_s) / len(step_s) * steps, "steps": steps, "threads": cfg.train.threads}
+
+
 def _unfinished_info(run_dir: Path, cfg: Config) -> dict:
     """What an interrupted run reached: its last checkpoint's step and the mean logged seconds per step."""
     steps = [checkpoint_step(p) for p in checkpoints_dir(run_dir).glob("step_*") if (p / "state.json").is_file()]
     if not steps:
         raise ConfigError(f"'{run_dir}' has no checkpoint to score yet")
-    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    step_s = [m["step_s"] for m in logged if "step_s" in m]
     print(f"[generators-curve] {run_dir.name}: scoring the unfinished run (step {max(steps)} of "
           f"{cfg.train.max_steps})", flush=True)
-    return {"train_s": sum(step_s) / len(step_s) * max(steps), "steps": max(steps), "threads": cfg.train.threads,
-            "load_start": float("nan"), "load_end": float("nan"), "finished": False}
+    return {**_step_time_info(run_dir, cfg, max(steps)), "load_start": float("nan"), "load_end": float("nan"),
+            "finished": False}
 
 
 def _train(name: str, o: GeneratorsCurveOptions, overrides: list[str], run_dir: Path) -> tuple[Config, dict]:
@@ -101,8 +107,18 @@ def _train(name: str, o: GeneratorsCurveOptions, overrides: list[str], run_dir: 
         return cfg, json.loads((run_dir / "bench_train.json").read_text())
     if o.unfinished and _same_config(run_dir, cfg):
         return cfg, _unfinished_info(run_dir, cfg)
+    if _same_config(run_dir, cfg) and (run_dir / "metrics.jsonl").is_file():
+        # an interrupted run of this config (a crash, a SIGTERM): continue it from its last checkpoint; resume is
+        # exact, so the curve is the uninterrupted run's. Its time is the mean logged step time times the steps.
+        print(f"[generators-curve] {name}: resuming the interrupted run in {run_dir} ...", flush=True)
+        load0 = os.getloadavg()[0]
+        train(cfg, run_dir, resume=True)
+        info = {**_step_time_info(run_dir, cfg, cfg.train.max_steps), "load_start": load0,
+                "load_end": os.getloadavg()[0], "finished": True, "resumed": True}
+        write_json(run_dir / "bench_train.json", info)
+        return cfg, info
     if run_dir.exists():
-        raise ConfigError(f"'{run_dir}' holds another or an unfinished run; remove it (or pass another --out) "
+        raise ConfigError(f"'{run_dir}' holds another run; remove it (or pass another --out) "
                           "so the curve is not mixed from two runs")
     print(f"[generators-curve] {name}: training {cfg.train.max_steps} steps in {run_dir} ...", flush=True)
     load0 = os.getloadavg()[0]

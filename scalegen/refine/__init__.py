@@ -99,7 +99,9 @@ def refine(cfg: Config, out: str | Path, init_from: Optional[str] = None, resume
         start = load_yaml(out / "start.json") if (out / "start.json").is_file() else {"start": "unknown"}
         init_state = None
     else:
+        t0, c0 = time.perf_counter(), time.process_time()
         init_state, start = start_state(cfg, init_from, up=up, fit=fit)
+        start.update({"start_s": time.perf_counter() - t0, "start_cpu_s": time.process_time() - c0})
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "start.json", start)
     t0, c0 = time.perf_counter(), time.process_time()

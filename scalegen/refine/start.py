@@ -4,7 +4,9 @@ trained amortized generator's field for the prompt (a run directory).
 
 Each start is a ``SceneModel`` state (``train.loop.train(init_state=...)``) built on the refine config:
   * Gaussians from a run: ``surface_samples`` of the run's SDF for the prompt (points on the zero level
-    set, their colours and normals) become discs tangent to the surface; the run's background is copied;
+    set, their colours and normals) become discs tangent to the surface, then ``fit_to_renders`` fits
+    them to the run's own renders of the prompt (``generator.gaussians.start_fit_steps``: discs on the
+    zero level set alone render ~6 dB below the run); the run's background is copied;
   * single-prompt iNGP from a Hyper-iNGP run: the run's hash grid and the MLP weights its hypernetwork
     emits for the prompt, so the start renders exactly as the amortized generator does;
   * Gaussians from a 3DGS PLY: its Gaussians as they are; from a mesh: surface samples with their face
@@ -22,10 +24,13 @@ import torch
 from torch import Tensor
 
 from scalegen.config import Config
+from scalegen.data.cameras import sample_train_cameras
 from scalegen.errors import ConfigError, DataError
 from scalegen.export.gaussian_ply import is_gaussian_ply, read_gaussian_ply
 from scalegen.generators import GaussianScene, HyperINGP, SingleINGP
+from scalegen.render import build_renderer
 from scalegen.render.base import Field
+from scalegen.train.loop import build_optimizer
 from scalegen.train.model import SceneModel, build_model, load_run
 
 ASSET_SUFFIXES = (".ply", ".obj", ".glb", ".gltf")
@@ -127,6 +132,40 @@ def read_asset(path: str | Path, n: int, up: str = "y", seed: int = 0) -> tuple[
         None if normals is None else to_z_up(normals)
 
 
+def fit_to_renders(cfg: Config, model: SceneModel, run_cfg: Config, run_model: SceneModel, cond, steps: int) -> dict:
+    """Fit a Gaussian ``model`` to the amortized ``run_model``'s renders of the prompt ``cond``: ``steps``
+    Adam steps (the refine config's optimizer and learning rates, densification on its schedule) of
+    L = |I_G - I_run|^2 + |A_G - A_run|^2 (RGB I, opacity A) on random training views, the background
+    frozen (both render over the run's own). Returns the first and last loss and the Gaussian count."""
+    renderer, run_renderer = build_renderer(cfg), build_renderer(run_cfg)
+    model.background.eval().requires_grad_(False)
+    run_model.eval()
+    with torch.no_grad():
+        run_field, run_bg = run_model(cond)
+    gen = model.generator
+    opt = build_optimizer(cfg, model)
+    gen_cam = torch.Generator().manual_seed(cfg.train.seed)
+    losses = []
+    for step in range(steps):
+        cams = sample_train_cameras(cfg.camera, 1, generator=gen_cam)
+        with torch.no_grad():
+            target = run_renderer(run_field, cams, background=run_bg)
+        field, bg = model(cond)
+        out = renderer(field, cams, background=bg)
+        loss = (out.rgb - target.rgb).pow(2).mean() + (out.opacity - target.opacity).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gen.after_backward(out)
+        opt.step()
+        gen.adapt(step + 1, opt)
+        losses.append(float(loss.detach()))
+    model.background.train().requires_grad_(True)
+    gen.grad_accum.zero_()  # distillation's densification counts its own gradients, not the fit's
+    gen.grad_count.zero_()
+    return {"fit_steps": steps, "fit_loss_first": losses[0] if losses else None,
+            "fit_loss_last": losses[-1] if losses else None, "gaussians": gen.n_gaussians}
+
+
 def fit_points(points: Tensor, radius: float) -> tuple[Tensor, float, Tensor]:
     """Centre ``points`` on their bounding box and scale its largest half-extent to ``radius``;
     returns (points, scale, centre)."""
@@ -160,7 +199,11 @@ def start_state(cfg: Config, init_from: Optional[str], up: str = "y", fit: bool 
             pts, col, nrm = surface_samples(field, cfg.generator.gaussians.n_init, run_cfg.render.bound,
                                             seed=cfg.train.seed)
             gen.set_points(pts, col, normals=nrm, opacity=cfg.generator.gaussians.surface_opacity)
+            model.background.load_state_dict(run_model.background.state_dict())
             info = {"start": "run", "run": str(ckpt), "points": len(pts)}
+            if cfg.generator.gaussians.start_fit_steps:
+                info.update(fit_to_renders(cfg, model, run_cfg, run_model, cond,
+                                           cfg.generator.gaussians.start_fit_steps))
         elif isinstance(gen, SingleINGP):
             if not isinstance(run_model.generator, HyperINGP):
                 raise ConfigError(f"a single-prompt iNGP starts from a Hyper-iNGP run; '{init_from}' trained "
