@@ -224,6 +224,18 @@ def test_densification_statistics_come_from_the_screen_gradient():
     assert torch.allclose(scene.grad_accum, want) and torch.equal(scene.grad_count, out.visible.float().sum(0))
 
 
+def test_a_vanished_scene_stops_training_with_a_clear_error():
+    """Every Gaussian transparent (below the 1/255 alpha floor): nothing reaches a pixel, no gradient can bring
+    it back, so the step raises a TrainingError that says so instead of a TypeError from deep inside."""
+    from scalegen.errors import TrainingError
+
+    scene = GaussianScene(n=30, radius=0.3, init_opacity=1e-4)
+    out = GaussianRasterizer()(scene(_cond()), orbit_cameras(3, 10.0, 1.5, 50.0, 16))
+    (out.rgb.sum() + out.opacity.sum() + scene.means.sum() * 0).backward()
+    with pytest.raises(TrainingError, match="vanished: none of its 30 Gaussians covers a pixel"):
+        scene.after_backward(out)
+
+
 def test_scene_state_loads_any_number_of_gaussians():
     a, b = GaussianScene(n=20), GaussianScene(n=7)
     b.load_state_dict(a.state_dict())

@@ -275,7 +275,32 @@ def test_refine_bench_on_a_tiny_run(red_run, tmp_path):
     for c in res["cases"]:
         assert [r["step"] for r in c["curve"]] == [0, 1, 2]
         assert c["curve"][-1]["psnr"] == pytest.approx(c["metrics"]["refined"]["psnr"], abs=1e-4)
-        assert c["train_cpu_s"] > 0
+        assert c["train_cpu_s"] > 0 and c["start_cpu_s"] >= 0
     assert res["amortized"]["iou"] > 0.9  # the fitted sphere
     assert res["steps_to_psnr"][0]["from_run"] == 0 and res["steps_to_psnr"][1]["from_sphere"] is None
     assert steps_to([{"step": 0, "psnr": 1.0}, {"step": 5, "psnr": 3.0}], 2.0) == 5
+
+
+def test_refine_bench_reports_a_failed_case_and_goes_on(red_run, tmp_path, monkeypatch, capsys):
+    """A case that fails (here the sphere start's scene vanishing) is a row of the result, not the end of the
+    bench: the cases before it keep their scores."""
+    import scalegen.bench.refine as bench
+    from scalegen.errors import TrainingError
+
+    real = bench.refine
+
+    def refine(cfg, out, init_from=None, **kw):
+        if init_from is None:
+            raise TrainingError("the Gaussian scene vanished")
+        return real(cfg, out, init_from=init_from, **kw)
+
+    monkeypatch.setattr(bench, "refine", refine)
+    run, _, _ = red_run
+    opts = bench.RefineBenchOptions(run=str(run), prompt=PROMPT, distillers=["sds"], steps=1, eval_every=1,
+                                    mesh_resolution=32)
+    res = bench.bench_refine(opts, SMALL + ["camera.eval_resolution=16"], str(tmp_path))
+    ok, failed = res["cases"]
+    assert ok["case"] == "sds-run" and "refined" in ok["metrics"]
+    assert failed["case"] == "sds-sphere" and failed["failed"] == "the Gaussian scene vanished"
+    assert res["steps_to_psnr"][0]["from_sphere"] is None
+    assert "sds-sphere" in capsys.readouterr().out

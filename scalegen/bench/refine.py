@@ -6,8 +6,9 @@ the prompt's scene (``bench.representation``, 3D Gaussians by default) from the 
 ``bench.steps`` steps through ``refine.refine`` (the `scalegen refine` path: same trainer, exports
 included); checkpoints every ``bench.eval_every`` steps are scored afterwards on the evaluation orbit
 against ground truth (PSNR, foreground PSNR, mask IoU, R@1), so each run has a PSNR-over-steps curve
-and its training seconds, wall and CPU (the process's CPU time: on a shared machine the wall time counts
-other people's jobs, the CPU time with ``train.threads=1`` is what one free core would take). With ``bench.sphere=true`` the first distiller also refines from a sphere,
+and its training seconds, wall and CPU, and the CPU seconds of its start (the fit to the run's renders; the
+process's CPU time: on a shared machine the wall time counts other people's jobs, the CPU time with
+``train.threads=1`` is what one free core would take). With ``bench.sphere=true`` the first distiller also refines from a sphere,
 and the table gives the steps each start needs to reach the amortized generator's PSNR plus
 ``bench.targets`` dB (the first scored step at or above it; "-" when never reached).
 
@@ -25,7 +26,7 @@ from typing import Literal, Optional
 
 import torch
 
-from scalegen.errors import ConfigError
+from scalegen.errors import ConfigError, ScalegenError
 from scalegen.eval.oracle import eval_cameras, evaluate_prompts, ground_truth_gallery
 from scalegen.eval.report import format_table
 from scalegen.priors import build_world
@@ -49,13 +50,15 @@ class RefineBenchOptions:
     mesh_resolution: int = 64
 
 
-def psnr_curve(out: Path, world, gallery, start_scores: dict) -> list[dict]:
-    """[{step, psnr, psnr_fg, iou, r_at_1}] of every checkpoint in ``out`` (step 0 = the start)."""
-    rows = [{"step": 0, **{k: start_scores[k] for k in ("psnr", "psnr_fg", "iou", "r_at_1")}}]
+def psnr_curve(out: Path, world, gallery, start_scores: Optional[dict]) -> list[dict]:
+    """[{step, psnr, psnr_fg, iou, r_at_1}] of every checkpoint in ``out`` (step 0 = the start, when its
+    scores are given)."""
+    keys = ("psnr", "psnr_fg", "iou", "r_at_1")
+    rows = [] if start_scores is None else [{"step": 0, **{k: start_scores[k] for k in keys}}]
     for ckpt in sorted((out / "checkpoints").glob("step_*")):
         cfg, text_encoder, model, _ = load_run(ckpt)
         s = evaluate_prompts(cfg, model, text_encoder, world, [cfg.data.prompt], gallery=gallery)
-        rows.append({"step": int(ckpt.name.split("_")[1]), **{k: s[k] for k in ("psnr", "psnr_fg", "iou", "r_at_1")}})
+        rows.append({"step": int(ckpt.name.split("_")[1]), **{k: s[k] for k in keys}})
     return rows
 
 
@@ -93,26 +96,40 @@ def bench_refine(opts: RefineBenchOptions, overrides: list[str], out_root: str) 
         if out.exists():
             shutil.rmtree(out)
         t0 = time.perf_counter()
-        rep = refine(cfg, out, init_from=init, mesh_resolution=opts.mesh_resolution, gallery=gallery)
+        try:
+            rep = refine(cfg, out, init_from=init, mesh_resolution=opts.mesh_resolution, gallery=gallery)
+        except ScalegenError as e:  # a case that fails (e.g. a scene that collapses) is a result: the others go on
+            print(f"[bench refine] {name} failed: {e}", flush=True)
+            results.append({"case": name, "distill": distill, "start": "run" if init else "sphere", "failed": str(e),
+                            "curve": psnr_curve(out, world, gallery, None)})
+            continue
         total_s = time.perf_counter() - t0
         curve = psnr_curve(out, world, gallery, rep["metrics"]["start"])
         results.append({"case": name, "distill": distill, "start": "run" if init else "sphere",
                         "train_s": rep["train_s"], "train_cpu_s": rep["train_cpu_s"], "total_s": total_s,
+                        "start_cpu_s": rep.get("start_cpu_s", 0.0),
                         "gaussians": rep.get("gaussians"),
                         "metrics": rep["metrics"], "curve": curve})
-    amortized = next(r["metrics"]["amortized"] for r in results if "amortized" in r["metrics"])
+    amortized = next((r["metrics"]["amortized"] for r in results if "amortized" in r.get("metrics", {})), None)
+    if amortized is None:  # every case from the run failed
+        amortized = evaluate_prompts(run_cfg, run_model, run_te, world, [prompt])
     res = {"prompt": prompt, "run": str(run_ckpt), "run_dir": str(run_dir_of(run_ckpt)), "steps": opts.steps,
            "options": asdict(opts), "overrides": overrides, "amortized": amortized, "cases": results,
            "load_average_before": list(load_before), "load_average_after": list(os.getloadavg())}
     rows = [["amortized generator", "-", "-", amortized["psnr"], amortized["psnr_fg"], amortized["iou"],
-             amortized["r_at_1"], "-", "-", "-"]]
+             amortized["r_at_1"], "-", "-", "-", "-"]]
     for r in results:
+        if "failed" in r:
+            last = r["curve"][-1] if r["curve"] else None
+            rows.append([r["case"], "-", "-", "failed" if last is None else f"failed; step {last['step']}: "
+                         f"{last['psnr']:.2f}", "-", "-", "-", "-", "-", "-", "-"])
+            continue
         m = r["metrics"]["refined"]
         rows.append([r["case"], r["curve"][0]["psnr"], r["gaussians"] or "-", m["psnr"], m["psnr_fg"], m["iou"],
-                     m["r_at_1"], m["psnr"] - amortized["psnr"], r["train_s"], r["train_cpu_s"]])
+                     m["r_at_1"], m["psnr"] - amortized["psnr"], r["train_s"], r["start_cpu_s"], r["train_cpu_s"]])
     print(f"prompt {prompt!r}, {opts.steps} steps, start run {run_ckpt}")
     print(format_table(rows, ["case", "start PSNR", "Gaussians", "PSNR (dB)", "PSNR fg", "mask IoU", "R@1",
-                              "vs amortized (dB)", "train s", "train CPU s"]))
+                              "vs amortized (dB)", "train s", "start CPU s", "train CPU s"]))
     if opts.sphere:
         first = opts.distillers[0]
         by = {r["case"]: r["curve"] for r in results}

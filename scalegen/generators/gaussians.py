@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from scalegen.config import step_position
-from scalegen.errors import ConfigError
+from scalegen.errors import ConfigError, TrainingError
 from scalegen.generators.base import Generator
 from scalegen.render.base import RenderOutput
 from scalegen.render.gaussians import GaussianField, GaussianRenderOutput, matrix_to_quaternion, quaternion_to_matrix, rgb_to_sh
@@ -157,8 +157,13 @@ class GaussianScene(Generator):
     @torch.no_grad()
     def after_backward(self, out: RenderOutput) -> None:
         """Accumulate each visible Gaussian's screen-space gradient norm (NDC units, per view)."""
-        if not isinstance(out, GaussianRenderOutput) or out.means2d is None or out.means2d.grad is None:
+        if not isinstance(out, GaussianRenderOutput) or out.means2d is None:
             raise TypeError("GaussianScene needs the GaussianRasterizer's output (render it with that renderer)")
+        if out.means2d.grad is None:  # no Gaussian reached a pixel of any view: nothing can get a gradient again
+            raise TrainingError(f"the Gaussian scene vanished: none of its {self.n_gaussians} Gaussians covers a pixel "
+                                f"(mean opacity {float(torch.sigmoid(self.opacity_logits).mean()):.1e}); the "
+                                "refinement collapsed, so start it from a run or an asset (--init-from) or lower "
+                                "optim.group_lr.opacity")
         h, w = out.rgb.shape[-2:]
         g = torch.nan_to_num(out.means2d.grad) * torch.tensor([0.5 * w, 0.5 * h], device=out.means2d.device)
         seen = out.visible.float()
