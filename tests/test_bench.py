@@ -195,6 +195,12 @@ def test_generators_curve_bench_scores_every_checkpoint_and_reuses_the_run(tmp_p
     assert rescored["curves"]["conv3d"] == pts  # evaluation is deterministic, so the cache changes nothing
     sparse = bench_generators_curve(replace(opts, score_every=4, plot=""), [*TINY, "train.max_steps=4"], str(tmp_path))
     assert sparse["curves"]["conv3d"] == [pts[0], pts[2]]  # step 0 and the last, read from the same run
+    saved = (run / "config.yaml").read_text()
+    older = saved.replace("    start_fit_steps: 200\n", "")  # as written before that key existed
+    assert older != saved
+    (run / "config.yaml").write_text(older)
+    assert bench_generators_curve(opts, [*TINY, "train.max_steps=4"], str(tmp_path)) == res  # still this run
+    (run / "config.yaml").write_text(saved)
     with pytest.raises(ConfigError, match="holds another run"):
         bench_generators_curve(opts, [*TINY, "train.max_steps=6"], str(tmp_path))
     with pytest.raises(ConfigError, match="multiple of bench.every"):

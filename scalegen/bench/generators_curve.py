@@ -28,8 +28,8 @@ from typing import Literal
 
 import torch
 
-from scalegen.config import Config, load_config
-from scalegen.errors import ConfigError
+from scalegen.config import Config, load_config, load_run_config
+from scalegen.errors import ConfigError, ScalegenError
 from scalegen.eval.oracle import evaluate_oracle
 from scalegen.eval.report import format_table, write_json
 from scalegen.priors import build_world
@@ -69,15 +69,21 @@ def _config_path(name: str) -> str | None:
 
 def _finished(run_dir: Path, cfg: Config) -> bool:
     """A run of exactly ``cfg`` whose last checkpoint is at ``train.max_steps``."""
-    cfg_file, info = run_dir / "config.yaml", run_dir / "bench_train.json"
-    if not (cfg_file.is_file() and info.is_file()):
+    if not ((run_dir / "bench_train.json").is_file() and _same_config(run_dir, cfg)):
         return False
     steps = [checkpoint_step(p) for p in checkpoints_dir(run_dir).glob("step_*") if (p / "state.json").is_file()]
-    return cfg_file.read_text() == cfg.to_yaml() and cfg.train.max_steps in steps
+    return cfg.train.max_steps in steps
 
 
 def _same_config(run_dir: Path, cfg: Config) -> bool:
-    return (run_dir / "config.yaml").is_file() and (run_dir / "config.yaml").read_text() == cfg.to_yaml()
+    """The run's saved config is ``cfg``, read as today's code reads it: keys added since it was written take
+    their defaults, so a run is not disowned by a new option it never used."""
+    if not (run_dir / "config.yaml").is_file():
+        return False
+    try:
+        return load_run_config(run_dir).to_yaml() == cfg.to_yaml()
+    except ScalegenError:  # a key this code no longer knows: another config
+        return False
 
 
 def _step_time_info(run_dir: Path, cfg: Config, steps: int) -> dict:
