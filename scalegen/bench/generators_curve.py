@@ -12,8 +12,8 @@ shows seen PSNR (thick) and unseen PSNR (thin) against steps.
 A finished run of the same config in ``OUT/generators-curve/NAME`` is reused, and so are its scores
 (``bench_curve.json``), so the figure and table can be redrawn from runs trained one generator at a time; its
 train time is the one recorded when it was trained. An interrupted run of the same config is resumed from its
-last checkpoint (its train time then estimated from the logged step times). Times depend on the machine's load (recorded beside them);
-PSNR / IoU do not.
+last checkpoint (its train time then estimated from the logged step times). Times depend on the machine's load
+(recorded beside them); PSNR / IoU do not.
 
 Options: ``GeneratorsCurveOptions`` (``bench.generators=[conv3d]``, ``bench.every=50``, ...).
 """
@@ -68,8 +68,8 @@ def _config_path(name: str) -> str | None:
 
 
 def _finished(run_dir: Path, cfg: Config) -> bool:
-    """A run of exactly ``cfg`` whose last checkpoint is at ``train.max_steps``."""
-    if not ((run_dir / "bench_train.json").is_file() and _same_config(run_dir, cfg)):
+    """A run (of ``cfg``: the caller checks) that the bench trained to its last checkpoint at ``train.max_steps``."""
+    if not (run_dir / "bench_train.json").is_file():
         return False
     steps = [checkpoint_step(p) for p in checkpoints_dir(run_dir).glob("step_*") if (p / "state.json").is_file()]
     return cfg.train.max_steps in steps
@@ -108,12 +108,13 @@ def _train(name: str, o: GeneratorsCurveOptions, overrides: list[str], run_dir: 
     cfg = load_config(_config_path(name), ["train.logger=none", "train.progress=false", *overrides,
                                             f"train.ckpt_every={o.every}", "train.keep_ckpts=1000",
                                             f"train.out_dir={run_dir}"])
-    if _finished(run_dir, cfg):
+    same = _same_config(run_dir, cfg)
+    if same and _finished(run_dir, cfg):
         print(f"[generators-curve] {name}: reusing the finished run in {run_dir}", flush=True)
         return cfg, json.loads((run_dir / "bench_train.json").read_text())
-    if o.unfinished and _same_config(run_dir, cfg):
+    if same and o.unfinished:
         return cfg, _unfinished_info(run_dir, cfg)
-    if _same_config(run_dir, cfg) and (run_dir / "metrics.jsonl").is_file():
+    if same and (run_dir / "metrics.jsonl").is_file():
         # an interrupted run of this config (a crash, a SIGTERM): continue it from its last checkpoint; resume is
         # exact, so the curve is the uninterrupted run's. Its time is the mean logged step time times the steps.
         print(f"[generators-curve] {name}: resuming the interrupted run in {run_dir} ...", flush=True)

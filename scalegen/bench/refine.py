@@ -8,8 +8,8 @@ included); checkpoints every ``bench.eval_every`` steps are scored afterwards on
 against ground truth (PSNR, foreground PSNR, mask IoU, R@1), so each run has a PSNR-over-steps curve
 and its training seconds, wall and CPU, and the CPU seconds of its start (the fit to the run's renders; the
 process's CPU time: on a shared machine the wall time counts other people's jobs, the CPU time with
-``train.threads=1`` is what one free core would take). With ``bench.sphere=true`` the first distiller also refines from a sphere,
-and the table gives the steps each start needs to reach the amortized generator's PSNR plus
+``train.threads=1`` is what one free core would take). With ``bench.sphere=true`` the first distiller also
+refines from a sphere, and the table gives the steps each start needs to reach the amortized generator's PSNR plus
 ``bench.targets`` dB (the first scored step at or above it; "-" when never reached).
 
 Options: ``RefineBenchOptions``; every other ``key=value`` overrides the refine config (e.g.

@@ -195,11 +195,11 @@ def start_state(cfg: Config, init_from: Optional[str], up: str = "y", fit: bool 
                               "with the run's own config (do not override text.*)")
         cond = run_te.encode([cfg.data.prompt])
         field, _ = run_model(cond)
+        model.background.load_state_dict(run_model.background.state_dict())  # before a fit that renders over it
         if isinstance(gen, GaussianScene):
             pts, col, nrm = surface_samples(field, cfg.generator.gaussians.n_init, run_cfg.render.bound,
                                             seed=cfg.train.seed)
             gen.set_points(pts, col, normals=nrm, opacity=cfg.generator.gaussians.surface_opacity)
-            model.background.load_state_dict(run_model.background.state_dict())
             info = {"start": "run", "run": str(ckpt), "points": len(pts)}
             if cfg.generator.gaussians.start_fit_steps:
                 info.update(fit_to_renders(cfg, model, run_cfg, run_model, cond,
@@ -212,7 +212,6 @@ def start_state(cfg: Config, init_from: Optional[str], up: str = "y", fit: bool 
             info = {"start": "run", "run": str(ckpt)}
         else:  # pragma: no cover - refine only builds per-prompt generators
             raise AssertionError(type(gen).__name__)
-        model.background.load_state_dict(run_model.background.state_dict())
         return model.state_dict(), info
     # an asset file
     if not isinstance(gen, GaussianScene):
