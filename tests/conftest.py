@@ -53,6 +53,21 @@ def small_corpus(tmp_path_factory) -> Path:
     return p
 
 
+def fit_to_sphere(model, cond, bound: float, radius: float, rgb, steps: int, points: int):
+    """Fit an amortized model's field for ``cond`` directly (at random 3D points in the scene box) to a sphere's
+    SDF and one colour: a 'trained' run of a known shape without distillation. Returns the Adam optimizer."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        pts = (torch.rand(1, points, 3) * 2 - 1) * bound
+        field, _ = model(cond)
+        sdf, col = field.query(pts)
+        loss = (sdf - (pts.norm(dim=-1) - radius)).pow(2).mean() + (col - torch.tensor(rgb).float()).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return opt
+
+
 def shared_path(*parts: str) -> Path:
     p = SHARED.joinpath(*parts)
     if not p.exists():

@@ -12,7 +12,7 @@ import pytest
 import torch
 import trimesh
 
-from conftest import TINY, BallsField
+from conftest import TINY, BallsField, fit_to_sphere
 from scalegen.config import load_config
 from scalegen.errors import ExportError
 from scalegen.export.files import mesh_bytes, write_mesh, z_up
@@ -43,16 +43,8 @@ def red_run(tmp_path_factory):
     torch.manual_seed(0)
     cfg = load_config(None, TINY)
     text_encoder, model = build_model(cfg)
-    cond = text_encoder.encode(["a large red sphere"])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(300):
-        pts = (torch.rand(1, 4096, 3) * 2 - 1) * cfg.render.bound
-        field, _ = model(cond)
-        sdf, rgb = field.query(pts)
-        loss = (sdf - (pts.norm(dim=-1) - 0.35)).pow(2).mean() + (rgb - torch.tensor(RED).float()).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    opt = fit_to_sphere(model, text_encoder.encode(["a large red sphere"]), cfg.render.bound, 0.35, RED, steps=300,
+                        points=4096)
     run = tmp_path_factory.mktemp("red")
     (run / "config.yaml").write_text(cfg.to_yaml())
     state = {f"model.{k}": v for k, v in model.state_dict().items()}

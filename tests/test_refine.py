@@ -10,7 +10,7 @@ import pytest
 import torch
 import trimesh
 
-from conftest import TINY
+from conftest import TINY, fit_to_sphere
 from scalegen.config import load_config, load_yaml
 from scalegen.errors import ScalegenError
 from scalegen.export.gaussian_ply import read_gaussian_ply, write_gaussian_ply
@@ -33,16 +33,7 @@ def red_run(tmp_path_factory):
     torch.manual_seed(0)
     cfg = load_config(None, TINY + ["generator.sdf_radius=0.45"])  # the start sphere is the prompt's sphere
     text_encoder, model = build_model(cfg)
-    cond = text_encoder.encode([PROMPT])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        pts = (torch.rand(1, 2048, 3) * 2 - 1) * cfg.render.bound
-        field, _ = model(cond)
-        sdf, rgb = field.query(pts)
-        loss = (sdf - (pts.norm(dim=-1) - 0.45)).pow(2).mean() + (rgb - torch.tensor(RED)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit_to_sphere(model, text_encoder.encode([PROMPT]), cfg.render.bound, 0.45, RED, steps=60, points=2048)
     run = tmp_path_factory.mktemp("red")
     (run / "config.yaml").write_text(cfg.to_yaml())
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
