@@ -16,7 +16,7 @@ from scalegen.errors import ScalegenError
 from scalegen.export.gaussian_ply import read_gaussian_ply, write_gaussian_ply
 from scalegen.refine import PRESETS, refine_config
 from scalegen.refine.start import start_state
-from scalegen.train.checkpoint import save_checkpoint
+from scalegen.train.checkpoint import load_weights, resolve_checkpoint, save_checkpoint
 from scalegen.train.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +77,8 @@ def test_fitting_the_start_to_the_run_renders_brings_it_closer(red_run):
     err, infos = [], []
     for steps in (0, 40):
         cfg = refine_config(PROMPT, "gaussians", "vdm", str(run), None,
-                            SMALL + [f"generator.gaussians.start_fit_steps={steps}"])
+                            SMALL + [f"generator.gaussians.start_fit_steps={steps}", "train.max_steps=100",
+                                     "generator.gaussians.densify_every=10", "generator.gaussians.densify_grad=1e-9"])
         state, info = start_state(cfg, str(run))
         _, scene = build_model(cfg)
         scene.load_state_dict(state)
@@ -89,7 +90,19 @@ def test_fitting_the_start_to_the_run_renders_brings_it_closer(red_run):
         assert torch.equal(state["background.out.3.weight"], model.background.state_dict()["out.3.weight"])
     assert "fit_steps" not in infos[0] and infos[1]["fit_steps"] == 40
     assert infos[1]["fit_loss_last"] < infos[1]["fit_loss_first"]
+    assert infos[1]["gaussians"] == len(state["generator.means"]) == 300  # converged, not densified
     assert err[1] < 0.7 * err[0], err
+
+
+def test_a_run_start_keeps_the_runs_background(red_run):
+    """Refinement from a run does not train the world's background it copied; a sphere start (which has no
+    background to copy) still learns its own."""
+    run, _, _ = red_run
+    assert refine_config(PROMPT, "gaussians", "vdm", str(run), None, SMALL).optim.lr_background == 0.0
+    sphere = refine_config(PROMPT, "gaussians", "vdm", None, None, SMALL, base_run=str(run))
+    assert sphere.optim.lr_background == PRESETS["gaussians"]["optim"]["lr_background"] > 0
+    again = refine_config(PROMPT, "gaussians", "vdm", str(run), None, SMALL + ["optim.lr_background=1e-4"])
+    assert again.optim.lr_background == 1e-4  # the user's override still wins
 
 
 def test_ingp_start_is_exactly_the_amortized_field(red_run):
@@ -128,6 +141,9 @@ def test_refine_command_end_to_end(red_run, tmp_path):
     assert len(g["means"]) == rep["gaussians"] > 1000  # densified
     mesh = trimesh.load(out / "mesh.glb", force="mesh")
     assert len(mesh.faces) > 100
+    weights = load_weights(resolve_checkpoint(out))
+    for k, v in red_run[1].background.state_dict().items():  # the run's background, copied and kept
+        assert torch.equal(weights[f"model.background.{k}"], v), k
     r = _cli("eval", "--ckpt", str(out))
     assert r.returncode == 0 and "seen" in r.stdout, r.stderr
     r = _cli("refine", "--out", str(out), "--resume", "train.max_steps=6", "--mesh-resolution", "48")
@@ -141,7 +157,6 @@ def test_resume_with_densification_is_exact(tmp_path, monkeypatch):
     """A refinement killed after a densification (its checkpoint holds more Gaussians than the start, and
     the densification statistics gathered since) continues to the same weights as one that ran through."""
     import scalegen.train.loop as loop
-    from scalegen.train.checkpoint import load_weights, resolve_checkpoint
 
     over = TINY + SMALL + ["data.prompts_per_step=1", "train.max_steps=6", "train.ckpt_every=3",
                            "generator.gaussians.densify_every=2", "generator.gaussians.densify_until=6.0",
