@@ -78,7 +78,8 @@ def test_fitting_the_start_to_the_run_renders_brings_it_closer(red_run):
     for steps in (0, 40):
         cfg = refine_config(PROMPT, "gaussians", "vdm", str(run), None,
                             SMALL + [f"generator.gaussians.start_fit_steps={steps}", "train.max_steps=100",
-                                     "generator.gaussians.densify_every=10", "generator.gaussians.densify_grad=1e-9"])
+                                     "generator.gaussians.densify_every=10", "generator.gaussians.densify_grad=1e-9",
+                                     "generator.gaussians.densify_until=1.0"])  # distillation would densify
         state, info = start_state(cfg, str(run))
         _, scene = build_model(cfg)
         scene.load_state_dict(state)
@@ -94,13 +95,15 @@ def test_fitting_the_start_to_the_run_renders_brings_it_closer(red_run):
     assert err[1] < 0.7 * err[0], err
 
 
-def test_a_run_start_keeps_the_runs_background(red_run):
-    """Refinement from a run does not train the world's background it copied; a sphere start (which has no
-    background to copy) still learns its own."""
+def test_a_run_start_keeps_the_runs_background_and_gaussians(red_run):
+    """Refinement from a run does not train the world's background it copied, nor densify the discs fitted to
+    the run; a sphere start (which has no background to copy and no surface yet) still learns and grows."""
     run, _, _ = red_run
-    assert refine_config(PROMPT, "gaussians", "vdm", str(run), None, SMALL).optim.lr_background == 0.0
+    from_run = refine_config(PROMPT, "gaussians", "vdm", str(run), None, SMALL)
+    assert from_run.optim.lr_background == 0.0 and from_run.generator.gaussians.densify_until == 0.0
     sphere = refine_config(PROMPT, "gaussians", "vdm", None, None, SMALL, base_run=str(run))
     assert sphere.optim.lr_background == PRESETS["gaussians"]["optim"]["lr_background"] > 0
+    assert sphere.generator.gaussians.densify_until > 0  # a sphere has to grow
     again = refine_config(PROMPT, "gaussians", "vdm", str(run), None, SMALL + ["optim.lr_background=1e-4"])
     assert again.optim.lr_background == 1e-4  # the user's override still wins
 
@@ -131,7 +134,8 @@ def test_refine_command_end_to_end(red_run, tmp_path):
     r = _cli("refine", "--prompt", PROMPT, "--distill", "vdm", "--init-from", str(run), "--out", str(out),
              "--mesh-resolution", "48", *SMALL, "generator.gaussians.n_init=1000", "camera.eval_resolution=32",
              "train.max_steps=4", "train.ckpt_every=2",
-             "generator.gaussians.densify_every=2", "generator.gaussians.densify_grad=1e-9")
+             "generator.gaussians.densify_every=2", "generator.gaussians.densify_grad=1e-9",
+             "generator.gaussians.densify_until=0.6")  # a run start does not densify unless asked
     assert r.returncode == 0, r.stderr
     assert "amortized generator" in r.stdout and "refined" in r.stdout
     rep = json.loads((out / "refine.json").read_text())

@@ -56,10 +56,14 @@ PRESETS: dict[str, dict] = {
     },
 }
 
-# A start from an amortized run keeps the run's background (copied by ``start_state``): it is the world's backdrop,
-# learned over every prompt of the run, and one prompt's distillation only degrades it (VDM + DCA on 'a small blue
-# cone' from the run: 27.1 dB with the background trained at 1e-3, 34.9 dB with it kept; docs/performance.md).
-RUN_START: dict = {"optim": {"lr_background": 0.0}}
+# What a start from an amortized run changes on top of the preset (measured, docs/performance.md):
+#  * it keeps the run's background (copied by ``start_state``): the world's backdrop, learned over every prompt of the
+#    run, which one prompt's distillation only degrades (VDM + DCA, 'a small blue cone': 27.1 dB with the background
+#    trained at 1e-3, 34.9 dB with it kept);
+#  * no densification: the fitted discs already cover the run's surface, and 3DGS's splits (two children drawn inside
+#    the parent, 1.6x smaller) open holes the 32x32 distillation has to close again ('a small red sphere', VDM + DCA:
+#    36.8 dB at the start, 31.3 at step 50 and 33.7 at step 300 densifying; 39.7 and 38.7 without).
+RUN_START: dict = {"optim": {"lr_background": 0.0}, "generator": {"gaussians": {"densify_until": 0.0}}}
 
 
 def refine_config(prompt: str, representation: str, distill: Optional[str], init_from: Optional[str] = None,
