@@ -225,7 +225,7 @@ class GaussiansConfig:
     start_fit_steps: Annotated[int, NonNeg] = 200
     # the fit's learning rates: optim.group_lr x start_fit_lr_scale, decaying exponentially to start_fit_lr_end of
     # that by the last fit step, no densification (measured on 'a small red sphere', 200 steps: x10 decaying to 0.01
-    # renders 38.3 dB on the evaluation orbit where x1 with densification renders 33.8 dB; docs/performance.md)
+    # renders 36.75 dB on the evaluation orbit where x1 with densification renders 33.8 dB; docs/performance.md)
     start_fit_lr_scale: Annotated[float, Positive] = 10.0
     start_fit_lr_end: Annotated[float, Range(gt=0, le=1)] = 0.01
 

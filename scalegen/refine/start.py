@@ -140,7 +140,7 @@ def fit_to_renders(cfg: Config, model: SceneModel, run_cfg: Config, run_model: S
     The discs already sit on the run's surface, so the fit only has to converge, not to grow: the refine
     config's learning rates times ``start_fit_lr_scale``, decaying exponentially to ``start_fit_lr_end`` of
     that at the last step, and no densification (on 'a small red sphere', 10x rates held and densifying:
-    30.6 / 28.7 dB on the evaluation orbit at steps 100 / 200; decaying, without densification: 36.9 / 38.3;
+    30.6 / 28.7 dB on the evaluation orbit at steps 100 / 200; decaying over 400, without densification: 36.9 / 38.3;
     docs/performance.md). Returns the first and last loss and the Gaussian count."""
     gs = cfg.generator.gaussians
     renderer, run_renderer = build_renderer(cfg), build_renderer(run_cfg)
