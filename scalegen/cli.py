@@ -532,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_sub = p.add_subparsers(dest="eval_command")
     q = eval_sub.add_parser("clip", help="CLIP similarity, CLIPScore and R@1 of a run (or of rendered views) on a corpus")
     q.add_argument("--ckpt", help="run directory or checkpoint folder to render")
-    q.add_argument("--images", help="score views rendered elsewhere: DIR/<prompt>/<view>.png (README)")
+    q.add_argument("--images", help="score views rendered elsewhere: DIR/<prompt>/<view>.png (docs/evaluation.md)")
     q.add_argument("--corpus", required=True, help="prompt file (ScaleDreamer JSON, text, CSV, JSON lines) or shard folder")
     q.add_argument("--split", nargs="+", help="corpus splits to score (default: the protocol's; test falls back to val)")
     q.add_argument("--protocol", default="scalegen", choices=["scaledreamer", "triplaneturbo", "scalegen"])
