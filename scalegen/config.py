@@ -224,8 +224,7 @@ class GaussiansConfig:
     # random training views) before distillation, so the start renders as the run does; 0 = the discs as placed
     start_fit_steps: Annotated[int, NonNeg] = 200
     # the fit's learning rates: optim.group_lr x start_fit_lr_scale, decaying exponentially to start_fit_lr_end of
-    # that by the last fit step, no densification (measured on 'a small red sphere', 200 steps: x10 decaying to 0.01
-    # renders 36.75 dB on the evaluation orbit where x1 with densification renders 33.8 dB; docs/performance.md)
+    # that by the last fit step, no densification (the measured comparison: docs/notes/2026-12-01-refine-converged-fit.md)
     start_fit_lr_scale: Annotated[float, Positive] = 10.0
     start_fit_lr_end: Annotated[float, Range(gt=0, le=1)] = 0.01
 
@@ -246,7 +245,8 @@ class GeneratorConfig:
     hyper_hidden: Annotated[int, AtLeast1] = 64
     hyper_out_gain: Annotated[float, Positive] = 1.0  # xavier gain of the hypernetwork's last layer
     # SDF bias |x| - r: every prompt starts as this sphere. 0.35 sits between the oracle world's sizes
-    # (0.30 small, 0.45 large): from 0.5, small objects stay too large at 300 steps (IoU 0.88-0.90 measured).
+    # (0.30 small, 0.45 large): from 0.5, small objects stay too large at 300 steps
+    # (docs/notes/2026-11-29-start-sphere-and-t-range.md).
     sdf_radius: Annotated[float, Positive] = 0.35
     backend: Literal["torch", "tcnn"] = "torch"
     # conv3d / triplane_transformer (scalegen/generators/conv3d.py, triplane_transformer.py).
@@ -294,7 +294,8 @@ class DistillConfig:
     weighting: Literal["sds", "uniform"] = "sds"  # w(t) = 1 - alphabar_t, or 1
     t_range_start: list[float] = field(default_factory=lambda: [0.50, 0.98])
     # ScaleDreamer ends at [0.02, 0.50] (the SD configs keep it); the oracle default ends at 0.25, where the CFG
-    # term has vanished (bench guidance). Its measured effect is within run-to-run spread (docs/performance.md).
+    # term has vanished (bench guidance). Its measured effect is within run-to-run spread
+    # (docs/notes/2026-11-29-start-sphere-and-t-range.md).
     t_range_end: list[float] = field(default_factory=lambda: [0.02, 0.25])
     t_anneal_steps: Annotated[Optional[float], Positive] = None  # length of the linear anneal (step position); null: the whole run
     t_per: Literal["image", "prompt"] = "image"  # SD: per image; MVDream: per view group (required)

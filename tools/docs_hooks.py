@@ -213,10 +213,13 @@ def _generic(data: Any, title: str, depth: int = 3) -> list[str]:
         return out + [""]
     if isinstance(data, dict):
         scalars = {k: v for k, v in data.items() if _is_scalar(v)}
+        flat = {k: v for k, v in data.items() if isinstance(v, dict) and v and all(_is_scalar(x) for x in v.values())}
         if scalars:
             out += _generic(scalars, title, depth)
+        if flat:  # rows of one table, e.g. {"sds": {"psnr": ..}, "asd": {"psnr": ..}}
+            out += _generic(flat, title, depth)
         for k, v in data.items():
-            if not _is_scalar(v):
+            if k not in scalars and k not in flat:
                 out += [f"{'#' * min(depth, 6)} {k}", ""] + _generic(v, k, depth + 1)
         return out
     return ["```json", json.dumps(data, indent=2, ensure_ascii=False), "```", ""]
