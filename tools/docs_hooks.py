@@ -216,8 +216,11 @@ def _generic(data: Any, title: str, depth: int = 3) -> list[str]:
         flat = {k: v for k, v in data.items() if isinstance(v, dict) and v and all(_is_scalar(x) for x in v.values())}
         if scalars:
             out += _generic(scalars, title, depth)
-        if flat:  # rows of one table, e.g. {"sds": {"psnr": ..}, "asd": {"psnr": ..}}
-            out += _generic(flat, title, depth)
+        groups: dict[tuple, dict] = {}  # rows with the same figures form one table: {"sds": {"psnr": ..}, "asd": ..}
+        for k, v in flat.items():
+            groups.setdefault(tuple(v), {})[k] = v
+        for rows in groups.values():
+            out += _generic(rows, title, depth)
         for k, v in data.items():
             if k not in scalars and k not in flat:
                 out += [f"{'#' * min(depth, 6)} {k}", ""] + _generic(v, k, depth + 1)
