@@ -3,7 +3,6 @@ and lists every key; every committed figure carries its command and provenance; 
 the command line, date and commit; the site builds with --strict; code comments state no measured figures."""
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import io
 import json
@@ -12,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import tokenize
-import typing
 from datetime import datetime
 from pathlib import Path
 

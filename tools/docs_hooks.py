@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib
 import io
 import json
 import re
@@ -123,8 +124,7 @@ def config_keys() -> list[str]:
 def _config_module():
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    import scalegen.config as config  # the schema module: standard library + PyYAML only
-    return config
+    return importlib.import_module("scalegen.config")  # the schema module: standard library + PyYAML only
 
 
 def config_reference() -> str:
@@ -327,7 +327,7 @@ def generated_pages() -> dict[str, str]:
 
 def on_files(files, config):
     """mkdocs event: add the generated pages to the site (nothing is written into docs/)."""
-    from mkdocs.structure.files import File
+    from mkdocs.structure.files import File  # noqa: PLC0415 (mkdocs only at build; tests import this module without it)
 
     for path, text in generated_pages().items():
         if files.get_file_from_path(path) is not None:
