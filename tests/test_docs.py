@@ -74,6 +74,7 @@ def test_every_committed_figure_carries_its_command_and_provenance():
     assert results
     notes = ROOT / "docs" / "notes"
     for name, data in results.items():
+        assert "meta" in data, f"docs/results/{name}.json has no meta: rerun its bench with --json (or add its command)"
         meta = data["meta"]
         assert meta.get("command"), name
         assert meta.get("date"), name
@@ -110,6 +111,8 @@ def test_generic_results_page_renders_what_a_bench_wrote():
                                     "steps": 150})
     assert "scalegen bench x" in page and "| commit | abc |" in page
     assert "| sds | 31.74 | 0.903 |" in page and "| asd | 21.72 | 0.759 |" in page and "| steps | 150 |" in page
+    bare = hooks.results_page("y", [{"psnr": 1.5}])  # no meta, not a dict: rendered, and flagged
+    assert "No command recorded" in bare and "| 0 | 1.5 |" in bare
 
 
 def test_claims_page_lists_every_claim_with_its_verdict():

@@ -244,11 +244,15 @@ def _meta_block(meta: dict) -> list[str]:
 
 def results_page(name: str, data: dict) -> str:
     """A results page from one JSON file: the command and provenance first, then every figure."""
+    if not isinstance(data, dict):
+        data = {"results": data}
     meta = data.get("meta", {})
     out = [f"# {data.get('title', name)}", ""]
     if data.get("description"):
         out += [data["description"], ""]
-    out += _meta_block(meta)
+    out += _meta_block(meta) if meta else ["!!! warning \"No command recorded\"",
+                                           "    This file has no `meta`: rerun its bench with `--json` to record the "
+                                           "command, date and commit.", ""]
     if "tables" in data:  # figures transcribed from a documented table: columns and rows exactly as written
         for t in data["tables"]:
             if t.get("title"):
@@ -306,10 +310,11 @@ def results_index(results: dict[str, dict]) -> str:
            "replaced, is in the [dated notes](../notes/index.md).", "",
            "| page | measured | command |", "| --- | --- | --- |"]
     for name, data in results.items():
-        meta = data.get("meta", {})
+        meta = data.get("meta", {}) if isinstance(data, dict) else {}
         cmd = meta.get("command")
         cmd = cmd[0] if isinstance(cmd, list) and cmd else cmd or ""
-        out.append(f"| [{_cell(data.get('title', name))}]({name}.md) | {_cell(meta.get('date', ''))} | `{_cell(cmd)}` |")
+        title = data.get("title", name) if isinstance(data, dict) else name
+        out.append(f"| [{_cell(title)}]({name}.md) | {_cell(meta.get('date', ''))} | `{_cell(cmd)}` |")
     if CLAIMS.is_file():
         out.append("| [Claims: verdicts](claims.md) | see the page | `scalegen bench claims` |")
     return "\n".join(out) + "\n"
