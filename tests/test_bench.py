@@ -226,6 +226,7 @@ def test_generate_bench_json(tmp_path):
                         "bench.batches=[1,2]", "bench.prompts=2", "bench.threads=1"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
+    assert data.pop("meta")["argv"][:2] == ["bench", "generate"]
     assert set(data) == {"hyper_ingp/32/batch1", "hyper_ingp/32/batch2"}
     for name, v in data.items():
         assert v["resolution"] == 32 and v["batch"] == int(name[-1]) and v["prompts"] == 2
