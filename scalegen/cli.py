@@ -362,11 +362,35 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _bench_meta(argv: list[str]) -> dict:
+    """What produced a bench's JSON: the command line, the date (UTC) and the git commit of the code that ran (with
+    whether its tree had uncommitted changes), so every committed figure carries its command (docs/benchmarks.md)."""
+    import datetime
+    import shlex
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*a: str) -> str | None:
+        try:
+            r = subprocess.run(["git", "-C", str(repo), *a], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"argv": list(argv), "command": shlex.join(["scalegen", *argv]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit, "dirty": bool(status) if status is not None else None}
+
+
 def cmd_bench(args) -> int:
     from scalegen.bench import run_bench
 
+    meta = _bench_meta(getattr(args, "argv", []))
     res = run_bench(args.name, args.overrides, out_root=args.out)
-    _write_json(args.json, res)
+    _write_json(args.json, {"meta": meta, **res} if isinstance(res, dict) else {"meta": meta, "results": res})
     return 0
 
 
@@ -532,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_sub = p.add_subparsers(dest="eval_command")
     q = eval_sub.add_parser("clip", help="CLIP similarity, CLIPScore and R@1 of a run (or of rendered views) on a corpus")
     q.add_argument("--ckpt", help="run directory or checkpoint folder to render")
-    q.add_argument("--images", help="score views rendered elsewhere: DIR/<prompt>/<view>.png (README)")
+    q.add_argument("--images", help="score views rendered elsewhere: DIR/<prompt>/<view>.png (docs/evaluation.md)")
     q.add_argument("--corpus", required=True, help="prompt file (ScaleDreamer JSON, text, CSV, JSON lines) or shard folder")
     q.add_argument("--split", nargs="+", help="corpus splits to score (default: the protocol's; test falls back to val)")
     q.add_argument("--protocol", default="scalegen", choices=["scaledreamer", "triplaneturbo", "scalegen"])
@@ -697,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("overrides", nargs="*", help="--world oracle: world.* overrides, e.g. world.colors=[red,blue]")
     q.set_defaults(fn=cmd_data_compose)
 
-    p = sub.add_parser("bench", help="benchmarks (numbers for docs/performance.md)")
+    p = sub.add_parser("bench", help="benchmarks (figures for docs/results/, see docs/benchmarks.md)")
     p.add_argument("name", help="saturation | sharpness | guidance | flops-sd | flops-mvdream | data | distill | toy2d "
                                "| generators | generate | eval | claims | oracle-cost")
     p.add_argument("--json", help="also write the figures to this JSON file")
@@ -710,6 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    given = list(argv)  # as typed, for the record a bench writes into its JSON
     # `--resume` takes an optional `auto`; anything else after it is not its value (an override, say).
     argv = [("--resume=auto" if a == "--resume" and i + 1 < len(argv) and argv[i + 1] == "auto" else
              "--resume=yes" if a == "--resume" else a) for i, a in enumerate(argv)
@@ -722,6 +747,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = list(args.overrides or []) + extra
+    args.argv = given
     try:
         return args.fn(args)
     except Preempted as e:

@@ -80,17 +80,20 @@ class WorldConfig:
     with a spatial relation, surface patterns, objects with a front, optionally under-specified prompts
     and K instances per scene, with held-out combinations at three levels."""
 
+    # the grammar: `a <size> <color> <shape>`, or the compositional one
     kind: Literal["single", "compositional"] = "single"
+    # the grammar's colour words
     colors: list[str] = field(default_factory=lambda: ["red", "green", "blue", "yellow", "purple", "orange"])
+    # the grammar's shape words
     shapes: list[str] = field(default_factory=lambda: ["sphere", "cube", "cylinder", "cone", "torus"])
-    sizes: list[str] = field(default_factory=lambda: ["small", "large"])
+    sizes: list[str] = field(default_factory=lambda: ["small", "large"])  # the grammar's size words
     n_unseen: Annotated[int, NonNeg] = 10  # single: attribute combinations held out of training (every attribute stays seen)
-    seed: int = 0
+    seed: int = 0  # which combinations are held out (compositional: also the instances' turns and the prompts drawn)
     # --- compositional only -------------------------------------------------------------------------
     patterns: list[Literal["plain", "striped", "checkered", "two-tone"]] = field(
-        default_factory=lambda: ["plain", "striped", "checkered", "two-tone"])
+        default_factory=lambda: ["plain", "striped", "checkered", "two-tone"])  # surface patterns a prompt may name
     relations: list[Literal["on top of", "left of", "right of", "in front of", "behind"]] = field(
-        default_factory=lambda: ["on top of", "left of", "right of", "in front of", "behind"])
+        default_factory=lambda: ["on top of", "left of", "right of", "in front of", "behind"])  # relations of two-object prompts
     fronts: list[str] = field(default_factory=list)  # marker colours: "a blue cylinder with a yellow front"
     underspecified: bool = False  # prompts may omit size, colour or shape ("a cube", "a red object")
     max_completions: Annotated[int, AtLeast1] = 64  # prompts standing for more completions are not in the world
@@ -107,7 +110,7 @@ class WorldConfig:
 @dataclass
 class DataConfig:
     prompts: str = "oracle"  # "oracle" (the world's seen prompts) or a corpus file (JSON/TXT/CSV)
-    split: str = "train"
+    split: str = "train"  # the split of a corpus that has them (ScaleDreamer JSON: train / val / test)
     prompts_per_step: Annotated[int, AtLeast1] = 8  # per process
     shards: Optional[str] = None  # `scalegen data build` folder (or its manifest.json); replaces data.prompts
     shard_url: Optional[str] = None  # URL template of a shard, e.g. "pipe:aws s3 cp s3://b/c/{name} -" (default: local)
@@ -122,22 +125,22 @@ class DataConfig:
 class CameraConfig:
     """ScaleDreamer's Stable Diffusion camera distribution, plus the evaluation orbit."""
 
-    views_per_prompt: Annotated[int, AtLeast1] = 4
+    views_per_prompt: Annotated[int, AtLeast1] = 4  # training views rendered per prompt per step
     # stratified: ScaleDreamer's SD cameras (azimuth stratified per view, each view its own elevation,
     # distance, fovy); mvdream: views 360/V degrees apart from a random start sharing one elevation, fovy
     # and distance per object, distance = distance_range draw / tan(fovy / 2) (data/cameras.py)
     sampler: Literal["stratified", "mvdream"] = "stratified"
     share_across_prompts: bool = True  # one camera set per step: grid features computed once
-    resolution: Annotated[int, Range(ge=8)] = 32
-    elevation_range: list[float] = field(default_factory=lambda: [-10.0, 45.0])
+    resolution: Annotated[int, Range(ge=8)] = 32  # training render size in pixels (square)
+    elevation_range: list[float] = field(default_factory=lambda: [-10.0, 45.0])  # training elevations, degrees
     sphere_uniform_fraction: Annotated[float, Unit] = 0.5  # half the elevations uniform on the sphere, half in degrees
     distance_range: list[float] = field(default_factory=lambda: [1.0, 1.5])  # mvdream: relative (x 1/tan(fovy/2))
-    fovy_range: list[float] = field(default_factory=lambda: [40.0, 70.0])
-    eval_elevation: float = 15.0
-    eval_distance: Annotated[float, Positive] = 1.5
-    eval_fovy: Annotated[float, Range(gt=0, lt=180)] = 60.0
-    eval_views: Annotated[int, AtLeast1] = 8
-    eval_resolution: Annotated[int, Range(ge=8)] = 64
+    fovy_range: list[float] = field(default_factory=lambda: [40.0, 70.0])  # training vertical field of view, degrees
+    eval_elevation: float = 15.0  # evaluation orbit: elevation, degrees
+    eval_distance: Annotated[float, Positive] = 1.5  # evaluation orbit: camera distance from the centre
+    eval_fovy: Annotated[float, Range(gt=0, lt=180)] = 60.0  # evaluation orbit: vertical field of view, degrees
+    eval_views: Annotated[int, AtLeast1] = 8  # evaluation orbit: views, evenly spaced in azimuth
+    eval_resolution: Annotated[int, Range(ge=8)] = 64  # evaluation orbit: render size in pixels
 
 
 @dataclass
@@ -154,6 +157,7 @@ class TextConfig:
 @dataclass
 class OracleConfig:
     sharpness: Annotated[float, Positive] = 0.1  # s: per-component std of the pixel-space Gaussian mixture
+    # camera_aware: the prompt rendered at the row's camera (MVDream-like); view_agnostic: from fixed cameras (SD-like)
     mode: Literal["camera_aware", "view_agnostic"] = "camera_aware"
     n_uncond: Annotated[int, AtLeast1] = 16  # components of the unconditional mixture (prompts), own prompt always in
     n_fixed_views: Annotated[int, AtLeast1] = 8  # view-agnostic mode: renders per prompt from fixed cameras
@@ -167,13 +171,14 @@ class OracleConfig:
 
 @dataclass
 class PriorConfig:
+    # the frozen diffusion prior the generator is distilled from
     name: Literal["oracle", "stable_diffusion", "mvdream"] = "oracle"
     oracle: OracleConfig = field(default_factory=OracleConfig)
     # --- stable_diffusion and mvdream (scalegen/priors/stable_diffusion.py, mvdream.py) ------------
     # SD: a diffusers folder or hub id (unet/ vae/ scheduler/); mvdream: a `scalegen prior convert-mvdream` folder
     model: str = "stabilityai/stable-diffusion-2-1-base"
     dtype: Literal["fp16", "bf16", "fp32"] = "fp16"  # UNet + VAE weights (fp32 on CPU)
-    channels_last: bool = True
+    channels_last: bool = True  # UNet in channels-last memory format
     compile: bool = False  # torch.compile the UNet (first steps are slow; GPU only)
     # render -> bilinear resize to this -> VAE encode (with grad); null: the prior's own (SD 512, MVDream 256)
     encode_resolution: Annotated[Optional[int], Range(ge=8)] = None
@@ -187,8 +192,11 @@ class PriorConfig:
     overhead_threshold: Annotated[float, Range(ge=-90, le=90)] = 60.0  # elevation above which a view is overhead
     perp_neg: Annotated[float, NonNeg] = 0.0  # Perp-Neg strength (0 = off); ScaleDreamer 0.5 (guidance_perp_neg -0.5)
     perp_neg_f_fs: list[float] = field(default_factory=lambda: [4.0, 0.5, -2.426])  # a e^(-b r) + c
+    # side-to-front weight, as perp_neg_f_fs
     perp_neg_f_sf: list[float] = field(default_factory=lambda: [4.0, 0.5, -2.426])
+    # side-to-back weight, as perp_neg_f_fs
     perp_neg_f_sb: list[float] = field(default_factory=lambda: [1.0, 0.5, -0.606])
+    # front-side-back weight, as perp_neg_f_fs
     perp_neg_f_fsb: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.967])
     text_cache_size: Annotated[int, AtLeast1] = 1024  # prompts whose UNet embeddings stay on the device (LRU)
 
@@ -211,8 +219,8 @@ class GaussiansConfig:
     init_opacity: Annotated[float, Range(gt=0, lt=1)] = 0.1  # start opacity in a volume (sphere, point cloud): 3DGS's
     surface_opacity: Annotated[float, Range(gt=0, lt=1)] = 0.8  # start opacity of discs on a known surface (run, mesh)
     densify_from: Annotated[float, NonNeg] = 0.0  # densify in [from, until) (step positions), every densify_every steps
-    densify_until: Annotated[float, NonNeg] = 0.6
-    densify_every: Annotated[int, AtLeast1] = 50
+    densify_until: Annotated[float, NonNeg] = 0.6  # end of the densification window (step position)
+    densify_every: Annotated[int, AtLeast1] = 50  # steps between densifications
     densify_grad: Annotated[float, Positive] = 2e-4  # mean screen-space gradient (NDC) above which a Gaussian is cloned/split
     percent_dense: Annotated[float, Positive] = 0.01  # clone below this size (x render.bound), split above
     min_opacity: Annotated[float, Unit] = 0.005  # prune below this opacity
@@ -224,10 +232,9 @@ class GaussiansConfig:
     # random training views) before distillation, so the start renders as the run does; 0 = the discs as placed
     start_fit_steps: Annotated[int, NonNeg] = 200
     # the fit's learning rates: optim.group_lr x start_fit_lr_scale, decaying exponentially to start_fit_lr_end of
-    # that by the last fit step, no densification (measured on 'a small red sphere', 200 steps: x10 decaying to 0.01
-    # renders 36.75 dB on the evaluation orbit where x1 with densification renders 33.8 dB; docs/performance.md)
+    # that by the last fit step, no densification (the measured comparison: docs/notes/2026-12-01-refine-converged-fit.md)
     start_fit_lr_scale: Annotated[float, Positive] = 10.0
-    start_fit_lr_end: Annotated[float, Range(gt=0, le=1)] = 0.01
+    start_fit_lr_end: Annotated[float, Range(gt=0, le=1)] = 0.01  # the fit's last rate, as a fraction of its first
 
 
 @dataclass
@@ -236,19 +243,20 @@ class GeneratorConfig:
     # (per-prompt refinement: data.prompt, data.prompts_per_step=1)
     name: Literal["hyper_ingp", "conv3d", "triplane_transformer", "gaussians", "ingp"] = "hyper_ingp"
     # Multi-resolution hash grid shared by all prompts (paper: 16 x 2, 2^19, 16 -> 4096).
-    hash_levels: Annotated[int, AtLeast1] = 8
-    hash_features: Annotated[int, AtLeast1] = 2
-    hash_log2_size: Annotated[int, Range(ge=4, le=24)] = 16
-    hash_base_resolution: Annotated[int, AtLeast1] = 16
-    hash_max_resolution: Annotated[int, AtLeast1] = 256
+    hash_levels: Annotated[int, AtLeast1] = 8  # resolution levels of the hash grid
+    hash_features: Annotated[int, AtLeast1] = 2  # features per level
+    hash_log2_size: Annotated[int, Range(ge=4, le=24)] = 16  # log2 of each level's hash table size
+    hash_base_resolution: Annotated[int, AtLeast1] = 16  # coarsest level's cells per axis
+    hash_max_resolution: Annotated[int, AtLeast1] = 256  # finest level's cells per axis
     # Per-prompt bias-free MLPs emitted by the hypernetwork.
-    mlp_hidden: Annotated[int, AtLeast1] = 64
-    hyper_hidden: Annotated[int, AtLeast1] = 64
+    mlp_hidden: Annotated[int, AtLeast1] = 64  # hidden width of the per-prompt SDF / colour MLPs
+    hyper_hidden: Annotated[int, AtLeast1] = 64  # hidden width of the hypernetwork
     hyper_out_gain: Annotated[float, Positive] = 1.0  # xavier gain of the hypernetwork's last layer
     # SDF bias |x| - r: every prompt starts as this sphere. 0.35 sits between the oracle world's sizes
-    # (0.30 small, 0.45 large): from 0.5, small objects stay too large at 300 steps (IoU 0.88-0.90 measured).
+    # (0.30 small, 0.45 large): from 0.5, small objects stay too large at 300 steps
+    # (docs/notes/2026-11-29-start-sphere-and-t-range.md).
     sdf_radius: Annotated[float, Positive] = 0.35
-    backend: Literal["torch", "tcnn"] = "torch"
+    backend: Literal["torch", "tcnn"] = "torch"  # hash grid: pure PyTorch, or tiny-cuda-nn (CUDA only)
     # conv3d / triplane_transformer (scalegen/generators/conv3d.py, triplane_transformer.py).
     preset: Literal["paper", "small"] = "paper"  # paper: ScaleDreamer's sizes; small: oracle world on CPU
     channel_multiplier: Annotated[int, Range(ge=1, le=2)] = 1  # conv3d: widths at resolutions >= 32 (paper: 1 -> 88.7M, 2 -> 144.8M)
@@ -264,7 +272,7 @@ class GeneratorConfig:
     # unit second moment before it enters. CLIP's layer-normed embeddings are near that already; the oracle's
     # bag-of-words vectors have rms 1/sqrt(text.dim) and so reach the styles / cross-attention ~10x weaker
     text_norm: bool = False
-    checkpointing: bool = False  # recompute each block in backward (activation memory / ~1.3x time)
+    checkpointing: bool = False  # recompute each block in backward (less activation memory, more time)
     bf16: bool = False  # run the conv / transformer trunk under bfloat16 autocast
     gaussians: GaussiansConfig = field(default_factory=GaussiansConfig)
 
@@ -273,13 +281,15 @@ class GeneratorConfig:
 class RenderConfig:
     bound: Annotated[float, Positive] = 0.75  # scene box half-size; near/far are this box's ray intersections
     samples: Annotated[int, Range(ge=2)] = 32  # stratified proposal samples per ray
-    importance_samples: Annotated[int, NonNeg] = 32
+    importance_samples: Annotated[int, NonNeg] = 32  # samples per ray drawn from the proposal's weights
     composite: Literal["fine", "all"] = "fine"  # fine: only importance samples carry gradients
     uniform_mix: Annotated[float, Unit] = 0.2  # share of the importance pdf that is uniform along the ray
     beta: Annotated[float, Positive] = 1.0 / 30.0  # VolSDF Laplace scale (ScaleDreamer: fixed, 1/30)
-    near_min: Annotated[float, Positive] = 0.05
+    near_min: Annotated[float, Positive] = 0.05  # smallest near distance of a ray
+    # step of the central differences that give SDF gradients (normals, eikonal)
     normal_eps: Annotated[float, Positive] = 0.01
     eikonal_points: Annotated[int, AtLeast1] = 4096  # ray samples per step used for the eikonal term
+    # env: a text-conditioned environment map per prompt; solid: one learned colour
     background: Literal["env", "solid"] = "env"
     bg_random_prob: Annotated[float, Unit] = 0.0  # random solid-colour background augmentation (SD runs: 0.2)
     # generator.name=gaussians: the rasterizer (render/gaussians.py)
@@ -292,9 +302,11 @@ class DistillConfig:
     name: Literal["sds", "csd", "vsd", "asd", "vdm"] = "sds"
     guidance_scale: Annotated[float, NonNeg] = 7.5
     weighting: Literal["sds", "uniform"] = "sds"  # w(t) = 1 - alphabar_t, or 1
+    # [min, max] of t / T at step 0, annealed to t_range_end
     t_range_start: list[float] = field(default_factory=lambda: [0.50, 0.98])
     # ScaleDreamer ends at [0.02, 0.50] (the SD configs keep it); the oracle default ends at 0.25, where the CFG
-    # term has vanished (bench guidance). Its measured effect is within run-to-run spread (docs/performance.md).
+    # term has vanished (bench guidance). Its measured effect is within run-to-run spread
+    # (docs/notes/2026-11-29-start-sphere-and-t-range.md).
     t_range_end: list[float] = field(default_factory=lambda: [0.02, 0.25])
     t_anneal_steps: Annotated[Optional[float], Positive] = None  # length of the linear anneal (step position); null: the whole run
     t_per: Literal["image", "prompt"] = "image"  # SD: per image; MVDream: per view group (required)
@@ -302,12 +314,13 @@ class DistillConfig:
     # SDS as MVDream's x0 reconstruction (its Sec. 3.2): g = z - x0_hat, x0_hat from eps_cfg with its std
     # rescaled per object towards the conditional x0's by sds_x0_rescale (0: none; MVDream 0.5, CFG 50)
     sds_x0_recon: bool = False
-    sds_x0_rescale: Annotated[float, Unit] = 0.5
+    sds_x0_rescale: Annotated[float, Unit] = 0.5  # see sds_x0_recon
     # Stateful distillers (VSD's eps_phi, VDM's M_psi): their own optimizer group and learning rate.
     lr: Annotated[float, Positive] = 1e-3
     net_width: int = 32  # channels of the small conv nets (VDM's M_psi; VSD's correction in the oracle world)
-    net_blocks: Annotated[int, NonNeg] = 2
+    net_blocks: Annotated[int, NonNeg] = 2  # residual blocks of those nets
     vsd_lora_rank: Annotated[int, AtLeast1] = 4  # Stable Diffusion: rank of the LoRA copy of the UNet
+    # Stable Diffusion: probability of dropping the LoRA's camera condition
     vsd_camera_dropout: Annotated[float, Unit] = 0.1
     dca_schedule: Literal["constant", "linear", "cosine"] = "linear"  # VDM's lambda(t)
     dca_lambda: Annotated[list[float], Unit] = field(default_factory=lambda: [1.0, 0.0])  # lambda at t = 0 and at t = T
@@ -315,9 +328,10 @@ class DistillConfig:
 
 @dataclass
 class LossConfig:
-    distill: Annotated[float, NonNeg] = 1.0
-    eikonal: Schedule = 0.1
-    sparsity: Schedule = 0.0
+    distill: Annotated[float, NonNeg] = 1.0  # weight of the distillation loss
+    eikonal: Schedule = 0.1  # weight of the eikonal term (|grad SDF| = 1); a number or a ramp
+    sparsity: Schedule = 0.0  # weight of the opacity sparsity term; a number or a ramp
+    # weight of the opacity entropy term (pushes opacities to 0 or 1); a number or a ramp
     opacity_entropy: Schedule = 0.0
 
 
@@ -326,30 +340,31 @@ class OptimConfig:
     name: Literal["adam", "adamw", "adan"] = "adam"  # adan: 3 betas (ScaleDreamer CP100k: 0.98, 0.92, 0.99)
     lr: Annotated[float, Positive] = 1e-3  # every generator parameter group not named in group_lr
     group_lr: dict[str, Annotated[float, Positive]] = field(default_factory=lambda: {"grid": 1e-2})  # per-module rates
-    lr_background: Annotated[float, NonNeg] = 1e-3
+    lr_background: Annotated[float, NonNeg] = 1e-3  # the background's learning rate (0 keeps it fixed)
+    # Adam's (b1, b2); Adan takes three
     betas: Annotated[list[float], Range(ge=0, lt=1)] = field(default_factory=lambda: [0.0, 0.99])
-    eps: Annotated[float, Positive] = 1e-8
-    weight_decay: Annotated[float, NonNeg] = 0.0
-    grad_clip: Annotated[Optional[float], Positive] = 1.0
+    eps: Annotated[float, Positive] = 1e-8  # the optimizer's epsilon
+    weight_decay: Annotated[float, NonNeg] = 0.0  # decoupled for adamw / adan, L2 for adam
+    grad_clip: Annotated[Optional[float], Positive] = 1.0  # clip the global gradient norm to this; null: no clipping
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decay to min_lr_ratio * lr
-    min_lr_ratio: Annotated[float, Unit] = 0.1
+    min_lr_ratio: Annotated[float, Unit] = 0.1  # cosine schedule's final rate, as a fraction of lr
     warmup_steps: Annotated[float, NonNeg] = 0.0  # linear warm-up length (step position: below 1.0 a fraction of max_steps)
 
 
 @dataclass
 class TrainConfig:
-    max_steps: Annotated[int, AtLeast1] = 300
-    seed: Annotated[int, NonNeg] = 0
-    out_dir: str = "runs/default"
-    log_every: Annotated[int, AtLeast1] = 10
-    val_every: Annotated[int, AtLeast1] = 200
-    ckpt_every: Annotated[int, AtLeast1] = 100
-    keep_ckpts: Annotated[int, AtLeast1] = 2
+    max_steps: Annotated[int, AtLeast1] = 300  # optimizer steps of the run
+    seed: Annotated[int, NonNeg] = 0  # data order, cameras, noise and initialisation
+    out_dir: str = "runs/default"  # run directory when --out is not given
+    log_every: Annotated[int, AtLeast1] = 10  # steps between lines of metrics.jsonl (and the logger)
+    val_every: Annotated[int, AtLeast1] = 200  # steps between validation grids in val/
+    ckpt_every: Annotated[int, AtLeast1] = 100  # steps between checkpoints
+    keep_ckpts: Annotated[int, AtLeast1] = 2  # newest checkpoints kept; older ones are deleted
     # null: what the launcher says (`accelerate launch --mixed_precision`, an accelerate/DeepSpeed config), else fp32
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
     logger: Literal["wandb", "none"] = "wandb"
     wandb_project: str = "scalegen"
-    progress: bool = True
+    progress: bool = True  # tqdm progress bar
     threads: Annotated[int, NonNeg] = 0  # torch CPU threads; 0 = torch's default
     skip_nonfinite: bool = True  # skip a step whose loss or gradient is not finite on any rank (one flag read per step)
     max_bad_steps: Annotated[int, AtLeast1] = 20  # ... and stop after this many such steps in a row
@@ -359,8 +374,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    samples: Annotated[int, Range(ge=2)] = 32
-    importance_samples: Annotated[int, NonNeg] = 32
+    samples: Annotated[int, Range(ge=2)] = 32  # proposal samples per ray when scoring (render.samples is training's)
+    importance_samples: Annotated[int, NonNeg] = 32  # importance samples per ray when scoring
     max_prompts: Annotated[int, NonNeg] = 0  # per split; 0 = all
 
 

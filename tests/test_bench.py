@@ -15,6 +15,8 @@ def test_saturation_bench_json(tmp_path):
                         "--json", str(out), *TINY, "train.max_steps=3"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
+    meta = data.pop("meta")  # what produced the file: the command as typed, the date, the commit
+    assert meta["argv"][:2] == ["bench", "saturation"] and meta["command"].startswith("scalegen bench saturation")
     assert set(data) == {"sds_cfg100", "asd_cfg7.5"}
     for v in data.values():
         assert {"color_error", "psnr"} <= set(v) and v["steps"] == 3
@@ -224,6 +226,7 @@ def test_generate_bench_json(tmp_path):
                         "bench.batches=[1,2]", "bench.prompts=2", "bench.threads=1"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
+    assert data.pop("meta")["argv"][:2] == ["bench", "generate"]
     assert set(data) == {"hyper_ingp/32/batch1", "hyper_ingp/32/batch2"}
     for name, v in data.items():
         assert v["resolution"] == 32 and v["batch"] == int(name[-1]) and v["prompts"] == 2

@@ -92,7 +92,7 @@ def test_loss_curve_of_two_processes_matches_one_with_twice_the_prompts(tmp_path
     """DDP averages the two ranks' gradients, so 2 processes x 2 prompts make one step over 4 prompts,
     as 1 process x 4 prompts does. Batches, cameras and noise differ, so the curves agree in law, not
     step by step: single 30-step runs vary by 19% (1 process, 4 seeds) to 2x (2 processes) in mean loss,
-    while the means over 4 seeds agree within 9% (docs/performance.md). Here: 3 seeds per side, 12 steps,
+    while the means over 4 seeds agree within 9% (docs/notes/2026-11-30-ddp-two-processes-vs-one.md). Here: 3 seeds per side, 12 steps,
     mean loss over steps 4-12 pooled, within 30%. A run that summed instead of averaging the ranks'
     gradients, or dropped one rank's, would move the pooled mean far more."""
     def pooled(prefix: str) -> float:

@@ -27,7 +27,7 @@ def test_short_run_learns(tmp_path, distiller):
     after = evaluate_oracle(cfg, model, te, world)
     # Measured once (seed 0): SDS 11.4 -> 31.5 dB / IoU 0.95, ASD 11.4 -> 20.7 dB / IoU 0.74 on this
     # tiny budget (ASD's pull is a difference of two scores, so it needs more steps; see
-    # docs/performance.md). Margins sit well below the measured gains.
+    # docs/notes/2026-11-29-distill-oracle-world.md). Margins sit well below the measured gains.
     gain, iou = {"sds": (15.0, 0.85), "asd": (6.0, 0.6)}[distiller]
     assert after["seen"]["psnr"] > before["seen"]["psnr"] + gain, (before, after)
     assert after["seen"]["iou"] > iou

@@ -4,7 +4,7 @@ Each benchmark declares its options as a typed dataclass (``<Name>Options`` in i
 command line's ``bench.<option>=value`` items are checked against it exactly like config keys (an
 unknown option names the closest ones), and every other ``key=value`` is an override of the
 training config the benchmark runs. Each benchmark prints a table and returns the figures for
-``--json``; numbers and the commands that produced them go to docs/performance.md.
+``--json`` (with a ``meta`` entry: command, date, commit); committed as docs/results/NAME.json (docs/benchmarks.md).
 
 The bench room sits on the top floor beside the command line: it imports the rooms it measures,
 never ``scalegen.cli``.

@@ -378,7 +378,7 @@ def claim_d(r: Runner) -> list[dict]:
     n1 = {"psnr_seen": psnr, "psnr_unseen": {k: per_seed(v, lambda m: mean([m[s]["psnr"] for s in m if s.startswith("unseen")]))
                                               for k, v in runs.items()},
           "prior_rows_per_image": cost, "s_per_step": s_step, "vdm_minus_vsd": dq,
-          "reduced_sd_unet_step_s_reference": "docs/performance.md 'Distiller family': VDM 1.18x SDS, 0.37x VSD per step"}
+          "reduced_sd_unet_step_s_reference": "docs/results/distill-sd-step.json: VDM 1.18x SDS, 0.37x VSD per step"}
     v2, d2 = paired(psnr["vdm_dca"], psnr["vdm_constant"], +1, MIN_PSNR)
     n2 = {"psnr_seen": {k: psnr[k] for k in ("vdm_dca", "vdm_constant")}, "dca_minus_constant": d2}
     pic = {k: runs[k] for k in ("sds_cfg7.5", "vsd", "vdm_dca", "vdm_constant")}

@@ -4,7 +4,7 @@ The oracle's components are N(mu_k, s^2 I). Small s makes eps_c - eps an almost 
 pull toward the ground-truth render (too easy a teacher); large s makes the noise term dominate
 and the conditional barely informative, like a broad real prior. This sweep trains the default
 budget at several s for each distiller and reports the oracle metrics, which is how the default
-s was chosen (docs/performance.md).
+s was chosen (docs/notes/2026-11-29-sharpness-and-default-distiller.md).
 """
 from __future__ import annotations
 

@@ -32,8 +32,8 @@ from scalegen.errors import ExportError
 
 # The SDF level extracted by default, in units of VolSDF's beta: the renderer's density
 # Psi_beta(-d) / beta makes a grazing ray reach opacity 0.5 about 1.1-1.9 beta outside the zero level
-# set (more for flatter silhouettes), so the zero level set looks thinner than every render. Measured on
-# a trained oracle run: mesh-vs-render silhouette IoU 0.73 at level 0, 0.97 at 1.5 beta.
+# set (more for flatter silhouettes), so the zero level set looks thinner than every render. The measured
+# mesh-vs-render silhouette IoU at both levels: docs/export.md and docs/notes/2026-11-30-generate-per-stage.md.
 RENDER_LEVEL_BETAS = 1.5
 COARSEST = 32  # cells per axis of the pyramid's first level, evaluated in full
 MAX_ROUNDS = 32  # rounds of "evaluate the corners of crossing cells" per level (usually 3-8)

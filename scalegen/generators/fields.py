@@ -85,7 +85,7 @@ class _SparseInterp(torch.autograd.Function):
     """out = S G for the interpolation matrix S [N, M] (row n: the 2^K corner weights of point n)
     and grid values G [M, F] (rows = cells, columns = prompts x channels); G.grad = S^T grad.
     For shared points this replaces ``grid_sample`` over a B-times-expanded point set (and its
-    slow scalar backward) by two sparse-dense products, ~5x faster on CPU."""
+    slow scalar backward) by two sparse-dense products, which is faster on CPU."""
 
     @staticmethod
     def forward(ctx, g: Tensor, idx: Tensor, wts: Tensor) -> Tensor:

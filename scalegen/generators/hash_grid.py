@@ -51,7 +51,7 @@ class _HashEncode(torch.autograd.Function):
             idx, w = ctx.grid.corner_indices(x[s:s + ctx.chunk])
             g = grad_out[s:s + ctx.chunk]
             contrib = (g.unsqueeze(0) * w.unsqueeze(-1)).reshape(-1, f)
-            grad_table.index_add_(0, idx.reshape(-1).long(), contrib)  # int32 index_add_ is ~30x slower
+            grad_table.index_add_(0, idx.reshape(-1).long(), contrib)  # int32 index_add_ is much slower
         return grad_table, None, None, None
 
 

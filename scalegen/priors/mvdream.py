@@ -38,7 +38,7 @@ from scalegen.text.clip import same_model
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 CONVERT = ("run `scalegen prior convert-mvdream sd-v2.1-base-4view.pt DIR --text-from SD21_BASE_DIR` "
-           "(README, \"MVDream runs\") and set prior.model=DIR")
+           "(docs/sd-mvdream.md, \"MVDream runs\") and set prior.model=DIR")
 
 
 def mvdream_camera(c2w: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ What the trainer sees (``Prior`` interface, see ``base.py``):
   the VAE's ``scaling_factor`` (0.18215). Gradients reach the render only through the VAE
   encoder's activations (the VAE's weights are frozen). ``encode_resolution=256`` is the cheap
   option: 4x fewer VAE FLOPs, latents 32x32 upsampled (bilinear) to ``latent_resolution`` for the
-  UNet; it loses latent detail above 32x32 (docs/performance.md has the numbers).
+  UNet; it loses latent detail above 32x32 (docs/results/flops-sd.json has the numbers).
 * ``text_embeddings(prompts)``: integer ids (one per prompt, stable for the prior's life). The
   UNet embeddings behind an id (the prompt itself and, with view-dependent prompting, its 4
   variants ``view_prompt(p, v)`` for ``v`` in ``VIEWS``) are computed once per prompt by the SAME

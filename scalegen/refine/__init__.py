@@ -56,13 +56,12 @@ PRESETS: dict[str, dict] = {
     },
 }
 
-# What a start from an amortized run changes on top of the preset (measured, docs/performance.md):
+# What a start from an amortized run changes on top of the preset (both measured:
+# docs/notes/2026-12-01-refine-converged-fit.md):
 #  * it keeps the run's background (copied by ``start_state``): the world's backdrop, learned over every prompt of the
-#    run, which one prompt's distillation only degrades (VDM + DCA, 'a small blue cone': 27.1 dB with the background
-#    trained at 1e-3, 34.9 dB with it kept);
+#    run, which one prompt's distillation only degrades;
 #  * no densification: the fitted discs already cover the run's surface, and 3DGS's splits (two children drawn inside
-#    the parent, 1.6x smaller) open holes the 32x32 distillation has to close again ('a small red sphere', VDM + DCA:
-#    36.8 dB at the start, 31.3 at step 50 and 33.7 at step 300 densifying; 39.7 and 38.7 without).
+#    the parent, 1.6x smaller) open holes the 32x32 distillation has to close again.
 RUN_START: dict = {"optim": {"lr_background": 0.0}, "generator": {"gaussians": {"densify_until": 0.0}}}
 
 

@@ -6,7 +6,8 @@ Each start is a ``SceneModel`` state (``train.loop.train(init_state=...)``) buil
   * Gaussians from a run: ``surface_samples`` of the run's SDF for the prompt (points on the zero level
     set, their colours and normals) become discs tangent to the surface, then ``fit_to_renders`` fits
     them to the run's own renders of the prompt (``generator.gaussians.start_fit_steps``: discs on the
-    zero level set alone render ~6 dB below the run); the run's background is copied;
+    zero level set alone render well below the run, docs/notes/2026-11-30-refine-fitted-start-six-prompts.md);
+    the run's background is copied;
   * single-prompt iNGP from a Hyper-iNGP run: the run's hash grid and the MLP weights its hypernetwork
     emits for the prompt, so the start renders exactly as the amortized generator does;
   * Gaussians from a 3DGS PLY: its Gaussians as they are; from a mesh: surface samples with their face
@@ -139,9 +140,8 @@ def fit_to_renders(cfg: Config, model: SceneModel, run_cfg: Config, run_model: S
 
     The discs already sit on the run's surface, so the fit only has to converge, not to grow: the refine
     config's learning rates times ``start_fit_lr_scale``, decaying exponentially to ``start_fit_lr_end`` of
-    that at the last step, and no densification (on 'a small red sphere', 10x rates held and densifying:
-    30.6 / 28.7 dB on the evaluation orbit at steps 100 / 200; decaying over 400, without densification: 36.9 / 38.3;
-    docs/performance.md). Returns the first and last loss and the Gaussian count."""
+    that at the last step, and no densification (held rates with densification converge slower and less
+    steadily: docs/notes/2026-12-01-refine-converged-fit.md). Returns the first and last loss and the Gaussian count."""
     gs = cfg.generator.gaussians
     renderer, run_renderer = build_renderer(cfg), build_renderer(run_cfg)
     model.background.eval().requires_grad_(False)
