@@ -225,7 +225,7 @@ def cmd_generate(args) -> int:
     from scalegen.data.prompts import read_corpus
     from scalegen.eval.report import format_table
     from scalegen.export.pipeline import generate_assets, plan_jobs
-    from scalegen.train.model import load_run
+    from scalegen.pipeline import TextTo3DPipeline
 
     if (args.prompt is None) == (args.prompts is None):
         raise ScalegenError("give exactly one of --prompt TEXT or --prompts FILE")
@@ -237,16 +237,48 @@ def cmd_generate(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t_load = time.perf_counter()
-    cfg, text_encoder, model, ckpt = load_run(args.ckpt)
+    pipe = TextTo3DPipeline.from_pretrained(args.ckpt)
+    cfg, ckpt = pipe.cfg, pipe.source
     t_load = time.perf_counter() - t_load
     _check_world_prompts(cfg, prompts, args.ckpt)
-    res = generate_assets(plan, cfg, model, text_encoder, opts, checkpoint=str(ckpt))
+    res = generate_assets(plan, cfg, pipe.model, pipe.text_encoder, opts, checkpoint=str(ckpt))
     n = len(res["assets"])
     rows = [[stage, s, s / n] for stage, s in res["seconds"].items()] + [["total", res["total_s"], res["seconds_per_asset"]]]
     print(format_table(rows, ["stage", "seconds", "per asset"]))
     where = plan.folder if plan.folder is not None else plan.jobs[0].mesh
     print(f"wrote {n} asset(s) to {where} in {res['total_s']:.2f} s ({res['seconds_per_asset']:.2f} s per asset; "
           f"checkpoint loaded in {t_load:.1f} s, {torch.get_num_threads()} thread(s))")
+    return 0
+
+
+def cmd_export_pretrained(args) -> int:
+    import json
+
+    from scalegen.pipeline import TextTo3DPipeline
+    from scalegen.train.checkpoint import checkpoint_step
+
+    pipe = TextTo3DPipeline.from_pretrained(args.ckpt)
+    results, command = None, None
+    if args.eval_json:
+        try:
+            data = json.loads(Path(args.eval_json).read_text())
+        except (OSError, ValueError) as e:
+            raise ScalegenError(f"cannot read --eval-json '{args.eval_json}' ({e}); give the file "
+                                "`scalegen eval --ckpt RUN --json FILE` wrote") from None
+        results, command = data, args.eval_command or f"scalegen eval --ckpt {args.ckpt} --json {args.eval_json}"
+    elif not args.no_eval and pipe.cfg.prior.name == "oracle":
+        from scalegen.eval.oracle import evaluate_oracle
+        from scalegen.priors import build_world
+
+        print("evaluating the run on the oracle world (as `scalegen eval --ckpt RUN` does; --no-eval skips it)")
+        results = evaluate_oracle(pipe.cfg, pipe.model, pipe.text_encoder, build_world(pipe.cfg))
+        command = f"scalegen eval --ckpt {args.ckpt}"
+    source = Path(pipe.source)
+    steps = checkpoint_step(source) if source.name.startswith("step_") else None
+    out = pipe.save_pretrained(args.out, eval_results=results, eval_command=command, gallery=not args.no_gallery,
+                               steps=steps, repo_id=args.repo_id)
+    print(f"wrote {out}: config.json, model.safetensors, README.md (model card)"
+          + ("" if args.no_gallery else ", gallery.png") + f"; load it with TextTo3DPipeline.from_pretrained('{out}')")
     return 0
 
 
@@ -566,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_eval_make_tiny_clip)
 
     p = sub.add_parser("generate", help="prompts -> meshes (GLB/OBJ/PLY), optionally textured, with turntables")
-    p.add_argument("--ckpt", required=True, help="run directory or checkpoint folder")
+    p.add_argument("--ckpt", required=True, help="run directory, checkpoint folder, exported folder "
+                                                 "(scalegen export-pretrained) or cached Hub id")
     p.add_argument("--prompt", help="one prompt")
     p.add_argument("--prompts", help="a corpus file (.txt/.json/.jsonl/.csv): one asset per prompt")
     p.add_argument("--split", default="test", help="split of a JSON corpus (default: test)")
@@ -589,6 +622,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-fragments", action="store_true",
                    help="keep pieces smaller than 2%% of the largest (floaters are dropped by default)")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("export-pretrained", help="a run as one folder in the Hugging Face layout (config.json, "
+                       "model.safetensors, model card) for TextTo3DPipeline.from_pretrained or the Hub")
+    p.add_argument("--ckpt", required=True, help="run directory or checkpoint folder")
+    p.add_argument("--out", required=True, help="new folder to write")
+    p.add_argument("--eval-json", help="the card's evaluation numbers: the file `scalegen eval --ckpt RUN --json F` "
+                                       "wrote (default for an oracle run: evaluate it now)")
+    p.add_argument("--eval-command", help="the command that produced --eval-json (for the card)")
+    p.add_argument("--no-eval", action="store_true", help="no evaluation numbers in the card")
+    p.add_argument("--no-gallery", action="store_true", help="no sample renders (gallery.png)")
+    p.add_argument("--repo-id", help="the Hub id the card's loading example names (default: a folder path)")
+    p.set_defaults(fn=cmd_export_pretrained)
 
     p = sub.add_parser("refine", help="per-prompt refinement: one prompt's 3D Gaussians or iNGP, from a sphere, an "
                                       "asset file or an amortized run's output")
