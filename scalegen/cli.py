@@ -68,11 +68,12 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from scalegen.priors import build_world
-    from scalegen.train.model import build_model, load_run
+    from scalegen.pipeline.pretrained import load_pretrained
+    from scalegen.train.model import build_model
 
     if not args.ckpt:
         raise ScalegenError("scalegen eval needs --ckpt RUN_DIR (CLIP scores: `scalegen eval clip --ckpt RUN --corpus FILE`)")
-    cfg, text_encoder, model, ckpt = load_run(args.ckpt)
+    cfg, text_encoder, model, ckpt = load_pretrained(args.ckpt)
     if cfg.prior.name != "oracle":
         raise ScalegenError(f"'{args.ckpt}' was trained with prior {cfg.prior.name}; oracle metrics need an "
                             "oracle-world run (use `scalegen eval clip` for real priors)")
@@ -240,7 +241,7 @@ def cmd_generate(args) -> int:
     pipe = TextTo3DPipeline.from_pretrained(args.ckpt)
     cfg, ckpt = pipe.cfg, pipe.source
     t_load = time.perf_counter() - t_load
-    _check_world_prompts(cfg, prompts, args.ckpt)
+    pipe.check_world_prompts(prompts, args.ckpt)
     res = generate_assets(plan, cfg, pipe.model, pipe.text_encoder, opts, checkpoint=str(ckpt))
     n = len(res["assets"])
     rows = [[stage, s, s / n] for stage, s in res["seconds"].items()] + [["total", res["total_s"], res["seconds_per_asset"]]]
@@ -248,6 +249,25 @@ def cmd_generate(args) -> int:
     where = plan.folder if plan.folder is not None else plan.jobs[0].mesh
     print(f"wrote {n} asset(s) to {where} in {res['total_s']:.2f} s ({res['seconds_per_asset']:.2f} s per asset; "
           f"checkpoint loaded in {t_load:.1f} s, {torch.get_num_threads()} thread(s))")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from scalegen.pipeline import TextTo3DPipeline
+    from scalegen.pipeline.demo import launch
+
+    if not 0 < args.port < 65536:
+        raise ScalegenError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    pipe = TextTo3DPipeline.from_pretrained(args.ckpt)
+    print(f"serving {pipe.source} on http://{args.host}:{args.port} (Ctrl-C stops it)")
+    try:
+        launch(pipe, host=args.host, port=args.port)
+    except OSError as e:
+        raise ScalegenError(f"cannot serve on {args.host}:{args.port} ({e.strerror or e}); choose another --port") from None
     return 0
 
 
@@ -282,29 +302,6 @@ def cmd_export_pretrained(args) -> int:
     return 0
 
 
-def _check_world_prompts(cfg, prompts: list[str], ckpt) -> None:
-    """An oracle-world generator has only ever seen the world's grammar: a prompt outside it would give a
-    mesh of nothing in particular, so it is refused (with the grammar), not exported. A per-prompt scene
-    (`scalegen refine`) has only its own prompt."""
-    if cfg.data.prompt is not None and any(p.strip().lower() != cfg.data.prompt.strip().lower() for p in prompts):
-        raise ScalegenError(f"'{ckpt}' is the per-prompt scene of '{cfg.data.prompt}'; export that prompt (its "
-                            "mesh.glb is already in the folder) or use an amortized run")
-    if cfg.prior.name != "oracle":
-        return
-    from scalegen.errors import DataError
-    from scalegen.priors import build_world
-
-    world = build_world(cfg)
-    for p in prompts:
-        try:
-            world.parse(p)
-        except DataError as e:
-            shape = "a <size> <color> <shape>" if cfg.world.kind == "single" else "its compositional grammar"
-            raise ScalegenError(f"'{ckpt}' was trained in the oracle world, which only has prompts like "
-                                f"'{world.seen[0]}' ({shape}); {p!r} is not one of them ({e}), so its "
-                                "mesh would mean nothing: use a run trained with a real prior for free text") from None
-
-
 def cmd_gallery(args) -> int:
     import os
     import shutil
@@ -328,17 +325,18 @@ def cmd_gallery(args) -> int:
     tmp = parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         if is_run:
-            from scalegen.train.model import load_run
+            from scalegen.pipeline import TextTo3DPipeline
 
             if args.threads:
                 torch.set_num_threads(args.threads)
-            cfg, text_encoder, model, ckpt = load_run(source)
+            pipe = TextTo3DPipeline.from_pretrained(source)
+            cfg, text_encoder, model, ckpt = pipe.cfg, pipe.text_encoder, pipe.model, pipe.source
             tags: dict[str, str] = {}
             if args.prompts:
                 from scalegen.data.prompts import read_corpus
 
                 prompts = read_corpus(args.prompts, split=args.split)
-                _check_world_prompts(cfg, prompts, source)
+                pipe.check_world_prompts(prompts, source)
             elif cfg.prior.name == "oracle" and cfg.data.prompts == "oracle":
                 from scalegen.priors import build_world
 
@@ -622,6 +620,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-fragments", action="store_true",
                    help="keep pieces smaller than 2%% of the largest (floaters are dropped by default)")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("demo", help="an interactive page (Gradio): prompt -> GLB viewer and download "
+                       '(pip install "scalegen[demo]")')
+    p.add_argument("--ckpt", required=True, help="run directory, exported folder or cached Hub id")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("export-pretrained", help="a run as one folder in the Hugging Face layout (config.json, "
                        "model.safetensors, model card) for TextTo3DPipeline.from_pretrained or the Hub")

@@ -181,3 +181,79 @@ def test_renders_come_with_the_assets_when_asked(torus_run):
     assert asset.renders.shape == (2, 16, 16, 3) and asset.renders.dtype.name == "uint8"
     centre = asset.renders[:, 6:10, 6:10].reshape(-1, 3).mean(0)
     assert centre[2] > centre[0]  # the blue ball fills the middle of the frame
+
+
+# --- the demo ----------------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo_url(torus_run):
+    pytest.importorskip("gradio", reason='the demo is an optional extra: pip install "scalegen[demo]"')
+    from scalegen import TextTo3DPipeline
+    from scalegen.pipeline.demo import launch
+
+    port = _free_port()
+    demo = launch(TextTo3DPipeline.from_pretrained(torus_run), port=port, block=False)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def test_requests_that_arrive_together_share_one_generator_call(torus_run, tmp_path):
+    from scalegen import TextTo3DPipeline
+    from scalegen.pipeline.demo import generate_batch
+
+    pipe = TextTo3DPipeline.from_pretrained(torus_run)
+    calls = []
+    real = pipe.__call__
+
+    class Counting(TextTo3DPipeline):
+        def __call__(self, prompts, **kw):
+            calls.append(list(prompts))
+            return real(prompts, **kw)
+
+    pipe.__class__ = Counting
+    prompts = ["a small blue torus", "a large red sphere", "a purple dragon", "a small red torus"]
+    views, downloads, status = generate_batch(pipe, prompts, [-1, -1, -1, 5], [48, 48, 48, 48], tmp_path)
+    assert calls == [["a small blue torus", "a large red sphere"], ["a small red torus"]]  # by (seed, resolution)
+    assert views == downloads and views[2] is None and status[2].startswith("error:") and "oracle world" in status[2]
+    assert all(Path(v).read_bytes()[:4] == b"glTF" for v in (views[0], views[1], views[3]))
+    assert "one call for 2 requests" in status[0]
+
+
+def test_demo_answers_through_gradio_client(demo_url, tmp_path):
+    from gradio_client import Client
+
+    client = Client(demo_url, download_files=str(tmp_path), verbose=False)
+    view, download, info = client.predict("a small blue torus", -1, 64, api_name="/generate")
+    assert Path(view).read_bytes()[:4] == b"glTF" and Path(download).read_bytes() == Path(view).read_bytes()
+    assert "faces in" in info
+    view, download, info = client.predict("a purple dragon", -1, 64, api_name="/generate")
+    assert view is None and info.startswith("error:")
+
+
+@pytest.mark.slow
+def test_demo_draws_the_model_and_downloads_it_in_headless_chromium(demo_url, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it where it can)")
+    if shutil.which("node") is None or not (REPO / "node_modules" / "puppeteer-core").is_dir():
+        pytest.skip("node or puppeteer-core is missing: install Node.js and run `npm ci` (.ci/run does)")
+    import os
+
+    shot = tmp_path / "demo.png"
+    r = subprocess.run(["node", str(REPO / "tests" / "js" / "drive_demo.js"), demo_url, "a small blue torus",
+                        str(tmp_path), str(shot)], capture_output=True, text=True, cwd=REPO, timeout=240,
+                       env={**os.environ, "CHROMIUM": chromium})
+    assert r.returncode == 0, r.stderr + r.stdout
+    page = json.loads(r.stdout.strip().splitlines()[-1])
+    assert not page["page_errors"], page
+    assert page["object_pixels"] > 0.01, page  # the viewer drew a model
+    assert page["info"].startswith(tuple("0123456789")) and "faces in" in page["info"], page
+    glbs = [p for p in tmp_path.iterdir() if p.suffix == ".glb"]
+    assert len(glbs) == 1 and glbs[0].read_bytes()[:4] == b"glTF"  # the download button gave the file

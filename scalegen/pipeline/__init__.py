@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from scalegen.errors import ExportError
+from scalegen.errors import DataError, ExportError, ScalegenError
 from scalegen.export.files import check_format, to_trimesh, write_mesh
 from scalegen.export.gaussian_ply import write_gaussian_ply
 from scalegen.export.mesh import Mesh, extract_meshes, render_level
@@ -101,6 +101,28 @@ class TextTo3DPipeline:
             if not p:
                 raise ExportError(f"prompt {i + 1} is empty; every prompt must describe an asset")
         return out
+
+    def check_world_prompts(self, prompts: Sequence[str], name: str | Path | None = None) -> None:
+        """An oracle-world generator has only ever seen the world's grammar: a prompt outside it would give
+        a mesh of nothing in particular, so it is refused (with the grammar), not exported. A per-prompt
+        scene (`scalegen refine`) has only its own prompt. ``name``: how the user named the model."""
+        cfg, name = self.cfg, name or self.source
+        if cfg.data.prompt is not None and any(p.strip().lower() != cfg.data.prompt.strip().lower() for p in prompts):
+            raise ScalegenError(f"'{name}' is the per-prompt scene of '{cfg.data.prompt}'; export that prompt (its "
+                                "mesh.glb is already in the folder) or use an amortized run")
+        if cfg.prior.name != "oracle":
+            return
+        from scalegen.priors import build_world  # noqa: PLC0415
+
+        world = build_world(cfg)
+        for p in prompts:
+            try:
+                world.parse(p)
+            except DataError as e:
+                shape = "a <size> <color> <shape>" if cfg.world.kind == "single" else "its compositional grammar"
+                raise ScalegenError(f"'{name}' was trained in the oracle world, which only has prompts like "
+                                    f"'{world.seen[0]}' ({shape}); {p!r} is not one of them ({e}), so its "
+                                    "mesh would mean nothing: use a run trained with a real prior for free text") from None
 
     def noise(self, n: int, seed: Optional[int]) -> Optional[torch.Tensor]:
         """``z`` for ``n`` prompts: None (the generator's deterministic mean, what ``scalegen generate``
