@@ -53,7 +53,12 @@ def cmd_train(args) -> int:
     before = latest_checkpoint(out) if args.resume and Path(out).is_dir() else None
     start = checkpoint_step(before) if before is not None else 0
     t0 = time.perf_counter()
-    ckpt = train(cfg, out, resume=bool(args.resume))
+    on_validate = None
+    if cfg.train.val_assets > 0:
+        from scalegen.pipeline.validation import ValidationAssets
+
+        on_validate = ValidationAssets(cfg)
+    ckpt = train(cfg, out, resume=bool(args.resume), on_validate=on_validate)
     end = checkpoint_step(ckpt) if ckpt is not None else start
     if int(os.environ.get("RANK", "0")) != 0:  # one closing line per job, not per process
         return 0

@@ -257,3 +257,35 @@ def test_demo_draws_the_model_and_downloads_it_in_headless_chromium(demo_url, tm
     assert page["info"].startswith(tuple("0123456789")) and "faces in" in page["info"], page
     glbs = [p for p in tmp_path.iterdir() if p.suffix == ".glb"]
     assert len(glbs) == 1 and glbs[0].read_bytes()[:4] == b"glTF"  # the download button gave the file
+
+
+# --- 3D assets at validation ---------------------------------------------------------------------
+def test_validation_writes_meshes_turntables_and_metrics_into_the_run(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *TINY, "train.max_steps=2", "train.val_every=2", "train.ckpt_every=2"]) == 0
+    folder = run / "val" / "step_0000002"
+    glbs = sorted(folder.glob("*.glb"))
+    videos = sorted(p for p in folder.iterdir() if p.suffix in (".mp4", ".gif"))
+    assert len(glbs) == len(videos) == 2  # train.val_assets
+    assert all(p.read_bytes()[:4] == b"glTF" for p in glbs)
+    from scalegen.train.logger import read_metrics
+
+    val = [r for r in read_metrics(run) if "val/seen/psnr" in r]
+    assert len(val) == 1 and val[0]["step"] == 2 and 0 < val[0]["val/unseen/iou"] <= 1
+    off = tmp_path / "off"
+    assert main(["train", "--out", str(off), *TINY, "train.max_steps=1", "train.val_assets=0"]) == 0
+    assert not list((off / "val").glob("step_*/*.glb"))
+
+
+def test_an_offline_wandb_run_holds_the_validation_meshes_as_object3d(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason='W&B logging is an optional extra: pip install "scalegen[wandb]"')
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *[o for o in TINY if not o.startswith("train.logger")],
+                 "train.logger=wandb", "train.max_steps=2", "train.val_every=2"]) == 0
+    media = list(run.glob("wandb/offline-run-*/files/media/object3D/val/mesh/*.glb"))
+    assert len(media) == 2, sorted(str(p) for p in run.rglob("*") if p.is_file())
+    assert all(p.read_bytes()[:4] == b"glTF" for p in media)
+    videos = list(run.glob("wandb/offline-run-*/files/media/videos/val/turntable/*.*"))
+    assert len(videos) == 2

@@ -70,6 +70,17 @@ class MetricLogger:
 
             self.wandb.log({key: wandb.Image(image)}, step=step)
 
+    def log_files(self, step: int, files: dict[str, Path]) -> None:
+        """3D assets and videos of a validation: ``{key: path}``, a .glb logged as ``wandb.Object3D``, an
+        .mp4/.gif as ``wandb.Video`` (the files themselves are already in the run folder)."""
+        if self.wandb is None or not files:
+            return
+        import wandb  # noqa: PLC0415
+
+        media = {k: wandb.Object3D(str(p)) if Path(p).suffix == ".glb" else wandb.Video(str(p), format=Path(p).suffix[1:])
+                 for k, p in files.items()}
+        self.wandb.log(media, step=step)
+
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
