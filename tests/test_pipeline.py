@@ -268,10 +268,9 @@ def test_validation_writes_meshes_turntables_and_metrics_into_the_run(tmp_path):
     videos = sorted(p for p in folder.iterdir() if p.suffix in (".mp4", ".gif"))
     assert len(glbs) == len(videos) == 2  # train.val_assets
     assert all(p.read_bytes()[:4] == b"glTF" for p in glbs)
-    from scalegen.train.logger import read_metrics
-
-    val = [r for r in read_metrics(run) if "val/seen/psnr" in r]
+    val = [json.loads(x) for x in (run / "val" / "metrics.jsonl").read_text().splitlines()]
     assert len(val) == 1 and val[0]["step"] == 2 and 0 < val[0]["val/unseen/iou"] <= 1
+    assert all("loss" in json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines())
     off = tmp_path / "off"
     assert main(["train", "--out", str(off), *TINY, "train.max_steps=1", "train.val_assets=0"]) == 0
     assert not list((off / "val").glob("step_*/*.glb"))

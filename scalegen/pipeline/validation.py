@@ -4,7 +4,7 @@ Every ``train.val_every`` steps the first ``train.val_assets`` prompts of the gr
 GLB meshes and turntables into ``RUN/val/step_N/`` (whatever the logger) and logged to Weights &
 Biases as ``wandb.Object3D`` and ``wandb.Video``; in the oracle world the grid's prompts are also
 scored against their ground truth (PSNR, mask IoU, colour error per split, as ``scalegen eval``
-computes them, without R@1 and its gallery). The loop sits a floor below export, so it takes this
+computes them, without R@1 and its gallery) into ``RUN/val/metrics.jsonl`` and W&B. The loop sits a floor below export, so it takes this
 as a callback (``train(..., on_validate=ValidationAssets(cfg))``).
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ class ValidationAssets:
             logger.log_files(step, files)
             metrics = self.metrics(model, text_encoder, prompts)
             if metrics:
-                logger.log(step, metrics)
+                logger.log_validation(step, metrics)
         finally:
             model.train(was_training)
         return files
