@@ -53,7 +53,12 @@ def cmd_train(args) -> int:
     before = latest_checkpoint(out) if args.resume and Path(out).is_dir() else None
     start = checkpoint_step(before) if before is not None else 0
     t0 = time.perf_counter()
-    ckpt = train(cfg, out, resume=bool(args.resume))
+    on_validate = None
+    if cfg.train.val_assets > 0:
+        from scalegen.pipeline.validation import ValidationAssets
+
+        on_validate = ValidationAssets(cfg)
+    ckpt = train(cfg, out, resume=bool(args.resume), on_validate=on_validate)
     end = checkpoint_step(ckpt) if ckpt is not None else start
     if int(os.environ.get("RANK", "0")) != 0:  # one closing line per job, not per process
         return 0
@@ -68,11 +73,12 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from scalegen.priors import build_world
-    from scalegen.train.model import build_model, load_run
+    from scalegen.pipeline.pretrained import load_pretrained
+    from scalegen.train.model import build_model
 
     if not args.ckpt:
         raise ScalegenError("scalegen eval needs --ckpt RUN_DIR (CLIP scores: `scalegen eval clip --ckpt RUN --corpus FILE`)")
-    cfg, text_encoder, model, ckpt = load_run(args.ckpt)
+    cfg, text_encoder, model, ckpt = load_pretrained(args.ckpt)
     if cfg.prior.name != "oracle":
         raise ScalegenError(f"'{args.ckpt}' was trained with prior {cfg.prior.name}; oracle metrics need an "
                             "oracle-world run (use `scalegen eval clip` for real priors)")
@@ -225,7 +231,7 @@ def cmd_generate(args) -> int:
     from scalegen.data.prompts import read_corpus
     from scalegen.eval.report import format_table
     from scalegen.export.pipeline import generate_assets, plan_jobs
-    from scalegen.train.model import load_run
+    from scalegen.pipeline import TextTo3DPipeline
 
     if (args.prompt is None) == (args.prompts is None):
         raise ScalegenError("give exactly one of --prompt TEXT or --prompts FILE")
@@ -237,10 +243,11 @@ def cmd_generate(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t_load = time.perf_counter()
-    cfg, text_encoder, model, ckpt = load_run(args.ckpt)
+    pipe = TextTo3DPipeline.from_pretrained(args.ckpt)
+    cfg, ckpt = pipe.cfg, pipe.source
     t_load = time.perf_counter() - t_load
-    _check_world_prompts(cfg, prompts, args.ckpt)
-    res = generate_assets(plan, cfg, model, text_encoder, opts, checkpoint=str(ckpt))
+    pipe.check_world_prompts(prompts, args.ckpt)
+    res = generate_assets(plan, cfg, pipe.model, pipe.text_encoder, opts, checkpoint=str(ckpt))
     n = len(res["assets"])
     rows = [[stage, s, s / n] for stage, s in res["seconds"].items()] + [["total", res["total_s"], res["seconds_per_asset"]]]
     print(format_table(rows, ["stage", "seconds", "per asset"]))
@@ -250,27 +257,54 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _check_world_prompts(cfg, prompts: list[str], ckpt) -> None:
-    """An oracle-world generator has only ever seen the world's grammar: a prompt outside it would give a
-    mesh of nothing in particular, so it is refused (with the grammar), not exported. A per-prompt scene
-    (`scalegen refine`) has only its own prompt."""
-    if cfg.data.prompt is not None and any(p.strip().lower() != cfg.data.prompt.strip().lower() for p in prompts):
-        raise ScalegenError(f"'{ckpt}' is the per-prompt scene of '{cfg.data.prompt}'; export that prompt (its "
-                            "mesh.glb is already in the folder) or use an amortized run")
-    if cfg.prior.name != "oracle":
-        return
-    from scalegen.errors import DataError
-    from scalegen.priors import build_world
+def cmd_demo(args) -> int:
+    from scalegen.pipeline import TextTo3DPipeline
+    from scalegen.pipeline.demo import launch
 
-    world = build_world(cfg)
-    for p in prompts:
+    if not 0 < args.port < 65536:
+        raise ScalegenError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    pipe = TextTo3DPipeline.from_pretrained(args.ckpt)
+    print(f"serving {pipe.source} on http://{args.host}:{args.port} (Ctrl-C stops it)")
+    try:
+        launch(pipe, host=args.host, port=args.port)
+    except OSError as e:
+        raise ScalegenError(f"cannot serve on {args.host}:{args.port} ({e.strerror or e}); choose another --port") from None
+    return 0
+
+
+def cmd_export_pretrained(args) -> int:
+    import json
+
+    from scalegen.pipeline import TextTo3DPipeline
+    from scalegen.train.checkpoint import checkpoint_step
+
+    pipe = TextTo3DPipeline.from_pretrained(args.ckpt)
+    results, command = None, None
+    if args.eval_json:
         try:
-            world.parse(p)
-        except DataError as e:
-            shape = "a <size> <color> <shape>" if cfg.world.kind == "single" else "its compositional grammar"
-            raise ScalegenError(f"'{ckpt}' was trained in the oracle world, which only has prompts like "
-                                f"'{world.seen[0]}' ({shape}); {p!r} is not one of them ({e}), so its "
-                                "mesh would mean nothing: use a run trained with a real prior for free text") from None
+            data = json.loads(Path(args.eval_json).read_text())
+        except (OSError, ValueError) as e:
+            raise ScalegenError(f"cannot read --eval-json '{args.eval_json}' ({e}); give the file "
+                                "`scalegen eval --ckpt RUN --json FILE` wrote") from None
+        results, command = data, args.eval_command or f"scalegen eval --ckpt {args.ckpt} --json {args.eval_json}"
+    elif not args.no_eval and pipe.cfg.prior.name == "oracle":
+        from scalegen.eval.oracle import evaluate_oracle
+        from scalegen.priors import build_world
+
+        print("evaluating the run on the oracle world (as `scalegen eval --ckpt RUN` does; --no-eval skips it)")
+        results = evaluate_oracle(pipe.cfg, pipe.model, pipe.text_encoder, build_world(pipe.cfg))
+        command = f"scalegen eval --ckpt {args.ckpt}"
+    source = Path(pipe.source)
+    steps = checkpoint_step(source) if source.name.startswith("step_") else None
+    out = pipe.save_pretrained(args.out, eval_results=results, eval_command=command, gallery=not args.no_gallery,
+                               steps=steps, repo_id=args.repo_id)
+    print(f"wrote {out}: config.json, model.safetensors, README.md (model card)"
+          + ("" if args.no_gallery else ", gallery.png") + f"; load it with TextTo3DPipeline.from_pretrained('{out}')")
+    return 0
 
 
 def cmd_gallery(args) -> int:
@@ -296,17 +330,18 @@ def cmd_gallery(args) -> int:
     tmp = parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         if is_run:
-            from scalegen.train.model import load_run
+            from scalegen.pipeline import TextTo3DPipeline
 
             if args.threads:
                 torch.set_num_threads(args.threads)
-            cfg, text_encoder, model, ckpt = load_run(source)
+            pipe = TextTo3DPipeline.from_pretrained(source)
+            cfg, text_encoder, model, ckpt = pipe.cfg, pipe.text_encoder, pipe.model, pipe.source
             tags: dict[str, str] = {}
             if args.prompts:
                 from scalegen.data.prompts import read_corpus
 
                 prompts = read_corpus(args.prompts, split=args.split)
-                _check_world_prompts(cfg, prompts, source)
+                pipe.check_world_prompts(prompts, source)
             elif cfg.prior.name == "oracle" and cfg.data.prompts == "oracle":
                 from scalegen.priors import build_world
 
@@ -590,7 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_eval_make_tiny_clip)
 
     p = sub.add_parser("generate", help="prompts -> meshes (GLB/OBJ/PLY), optionally textured, with turntables")
-    p.add_argument("--ckpt", required=True, help="run directory or checkpoint folder")
+    p.add_argument("--ckpt", required=True, help="run directory, checkpoint folder, exported folder "
+                                                 "(scalegen export-pretrained) or cached Hub id")
     p.add_argument("--prompt", help="one prompt")
     p.add_argument("--prompts", help="a corpus file (.txt/.json/.jsonl/.csv): one asset per prompt")
     p.add_argument("--split", default="test", help="split of a JSON corpus (default: test)")
@@ -613,6 +649,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-fragments", action="store_true",
                    help="keep pieces smaller than 2%% of the largest (floaters are dropped by default)")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("demo", help="an interactive page (Gradio): prompt -> GLB viewer and download "
+                       '(pip install "scalegen[demo]")')
+    p.add_argument("--ckpt", required=True, help="run directory, exported folder or cached Hub id")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("export-pretrained", help="a run as one folder in the Hugging Face layout (config.json, "
+                       "model.safetensors, model card) for TextTo3DPipeline.from_pretrained or the Hub")
+    p.add_argument("--ckpt", required=True, help="run directory or checkpoint folder")
+    p.add_argument("--out", required=True, help="new folder to write")
+    p.add_argument("--eval-json", help="the card's evaluation numbers: the file `scalegen eval --ckpt RUN --json F` "
+                                       "wrote (default for an oracle run: evaluate it now)")
+    p.add_argument("--eval-command", help="the command that produced --eval-json (for the card)")
+    p.add_argument("--no-eval", action="store_true", help="no evaluation numbers in the card")
+    p.add_argument("--no-gallery", action="store_true", help="no sample renders (gallery.png)")
+    p.add_argument("--repo-id", help="the Hub id the card's loading example names (default: a folder path)")
+    p.set_defaults(fn=cmd_export_pretrained)
 
     p = sub.add_parser("refine", help="per-prompt refinement: one prompt's 3D Gaussians or iNGP, from a sphere, an "
                                       "asset file or an amortized run's output")

@@ -358,6 +358,9 @@ class TrainConfig:
     out_dir: str = "runs/default"  # run directory when --out is not given
     log_every: Annotated[int, AtLeast1] = 10  # steps between lines of metrics.jsonl (and the logger)
     val_every: Annotated[int, AtLeast1] = 200  # steps between validation grids in val/
+    # validation also writes this many prompts' meshes (GLB) and turntables to RUN/val/step_N/ and logs them to
+    # W&B as Object3D and video, with the oracle metrics of the grid's prompts (`scalegen train` only; 0: none)
+    val_assets: Annotated[int, NonNeg] = 2
     ckpt_every: Annotated[int, AtLeast1] = 100  # steps between checkpoints
     keep_ckpts: Annotated[int, AtLeast1] = 2  # newest checkpoints kept; older ones are deleted
     # null: what the launcher says (`accelerate launch --mixed_precision`, an accelerate/DeepSpeed config), else fp32

@@ -153,6 +153,12 @@ def test_refine_command_end_to_end(red_run, tmp_path):
     r = _cli("refine", "--out", str(out), "--resume", "train.max_steps=6", "--mesh-resolution", "48")
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "refine.json").read_text())["checkpoint"].endswith("step_0000006")
+    from scalegen import TextTo3DPipeline  # the Python API loads the refined scene and writes its Gaussians
+
+    asset = TextTo3DPipeline.from_pretrained(out)([PROMPT], resolution=32)[0]
+    asset.save(tmp_path / "scene.ply")
+    ours, written = read_gaussian_ply(tmp_path / "scene.ply"), read_gaussian_ply(out / "gaussians.ply")
+    assert all(torch.equal(ours[k], written[k]) for k in written)
     r = _cli("generate", "--ckpt", str(out), "--prompt", "a small blue cube", "--out", str(tmp_path / "x.glb"))
     assert r.returncode == 2 and "per-prompt scene" in r.stderr
 

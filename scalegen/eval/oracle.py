@@ -129,7 +129,8 @@ def retrieval_r_at_1(pred: torch.Tensor, gallery: torch.Tensor, own: torch.Tenso
 
 @torch.no_grad()
 def evaluate_prompts(cfg, model, text_encoder, world, prompts: list[str], batch: int = 8,
-                     gallery: tuple[Tensor, Tensor] | None = None, z_draws: int = 4, gt_source=None) -> dict:
+                     gallery: tuple[Tensor, Tensor] | None = None, z_draws: int = 4, gt_source=None,
+                     retrieval: bool = True) -> dict:
     """Metrics of ``model`` (a SceneModel) on ``prompts`` against the best of each prompt's completions
     (the prompt's own ground truth in the default world), rendered with the config's renderer (VolSDF, or
     the Gaussian rasterizer for a Gaussian scene) on the evaluation orbit, so amortized and per-prompt
@@ -140,12 +141,14 @@ def evaluate_prompts(cfg, model, text_encoder, world, prompts: list[str], batch:
     views where the truth shows the marker and so does the prediction), ``diversity`` / ``diversity_gt``
     (generators that take a noise z: RMSE between ``z_draws`` draws, and between the completions),
     ``r_at_1`` in the default world (``gallery``: every world prompt's ground truth, ``ground_truth_gallery``;
-    rendered here when not given). ``gt_source``: the oracle prior whose renderer draws the ground truth
-    (built when not given)."""
+    rendered here when not given; ``retrieval=False`` skips R@1 and its gallery, as validation during training
+    does). ``gt_source``: the oracle prior whose renderer draws the ground truth (built when not given)."""
     cams = eval_cameras(cfg)
     renderer = build_renderer(cfg).eval()
     gt_source = build_oracle_prior(cfg, world) if gt_source is None else gt_source
-    if gallery is None and cfg.world.kind == "single":
+    if not retrieval:
+        gallery = None
+    elif gallery is None and cfg.world.kind == "single":
         gallery = ground_truth_gallery(gt_source.renderer, world, cams, batch)
     if cfg.data.prompt is not None:
         batch = 1

@@ -29,18 +29,20 @@ class MetricLogger:
         self.wandb = None
         if not enabled:
             return
-        if resume_step == 0 and self.path.exists():
-            self.path.unlink()
-        elif resume_step > 0 and self.path.exists():
-            # Drop lines past the checkpoint we resume from (they will be recomputed) and a partial line
-            # that a crash mid-write left behind.
-            records, bad = parse_metrics(self.path.read_text())
-            if bad:
-                print(f"{self.path}: dropped {bad} unreadable line(s) (a crash mid-write leaves a partial last line)")
-            keep = [r for r in records if r.get("step", 0) <= resume_step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-            os.replace(tmp, self.path)
+        self.val_path = run_dir / "val" / "metrics.jsonl"
+        for path in (self.path, self.val_path):
+            if resume_step == 0 and path.exists():
+                path.unlink()
+            elif resume_step > 0 and path.exists():
+                # Drop lines past the checkpoint we resume from (they will be recomputed) and a partial line
+                # that a crash mid-write left behind.
+                records, bad = parse_metrics(path.read_text())
+                if bad:
+                    print(f"{path}: dropped {bad} unreadable line(s) (a crash mid-write leaves a partial last line)")
+                keep = [r for r in records if r.get("step", 0) <= resume_step]
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+                os.replace(tmp, path)
         if cfg.train.logger == "wandb":
             try:
                 import wandb  # noqa: PLC0415 - optional at import time
@@ -69,6 +71,28 @@ class MetricLogger:
             import wandb  # noqa: PLC0415
 
             self.wandb.log({key: wandb.Image(image)}, step=step)
+
+    def log_validation(self, step: int, metrics: dict) -> None:
+        """Validation metrics: appended to ``RUN/val/metrics.jsonl`` (``metrics.jsonl`` keeps one training
+        record per logged step) and mirrored to W&B."""
+        if not self.enabled:
+            return
+        self.val_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.val_path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def log_files(self, step: int, files: dict[str, Path]) -> None:
+        """3D assets and videos of a validation: ``{key: path}``, a .glb logged as ``wandb.Object3D``, an
+        .mp4/.gif as ``wandb.Video`` (the files themselves are already in the run folder)."""
+        if self.wandb is None or not files:
+            return
+        import wandb  # noqa: PLC0415
+
+        media = {k: wandb.Object3D(str(p)) if Path(p).suffix == ".glb" else wandb.Video(str(p), format=Path(p).suffix[1:])
+                 for k, p in files.items()}
+        self.wandb.log(media, step=step)
 
     def close(self) -> None:
         if self.wandb is not None:

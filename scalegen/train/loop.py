@@ -16,6 +16,7 @@ import contextlib
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -285,10 +286,14 @@ def make_accelerator(cfg: Config):
                        gradient_accumulation_steps=cfg.train.grad_accum if plugin is not None else 1)
 
 
-def train(cfg: Config, run_dir: str | Path, resume: bool = False, init_state: dict | None = None) -> Path:
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, init_state: dict | None = None,
+          on_validate: Callable | None = None) -> Path:
     """Train (or resume) a run in ``run_dir``; returns the last checkpoint's path. Raises ``Preempted``
     after writing a checkpoint when the process receives SIGTERM. ``init_state``: the ``SceneModel``'s
-    starting weights (a new run only; per-prompt refinement starts from an amortized generator's output)."""
+    starting weights (a new run only; per-prompt refinement starts from an amortized generator's output).
+    ``on_validate(model, text_encoder, prompts, step, run_dir, logger)``: more validation on the main process
+    after the image grid (``scalegen train`` passes the 3D assets and metrics of ``pipeline.validation``, a
+    floor above this one)."""
     run_dir = Path(run_dir)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
@@ -458,6 +463,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, init_state: di
                 if validator is not None and (done % cfg.train.val_every == 0 or done == max_steps):
                     grid = validator(raw_model, text_encoder, run_dir / "val" / f"step_{done:07d}.png")
                     logger.log_image(done, "val/grid", grid)
+                    if on_validate is not None:
+                        on_validate(raw_model, text_encoder, validator.prompts, done, run_dir, logger)
                 if save_now or stopping:
                     last = _save(acc, run_dir, done, model, raw_model, optimizers, distiller, sampler, cfg)
                 if stopping:
