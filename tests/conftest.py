@@ -17,7 +17,7 @@ TINY = [
     "world.colors=[red, green, blue]", "world.shapes=[sphere, cube]", "world.sizes=[small, large]",
     "world.n_unseen=2", "camera.eval_resolution=16", "camera.eval_views=2",
     "eval.samples=16", "eval.importance_samples=8", "train.logger=none", "train.progress=false",
-    "train.threads=1",
+    "train.threads=1", "train.val_assets=0",  # validation's 3D assets: tests/test_pipeline.py turns them on
 ]
 
 

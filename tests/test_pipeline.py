@@ -262,7 +262,8 @@ def test_demo_draws_the_model_and_downloads_it_in_headless_chromium(demo_url, tm
 # --- 3D assets at validation ---------------------------------------------------------------------
 def test_validation_writes_meshes_turntables_and_metrics_into_the_run(tmp_path):
     run = tmp_path / "run"
-    assert main(["train", "--out", str(run), *TINY, "train.max_steps=2", "train.val_every=2", "train.ckpt_every=2"]) == 0
+    assert main(["train", "--out", str(run), *TINY, "train.max_steps=2", "train.val_every=2", "train.ckpt_every=2",
+                 "train.val_assets=2"]) == 0
     folder = run / "val" / "step_0000002"
     glbs = sorted(folder.glob("*.glb"))
     videos = sorted(p for p in folder.iterdir() if p.suffix in (".mp4", ".gif"))
@@ -282,7 +283,7 @@ def test_an_offline_wandb_run_holds_the_validation_meshes_as_object3d(tmp_path, 
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), *[o for o in TINY if not o.startswith("train.logger")],
-                 "train.logger=wandb", "train.max_steps=2", "train.val_every=2"]) == 0
+                 "train.logger=wandb", "train.max_steps=2", "train.val_every=2", "train.val_assets=2"]) == 0
     media = list(run.glob("wandb/offline-run-*/files/media/object3D/val/mesh/*.glb"))
     assert len(media) == 2, sorted(str(p) for p in run.rglob("*") if p.is_file())
     assert all(p.read_bytes()[:4] == b"glTF" for p in media)

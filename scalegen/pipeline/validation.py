@@ -1,7 +1,7 @@
 """3D at validation: what ``scalegen train`` adds to the training loop's image grid.
 
 Every ``train.val_every`` steps the first ``train.val_assets`` prompts of the grid are exported as
-GLB meshes and turntables into ``RUN/val/step_N/`` (whatever the logger) and logged to Weights &
+GLB meshes and turntables (8 frames) into ``RUN/val/step_N/`` (whatever the logger) and logged to Weights &
 Biases as ``wandb.Object3D`` and ``wandb.Video``; in the oracle world the grid's prompts are also
 scored against their ground truth (PSNR, mask IoU, colour error per split, as ``scalegen eval``
 computes them, without R@1 and its gallery) into ``RUN/val/metrics.jsonl`` and W&B. The loop sits a floor below export, so it takes this
@@ -15,10 +15,11 @@ import torch
 
 from scalegen.export.files import asset_name, write_mesh
 from scalegen.export.mesh import extract_meshes, render_level
-from scalegen.export.turntable import render_turntables, turntable_cameras, video_suffix, write_video
+from scalegen.export.pipeline import TURNTABLE_MARGIN_BETAS
+from scalegen.export.turntable import crop_size, render_turntables, turntable_cameras, video_suffix, write_video
 
 MESH_RESOLUTION = 64  # marching-cubes cells: a validation preview, not the export
-TURNTABLE_FRAMES, TURNTABLE_SIZE = 12, 64
+TURNTABLE_FRAMES, TURNTABLE_SIZE = 8, 64
 
 
 class ValidationAssets:
@@ -58,8 +59,9 @@ class ValidationAssets:
         level = 0.0 if isinstance(model.generator, GaussianScene) else render_level(cfg.render.beta)
         meshes = extract_meshes(field, cfg.render.bound, MESH_RESOLUTION, level, names=prompts)
         cams = turntable_cameras(cfg, TURNTABLE_FRAMES, TURNTABLE_SIZE)
+        crop = crop_size([m.verts for m in meshes], cams, TURNTABLE_MARGIN_BETAS * cfg.render.beta)  # as generate
         frames = render_turntables(field, background, build_renderer(cfg).eval(), cams, cfg.eval.samples,
-                                   cfg.eval.importance_samples)
+                                   cfg.eval.importance_samples, crop=crop)
         files: dict[str, Path] = {}
         for i, (p, mesh) in enumerate(zip(prompts, meshes)):
             name = asset_name(i, p)
