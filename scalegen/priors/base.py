@@ -27,6 +27,9 @@ from typing import Callable, Literal, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from scalegen.data.cameras import Cameras
+from scalegen.priors.world import GroundTruth
+
 T = 1000
 
 
@@ -99,7 +102,8 @@ class Prior:
         layout ``stored_tokens`` named (only passed when it named one)."""
         raise NotImplementedError
 
-    def predict_eps(self, x_t: Tensor, t: Tensor, text: Tensor, cameras, guidance: Optional[Guidance] = None) -> Tensor:
+    def predict_eps(self, x_t: Tensor, t: Tensor, text: Tensor, cameras: Cameras,
+                    guidance: Optional[Guidance] = None) -> Tensor:
         """eps for every row; ``guidance`` None means every row is conditional and unpaired."""
         raise NotImplementedError
 
@@ -114,6 +118,12 @@ class Prior:
     def denoiser_net(self) -> Optional[DenoiserNet]:
         """The network a trainable adapter can be attached to (VSD's LoRA), or None (the default:
         a prior without one, such as the oracle, gets VSD's residual correction instead)."""
+        return None
+
+    def ground_truth(self) -> Optional[GroundTruth]:
+        """The world this prior knows exactly and the renderer that draws it (the oracle), which
+        validation grids, oracle metrics and refinement scores compare against; None (the default)
+        for a learned prior, which has no ground truth."""
         return None
 
     # --- shared -----------------------------------------------------------------------------------
