@@ -11,9 +11,30 @@ import sys
 import time
 from pathlib import Path
 
+from scalegen.bench import NAMES as BENCH_NAMES
+from scalegen.config import DISTILLERS, PER_PROMPT
 from scalegen.errors import Preempted, ScalegenError
 from scalegen.eval.report import format_table as _table
 from scalegen.eval.report import write_json as _write_json
+
+
+class _NamesOf:
+    """argparse choices read from the module that owns the name list when argparse first needs them
+    (checking a value, writing help), so that building the parser imports no torch."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def _names(self) -> tuple:
+        import importlib
+
+        return tuple(getattr(importlib.import_module(self.module), self.name))
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __contains__(self, item) -> bool:
+        return item in self._names()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +140,7 @@ def cmd_refine(args) -> int:
     else:
         if not args.prompt:
             raise ScalegenError("give --prompt TEXT, the prompt to refine (or --resume to continue a refinement)")
-        cfg = refine_config(args.prompt, args.representation or "gaussians", args.distill, args.init_from,
+        cfg = refine_config(args.prompt, args.representation or PER_PROMPT[0], args.distill, args.init_from,
                             args.config, args.overrides)
     if args.print_config:
         print(cfg.to_yaml(), end="")
@@ -535,7 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--images", help="score views rendered elsewhere: DIR/<prompt>/<view>.png (README)")
     q.add_argument("--corpus", required=True, help="prompt file (ScaleDreamer JSON, text, CSV, JSON lines) or shard folder")
     q.add_argument("--split", nargs="+", help="corpus splits to score (default: the protocol's; test falls back to val)")
-    q.add_argument("--protocol", default="scalegen", choices=["scaledreamer", "triplaneturbo", "scalegen"])
+    q.add_argument("--protocol", default="scalegen", choices=_NamesOf("scalegen.eval.clip", "PROTOCOLS"),
+                   metavar="NAME", help="%(choices)s (default %(default)s)")
     q.add_argument("--model", help="CLIP: transformers folder or hub id, open_clip NAME:PRETRAINED or folder")
     q.add_argument("--views", type=int, help="views per prompt (protocol default)")
     q.add_argument("--resolution", type=int, help="rendered pixels per side (protocol default)")
@@ -593,8 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("refine", help="per-prompt refinement: one prompt's 3D Gaussians or iNGP, from a sphere, an "
                                       "asset file or an amortized run's output")
     p.add_argument("--prompt", help="the prompt to refine")
-    p.add_argument("--representation", choices=["gaussians", "ingp"], help="default: gaussians")
-    p.add_argument("--distill", choices=["sds", "asd", "vdm", "csd", "vsd"],
+    p.add_argument("--representation", choices=PER_PROMPT, help=f"default: {PER_PROMPT[0]}")
+    p.add_argument("--distill", choices=DISTILLERS,
                    help="distiller (default: the base config's: the run's, or sds)")
     p.add_argument("--init-from", help="'sphere' (default), a run directory of `scalegen train` (its output for the "
                                        "prompt), or a PLY / OBJ / GLB file (3DGS PLY, point cloud or mesh)")
@@ -698,8 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_data_compose)
 
     p = sub.add_parser("bench", help="benchmarks (numbers for docs/performance.md)")
-    p.add_argument("name", help="saturation | sharpness | guidance | flops-sd | flops-mvdream | data | distill | toy2d "
-                               "| generators | generate | eval | claims | oracle-cost")
+    p.add_argument("name", choices=BENCH_NAMES, metavar="NAME", help=" | ".join(BENCH_NAMES))
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--out", default="runs/bench", help="folder for the benchmark's runs")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")

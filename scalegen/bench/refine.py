@@ -26,6 +26,7 @@ from typing import Literal, Optional
 
 import torch
 
+from scalegen.config import PER_PROMPT
 from scalegen.errors import ConfigError, ScalegenError
 from scalegen.eval.oracle import eval_cameras, evaluate_prompts, ground_truth_gallery, ground_truth_of
 from scalegen.eval.report import format_table
@@ -39,7 +40,7 @@ from scalegen.train.model import load_run
 class RefineBenchOptions:
     run: str = "runs/quickstart"  # the amortized run (or one of its checkpoints) every refinement starts from
     prompt: str = ""  # "" = the run world's first seen prompt
-    representation: Literal["gaussians", "ingp"] = "gaussians"
+    representation: Literal[PER_PROMPT] = "gaussians"
     distillers: list[str] = field(default_factory=lambda: ["sds", "asd", "vdm"])
     steps: int = 400
     eval_every: int = 50

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from scalegen.config import Config, compose_config, load_run_config, load_yaml
+from scalegen.config import PER_PROMPT, Config, compose_config, load_run_config, load_yaml
 from scalegen.errors import ConfigError
 from scalegen.eval.oracle import eval_cameras, evaluate_prompts, ground_truth_gallery
 from scalegen.eval.report import write_json
@@ -29,7 +29,7 @@ from scalegen.train.checkpoint import resolve_checkpoint, run_dir_of
 from scalegen.train.loop import train
 from scalegen.train.model import build_model, load_run
 
-REPRESENTATIONS = ("gaussians", "ingp")
+REPRESENTATIONS = PER_PROMPT  # what `scalegen refine --representation` takes: the per-prompt generators
 
 # What `scalegen refine --representation R` sets on top of the base config (the defaults, or the
 # amortized run's own config with --init-from RUN), before --config and key=value overrides; the files
