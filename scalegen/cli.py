@@ -88,18 +88,19 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from scalegen.priors import build_world
+    from scalegen.priors import build_ground_truth
     from scalegen.train.model import build_model, load_run
 
     if not args.ckpt:
         raise ScalegenError("scalegen eval needs --ckpt RUN_DIR (CLIP scores: `scalegen eval clip --ckpt RUN --corpus FILE`)")
     cfg, text_encoder, model, ckpt = load_run(args.ckpt)
-    if cfg.prior.name != "oracle":
+    truth = build_ground_truth(cfg)
+    if truth is None:
         raise ScalegenError(f"'{args.ckpt}' was trained with prior {cfg.prior.name}; oracle metrics need an "
                             "oracle-world run (use `scalegen eval clip` for real priors)")
     from scalegen.eval.oracle import evaluate_oracle
 
-    world = build_world(cfg)
+    world = truth.world
     t0 = time.perf_counter()
     res = evaluate_oracle(cfg, model, text_encoder, world, max_prompts=args.max_prompts)
     res["checkpoint"] = str(ckpt)
@@ -278,12 +279,13 @@ def _check_world_prompts(cfg, prompts: list[str], ckpt) -> None:
     if cfg.data.prompt is not None and any(p.strip().lower() != cfg.data.prompt.strip().lower() for p in prompts):
         raise ScalegenError(f"'{ckpt}' is the per-prompt scene of '{cfg.data.prompt}'; export that prompt (its "
                             "mesh.glb is already in the folder) or use an amortized run")
-    if cfg.prior.name != "oracle":
-        return
     from scalegen.errors import DataError
-    from scalegen.priors import build_world
+    from scalegen.priors import build_ground_truth
 
-    world = build_world(cfg)
+    truth = build_ground_truth(cfg)
+    if truth is None:  # a learned prior: any text
+        return
+    world = truth.world
     for p in prompts:
         try:
             world.parse(p)
@@ -317,6 +319,7 @@ def cmd_gallery(args) -> int:
     tmp = parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         if is_run:
+            from scalegen.priors import build_ground_truth
             from scalegen.train.model import load_run
 
             if args.threads:
@@ -328,10 +331,8 @@ def cmd_gallery(args) -> int:
 
                 prompts = read_corpus(args.prompts, split=args.split)
                 _check_world_prompts(cfg, prompts, source)
-            elif cfg.prior.name == "oracle" and cfg.data.prompts == "oracle":
-                from scalegen.priors import build_world
-
-                world = build_world(cfg)
+            elif cfg.data.prompts == "oracle" and (truth := build_ground_truth(cfg)) is not None:
+                world = truth.world  # trained on the oracle world's own prompts
                 splits = world.splits()  # seen, unseen (default world) or seen + held-out levels (compositional)
                 tags = {p: split for split, ps in splits.items() for p in ps}
                 prompts = [p for split, ps in splits.items() if split != "seen" for p in ps] + splits["seen"]

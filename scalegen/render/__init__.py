@@ -27,5 +27,5 @@ def build_background(cfg, text_dim: int) -> Background:
     return SolidBackground(text_dim, random_prob=r.bg_random_prob)
 
 
-__all__ = ["Background", "BackgroundFn", "Field", "Renderer", "VolSDFRenderer", "GaussianField", "GaussianRasterizer", "RenderOutput", "EnvironmentBackground", "SolidBackground",
-           "build_renderer", "build_background"]
+__all__ = ["Background", "BackgroundFn", "Field", "Renderer", "VolSDFRenderer", "GaussianField", "GaussianRasterizer",
+           "RenderOutput", "EnvironmentBackground", "SolidBackground", "build_renderer", "build_background"]

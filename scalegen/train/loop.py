@@ -488,7 +488,7 @@ def build_sampler(cfg: Config, world, text_encoder, prompts, rank: int, world_si
     return sampler, sampler.first_prompts(6)
 
 
-def restore(ckpt: Path, cfg: Config, model, distiller, optimizers: "Optimizers", sampler, rank: int,
+def restore(ckpt: Path, cfg: Config, model, distiller, optimizers: "Optimizers", sampler: Sampler, rank: int,
             world_size: int, main: bool, deepspeed: bool = False) -> int:
     """Load a checkpoint into the run's objects; returns its step. On the number of processes that
     wrote it, every rank continues its own data position and RNG stream exactly; on another number the
@@ -541,7 +541,7 @@ def replica_digest(model, distiller) -> str:
     return h.hexdigest()[:16]
 
 
-def _save(acc, run_dir: Path, step: int, engine, model, optimizers: "Optimizers", distiller, sampler,
+def _save(acc, run_dir: Path, step: int, engine, model, optimizers: "Optimizers", distiller, sampler: Sampler,
           cfg: Config) -> Path:
     """Gather every rank's data position, RNG and replica digest, check that the replicas agree, then
     write one checkpoint from the main rank. Under DeepSpeed every rank first writes its part of the
