@@ -11,9 +11,30 @@ import sys
 import time
 from pathlib import Path
 
+from scalegen.bench import NAMES as BENCH_NAMES
+from scalegen.config import DISTILLERS, PER_PROMPT
 from scalegen.errors import Preempted, ScalegenError
 from scalegen.eval.report import format_table as _table
 from scalegen.eval.report import write_json as _write_json
+
+
+class _NamesOf:
+    """argparse choices read from the module that owns the name list when argparse first needs them
+    (checking a value, writing help), so that building the parser imports no torch."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def _names(self) -> tuple:
+        import importlib
+
+        return tuple(getattr(importlib.import_module(self.module), self.name))
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __contains__(self, item) -> bool:
+        return item in self._names()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,19 +93,20 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from scalegen.priors import build_world
     from scalegen.pipeline.pretrained import load_pretrained
+    from scalegen.priors import build_ground_truth
     from scalegen.train.model import build_model
 
     if not args.ckpt:
         raise ScalegenError("scalegen eval needs --ckpt RUN_DIR (CLIP scores: `scalegen eval clip --ckpt RUN --corpus FILE`)")
     cfg, text_encoder, model, ckpt = load_pretrained(args.ckpt)
-    if cfg.prior.name != "oracle":
+    truth = build_ground_truth(cfg)
+    if truth is None:
         raise ScalegenError(f"'{args.ckpt}' was trained with prior {cfg.prior.name}; oracle metrics need an "
                             "oracle-world run (use `scalegen eval clip` for real priors)")
     from scalegen.eval.oracle import evaluate_oracle
 
-    world = build_world(cfg)
+    world = truth.world
     t0 = time.perf_counter()
     res = evaluate_oracle(cfg, model, text_encoder, world, max_prompts=args.max_prompts)
     res["checkpoint"] = str(ckpt)
@@ -125,7 +147,7 @@ def cmd_refine(args) -> int:
     else:
         if not args.prompt:
             raise ScalegenError("give --prompt TEXT, the prompt to refine (or --resume to continue a refinement)")
-        cfg = refine_config(args.prompt, args.representation or "gaussians", args.distill, args.init_from,
+        cfg = refine_config(args.prompt, args.representation or PER_PROMPT[0], args.distill, args.init_from,
                             args.config, args.overrides)
     if args.print_config:
         print(cfg.to_yaml(), end="")
@@ -291,12 +313,11 @@ def cmd_export_pretrained(args) -> int:
             raise ScalegenError(f"cannot read --eval-json '{args.eval_json}' ({e}); give the file "
                                 "`scalegen eval --ckpt RUN --json FILE` wrote") from None
         results, command = data, args.eval_command or f"scalegen eval --ckpt {args.ckpt} --json {args.eval_json}"
-    elif not args.no_eval and pipe.cfg.prior.name == "oracle":
+    elif not args.no_eval and pipe.world is not None:
         from scalegen.eval.oracle import evaluate_oracle
-        from scalegen.priors import build_world
 
         print("evaluating the run on the oracle world (as `scalegen eval --ckpt RUN` does; --no-eval skips it)")
-        results = evaluate_oracle(pipe.cfg, pipe.model, pipe.text_encoder, build_world(pipe.cfg))
+        results = evaluate_oracle(pipe.cfg, pipe.model, pipe.text_encoder, pipe.world)
         command = f"scalegen eval --ckpt {args.ckpt}"
     source = Path(pipe.source)
     steps = checkpoint_step(source) if source.name.startswith("step_") else None
@@ -331,6 +352,7 @@ def cmd_gallery(args) -> int:
     try:
         if is_run:
             from scalegen.pipeline import TextTo3DPipeline
+            from scalegen.priors import build_ground_truth
 
             if args.threads:
                 torch.set_num_threads(args.threads)
@@ -342,10 +364,8 @@ def cmd_gallery(args) -> int:
 
                 prompts = read_corpus(args.prompts, split=args.split)
                 pipe.check_world_prompts(prompts, source)
-            elif cfg.prior.name == "oracle" and cfg.data.prompts == "oracle":
-                from scalegen.priors import build_world
-
-                world = build_world(cfg)
+            elif cfg.data.prompts == "oracle" and (truth := build_ground_truth(cfg)) is not None:
+                world = truth.world  # trained on the oracle world's own prompts
                 splits = world.splits()  # seen, unseen (default world) or seen + held-out levels (compositional)
                 tags = {p: split for split, ps in splits.items() for p in ps}
                 prompts = [p for split, ps in splits.items() if split != "seen" for p in ps] + splits["seen"]
@@ -594,7 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--images", help="score views rendered elsewhere: DIR/<prompt>/<view>.png (docs/evaluation.md)")
     q.add_argument("--corpus", required=True, help="prompt file (ScaleDreamer JSON, text, CSV, JSON lines) or shard folder")
     q.add_argument("--split", nargs="+", help="corpus splits to score (default: the protocol's; test falls back to val)")
-    q.add_argument("--protocol", default="scalegen", choices=["scaledreamer", "triplaneturbo", "scalegen"])
+    q.add_argument("--protocol", default="scalegen", choices=_NamesOf("scalegen.eval.clip", "PROTOCOLS"),
+                   metavar="NAME", help="%(choices)s (default %(default)s)")
     q.add_argument("--model", help="CLIP: transformers folder or hub id, open_clip NAME:PRETRAINED or folder")
     q.add_argument("--views", type=int, help="views per prompt (protocol default)")
     q.add_argument("--resolution", type=int, help="rendered pixels per side (protocol default)")
@@ -673,8 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("refine", help="per-prompt refinement: one prompt's 3D Gaussians or iNGP, from a sphere, an "
                                       "asset file or an amortized run's output")
     p.add_argument("--prompt", help="the prompt to refine")
-    p.add_argument("--representation", choices=["gaussians", "ingp"], help="default: gaussians")
-    p.add_argument("--distill", choices=["sds", "asd", "vdm", "csd", "vsd"],
+    p.add_argument("--representation", choices=PER_PROMPT, help=f"default: {PER_PROMPT[0]}")
+    p.add_argument("--distill", choices=DISTILLERS,
                    help="distiller (default: the base config's: the run's, or sds)")
     p.add_argument("--init-from", help="'sphere' (default), a run directory of `scalegen train` (its output for the "
                                        "prompt), or a PLY / OBJ / GLB file (3DGS PLY, point cloud or mesh)")
@@ -778,8 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_data_compose)
 
     p = sub.add_parser("bench", help="benchmarks (figures for docs/results/, see docs/benchmarks.md)")
-    p.add_argument("name", help="saturation | sharpness | guidance | flops-sd | flops-mvdream | data | distill | toy2d "
-                               "| generators | generate | eval | claims | oracle-cost")
+    p.add_argument("name", choices=BENCH_NAMES, metavar="NAME", help=" | ".join(BENCH_NAMES))
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--out", default="runs/bench", help="folder for the benchmark's runs")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")

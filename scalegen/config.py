@@ -206,7 +206,12 @@ class PriorConfig:
         return self.encode_resolution or enc, self.latent_resolution or lat
 
 
+# The one list of each kind of name (the Literal types below, the command line's choices and the build_*
+# functions' branches all follow these; tests/test_interfaces.py checks the modules that implement them).
+AMORTIZED = ("hyper_ingp", "conv3d", "triplane_transformer")  # generators of any prompt
 PER_PROMPT = ("gaussians", "ingp")  # generators that are one prompt's scene (per-prompt refinement)
+GENERATOR_PRESETS = ("paper", "small")  # conv3d / triplane_transformer sizes (their modules' PRESETS)
+DISTILLERS = ("sds", "csd", "vsd", "asd", "vdm")
 NATIVE_RESOLUTION = {"stable_diffusion": (512, 64), "mvdream": (256, 32)}  # (VAE input, UNet latent) sizes
 
 
@@ -241,7 +246,7 @@ class GaussiansConfig:
 class GeneratorConfig:
     # hyper_ingp / conv3d / triplane_transformer: amortized (any prompt); gaussians / ingp: one prompt's scene
     # (per-prompt refinement: data.prompt, data.prompts_per_step=1)
-    name: Literal["hyper_ingp", "conv3d", "triplane_transformer", "gaussians", "ingp"] = "hyper_ingp"
+    name: Literal[AMORTIZED + PER_PROMPT] = "hyper_ingp"
     # Multi-resolution hash grid shared by all prompts (paper: 16 x 2, 2^19, 16 -> 4096).
     hash_levels: Annotated[int, AtLeast1] = 8  # resolution levels of the hash grid
     hash_features: Annotated[int, AtLeast1] = 2  # features per level
@@ -258,7 +263,7 @@ class GeneratorConfig:
     sdf_radius: Annotated[float, Positive] = 0.35
     backend: Literal["torch", "tcnn"] = "torch"  # hash grid: pure PyTorch, or tiny-cuda-nn (CUDA only)
     # conv3d / triplane_transformer (scalegen/generators/conv3d.py, triplane_transformer.py).
-    preset: Literal["paper", "small"] = "paper"  # paper: ScaleDreamer's sizes; small: oracle world on CPU
+    preset: Literal[GENERATOR_PRESETS] = "paper"  # paper: ScaleDreamer's sizes; small: oracle world on CPU
     channel_multiplier: Annotated[int, Range(ge=1, le=2)] = 1  # conv3d: widths at resolutions >= 32 (paper: 1 -> 88.7M, 2 -> 144.8M)
     z_dim: Annotated[int, NonNeg] = 0  # conv3d noise width; 0 = the preset's (paper 64)
     # conv3d: draw z ~ N(0, I) and per-voxel synthesis noise in training (ScaleDreamer); false: z = 0 and no
@@ -299,7 +304,7 @@ class RenderConfig:
 
 @dataclass
 class DistillConfig:
-    name: Literal["sds", "csd", "vsd", "asd", "vdm"] = "sds"
+    name: Literal[DISTILLERS] = "sds"
     guidance_scale: Annotated[float, NonNeg] = 7.5
     weighting: Literal["sds", "uniform"] = "sds"  # w(t) = 1 - alphabar_t, or 1
     # [min, max] of t / T at step 0, annealed to t_range_end

@@ -275,7 +275,7 @@ def test_prompt_positions_map_to_another_process_count_without_skipping_or_repea
     olds, read = {}, {}
     for r, steps in ((0, 3), (1, 7)):
         s = PromptSampler(prompts, 3, seed=5, rank=r, world_size=2)
-        read[r] = [p for _ in range(steps) for p in s.next_batch()]
+        read[r] = [p for _ in range(steps) for p in s.next_batch().prompts]
         olds[str(r)] = s.state_dict()
     assert (olds["0"]["epoch"], olds["1"]["epoch"], olds["1"]["cursor"]) == (0, 1, 1)
     epoch0_read = read[0] + read[1][:20]

@@ -355,11 +355,11 @@ def test_eval_clip_bad_input_is_one_line(args, needle, tmp_path):
 # --- the oracle world's R@1 ----------------------------------------------------------------------
 def test_oracle_r_at_1_known_answers(tiny_cfg):
     from scalegen.eval.oracle import eval_cameras, ground_truth_gallery, retrieval_r_at_1
-    from scalegen.priors import build_world
-    from scalegen.priors.oracle import build_oracle_prior
+    from scalegen.priors import build_ground_truth
 
-    world = build_world(tiny_cfg)
-    gt_rgb, _ = ground_truth_gallery(build_oracle_prior(tiny_cfg, world).renderer, world, eval_cameras(tiny_cfg))
+    truth = build_ground_truth(tiny_cfg)
+    world = truth.world
+    gt_rgb, _ = ground_truth_gallery(truth, eval_cameras(tiny_cfg))
     own = torch.arange(len(world.prompts))
     assert torch.equal(retrieval_r_at_1(gt_rgb, gt_rgb, own), torch.ones(len(own), dtype=torch.float64))  # ground truth: exactly 1
     blind = gt_rgb[:1].expand_as(gt_rgb) * 0 + 0.5  # the same grey picture for every prompt

@@ -26,11 +26,11 @@ from typing import Literal, Optional
 
 import torch
 
+from scalegen.config import PER_PROMPT
 from scalegen.errors import ConfigError, ScalegenError
-from scalegen.eval.oracle import eval_cameras, evaluate_prompts, ground_truth_gallery
+from scalegen.eval.oracle import eval_cameras, evaluate_prompts, ground_truth_gallery, ground_truth_of
 from scalegen.eval.report import format_table
 from scalegen.priors import build_world
-from scalegen.priors.oracle import build_oracle_prior
 from scalegen.refine import refine, refine_config
 from scalegen.train.checkpoint import resolve_checkpoint, run_dir_of
 from scalegen.train.model import load_run
@@ -40,7 +40,7 @@ from scalegen.train.model import load_run
 class RefineBenchOptions:
     run: str = "runs/quickstart"  # the amortized run (or one of its checkpoints) every refinement starts from
     prompt: str = ""  # "" = the run world's first seen prompt
-    representation: Literal["gaussians", "ingp"] = "gaussians"
+    representation: Literal[PER_PROMPT] = "gaussians"
     distillers: list[str] = field(default_factory=lambda: ["sds", "asd", "vdm"])
     steps: int = 400
     eval_every: int = 50
@@ -91,7 +91,7 @@ def bench_refine(opts: RefineBenchOptions, overrides: list[str], out_root: str) 
         name = f"{distill}-{'run' if init else 'sphere'}"
         cfg = refine_config(prompt, opts.representation, distill, init, None, common, base_run=str(run_ckpt))
         if gallery is None:
-            gallery = ground_truth_gallery(build_oracle_prior(cfg, world).renderer, world, eval_cameras(cfg))
+            gallery = ground_truth_gallery(ground_truth_of(cfg, world), eval_cameras(cfg))
         out = root / name
         if out.exists():
             shutil.rmtree(out)

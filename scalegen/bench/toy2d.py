@@ -35,6 +35,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from scalegen.data.cameras import Cameras
 from scalegen.priors.base import Guidance, Prior, ddpm_alphas_cumprod
 
 METHODS = ("sds", "csd", "vsd", "asd", "vdm", "vdm_pure")
@@ -71,7 +72,7 @@ class MixturePrior(Prior):
         return (1 - a[:, None] * k) * (r @ mu) + k * x
 
     @torch.no_grad()
-    def predict_eps(self, x_t, t, text, cameras, guidance: Guidance | None = None):
+    def predict_eps(self, x_t, t, text, cameras: Cameras, guidance: Guidance | None = None):
         x = x_t.reshape(len(x_t), 2)
         ab = self.alphas_cumprod[t]
         a, s_t = ab.sqrt(), (1 - ab).sqrt()

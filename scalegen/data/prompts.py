@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from scalegen.data.sampler import Batch, Sampler
 from scalegen.errors import DataError
 
 
@@ -141,7 +142,7 @@ def _short(x, n: int = 60) -> str:
     return r if len(r) <= n else r[:n] + "..."
 
 
-class PromptSampler:
+class PromptSampler(Sampler):
     """Endless, exactly resumable batches of prompts for one rank.
 
     Epoch e is a permutation ``perm_e`` of the corpus (seeded by (seed, e)); rank r of W reads the
@@ -183,17 +184,17 @@ class PromptSampler:
         skip = (self.skip_epoch, self.skip_prefix, self.skip_extra)
         return [perm[j] for j in self._positions(epoch, self.rank, self.world_size, skip)]
 
-    def next_batch(self) -> list[str]:
-        out = []
+    def next_batch(self) -> Batch:
+        out: list[int] = []
         while len(out) < self.batch_size:
             if self.cursor >= len(self._order):
                 self.epoch, self.cursor = self.epoch + 1, 0
                 self._order = self._epoch_order(self.epoch)
                 continue
             take = self._order[self.cursor:self.cursor + self.batch_size - len(out)]
-            out += [self.prompts[i] for i in take]
+            out += take
             self.cursor += len(take)
-        return out
+        return Batch([self.prompts[i] for i in out], [str(i) for i in out])
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "skip_epoch": self.skip_epoch,

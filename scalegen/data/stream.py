@@ -28,25 +28,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from scalegen.data.sampler import Batch, Sampler
 from scalegen.data.shards import emb_layout, load_manifest
 from scalegen.errors import DataError
 from scalegen.text.base import TextCond
 
 log = logging.getLogger("scalegen.data")
-
-
-@dataclass
-class Batch:
-    prompts: list[str]
-    keys: list[str]
-    cond: TextCond | None = None  # the plain prompt's embeddings (fp32), when the shards carry them
-    variants: torch.Tensor | None = None  # [B, V, L, D] tokens of prompt + view variants ("views" store)
 
 
 class ShardCorrupt(Exception):
@@ -235,7 +227,7 @@ def _cat(parts: list[dict], info: dict | None) -> dict:
     return out
 
 
-class ShardStream:
+class ShardStream(Sampler):
     """Batches of ``batch_size`` prompts for one rank; ``next_batch()`` / iteration, ``state_dict()``.
 
     ``mode="train"``: infinite, shuffled, ranks disjoint within an epoch. ``mode="eval"``: one

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from scalegen.data.cameras import Cameras
 from scalegen.distill.common import Distiller, TimestepSchedule, cfg_combine, grad_logs, predict_branches, target_loss
 from scalegen.priors.base import T, Prior
 
@@ -34,7 +35,7 @@ class ASD(Distiller):
         u = torch.rand(math.ceil(len(t) / self.t_group)).repeat_interleave(self.t_group)[: len(t)]
         return t + torch.floor(u * cap).long()
 
-    def gradient(self, latents: Tensor, text: Tensor, cameras, t: Tensor, t2: Tensor, eps: Tensor) -> Tensor:
+    def gradient(self, latents: Tensor, text: Tensor, cameras: Cameras, t: Tensor, t2: Tensor, eps: Tensor) -> Tensor:
         """g for given t, t + dt and eps (exposed for tests and `bench guidance`)."""
         z = latents.detach()
         x_t, x_t2 = self.prior.add_noise(z, eps, t), self.prior.add_noise(z, eps, t2)
@@ -43,7 +44,7 @@ class ASD(Distiller):
                                                 cfg_pairs=[(0, 1)])
         return self.w(t, z) * (cfg_combine(eps_u, eps_c, self.scale) - eps_c2)
 
-    def __call__(self, latents: Tensor, text: Tensor, cameras, step: int,
+    def __call__(self, latents: Tensor, text: Tensor, cameras: Cameras, step: int,
                  pooled: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
         t = self.sample_t(len(latents), step)
         t_min, _ = self.schedule.range(step)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from scalegen.config import step_position
+from scalegen.data.cameras import Cameras
 from scalegen.errors import CheckpointError
 from scalegen.priors.base import T, Guidance, Prior
 
@@ -55,7 +56,7 @@ def target_loss(latents: Tensor, grad: Tensor) -> Tensor:
     return 0.5 * (latents - target).pow(2).sum() / latents.shape[0]
 
 
-def predict_branches(prior: Prior, text: Tensor, cameras, branches: Sequence[tuple[Tensor, Tensor, bool]],
+def predict_branches(prior: Prior, text: Tensor, cameras: Cameras, branches: Sequence[tuple[Tensor, Tensor, bool]],
                      cfg_pairs: Sequence[tuple[int, int]] = ()) -> list[Tensor]:
     """eps of every branch ``(x_t, t, unconditional)`` of the same N rows in ONE prior call.
     ``cfg_pairs``: (conditional branch, unconditional branch) that the caller combines with CFG
@@ -67,7 +68,7 @@ def predict_branches(prior: Prior, text: Tensor, cameras, branches: Sequence[tup
     return list(out.split(n))
 
 
-def cond_uncond_eps(prior: Prior, z: Tensor, eps: Tensor, t: Tensor, text: Tensor, cameras):
+def cond_uncond_eps(prior: Prior, z: Tensor, eps: Tensor, t: Tensor, text: Tensor, cameras: Cameras):
     """(x_t, eps_c, eps_u): noise ``z`` to t and run the CFG pair [cond @ t, uncond @ t] in one call."""
     x_t = prior.add_noise(z, eps, t)
     eps_c, eps_u = predict_branches(prior, text, cameras, [(x_t, t, False), (x_t, t, True)], cfg_pairs=[(0, 1)])
@@ -90,7 +91,7 @@ class Distiller:
     def __init__(self, prior: Prior, schedule: TimestepSchedule, weighting: str = "sds", t_group: int = 1):
         self.prior, self.schedule, self.weighting, self.t_group = prior, schedule, weighting, t_group
 
-    def __call__(self, latents: Tensor, text: Tensor, cameras, step: int,
+    def __call__(self, latents: Tensor, text: Tensor, cameras: Cameras, step: int,
                  pooled: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 

@@ -9,16 +9,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from scalegen.data.cameras import Cameras
 from scalegen.distill.common import Distiller, cond_uncond_eps, grad_logs, target_loss
 
 
 class CSD(Distiller):
-    def gradient(self, latents: Tensor, text: Tensor, cameras, t: Tensor, eps: Tensor) -> Tensor:
+    def gradient(self, latents: Tensor, text: Tensor, cameras: Cameras, t: Tensor, eps: Tensor) -> Tensor:
         z = latents.detach()
         _, eps_c, eps_u = cond_uncond_eps(self.prior, z, eps, t, text, cameras)
         return self.w(t, z) * (eps_c - eps_u)
 
-    def __call__(self, latents: Tensor, text: Tensor, cameras, step: int,
+    def __call__(self, latents: Tensor, text: Tensor, cameras: Cameras, step: int,
                  pooled: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
         t = self.sample_t(len(latents), step)
         g = self.gradient(latents, text, cameras, t, torch.randn_like(latents))

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from scalegen.data.cameras import Cameras
 from scalegen.priors.base import T, DenoiserNet
 
 
@@ -32,7 +33,7 @@ def timestep_features(t: Tensor, dim: int = 32) -> Tensor:
     return torch.cat([ang.sin(), ang.cos()], 1)
 
 
-def camera_vector(cameras, n: int) -> Tensor:
+def camera_vector(cameras: Cameras, n: int) -> Tensor:
     """The flattened camera-to-world matrix of each of ``n`` rows, [n, 16]."""
     return cameras.rows().c2w[0].reshape(n, 16).float()
 

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from scalegen.data.cameras import Cameras
 from scalegen.distill.common import Distiller, TimestepSchedule, cfg_combine, cond_uncond_eps, grad_logs, target_loss
 from scalegen.priors.base import Prior
 
@@ -44,7 +45,7 @@ class SDS(Distiller):
         self.scale = guidance_scale
         self.x0_recon, self.x0_rescale, self.views = x0_recon, x0_rescale, views
 
-    def gradient(self, latents: Tensor, text: Tensor, cameras, t: Tensor, eps: Tensor) -> Tensor:
+    def gradient(self, latents: Tensor, text: Tensor, cameras: Cameras, t: Tensor, eps: Tensor) -> Tensor:
         """g for given t and eps (exposed for tests and `bench guidance`)."""
         z = latents.detach()
         x_t, eps_c, eps_u = cond_uncond_eps(self.prior, z, eps, t, text, cameras)
@@ -60,7 +61,7 @@ class SDS(Distiller):
             x0 = rescaled_x0(x0, (x_t - s_t * eps_c) / a_t, self.x0_rescale, self.views)
         return z - x0
 
-    def __call__(self, latents: Tensor, text: Tensor, cameras, step: int,
+    def __call__(self, latents: Tensor, text: Tensor, cameras: Cameras, step: int,
                  pooled: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
         t = self.sample_t(len(latents), step)
         g = self.gradient(latents, text, cameras, t, torch.randn_like(latents))

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from scalegen.data.cameras import Cameras
 from scalegen.distill.common import Distiller, TimestepSchedule, cfg_combine, cond_uncond_eps, grad_logs, target_loss
 from scalegen.distill.nets import camera_vector
 from scalegen.priors.base import T, Prior
@@ -63,7 +64,7 @@ class VDM(Distiller):
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.mapper.load_state_dict(state)
 
-    def gradient_and_loss(self, latents: Tensor, text: Tensor, cameras, t: Tensor, eps: Tensor,
+    def gradient_and_loss(self, latents: Tensor, text: Tensor, cameras: Cameras, t: Tensor, eps: Tensor,
                           pooled: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(g, psi's loss) for given t and eps (exposed for tests)."""
         z = latents.detach()
@@ -81,7 +82,7 @@ class VDM(Distiller):
         g = self.w(t, z) * (eps_cfg - eps_target)
         return g, loss_psi
 
-    def __call__(self, latents: Tensor, text: Tensor, cameras, step: int,
+    def __call__(self, latents: Tensor, text: Tensor, cameras: Cameras, step: int,
                  pooled: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
         t = self.sample_t(len(latents), step)
         g, loss_psi = self.gradient_and_loss(latents, text, cameras, t, torch.randn_like(latents), pooled)

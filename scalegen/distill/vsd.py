@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from scalegen.data.cameras import Cameras
 from scalegen.distill.common import Distiller, TimestepSchedule, cfg_combine, grad_logs, predict_branches, target_loss
 from scalegen.distill.nets import VariationalEps, camera_vector, diffusion_timesteps
 from scalegen.priors.base import Prior
@@ -52,7 +53,7 @@ class VSD(Distiller):
                 p.copy_(state[k])
 
     # --- the gradient ------------------------------------------------------------------------------
-    def gradient_and_loss(self, latents: Tensor, text: Tensor, cameras, t: Tensor, eps: Tensor, t_tr: Tensor,
+    def gradient_and_loss(self, latents: Tensor, text: Tensor, cameras: Cameras, t: Tensor, eps: Tensor, t_tr: Tensor,
                           eps_tr: Tensor, keep_camera: Tensor, pooled: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(g, phi's diffusion loss) for given t, eps, t', eps' and camera-keep mask (exposed for tests)."""
         z = latents.detach()
@@ -72,7 +73,7 @@ class VSD(Distiller):
         pred = self.model(x_tr, t_tr, cam_tr, text, pooled, base_eps=base_tr)
         return g, F.mse_loss(pred.float(), eps_tr.float())
 
-    def __call__(self, latents: Tensor, text: Tensor, cameras, step: int,
+    def __call__(self, latents: Tensor, text: Tensor, cameras: Cameras, step: int,
                  pooled: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
         n = len(latents)
         t = self.sample_t(n, step)

@@ -51,11 +51,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from scalegen.data.cameras import Cameras
 from scalegen.data.prompts import corpus_splits, read_corpus
 from scalegen.errors import DataError, ScalegenError
 from scalegen.eval.clip_models import ClipModel, TextFeatureCache
 from scalegen.eval.report import format_table
 from scalegen.eval.retrieval import clip_score, distractors, r_at_1
+from scalegen.render.base import Renderer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 ROW_FORMAT = 1  # bump when the per-prompt row changes: old progress is then refused, not misread
@@ -216,12 +218,10 @@ def protocol_cameras(protocol: Protocol, distance: float, fovy: float):
 
 
 @torch.no_grad()
-def render_views(model, text_encoder, renderer, cameras, prompts: list[str], samples: int, importance_samples: int,
-                 device, ray_budget: int = 1 << 18) -> list[Tensor]:
+def render_views(model, text_encoder, renderer: Renderer, cameras: Cameras, prompts: list[str], samples: int,
+                 importance_samples: int, device, ray_budget: int = 1 << 18) -> list[Tensor]:
     """uint8 [V, 3, R, R] per prompt: a SceneModel's renders on shared ``cameras`` [1, V], views in
     chunks of at most ``ray_budget`` rays (512 px x 120 views never sits in memory at once)."""
-    from scalegen.data.cameras import Cameras  # noqa: PLC0415
-
     field_, bg = model(text_encoder.encode(prompts).to(device))
     b, v, r = len(prompts), cameras.shape[1], cameras.height
     step = max(1, ray_budget // (b * r * r))
@@ -230,12 +230,46 @@ def render_views(model, text_encoder, renderer, cameras, prompts: list[str], sam
         sl = lambda t: t[:, s:s + step]  # noqa: E731
         sub = Cameras(sl(cameras.c2w), sl(cameras.fovy), sl(cameras.elevation), sl(cameras.azimuth),
                       sl(cameras.distance), cameras.height, cameras.width)
-        out = renderer(field_, sub, background=bg, samples=samples, importance_samples=importance_samples)
+        out = renderer(field_, sub, background=bg, **renderer.eval_options(samples, importance_samples))
         rgb.append(to_uint8(out.rgb).view(b, -1, 3, r, r).cpu())
     return list(torch.cat(rgb, dim=1))
 
 
-class RunViews:
+class ViewSource:
+    """Where CLIP evaluation gets each prompt's views (uint8 [V, 3, H, W]): a run rendered on the
+    protocol's orbit (``RunViews``) or images some system rendered (``FolderViews``)."""
+
+    def describe(self) -> dict:
+        """What the source is, merged into the summary's protocol entry."""
+        raise NotImplementedError
+
+    def identity(self) -> dict:
+        """What must not change for partial results in OUT/ to be resumed."""
+        raise NotImplementedError
+
+    def views(self, prompts: list[str]) -> list[Tensor]:
+        raise NotImplementedError
+
+    # --- optional ------------------------------------------------------------------------------------
+    def has_views(self, prompt: str) -> bool:
+        """Whether the source has views of ``prompt`` (default: every prompt can be rendered)."""
+        return True
+
+    def views_per_prompt(self, protocol: Protocol) -> int:
+        """How many views a prompt is expected to have, to size the scoring batches (default: the protocol's)."""
+        return protocol.views
+
+    def cameras_as_rendered(self) -> bool:
+        """True when the views came with their own cameras, so the protocol's orbit does not describe
+        them (default False: the source renders the protocol's orbit)."""
+        return False
+
+    def summary_extra(self) -> dict:
+        """Extra summary entries (default none)."""
+        return {}
+
+
+class RunViews(ViewSource):
     """Views of a trained run, rendered on the protocol's orbit (the run's eval samples per ray)."""
 
     def __init__(self, cfg, text_encoder, model, ckpt, protocol: Protocol, device):
@@ -280,7 +314,7 @@ def folder_name(prompt: str) -> str:
     return name
 
 
-class FolderViews:
+class FolderViews(ViewSource):
     """Views rendered by any system: ``DIR/<prompt folder>/<view>.png|jpg`` (any number of views per
     prompt, any file names). Folder names are matched to the corpus' prompts ignoring commas, full
     stops and '_' vs ' ' (ScaleDreamer's and TriplaneTurbo's layouts both work)."""
@@ -327,6 +361,18 @@ class FolderViews:
 
     def identity(self) -> dict:
         return {"images": str(self.root.resolve())}
+
+    def has_views(self, prompt: str) -> bool:
+        return prompt in self.folders
+
+    def views_per_prompt(self, protocol: Protocol) -> int:
+        return 8  # any number per prompt: a guess for batching only
+
+    def cameras_as_rendered(self) -> bool:
+        return True
+
+    def summary_extra(self) -> dict:
+        return {"prompts_without_images": len(self.missing)}
 
     def views(self, prompts: list[str]) -> list[Tensor]:
         from PIL import Image  # noqa: PLC0415
@@ -506,10 +552,10 @@ def people_table(summary: dict) -> str:
                                f"R@1 {summary['k_distractors']}+1"])
 
 
-def evaluate_clip(source, pool: Pool, protocol: Protocol, clip: ClipModel, out: str | Path, cache_dir: str | Path,
+def evaluate_clip(source: ViewSource, pool: Pool, protocol: Protocol, clip: ClipModel, out: str | Path, cache_dir: str | Path,
                   state=None, batch: int = 64, contact: int = 16, save_views: bool = False, overwrite: bool = False,
                   progress: bool = True) -> dict:
-    """Score ``source`` (RunViews or FolderViews) on ``pool`` under ``protocol``; writes OUT/ and returns
+    """Score ``source`` (a ``ViewSource``: RunViews or FolderViews) on ``pool`` under ``protocol``; writes OUT/ and returns
     the summary (the same dict as OUT/summary.json). ``state``: an accelerate ``PartialState``
     (None: one process)."""
     from tqdm import tqdm  # noqa: PLC0415
@@ -532,7 +578,7 @@ def evaluate_clip(source, pool: Pool, protocol: Protocol, clip: ClipModel, out: 
                  "distractors_effective": k_eff, "ties": "shared (a tie of m at the maximum counts 1/m)",
                  "aggregation": "per view, mean over a prompt's views, then mean over prompts",
                  **source.describe()}
-    if isinstance(source, FolderViews):
+    if source.cameras_as_rendered():
         for k in ("views", "azimuths", "azimuth_degrees", "elevation", "resolution", "distance", "fovy"):
             effective[k] = "as rendered"
     identity = {"row_format": ROW_FORMAT, "pool": pool.digest(), "model_id": clip.model_id,
@@ -565,10 +611,10 @@ def evaluate_clip(source, pool: Pool, protocol: Protocol, clip: ClipModel, out: 
     done = _read_progress(out)
     barrier()
     todo_all = [i for i in range(len(pool.prompts)) if i not in done and
-                (not isinstance(source, FolderViews) or pool.prompts[i] in source.folders)]
+                source.has_views(pool.prompts[i])]
     mine = todo_all[rank::world]
     sheet = set(contact_prompts(pool, contact))
-    group = max(1, batch // (protocol.views if isinstance(source, RunViews) else 8))
+    group = max(1, batch // source.views_per_prompt(protocol))
     text = text.to(clip.device)
     bar = tqdm(total=len(mine), desc=f"clip {protocol.name}" + (f" (rank 0 of {world})" if world > 1 else ""),
                unit="prompt", disable=not (progress and is_main))
@@ -600,8 +646,7 @@ def evaluate_clip(source, pool: Pool, protocol: Protocol, clip: ClipModel, out: 
         raise DataError("no prompt was scored (no images matched the corpus)")
     summary = {**summarise(rows, len(prompts_sorted), k_eff), "n_pool": len(prompts_sorted), "k_distractors": k_eff,
                "protocol": effective, "eval_s": score_s}
-    if isinstance(source, FolderViews):
-        summary["prompts_without_images"] = len(source.missing)
+    summary.update(source.summary_extra())
     if n_images and world == 1:
         summary["images_per_s"] = n_images / score_s
     if is_main:

@@ -28,9 +28,10 @@ import math
 import torch
 from torch import Tensor
 
-from scalegen.data.cameras import orbit_cameras
+from scalegen.data.cameras import Cameras, orbit_cameras
+from scalegen.errors import ConfigError
 from scalegen.eval.retrieval import r_at_1
-from scalegen.priors.oracle import build_oracle_prior
+from scalegen.priors import GroundTruth, World, build_ground_truth
 from scalegen.render import build_renderer
 from scalegen.render.images import psnr
 
@@ -39,9 +40,18 @@ from scalegen.render.images import psnr
 MARKER_TOL, MARKER_SHOWN, MARKER_NONE = 0.2, 0.03, 0.005
 
 
-def eval_cameras(cfg):
+def eval_cameras(cfg) -> Cameras:
     c = cfg.camera
     return orbit_cameras(c.eval_views, c.eval_elevation, c.eval_distance, c.eval_fovy, c.eval_resolution)
+
+
+def ground_truth_of(cfg, world: World) -> GroundTruth:
+    """What oracle metrics compare against: ``world`` drawn by the config's oracle renderer."""
+    truth = build_ground_truth(cfg, world)
+    if truth is None:
+        raise ConfigError(f"oracle metrics need an oracle-world run (this one has prior.name={cfg.prior.name}); "
+                          "use `scalegen eval clip` for a learned prior")
+    return truth
 
 
 @torch.no_grad()
@@ -101,13 +111,15 @@ def pairwise_rmse(images: Tensor) -> float:
     return float(d.sqrt().sum() / (m * (m - 1)))
 
 
-def ground_truth_gallery(gt_renderer, world, cams, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rgb [N, V, 3, H, W], opacity [N, V, 1, H, W]) of every world prompt (``world.prompts`` order)."""
+def ground_truth_gallery(truth: GroundTruth, cams: Cameras, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rgb [N, V, 3, H, W], opacity [N, V, 1, H, W]) of every world prompt (``world.prompts`` order; each
+    prompt's first completion, the prompt itself in the default world, the only one R@1 is used in)."""
+    world = truth.world
     rgb, op = [], []
     v = cams.shape[1]
     for i in range(0, len(world.prompts), batch):
         chunk = world.prompts[i:i + batch]
-        gt = gt_renderer(world.field(chunk), cams.expand(len(chunk)), background=world.background, perturb=False)
+        gt = truth.draw([c[0] for c in world.completions([world.index(p) for p in chunk])], cams)
         rgb.append(gt.rgb.view(len(chunk), v, *gt.rgb.shape[1:]))
         op.append(gt.opacity.view(len(chunk), v, *gt.opacity.shape[1:]))
     return torch.cat(rgb), torch.cat(op)
@@ -129,8 +141,8 @@ def retrieval_r_at_1(pred: torch.Tensor, gallery: torch.Tensor, own: torch.Tenso
 
 @torch.no_grad()
 def evaluate_prompts(cfg, model, text_encoder, world, prompts: list[str], batch: int = 8,
-                     gallery: tuple[Tensor, Tensor] | None = None, z_draws: int = 4, gt_source=None,
-                     retrieval: bool = True) -> dict:
+                     gallery: tuple[Tensor, Tensor] | None = None, z_draws: int = 4,
+                     truth: GroundTruth | None = None, retrieval: bool = True) -> dict:
     """Metrics of ``model`` (a SceneModel) on ``prompts`` against the best of each prompt's completions
     (the prompt's own ground truth in the default world), rendered with the config's renderer (VolSDF, or
     the Gaussian rasterizer for a Gaussian scene) on the evaluation orbit, so amortized and per-prompt
@@ -142,14 +154,15 @@ def evaluate_prompts(cfg, model, text_encoder, world, prompts: list[str], batch:
     (generators that take a noise z: RMSE between ``z_draws`` draws, and between the completions),
     ``r_at_1`` in the default world (``gallery``: every world prompt's ground truth, ``ground_truth_gallery``;
     rendered here when not given; ``retrieval=False`` skips R@1 and its gallery, as validation during training
-    does). ``gt_source``: the oracle prior whose renderer draws the ground truth (built when not given)."""
+    does). ``truth``: the world's ground truth (``priors.build_ground_truth``; built when not given)."""
     cams = eval_cameras(cfg)
     renderer = build_renderer(cfg).eval()
-    gt_source = build_oracle_prior(cfg, world) if gt_source is None else gt_source
+    options = renderer.eval_options(cfg.eval.samples, cfg.eval.importance_samples)
+    truth = ground_truth_of(cfg, world) if truth is None else truth
     if not retrieval:
         gallery = None
     elif gallery is None and cfg.world.kind == "single":
-        gallery = ground_truth_gallery(gt_source.renderer, world, cams, batch)
+        gallery = ground_truth_gallery(truth, cams, batch)
     if cfg.data.prompt is not None:
         batch = 1
     acc: dict[str, list] = {"psnr": [], "psnr_fg": [], "iou": [], "color_error": [], "has_object": []}
@@ -162,15 +175,13 @@ def evaluate_prompts(cfg, model, text_encoder, world, prompts: list[str], batch:
         chunk = prompts[i:i + batch]
         cond = text_encoder.encode(chunk)
         field, bg = model(cond)
-        out = renderer(field, cams, background=bg, samples=cfg.eval.samples,
-                       importance_samples=cfg.eval.importance_samples)
+        out = renderer(field, cams, background=bg, **options)
         lists = world.completions([world.index(p) for p in chunk])
         flat = [c for cl in lists for c in cl]
         gt_rgb, gt_op = [], []
         for j in range(0, len(flat), 32):
             ids = flat[j:j + 32]
-            gt = gt_source.renderer(world.component_field(ids), cams.expand(len(ids)), background=world.background,
-                                    perturb=False)
+            gt = truth.draw(ids, cams)
             gt_rgb.append(gt.rgb)
             gt_op.append(gt.opacity)
         gt_rgb, gt_op = torch.cat(gt_rgb), torch.cat(gt_op)
@@ -212,8 +223,7 @@ def evaluate_prompts(cfg, model, text_encoder, world, prompts: list[str], batch:
             for _ in range(z_draws):
                 z = torch.randn(len(chunk), noise)
                 f = model.generator(cond, z)
-                draws.append(renderer(f, cams, background=bg, samples=cfg.eval.samples,
-                                      importance_samples=cfg.eval.importance_samples).rgb.reshape(len(chunk), -1))
+                draws.append(renderer(f, cams, background=bg, **options).rgb.reshape(len(chunk), -1))
             draws = torch.stack(draws, 1)  # [B, Z, V*3*H*W]
             extra["diversity"] += [pairwise_rmse(d) for d in draws]
     cat = {k: torch.cat(x) for k, x in acc.items()}
@@ -253,8 +263,8 @@ def evaluate_oracle(cfg, model, text_encoder, world, batch: int = 8, max_prompts
     run (``data.prompt``) is scored on its prompt, under the split the prompt belongs to."""
     model.eval()
     max_prompts = cfg.eval.max_prompts if max_prompts is None else max_prompts
-    gt_source = build_oracle_prior(cfg, world)
-    gallery = (ground_truth_gallery(gt_source.renderer, world, eval_cameras(cfg), batch)
+    truth = ground_truth_of(cfg, world)
+    gallery = (ground_truth_gallery(truth, eval_cameras(cfg), batch)
                if cfg.world.kind == "single" else None)
     if cfg.data.prompt is not None and splits is None:
         prompt = world.prompts[world.index(cfg.data.prompt)]  # the world's spelling of it
@@ -266,5 +276,5 @@ def evaluate_oracle(cfg, model, text_encoder, world, batch: int = 8, max_prompts
             prompts = prompts[:max_prompts]
         if prompts:
             result[split] = evaluate_prompts(cfg, model, text_encoder, world, prompts, batch, gallery,
-                                             gt_source=gt_source)
+                                             truth=truth)
     return result

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from scalegen.data.cameras import orbit_cameras
+from scalegen.data.cameras import Cameras, orbit_cameras
 from scalegen.render.raster import silhouettes
 
 
@@ -29,7 +29,7 @@ def mask_iou(a: Tensor, b: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def silhouette_iou(verts: list[np.ndarray], faces: list[np.ndarray], field, renderer, cameras,
+def silhouette_iou(verts: list[np.ndarray], faces: list[np.ndarray], field, renderer, cameras: Cameras,
                    samples: int = 64, importance_samples: int = 64) -> Tensor:
     """IoU [B, V] between each prompt's mesh silhouette (``verts`` z-up, scene frame) and the
     volume renderer's opacity > 0.5 of ``field`` from the shared cameras."""

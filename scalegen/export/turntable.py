@@ -61,8 +61,7 @@ def render_turntables(field, background, renderer, cameras: Cameras, samples: in
                        cameras.distance[:, sl], size, size)
         window = Cameras(full.c2w, 2 * half_angle[:, sl], full.elevation, full.azimuth, full.distance, crop, crop)
         v = full.shape[1]
-        out = renderer(field, window, background=background, perturb=False, samples=samples,
-                       importance_samples=importance_samples)
+        out = renderer(field, window, background=background, **renderer.eval_options(samples, importance_samples))
         if crop < size:
             _, dirs = camera_rays(full)
             backdrop = background(dirs).expand(b, -1, -1, -1).reshape(b, v, size, size, 3).clone()

@@ -25,7 +25,7 @@ from scalegen.export.files import check_format, to_trimesh, write_mesh
 from scalegen.export.gaussian_ply import write_gaussian_ply
 from scalegen.export.mesh import Mesh, extract_meshes, render_level
 from scalegen.generators import GaussianScene
-from scalegen.pipeline.pretrained import load_pretrained, push_to_hub, save_pretrained
+from scalegen.pipeline.pretrained import load_pretrained, push_to_hub, save_pretrained, world_of
 
 
 @dataclass
@@ -75,6 +75,14 @@ class TextTo3DPipeline:
     def __init__(self, cfg, text_encoder, model, source: str = ""):
         self.cfg, self.text_encoder, self.model, self.source = cfg, text_encoder, model.eval(), source
         self.device = torch.device("cpu")
+        self._world, self._world_known = None, False
+
+    @property
+    def world(self):
+        """The oracle world the generator was trained in (its prompts, its ground truth), or None."""
+        if not self._world_known:
+            self._world, self._world_known = world_of(self.cfg), True
+        return self._world
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device | None = None) -> "TextTo3DPipeline":
@@ -110,11 +118,9 @@ class TextTo3DPipeline:
         if cfg.data.prompt is not None and any(p.strip().lower() != cfg.data.prompt.strip().lower() for p in prompts):
             raise ScalegenError(f"'{name}' is the per-prompt scene of '{cfg.data.prompt}'; export that prompt (its "
                                 "mesh.glb is already in the folder) or use an amortized run")
-        if cfg.prior.name != "oracle":
+        world = self.world
+        if world is None:  # a learned prior: any text
             return
-        from scalegen.priors import build_world  # noqa: PLC0415
-
-        world = build_world(cfg)
         for p in prompts:
             try:
                 world.parse(p)

@@ -95,11 +95,19 @@ def load_pretrained(name_or_path: str | Path):
     return cfg, text_encoder, model.eval(), str(path)
 
 
+def world_of(cfg):
+    """The oracle world a config was trained in (its ground truth's), or None for a learned prior."""
+    from scalegen.priors import build_ground_truth  # noqa: PLC0415
+
+    truth = build_ground_truth(cfg)
+    return truth.world if truth is not None else None
+
+
 def prompt_format(cfg) -> str:
     """What the prompts must look like, for config.json and the card."""
     if cfg.data.prompt is not None:
         return f"only its own prompt: {cfg.data.prompt!r} (a per-prompt scene)"
-    if cfg.prior.name == "oracle":
+    if world_of(cfg) is not None:
         if cfg.world.kind == "single":
             return "the oracle world's grammar: 'a <size> <color> <shape>', e.g. 'a small blue torus'"
         return "the compositional oracle world's grammar (see `scalegen data compose`)"
@@ -119,10 +127,9 @@ def sample_prompts(cfg, n: int = 4) -> list[str]:
     ones, else the corpus's first ones."""
     if cfg.data.prompt is not None:
         return [cfg.data.prompt]
-    if cfg.prior.name == "oracle":
-        from scalegen.priors import build_world  # noqa: PLC0415
-
-        splits = list(build_world(cfg).splits().values())
+    world = world_of(cfg)
+    if world is not None:
+        splits = list(world.splits().values())
         per = max(1, n // len(splits))
         return [p for ps in splits for p in ps[:per]][:n]
     try:
@@ -177,7 +184,7 @@ def model_card(cfg, meta: dict, eval_results: dict | None, eval_command: str | N
         "## Training", "",
         f"- generator: `{cfg.generator.name}`",
         f"- distiller: `{cfg.distill.name}` (CFG {cfg.distill.guidance_scale})",
-        f"- prior: `{cfg.prior.name}`" + (f" (`{cfg.prior.model}`)" if cfg.prior.name != "oracle" else
+        f"- prior: `{cfg.prior.name}`" + (f" (`{cfg.prior.model}`)" if world_of(cfg) is None else
                                           " (the exact oracle prior of scalegen's embedded world)"),
         f"- text encoder: `{meta['text_encoder']['kind']}`"
         + (f" (`{meta['text_encoder']['model']}`)" if meta["text_encoder"]["model"] else ""),
@@ -204,10 +211,8 @@ def model_card(cfg, meta: dict, eval_results: dict | None, eval_command: str | N
 def corpus_info(cfg) -> dict:
     if cfg.data.prompt is not None:
         return {"name": "a single prompt", "size": 1}
-    if cfg.prior.name == "oracle":
-        from scalegen.priors import build_world  # noqa: PLC0415
-
-        world = build_world(cfg)
+    world = world_of(cfg)
+    if world is not None:
         return {"name": f"oracle world ({cfg.world.kind}), seen split", "size": len(world.splits()["seen"])}
     name = cfg.data.shards or cfg.data.prompts
     try:

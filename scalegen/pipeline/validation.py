@@ -26,11 +26,9 @@ class ValidationAssets:
     def __init__(self, cfg, n_assets: int | None = None):
         self.cfg = cfg
         self.n = cfg.train.val_assets if n_assets is None else n_assets
-        self.world = None
-        if cfg.prior.name == "oracle":
-            from scalegen.priors import build_world  # noqa: PLC0415
+        from scalegen.priors import build_ground_truth  # noqa: PLC0415
 
-            self.world = build_world(cfg)
+        self.truth = build_ground_truth(cfg)  # None for a learned prior: no metrics then
 
     @torch.no_grad()
     def __call__(self, model, text_encoder, prompts: list[str], step: int, run_dir: Path, logger) -> dict:
@@ -71,14 +69,15 @@ class ValidationAssets:
 
     def metrics(self, model, text_encoder, prompts: list[str]) -> dict[str, float]:
         """Oracle metrics of the grid's prompts per split ({'val/seen/psnr': ...}); none for real priors."""
-        if self.world is None:
+        if self.truth is None:
             return {}
         from scalegen.eval.oracle import evaluate_prompts  # noqa: PLC0415
 
         out = {}
-        for split, members in self.world.splits().items():
+        for split, members in self.truth.world.splits().items():
             ps = [p for p in prompts if p in set(members)]
             if ps:
-                r = evaluate_prompts(self.cfg, model, text_encoder, self.world, ps, retrieval=False)
+                r = evaluate_prompts(self.cfg, model, text_encoder, self.truth.world, ps, truth=self.truth,
+                                     retrieval=False)
                 out.update({f"val/{split}/{k}": r[k] for k in ("psnr", "iou", "color_error")})
         return out

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from scalegen.priors.base import Prior, ddpm_alphas_cumprod
-from scalegen.priors.oracle import OraclePrior, build_oracle_prior, mixture_posterior_mean
+from scalegen.priors.oracle import OraclePrior, build_oracle_prior, ground_truth_renderer, mixture_posterior_mean
 from scalegen.priors.oracle_world import OracleWorld, build_world
+from scalegen.priors.world import GroundTruth, World
 
 
-def build_prior(cfg, world: OracleWorld | None = None, text_encoder=None, device=None) -> Prior:
+def build_prior(cfg, world: World | None = None, text_encoder=None, device=None) -> Prior:
     """``text_encoder``: the run's encoder, reused by priors that embed text with the same tower
     (Stable Diffusion or MVDream with ``text.model == prior.model``); ``device``: where a neural prior lives."""
     if cfg.prior.name == "oracle":
@@ -23,5 +24,14 @@ def build_prior(cfg, world: OracleWorld | None = None, text_encoder=None, device
     raise AssertionError(f"unhandled prior {cfg.prior.name}")  # config validation prevents this
 
 
-__all__ = ["Prior", "OraclePrior", "OracleWorld", "build_prior", "build_world", "ddpm_alphas_cumprod",
-           "mixture_posterior_mean"]
+def build_ground_truth(cfg, world: World | None = None) -> GroundTruth | None:
+    """What ``build_prior(cfg).ground_truth()`` returns, without building the prior (a learned prior's
+    weights are not loaded to find out that it has no ground truth): the oracle's world (``world`` when
+    given) and renderer, or None."""
+    if cfg.prior.name == "oracle":
+        return GroundTruth(world if world is not None else build_world(cfg), ground_truth_renderer(cfg))
+    return None
+
+
+__all__ = ["GroundTruth", "Prior", "OraclePrior", "OracleWorld", "World", "build_ground_truth", "build_prior",
+           "build_world", "ddpm_alphas_cumprod", "mixture_posterior_mean"]

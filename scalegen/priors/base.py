@@ -1,9 +1,10 @@
 """The frozen-prior interface and the DDPM noise schedule shared by every prior.
 
-A ``Prior`` is a frozen 2D diffusion model seen through four methods:
+A ``Prior`` is a frozen 2D diffusion model seen through two attributes and four required methods:
 
-  ``alphas_cumprod`` [T]                         the noise schedule (x_t = a_t z + s_t eps)
+  ``alphas_cumprod`` [T], ``latent_channels``    the noise schedule (x_t = a_t z + s_t eps), what ``encode`` gives
   ``encode(rgb [N,3,H,W] in [0,1]) -> z``        into the space the prior denoises (with grad)
+  ``decode(z) -> rgb``                           back, for pictures
   ``text_embeddings(prompts) -> text``           per-row condition handles, concatenable with torch.cat
   ``predict_eps(x_t, t, text, cameras, guidance) -> eps``   for a whole stacked batch of branches at once
 
@@ -18,6 +19,7 @@ Optional capabilities are methods with defaults here, never probed with ``hasatt
 
   ``stored_tokens(info)``   which precomputed text embeddings from shards it takes (default: none)
   ``denoiser_net()``        its noise-prediction network for trainable adapters (VSD's LoRA; default: none)
+  ``ground_truth()``        the world it knows exactly and the renderer that draws it (the oracle; default: none)
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ from typing import Callable, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from scalegen.data.cameras import Cameras
+from scalegen.priors.world import GroundTruth
 
 T = 1000
 
@@ -80,8 +85,8 @@ class DenoiserNet:
 
 
 class Prior:
-    """Base class of the frozen priors. Subclasses implement the four abstract methods; the
-    optional capabilities below have working defaults."""
+    """Base class of the frozen priors. Subclasses set ``alphas_cumprod`` and ``latent_channels`` and
+    implement the four required methods; the optional capabilities below have working defaults."""
 
     alphas_cumprod: Tensor
     latent_channels: int
@@ -99,7 +104,8 @@ class Prior:
         layout ``stored_tokens`` named (only passed when it named one)."""
         raise NotImplementedError
 
-    def predict_eps(self, x_t: Tensor, t: Tensor, text: Tensor, cameras, guidance: Optional[Guidance] = None) -> Tensor:
+    def predict_eps(self, x_t: Tensor, t: Tensor, text: Tensor, cameras: Cameras,
+                    guidance: Optional[Guidance] = None) -> Tensor:
         """eps for every row; ``guidance`` None means every row is conditional and unpaired."""
         raise NotImplementedError
 
@@ -114,6 +120,12 @@ class Prior:
     def denoiser_net(self) -> Optional[DenoiserNet]:
         """The network a trainable adapter can be attached to (VSD's LoRA), or None (the default:
         a prior without one, such as the oracle, gets VSD's residual correction instead)."""
+        return None
+
+    def ground_truth(self) -> Optional[GroundTruth]:
+        """The world this prior knows exactly and the renderer that draws it (the oracle), which
+        validation grids, oracle metrics and refinement scores compare against; None (the default)
+        for a learned prior, which has no ground truth."""
         return None
 
     # --- shared -----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from scalegen.data.cameras import Cameras
 from scalegen.priors.base import DenoiserNet, Guidance, Prior, ddpm_alphas_cumprod
 
 
@@ -36,7 +37,8 @@ class LinearPrior(Prior):
     def text_embeddings(self, prompts: list[str], tokens: Optional[Tensor] = None) -> Tensor:
         return torch.arange(len(prompts))
 
-    def predict_eps(self, x_t: Tensor, t: Tensor, text: Tensor, cameras, guidance: Optional[Guidance] = None) -> Tensor:
+    def predict_eps(self, x_t: Tensor, t: Tensor, text: Tensor, cameras: Cameras,
+                    guidance: Optional[Guidance] = None) -> Tensor:
         guidance = guidance or Guidance.all_conditional(len(x_t))
         self.calls.append(len(x_t))
         self.guidance.append(guidance)
@@ -69,7 +71,8 @@ class ReducedUNetPrior(Prior):
         return self.emb[text]
 
     @torch.no_grad()
-    def predict_eps(self, x_t: Tensor, t: Tensor, text: Tensor, cameras, guidance: Optional[Guidance] = None) -> Tensor:
+    def predict_eps(self, x_t: Tensor, t: Tensor, text: Tensor, cameras: Cameras,
+                    guidance: Optional[Guidance] = None) -> Tensor:
         guidance = guidance or Guidance.all_conditional(len(x_t))
         self.unet_rows += len(x_t)
         emb = torch.where(guidance.uncond.view(-1, 1, 1), self.uncond, self.embed(text))

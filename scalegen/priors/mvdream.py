@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from scalegen.data.cameras import Cameras
 from scalegen.errors import WeightsError
 from scalegen.priors.base import T, Guidance, Prior
 from scalegen.priors.latent import vae_decode, vae_encode
@@ -152,7 +153,8 @@ class MVDreamPrior(Prior):
 
     # --- the denoiser ------------------------------------------------------------------------------
     @torch.no_grad()
-    def predict_eps(self, x_t: Tensor, t: Tensor, text: Tensor, cameras, guidance: Guidance | None = None) -> Tensor:
+    def predict_eps(self, x_t: Tensor, t: Tensor, text: Tensor, cameras: Cameras,
+                    guidance: Guidance | None = None) -> Tensor:
         self.n_calls += 1
         n, f = x_t.shape[0], self.num_frames
         guidance = guidance or Guidance.all_conditional(n)

@@ -37,6 +37,7 @@ from torch import Tensor
 from scalegen.data.cameras import Cameras, orbit_cameras
 from scalegen.priors.base import Guidance, Prior, ddpm_alphas_cumprod
 from scalegen.priors.views import PERP_NEG_F, perp_neg_plan, perpendicular, view_index
+from scalegen.priors.world import GroundTruth, World
 from scalegen.render.volsdf import VolSDFRenderer
 from scalegen.text.base import LRU
 
@@ -58,7 +59,7 @@ def mixture_posterior_mean(x: Tensor, a: Tensor, s_t: Tensor, mu: Tensor, s: flo
 class OraclePrior(Prior):
     latent_channels = 3
 
-    def __init__(self, world, renderer: VolSDFRenderer, sharpness: float = 0.1,
+    def __init__(self, world: World, renderer: VolSDFRenderer, sharpness: float = 0.1,
                  mode: str = "camera_aware", n_uncond: int = 32, n_fixed_views: int = 8,
                  fixed_elevation: float = 17.5, fixed_distance: float = 1.25, fixed_fovy: float = 55.0,
                  view_prompts: bool = False, thresholds: tuple[float, float, float] = (30.0, 30.0, 60.0),
@@ -87,23 +88,18 @@ class OraclePrior(Prior):
         return torch.tensor([self.world.index(p) for p in prompts], dtype=torch.long)
 
     # --- ground truth ------------------------------------------------------------------------
-    @torch.no_grad()
+    def ground_truth(self) -> GroundTruth:
+        return GroundTruth(self.world, self.renderer)
+
     def render(self, prompt_ids: list[int], cameras: Cameras) -> Tensor:
         """Ground truth of world prompts at shared cameras [1, U] -> rgb [K, U, 3, H, W]: each prompt's
         first completion (the prompt itself in the default world)."""
         return self.render_components([c[0] for c in self.world.completions(prompt_ids)], cameras)
 
-    @torch.no_grad()
     def render_components(self, ids: list[int], cameras: Cameras) -> Tensor:
-        """Renders of mixture components at shared cameras [1, U] -> rgb [len(ids), U, 3, H, W]; each
-        component on its own cameras (its own sample placement), so a render never depends on the batch."""
-        outs = []
-        for i in range(0, len(ids), 64):
-            chunk = ids[i:i + 64]
-            out = self.renderer(self.world.component_field(chunk), cameras.expand(len(chunk)),
-                                background=self.world.background, perturb=False)
-            outs.append(out.rgb.view(len(chunk), cameras.shape[1], 3, cameras.height, cameras.width))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        """Renders of mixture components at shared cameras [1, U] -> rgb [len(ids), U, 3, H, W]
+        (``GroundTruth.render_components``)."""
+        return self.ground_truth().render_components(ids, cameras)
 
     def _fixed_cameras(self, h: int, w: int) -> Cameras:
         el, dist, fovy = self.fixed
@@ -258,11 +254,16 @@ class OraclePrior(Prior):
         return eps
 
 
-def build_oracle_prior(cfg, world) -> OraclePrior:
-    o, r, cam, p = cfg.prior.oracle, cfg.render, cfg.camera, cfg.prior
-    gt_renderer = VolSDFRenderer(bound=r.bound, samples=o.samples, importance_samples=o.importance_samples,
-                                 beta=r.beta, near_min=r.near_min)
-    return OraclePrior(world, gt_renderer, sharpness=o.sharpness, mode=o.mode, n_uncond=o.n_uncond,
+def ground_truth_renderer(cfg) -> VolSDFRenderer:
+    """The renderer the oracle draws its world with (``prior.oracle.samples`` per ray)."""
+    o, r = cfg.prior.oracle, cfg.render
+    return VolSDFRenderer(bound=r.bound, samples=o.samples, importance_samples=o.importance_samples,
+                          beta=r.beta, near_min=r.near_min).eval()
+
+
+def build_oracle_prior(cfg, world: World) -> OraclePrior:
+    o, cam, p = cfg.prior.oracle, cfg.camera, cfg.prior
+    return OraclePrior(world, ground_truth_renderer(cfg), sharpness=o.sharpness, mode=o.mode, n_uncond=o.n_uncond,
                        n_fixed_views=o.n_fixed_views, fixed_elevation=sum(cam.elevation_range) / 2,
                        fixed_distance=sum(cam.distance_range) / 2, fixed_fovy=sum(cam.fovy_range) / 2,
                        view_prompts=o.view_prompts,

@@ -24,9 +24,10 @@ from scalegen.data.oracle_grammar import LEVELS, Grammar, ObjectSpec, SceneSpec
 from scalegen.errors import DataError
 from scalegen.priors.oracle_scenes import PlacedObject, SceneField, instance_jitter, place
 from scalegen.priors.oracle_world import PALETTE, SHAPES, SIZES, background_rgb
+from scalegen.priors.world import World
 
 
-class CompositionalWorld:
+class CompositionalWorld(World):
     def __init__(self, grammar: Grammar, n_prompts: int = 2000, n_eval: int = 32, instances: int = 1,
                  instance_rotation: float = 15.0, instance_offset: float = 0.04, seed: int = 0):
         for c in grammar.colours + grammar.fronts:

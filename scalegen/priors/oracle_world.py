@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from scalegen.errors import DataError
+from scalegen.priors.world import World
 from scalegen.render.base import Field
 from scalegen.text.bow import tokenize
 
@@ -112,7 +113,7 @@ def background_rgb(dirs: Tensor) -> Tensor:
     return g.expand(*dirs.shape[:-1], 3)
 
 
-class OracleWorld:
+class OracleWorld(World):
     def __init__(self, colors: list[str], shapes: list[str], sizes: list[str], n_unseen: int = 0, seed: int = 0):
         for c in colors:
             if c not in PALETTE:
@@ -185,7 +186,7 @@ class OracleWorld:
     def field(self, prompts: list[str]) -> AnalyticField:
         return AnalyticField([self.scenes[self.index(p)] for p in prompts])
 
-    # --- the interface the oracle prior and the metrics use (shared with CompositionalWorld) -------
+    # --- the ``World`` interface (no object of this world has a front marker: ``marker_of`` is None) --
     # A *component* is one ground-truth scene of the prior's mixtures. Here every prompt is exactly
     # one component with the prompt's own id; the compositional world has completions and instances.
     @property
@@ -215,20 +216,16 @@ class OracleWorld:
         pick = others[torch.randperm(len(others))[:n_more]]
         return torch.cat([own_u, pick])
 
-    def marker_of(self, prompt: str) -> None:
-        """No object of this world has a front marker."""
-        return None
-
     def colour(self, prompt: str) -> tuple[float, float, float]:
         return PALETTE[self.parse(prompt).color]
 
     @staticmethod
     def background(dirs: Tensor) -> Tensor:
-        """The ``Background`` of every scene: dirs [P, V, R, 3] -> rgb [P, V, R, 3]."""
+        """The ``BackgroundFn`` of every scene: dirs [P, V, R, 3] -> rgb [P, V, R, 3]."""
         return background_rgb(dirs)
 
 
-def build_world(cfg):
+def build_world(cfg) -> World:
     """The oracle world of ``cfg.world``: the default single-object world (``kind: single``), or the
     compositional world of priors/oracle_compose.py (``kind: compositional``)."""
     w = cfg.world

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from scalegen.data.cameras import Cameras
 from scalegen.errors import WeightsError
 from scalegen.priors.base import T, DenoiserNet, Guidance, Prior
 from scalegen.priors.latent import vae_decode, vae_encode
@@ -210,7 +211,8 @@ class StableDiffusionPrior(Prior):
         return self._to_eps(out, x, t).contiguous()
 
     @torch.no_grad()
-    def predict_eps(self, x_t: Tensor, t: Tensor, text: Tensor, cameras, guidance: Guidance | None = None) -> Tensor:
+    def predict_eps(self, x_t: Tensor, t: Tensor, text: Tensor, cameras: Cameras,
+                    guidance: Guidance | None = None) -> Tensor:
         self.n_calls += 1
         n = x_t.shape[0]
         guidance = guidance or Guidance.all_conditional(n)

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from scalegen.config import Config, compose_config, load_run_config, load_yaml
+from scalegen.config import PER_PROMPT, Config, compose_config, load_run_config, load_yaml
 from scalegen.errors import ConfigError
 from scalegen.eval.oracle import eval_cameras, evaluate_prompts, ground_truth_gallery
 from scalegen.eval.report import write_json
@@ -23,14 +23,13 @@ from scalegen.export.gaussian_ply import write_gaussian_ply
 from scalegen.export.files import write_mesh
 from scalegen.export.mesh import extract_meshes, render_level
 from scalegen.generators import GaussianScene
-from scalegen.priors import build_world
-from scalegen.priors.oracle import build_oracle_prior
+from scalegen.priors import build_ground_truth
 from scalegen.refine.start import describe_start, start_state
 from scalegen.train.checkpoint import resolve_checkpoint, run_dir_of
 from scalegen.train.loop import train
 from scalegen.train.model import build_model, load_run
 
-REPRESENTATIONS = ("gaussians", "ingp")
+REPRESENTATIONS = PER_PROMPT  # what `scalegen refine --representation` takes: the per-prompt generators
 
 # What `scalegen refine --representation R` sets on top of the base config (the defaults, or the
 # amortized run's own config with --init-from RUN), before --config and key=value overrides; the files
@@ -126,17 +125,20 @@ def refine(cfg: Config, out: str | Path, init_from: Optional[str] = None, resume
     gen = model.generator
     if isinstance(gen, GaussianScene):
         report["gaussians"] = gen.n_gaussians
-    if cfg.prior.name == "oracle":
-        world = build_world(cfg)
+    truth = build_ground_truth(cfg)
+    if truth is not None:
+        world = truth.world
         if gallery is None:
-            gallery = ground_truth_gallery(build_oracle_prior(cfg, world).renderer, world, eval_cameras(cfg))
-        scores = {"refined": evaluate_prompts(cfg, model, text_encoder, world, [cfg.data.prompt], gallery=gallery)}
+            gallery = ground_truth_gallery(truth, eval_cameras(cfg))
+        scores = {"refined": evaluate_prompts(cfg, model, text_encoder, world, [cfg.data.prompt], gallery=gallery,
+                                              truth=truth)}
         if not resume:
             torch.manual_seed(cfg.train.seed)
             _, first = build_model(cfg)
             if init_state is not None:
                 first.load_state_dict(init_state)
-            scores["start"] = evaluate_prompts(cfg, first, text_encoder, world, [cfg.data.prompt], gallery=gallery)
+            scores["start"] = evaluate_prompts(cfg, first, text_encoder, world, [cfg.data.prompt], gallery=gallery,
+                                               truth=truth)
         if start.get("start") == "run":
             run_cfg, run_te, run_model, _ = load_run(start["run"])
             same_views = run_cfg.camera == cfg.camera  # else the run's own orbit gets its own ground truth

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from scalegen.config import Config
+from scalegen.config import PER_PROMPT, Config
 from scalegen.data.cameras import sample_train_cameras
 from scalegen.errors import ConfigError, DataError
 from scalegen.export.gaussian_ply import is_gaussian_ply, read_gaussian_ply
@@ -192,7 +192,7 @@ def start_state(cfg: Config, init_from: Optional[str], up: str = "y", fit: bool 
     gen = model.generator
     if kind == "run":
         run_cfg, run_te, run_model, ckpt = load_run(init_from)
-        if run_cfg.generator.name in ("gaussians", "ingp"):
+        if run_cfg.generator.name in PER_PROMPT:
             raise ConfigError(f"--init-from '{init_from}' is a per-prompt run; continue it with `scalegen refine --out "
                               f"{init_from} --resume`, or start from an amortized run")
         if run_te.id != text_encoder.id:

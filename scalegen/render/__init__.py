@@ -2,10 +2,8 @@
 scene), and backgrounds."""
 from __future__ import annotations
 
-from torch import nn
-
 from scalegen.render.background import EnvironmentBackground, SolidBackground
-from scalegen.render.base import Field, Renderer, RenderOutput
+from scalegen.render.base import Background, BackgroundFn, Field, Renderer, RenderOutput
 from scalegen.render.gaussians import GaussianField, GaussianRasterizer
 from scalegen.render.volsdf import VolSDFRenderer
 
@@ -22,12 +20,12 @@ def build_renderer(cfg) -> Renderer:
                           uniform_mix=r.uniform_mix)
 
 
-def build_background(cfg, text_dim: int) -> nn.Module:
+def build_background(cfg, text_dim: int) -> Background:
     r = cfg.render
     if r.background == "env":
         return EnvironmentBackground(text_dim, random_prob=r.bg_random_prob)
     return SolidBackground(text_dim, random_prob=r.bg_random_prob)
 
 
-__all__ = ["Field", "Renderer", "VolSDFRenderer", "GaussianField", "GaussianRasterizer", "RenderOutput", "EnvironmentBackground", "SolidBackground",
-           "build_renderer", "build_background"]
+__all__ = ["Background", "BackgroundFn", "Field", "Renderer", "VolSDFRenderer", "GaussianField", "GaussianRasterizer",
+           "RenderOutput", "EnvironmentBackground", "SolidBackground", "build_renderer", "build_background"]

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from scalegen.render.base import Background, BackgroundFn
 from scalegen.text.base import TextCond
 
 
@@ -34,7 +35,7 @@ def _augment(bg: Tensor, n_prompts: int, prob: float) -> Tensor:
     return torch.where(swap.view(-1, 1, 1, 1), colours, bg)
 
 
-class EnvironmentBackground(nn.Module):
+class EnvironmentBackground(Background):
     def __init__(self, text_dim: int, hidden: int = 32, n_freqs: int = 2, random_prob: float = 0.0):
         super().__init__()
         self.n_freqs, self.random_prob = n_freqs, random_prob
@@ -42,8 +43,8 @@ class EnvironmentBackground(nn.Module):
         self.text_in = nn.Linear(text_dim, hidden, bias=False)
         self.out = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 3))
 
-    def bind(self, cond: TextCond):
-        """A ``Background`` callable for these prompts: dirs [P, V, R, 3] -> rgb [B, V, R, 3]."""
+    def bind(self, cond: TextCond) -> BackgroundFn:
+        """A ``BackgroundFn`` for these prompts: dirs [P, V, R, 3] -> rgb [B, V, R, 3]."""
         txt = self.text_in(cond.pooled.float())  # [B, H]
 
         def background(dirs: Tensor) -> Tensor:
@@ -54,13 +55,13 @@ class EnvironmentBackground(nn.Module):
         return background
 
 
-class SolidBackground(nn.Module):
+class SolidBackground(Background):
     def __init__(self, text_dim: int = 0, random_prob: float = 0.0):
         super().__init__()
         self.random_prob = random_prob
         self.logit = nn.Parameter(torch.zeros(3))
 
-    def bind(self, cond: TextCond):
+    def bind(self, cond: TextCond) -> BackgroundFn:
         n = len(cond)
 
         def background(dirs: Tensor) -> Tensor:

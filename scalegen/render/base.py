@@ -10,7 +10,19 @@ from typing import Callable, Optional
 
 from torch import Tensor, nn
 
-Background = Callable[[Tensor], Tensor]  # dirs [P, V, R, 3] -> rgb [B or 1, V, R, 3]
+from scalegen.data.cameras import Cameras
+from scalegen.text.base import TextCond
+
+BackgroundFn = Callable[[Tensor], Tensor]  # dirs [P, V, R, 3] -> rgb [B or 1, V, R, 3]
+
+
+class Background(nn.Module):
+    """What a ray sees when it leaves the scene box: a (trainable) module that ``bind(cond)`` turns into
+    the ``BackgroundFn`` of a batch of prompts, which the renderer calls with its ray directions."""
+
+    def bind(self, cond: TextCond) -> BackgroundFn:
+        """The backdrop of ``cond``'s prompts: dirs [P, V, R, 3] -> rgb [B, V, R, 3]."""
+        raise NotImplementedError
 
 
 class Field:
@@ -75,8 +87,17 @@ class Renderer(nn.Module):
     """Fields + cameras -> images, prompt-major: image ``b * V + v`` is prompt b seen from view v.
 
     ``forward(field, cameras [P, V] (P == 1: shared), background=None, *, with_normals=False,
-    with_eikonal=False, ...) -> RenderOutput``."""
+    with_eikonal=False) -> RenderOutput``. A renderer adds its own keyword options to ``forward``
+    explicitly (VolSDF: ``samples``, ``importance_samples``, ``perturb``, ``composite``); an option it
+    does not declare is a ``TypeError`` naming the renderer, never silently ignored. Callers that do not
+    know which renderer they hold ask ``eval_options`` for its options instead of passing them blind."""
 
-    def forward(self, field: Field, cameras, background: Optional[Background] = None, *,
-                with_normals: bool = False, with_eikonal: bool = False, **options) -> RenderOutput:
+    def forward(self, field: Field, cameras: Cameras, background: Optional[BackgroundFn] = None, *,
+                with_normals: bool = False, with_eikonal: bool = False) -> RenderOutput:
         raise NotImplementedError
+
+    def eval_options(self, samples: Optional[int] = None, importance_samples: Optional[int] = None) -> dict:
+        """The ``forward`` options of a deterministic evaluation render with ``samples`` /
+        ``importance_samples`` ray samples where the renderer samples rays (None: its own counts).
+        The default: none (a renderer without such options, e.g. the Gaussian rasterizer)."""
+        return {}

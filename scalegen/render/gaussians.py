@@ -31,7 +31,7 @@ from torch import Tensor
 
 from scalegen.data.cameras import Cameras, camera_rays
 from scalegen.errors import ConfigError
-from scalegen.render.base import Background, Field, Renderer, RenderOutput
+from scalegen.render.base import BackgroundFn, Field, Renderer, RenderOutput
 
 # Real spherical harmonics up to degree 3 (the constants every 3DGS implementation uses).
 SH_C0 = 0.28209479177387814
@@ -350,8 +350,8 @@ class GaussianRasterizer(Renderer):
                               "use render.splat_backend=torch (or auto)")
         return ok
 
-    def forward(self, field: Field, cameras: Cameras, background: Optional[Background] = None, *,
-                with_normals: bool = False, with_eikonal: bool = False, **options) -> GaussianRenderOutput:
+    def forward(self, field: Field, cameras: Cameras, background: Optional[BackgroundFn] = None, *,
+                with_normals: bool = False, with_eikonal: bool = False) -> GaussianRenderOutput:
         if not isinstance(field, GaussianField):
             raise TypeError(f"the Gaussian rasterizer renders GaussianField, not {type(field).__name__}")
         p, v = cameras.shape

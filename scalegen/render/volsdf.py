@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from scalegen.data.cameras import Cameras, camera_rays
-from scalegen.render.base import Background, Field, Renderer, RenderOutput
+from scalegen.render.base import BackgroundFn, Field, Renderer, RenderOutput
 
 def laplace_density(sdf: Tensor, beta: float) -> Tensor:
     """sigma = (1/beta) Psi_beta(-sdf)."""
@@ -79,7 +79,11 @@ class VolSDFRenderer(Renderer):
         self.beta, self.near_min, self.normal_eps = beta, near_min, normal_eps
         self.eikonal_points, self.composite, self.uniform_mix = eikonal_points, composite, uniform_mix
 
-    def forward(self, field: Field, cameras: Cameras, background: Background | None = None, *,
+    def eval_options(self, samples: int | None = None, importance_samples: int | None = None) -> dict:
+        """No jitter (midpoints), and the given sample counts (None: the renderer's own)."""
+        return {"perturb": False, "samples": samples, "importance_samples": importance_samples}
+
+    def forward(self, field: Field, cameras: Cameras, background: BackgroundFn | None = None, *,
                 with_normals: bool = False, with_eikonal: bool = False, perturb: bool | None = None,
                 samples: int | None = None, importance_samples: int | None = None,
                 composite: str | None = None) -> RenderOutput:

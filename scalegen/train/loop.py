@@ -25,11 +25,12 @@ import torch
 from scalegen.config import PER_PROMPT, Config, schedule_value, step_position
 from scalegen.data.cameras import orbit_cameras, sample_train_cameras
 from scalegen.data.prompts import PromptSampler, read_corpus
+from scalegen.data.sampler import Batch, Sampler
 from scalegen.data.shards import check_encoder
 from scalegen.data.stream import ShardStream
 from scalegen.distill import build_distiller
 from scalegen.errors import CheckpointError, ConfigError, Preempted, TrainingError
-from scalegen.priors import Prior, build_prior, build_world
+from scalegen.priors import GroundTruth, Prior, build_prior
 from scalegen.render import build_renderer
 from scalegen.render.images import image_grid
 from scalegen.text import TextCond
@@ -153,16 +154,15 @@ class BatchEncoder:
     shards go straight into the prior when it says it takes them (``Prior.stored_tokens``), so the
     prior never re-encodes them."""
 
-    def __init__(self, cfg: Config, text_encoder, prior: Prior, device, sampler):
+    def __init__(self, cfg: Config, text_encoder, prior: Prior, device, sampler: Sampler):
         self.text_encoder, self.prior, self.device = text_encoder, prior, device
         self.cache, self.prior_cache = LRU(cfg.data.embed_cache), LRU(cfg.data.embed_cache)
         self.n_encoded = 0  # prompts encoded on the fly (cache misses)
         # which stored rows the prior takes: "views" (prompt + 4 variants), "plain" (the prompt) or None
         self.prior_tokens = prior.stored_tokens(sampler.info) if sampler.info is not None else None
 
-    def __call__(self, batch) -> tuple[list[str], TextCond, torch.Tensor]:
-        prompts = batch if isinstance(batch, list) else batch.prompts
-        cond = None if isinstance(batch, list) else batch.cond
+    def __call__(self, batch: Batch) -> tuple[list[str], TextCond, torch.Tensor]:
+        prompts, cond = batch.prompts, batch.cond
         if cond is None:
             missing = list(dict.fromkeys(p for p in prompts if p not in self.cache))
             if missing:
@@ -223,16 +223,16 @@ class Validator:
     """Renders a fixed set of prompts on the evaluation orbit into a PNG grid (ground truth rows
     interleaved in the oracle world). Uses no randomness, so it never perturbs a run's RNG."""
 
-    def __init__(self, cfg: Config, world, prior, prompts: list[str]):
+    def __init__(self, cfg: Config, truth: GroundTruth | None, prompts: list[str]):
         c = cfg.camera
         self.cams = orbit_cameras(4, c.eval_elevation, c.eval_distance, c.eval_fovy, c.eval_resolution)
         if cfg.data.prompt is not None:  # per-prompt refinement: its one prompt
             self.prompts = [cfg.data.prompt]
-        elif world is not None:
-            self.prompts = world.seen[:3] + world.unseen[:3]
+        elif truth is not None:
+            self.prompts = truth.world.seen[:3] + truth.world.unseen[:3]
         else:
             self.prompts = prompts[:6]
-        self.world, self.prior, self.cfg = world, prior, cfg
+        self.truth, self.cfg = truth, cfg
         self.renderer = build_renderer(cfg).eval()
 
     @torch.no_grad()
@@ -240,14 +240,11 @@ class Validator:
         was_training = model.training
         model.eval()
         field, bg = model(text_encoder.encode(self.prompts))
-        out = self.renderer(field, self.cams, background=bg, samples=self.cfg.eval.samples,
-                            importance_samples=self.cfg.eval.importance_samples)
+        out = self.renderer(field, self.cams, background=bg,
+                            **self.renderer.eval_options(self.cfg.eval.samples, self.cfg.eval.importance_samples))
         pred = out.rgb.view(len(self.prompts), -1, *out.rgb.shape[1:])
         rows = []
-        gt = None
-        if self.world is not None:
-            ids = [self.world.index(p) for p in self.prompts]
-            gt = self.prior.render(ids, self.cams)
+        gt = self.truth.render(self.prompts, self.cams) if self.truth is not None else None
         for i in range(len(self.prompts)):
             rows.append(pred[i])
             if gt is not None:
@@ -320,9 +317,10 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, init_state: di
     text_encoder, model = build_model(cfg)
     if init_state is not None and ckpt is None:
         model.load_state_dict(init_state)
-    world = build_world(cfg) if cfg.prior.name == "oracle" else None
+    prior = build_prior(cfg, text_encoder=text_encoder, device=acc.device)  # SD reuses the CLIP tower
+    truth = prior.ground_truth()
+    world = truth.world if truth is not None else None  # the oracle's world checks every training prompt
     prompts = training_prompts(cfg, world) if not cfg.data.shards else None
-    prior = build_prior(cfg, world, text_encoder=text_encoder, device=acc.device)  # SD reuses the CLIP tower
     distiller = build_distiller(cfg, prior, cond_dim=text_encoder.dim)
     renderer = build_renderer(cfg).train()
     optimizers = Optimizers(build_optimizer(cfg, model), build_distiller_optimizer(cfg, distiller))
@@ -352,7 +350,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, init_state: di
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
     acc.wait_for_everyone()
     logger = MetricLogger(run_dir, cfg, enabled=main, resume_step=start)
-    validator = Validator(cfg, world, prior, prompts) if main else None
+    validator = Validator(cfg, truth, prompts) if main else None
     encode = BatchEncoder(cfg, text_encoder, prior, acc.device, sampler)
     v = cfg.camera.views_per_prompt
     max_steps = cfg.train.max_steps
@@ -478,7 +476,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, init_state: di
     return last
 
 
-def build_sampler(cfg: Config, world, text_encoder, prompts, rank: int, world_size: int):
+def build_sampler(cfg: Config, world, text_encoder, prompts, rank: int, world_size: int) -> tuple[Sampler, list[str]]:
     """(this rank's batch source, prompts for the validation grid): webdataset shards (checked against
     the run's text encoder and, in the oracle world, its grammar) or an in-memory corpus."""
     if not cfg.data.shards:
@@ -497,7 +495,7 @@ def build_sampler(cfg: Config, world, text_encoder, prompts, rank: int, world_si
     return sampler, sampler.first_prompts(6)
 
 
-def restore(ckpt: Path, cfg: Config, model, distiller, optimizers: "Optimizers", sampler, rank: int,
+def restore(ckpt: Path, cfg: Config, model, distiller, optimizers: "Optimizers", sampler: Sampler, rank: int,
             world_size: int, main: bool, deepspeed: bool = False) -> int:
     """Load a checkpoint into the run's objects; returns its step. On the number of processes that
     wrote it, every rank continues its own data position and RNG stream exactly; on another number the
@@ -550,7 +548,7 @@ def replica_digest(model, distiller) -> str:
     return h.hexdigest()[:16]
 
 
-def _save(acc, run_dir: Path, step: int, engine, model, optimizers: "Optimizers", distiller, sampler,
+def _save(acc, run_dir: Path, step: int, engine, model, optimizers: "Optimizers", distiller, sampler: Sampler,
           cfg: Config) -> Path:
     """Gather every rank's data position, RNG and replica digest, check that the replicas agree, then
     write one checkpoint from the main rank. Under DeepSpeed every rank first writes its part of the

@@ -9,14 +9,14 @@ from torch import nn
 
 from scalegen.config import Config, from_dict, load_yaml
 from scalegen.errors import CheckpointError
-from scalegen.generators import build_generator
-from scalegen.render import build_background
+from scalegen.generators import Generator, build_generator
+from scalegen.render import Background, build_background
 from scalegen.text import TextCond, build_text_encoder
 from scalegen.train.checkpoint import load_weights, resolve_checkpoint, run_dir_of
 
 
 class SceneModel(nn.Module):
-    def __init__(self, generator: nn.Module, background: nn.Module):
+    def __init__(self, generator: Generator, background: Background):
         super().__init__()
         self.generator, self.background = generator, background
 

@@ -1,0 +1,99 @@
+"""The oracle worlds' interface (``World``) and what an oracle offers the rest of the code as ground
+truth (``GroundTruth``).
+
+Two worlds implement ``World``: the default single-object world (``oracle_world.OracleWorld``,
+``a <size> <color> <shape>``) and the compositional one (``oracle_compose.CompositionalWorld``).
+The oracle prior builds its mixtures from a world's *components* (one ground-truth scene each);
+evaluation, refinement and the training loop's validation grid draw ground truth through
+``GroundTruth``, which they get from ``Prior.ground_truth()`` (or ``priors.build_ground_truth(cfg)``
+when no prior is built): None for a real prior, so nobody asks which prior it is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from scalegen.data.cameras import Cameras
+from scalegen.render.base import Field, Renderer, RenderOutput
+
+RGB = tuple[float, float, float]
+
+
+class World:
+    """A prompt grammar with exact ground truth. ``seen`` / ``unseen``: training and held-out prompts;
+    ``prompts``: every prompt that has an id so far, by id; ``n_components``: how many components
+    there are (None: unbounded, created as prompts are indexed)."""
+
+    seen: list[str]
+    unseen: list[str]
+    prompts: list[str]
+    n_components: Optional[int]
+
+    def splits(self) -> dict[str, list[str]]:
+        """Prompt lists by split name, "seen" first (evaluation reports one row per split)."""
+        raise NotImplementedError
+
+    def parse(self, prompt: str) -> Any:
+        """The prompt's meaning (a world's own scene spec); a ``DataError`` for a prompt outside the world."""
+        raise NotImplementedError
+
+    def index(self, prompt: str) -> int:
+        """The prompt's id (wording-insensitive); a ``DataError`` outside the world."""
+        raise NotImplementedError
+
+    def completions(self, prompt_ids: list[int]) -> list[list[int]]:
+        """Each prompt's mixture components: every fully specified scene it stands for (x instances)."""
+        raise NotImplementedError
+
+    def component_field(self, ids: list[int]) -> Field:
+        """Ground-truth fields of components ``ids``, one prompt row each."""
+        raise NotImplementedError
+
+    def uncond_set(self, own: Tensor, n_uncond: int) -> Tensor:
+        """Components of the unconditional mixture: the rows' own ``own`` plus others up to ``n_uncond``."""
+        raise NotImplementedError
+
+    def background(self, dirs: Tensor) -> Tensor:
+        """The backdrop every scene is rendered on: dirs [P, V, R, 3] -> rgb [P, V, R, 3]."""
+        raise NotImplementedError
+
+    # --- optional ------------------------------------------------------------------------------------
+    def marker_of(self, prompt: str) -> Optional[tuple[RGB, RGB]]:
+        """(marker rgb, body rgb) of a single object with a front marker, for the multi-face measure;
+        None (the default) when the prompt's object has none."""
+        return None
+
+
+@dataclass
+class GroundTruth:
+    """What an oracle prior offers evaluation, refinement and validation: its world and the renderer
+    that draws the world's scenes (the prior's own, so metrics compare against what the prior saw)."""
+
+    world: World
+    renderer: Renderer
+
+    @torch.no_grad()
+    def draw(self, ids: list[int], cameras: Cameras) -> RenderOutput:
+        """Renders of components ``ids`` at shared cameras [1, U] (deterministic sample placement)."""
+        return self.renderer(self.world.component_field(ids), cameras.expand(len(ids)),
+                             background=self.world.background, **self.renderer.eval_options())
+
+    @torch.no_grad()
+    def render_components(self, ids: list[int], cameras: Cameras, chunk: int = 64) -> Tensor:
+        """rgb [len(ids), U, 3, H, W] of components at shared cameras [1, U], ``chunk`` at a time; each
+        component on its own cameras (its own sample placement), so a render never depends on the batch."""
+        outs = []
+        for i in range(0, len(ids), chunk):
+            part = ids[i:i + chunk]
+            outs.append(self.draw(part, cameras).rgb.view(len(part), cameras.shape[1], 3, cameras.height,
+                                                          cameras.width))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def render(self, prompts: list[str], cameras: Cameras) -> Tensor:
+        """Ground truth of world prompts at shared cameras [1, U] -> rgb [K, U, 3, H, W]: each prompt's
+        first completion (the prompt itself in the default world)."""
+        ids = [self.world.index(p) for p in prompts]
+        return self.render_components([c[0] for c in self.world.completions(ids)], cameras)
