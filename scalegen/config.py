@@ -131,6 +131,12 @@ class CameraConfig:
     resolution: Annotated[int, Range(ge=8)] = 32
     elevation_range: list[float] = field(default_factory=lambda: [-10.0, 45.0])
     sphere_uniform_fraction: Annotated[float, Unit] = 0.5  # half the elevations uniform on the sphere, half in degrees
+    # how the "uniform on the sphere" share of elevations is drawn (data/cameras.py, docs/reference-fidelity.md):
+    # sine: asin(U[sin lo, sin hi]), truly uniform over the sphere's band (ScaleDreamer's uncond.py, the SD runs);
+    # mvdream: asin(2 U[(lo + 90)/180, (hi + 90)/180] - 1), as MVDream-threestudio's and ScaleDreamer's multi-view
+    # data modules draw it (for [0, 30] deg: within [0, 19.47] deg); null: the sampler's reference (stratified:
+    # sine, mvdream: mvdream)
+    sphere_draw: Optional[Literal["sine", "mvdream"]] = None
     distance_range: list[float] = field(default_factory=lambda: [1.0, 1.5])  # mvdream: relative (x 1/tan(fovy/2))
     fovy_range: list[float] = field(default_factory=lambda: [40.0, 70.0])
     eval_elevation: float = 15.0

@@ -91,13 +91,28 @@ def make_cameras(elevation: Tensor, azimuth: Tensor, distance: Tensor, fovy_deg:
     return Cameras(c2w, torch.deg2rad(fovy_deg), elevation, azimuth, distance, height, width)
 
 
+def sphere_draw(cfg) -> str:
+    """``cfg.sphere_draw``, or the sampler's reference when unset (stratified: sine, mvdream: mvdream)."""
+    return cfg.sphere_draw or ("mvdream" if cfg.sampler == "mvdream" else "sine")
+
+
 def _elevation(cfg, shape: tuple[int, int], generator: torch.Generator | None) -> Tensor:
-    """Elevations in ``cfg.elevation_range`` (degrees): a ``sphere_uniform_fraction`` of the draws uniform
-    on the sphere (uniform in sin(elevation)), the rest uniform in degrees."""
+    """Elevations in ``cfg.elevation_range`` [lo, hi] (degrees): a ``sphere_uniform_fraction`` of the draws
+    "uniform on the sphere", the rest uniform in degrees. With u ~ U(0, 1) the sphere draw is
+
+        sine:    el = asin(sin lo + u (sin hi - sin lo))                  uniform over the sphere's band
+        mvdream: el = asin(2 (p_lo + u (p_hi - p_lo)) - 1),  p = (deg + 90) / 180
+
+    ``mvdream`` is what MVDream-threestudio and ScaleDreamer's multi-view data module compute: it treats the
+    degrees as a fraction of [-90, 90] and so covers [asin(2 p_lo - 1), asin(2 p_hi - 1)], [0, 19.47] deg for
+    [0, 30], not the band the range names."""
     u = lambda: torch.rand(*shape, generator=generator)  # noqa: E731
     lo, hi = cfg.elevation_range
     el_deg = lo + (hi - lo) * u()
-    s_lo, s_hi = math.sin(math.radians(lo)), math.sin(math.radians(hi))
+    if sphere_draw(cfg) == "mvdream":
+        s_lo, s_hi = 2 * (lo + 90.0) / 180.0 - 1, 2 * (hi + 90.0) / 180.0 - 1
+    else:
+        s_lo, s_hi = math.sin(math.radians(lo)), math.sin(math.radians(hi))
     el_sph = torch.rad2deg(torch.asin(s_lo + (s_hi - s_lo) * u()))
     return torch.where(u() < cfg.sphere_uniform_fraction, el_sph, el_deg)
 
