@@ -32,11 +32,10 @@ from torch import Tensor
 
 from scalegen.errors import WeightsError
 from scalegen.priors.base import T, Guidance, Prior
-from scalegen.priors.latent import vae_decode, vae_encode
+from scalegen.priors.latent import DTYPES, vae_decode, vae_encode, weights_dtype  # noqa: F401 - DTYPES re-exported
 from scalegen.priors.text_cache import PromptTable
 from scalegen.text.clip import same_model
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 CONVERT = ("run `scalegen prior convert-mvdream sd-v2.1-base-4view.pt DIR --text-from SD21_BASE_DIR` "
            "(README, \"MVDream runs\") and set prior.model=DIR")
 
@@ -77,7 +76,7 @@ class MVDreamPrior(Prior):
         from scalegen.priors.mvdream_unet import MultiViewUNet  # noqa: PLC0415
 
         self.device = torch.device(device)
-        self.dtype = DTYPES[dtype] if self.device.type != "cpu" else torch.float32  # CPU: fp32
+        self.dtype = weights_dtype(dtype, self.device)
         path = check_folder(model)
         kw = {"local_files_only": True}
         try:
