@@ -122,12 +122,18 @@ def sample_train_cameras(cfg, n_prompts: int, generator: torch.Generator | None 
 
     ``stratified`` (ScaleDreamer's Stable Diffusion runs): every view its own elevation (``_elevation``),
     azimuth stratified over the views of each prompt, distance and fovy uniform in their ranges.
-    ``mvdream``: ``sample_mvdream_cameras``. With ``cfg.share_across_prompts`` one set of V cameras
-    (P = 1) serves all prompts.
+    ``mvdream``: ``sample_mvdream_cameras``, V / ``cfg.views_per_group()`` groups per prompt (MVDream-threestudio's
+    batch of several n_view groups). With ``cfg.share_across_prompts`` one set of V cameras (P = 1) serves all
+    prompts. ``cfg`` is one step's cameras (``CameraConfig.at_step``) where resolution milestones apply.
     """
     p = 1 if cfg.share_across_prompts else n_prompts
     if cfg.sampler == "mvdream":
-        return sample_mvdream_cameras(cfg, p, generator)
+        k = cfg.views_per_prompt // cfg.views_per_group()
+        c = sample_mvdream_cameras(cfg, p * k, generator)  # [P * K, group]
+        if k == 1:
+            return c
+        f = lambda t: t.reshape(p, cfg.views_per_prompt, *t.shape[2:])  # noqa: E731
+        return Cameras(f(c.c2w), f(c.fovy), f(c.elevation), f(c.azimuth), f(c.distance), c.height, c.width)
     v = cfg.views_per_prompt
     u = lambda: torch.rand(p, v, generator=generator)  # noqa: E731
     elevation = _elevation(cfg, (p, v), generator)
@@ -140,13 +146,13 @@ def sample_train_cameras(cfg, n_prompts: int, generator: torch.Generator | None 
 
 
 def sample_mvdream_cameras(cfg, n_groups: int, generator: torch.Generator | None = None) -> Cameras:
-    """MVDream's training cameras (its threestudio data module), ``[n_groups, V]``: the V views of a group
+    """MVDream's training cameras (its threestudio data module), ``[n_groups, V]`` (V = ``cfg.views_per_group()``): the V views of a group
     are 360/V degrees apart from a random start, and share one elevation (``_elevation``), one fovy in
     ``fovy_range`` and one distance ``d / tan(fovy / 2)`` with ``d`` uniform in ``distance_range``, so the
     object fills the same share of the image at every fov. Near/far come from the renderer's scene box,
     so the far cameras of a small fov (d / tan(7.5 deg) ~ 7.6 at 15 deg) still see the object (the
     reference's fixed far plane of 4 loses them)."""
-    v = cfg.views_per_prompt
+    v = cfg.views_per_group()
     u = lambda: torch.rand(n_groups, 1, generator=generator)  # noqa: E731
     elevation = _elevation(cfg, (n_groups, 1), generator).expand(n_groups, v)
     azimuth = (u() + torch.arange(v).view(1, v)) / v * 360.0 - 180.0

@@ -189,7 +189,7 @@ def build_mvdream_prior(cfg, text_encoder=None, device=None) -> MVDreamPrior:
     return MVDreamPrior(p.model, text_encoder=text_encoder if share else None, device=device, dtype=p.dtype,
                         channels_last=p.channels_last, compile=p.compile, encode_resolution=encode_resolution,
                         latent_resolution=latent_resolution, negative_prompt=p.negative_prompt,
-                        num_frames=cfg.camera.views_per_prompt, text_cache_size=p.text_cache_size)
+                        num_frames=cfg.camera.views_per_group(), text_cache_size=p.text_cache_size)
 
 
 __all__ = ["MVDreamPrior", "build_mvdream_prior", "mvdream_camera", "check_folder"]
