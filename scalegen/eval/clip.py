@@ -610,7 +610,8 @@ def evaluate_clip(source, pool: Pool, protocol: Protocol, clip: ClipModel, out: 
                  "aggregation": "per view, mean over a prompt's views, then mean over prompts",
                  **source.describe()}
     if isinstance(source, FolderViews):
-        for k in ("views", "azimuths", "azimuth_degrees", "elevation", "resolution", "distance", "fovy"):
+        for k in ("views", "azimuths", "azimuth_degrees", "elevation", "resolution", "distance", "fovy", "view_source",
+                  "mesh_bound", "mesh_resolution"):
             effective[k] = "as rendered"
     identity = {"row_format": ROW_FORMAT, "pool": pool.digest(), "model_id": clip.model_id,
                 "protocol": {k: v for k, v in effective.items() if k not in ("prompts_without_images",)},
