@@ -453,7 +453,8 @@ def test_mesh_views_cover_the_analytic_extent_of_a_cube():
     p = dataclasses.replace(PROTOCOLS["triplaneturbo"], elevation=0.0, views=4)
     verts, faces, colours = _face_coloured_cube(0.5)
     fitted = fit_to_box(verts + torch.tensor([0.3, -0.2, 0.1]), p.mesh_bound)  # off-centre in, centred out
-    assert torch.allclose(fitted.amin(0), torch.full((3,), -0.9)) and torch.allclose(fitted.amax(0), torch.full((3,), 0.9))
+    assert torch.allclose(fitted.amin(0), torch.full((3,), -0.9))
+    assert torch.allclose(fitted.amax(0), torch.full((3,), 0.9))
     cams = protocol_cameras(p, p.distance, p.fovy)
     rgb, alpha = shade_unlit(fitted, faces, colours, cams)
     assert rgb.shape == (4, 3, 512, 512) and alpha.shape == (4, 1, 512, 512)
