@@ -147,8 +147,8 @@ def sample_train_cameras(cfg, n_prompts: int, generator: torch.Generator | None 
 
 def sample_mvdream_cameras(cfg, n_groups: int, generator: torch.Generator | None = None) -> Cameras:
     """MVDream's training cameras (its threestudio data module), ``[n_groups, V]`` with V = ``cfg.views_per_group()``:
-    the V views of a group are 360/V degrees apart from a random start, and share one elevation (``_elevation``), one fovy in
-    ``fovy_range`` and one distance ``d / tan(fovy / 2)`` with ``d`` uniform in ``distance_range``, so the
+    the V views of a group are 360/V degrees apart from a random start, and share one elevation (``_elevation``),
+    one fovy in ``fovy_range`` and one distance ``d / tan(fovy / 2)`` with ``d`` uniform in ``distance_range``, so the
     object fills the same share of the image at every fov. Near/far come from the renderer's scene box,
     so the far cameras of a small fov (d / tan(7.5 deg) ~ 7.6 at 15 deg) still see the object (the
     reference's fixed far plane of 4 loses them)."""
