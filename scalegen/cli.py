@@ -171,8 +171,7 @@ def cmd_refine(args) -> int:
 def cmd_eval_clip(args) -> int:
     from accelerate import PartialState
 
-    from scalegen.eval.clip import (FolderViews, RunViews, evaluate_clip, make_protocol, people_table,
-                                    read_pool)
+    from scalegen.eval.clip import FolderViews, evaluate_clip, make_protocol, people_table, read_pool, run_views
     from scalegen.eval.clip_models import default_cache_dir, load_clip
     from scalegen.train.checkpoint import run_dir_of
     from scalegen.train.model import load_run
@@ -181,7 +180,7 @@ def cmd_eval_clip(args) -> int:
         raise ScalegenError("give exactly one of --ckpt RUN_DIR (render and score a run) or --images DIR (score "
                             "views rendered elsewhere)")
     render_keys = {"--views": args.views, "--resolution": args.resolution, "--elevation": args.elevation,
-                   "--distance": args.distance, "--fovy": args.fovy}
+                   "--distance": args.distance, "--fovy": args.fovy, "--view-source": args.view_source}
     if args.images:
         given = [k for k, v in render_keys.items() if v is not None] + (["--save-views"] if args.save_views else [])
         if given:
@@ -191,13 +190,14 @@ def cmd_eval_clip(args) -> int:
     protocol = make_protocol(args.protocol, model=args.model, views=args.views, resolution=args.resolution,
                              elevation=args.elevation, distance=args.distance, fovy=args.fovy, crop=args.crop,
                              resize=args.resize, caption_prefix=args.prefix, clipscore_w=args.clipscore_w,
-                             distractors=args.distractors, seed=args.seed, splits=args.split)
+                             distractors=args.distractors, seed=args.seed, splits=args.split,
+                             view_source=args.view_source)
     if args.batch < 1 or args.contact < 0:
         raise ScalegenError(f"--batch must be at least 1 and --contact at least 0 (got {args.batch}, {args.contact})")
     state = PartialState(cpu=args.cpu)
     pool = read_pool(args.corpus, protocol.splits)  # corpus, run and images are checked before CLIP loads
     if args.ckpt:
-        source = RunViews(*load_run(args.ckpt), protocol, state.device)
+        source = run_views(*load_run(args.ckpt), protocol, state.device)
         out = args.out or str(run_dir_of(source.ckpt) / "eval-clip" / f"{protocol.name}-{Path(args.corpus).stem}")
     else:
         source = FolderViews(args.images, pool, args.glob)
@@ -620,8 +620,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--views", type=int, help="views per prompt (protocol default)")
     q.add_argument("--resolution", type=int, help="rendered pixels per side (protocol default)")
     q.add_argument("--elevation", type=float, help="degrees (protocol default 15)")
-    q.add_argument("--distance", type=float, help="camera distance (default: the run's camera.eval_distance)")
-    q.add_argument("--fovy", type=float, help="degrees (default: the run's camera.eval_fovy)")
+    q.add_argument("--distance", type=float, help="camera distance (default: the run's camera.eval_distance; "
+                   "triplaneturbo: 3)")
+    q.add_argument("--fovy", type=float, help="degrees (default: the run's camera.eval_fovy; triplaneturbo: 50)")
+    q.add_argument("--view-source", choices=["field", "mesh"],
+                   help="--ckpt views: the run's renders (field) or its exported mesh unlit on white (mesh; "
+                        "triplaneturbo's default)")
     q.add_argument("--crop", choices=["left", "center"], help="left square (ScaleDreamer) or center crop")
     q.add_argument("--resize", choices=["bilinear", "bicubic"], help="resampling to CLIP's input size")
     q.add_argument("--prefix", help="caption prefix (triplaneturbo: 'A photo depicts')")

@@ -132,8 +132,24 @@ class CameraConfig:
     sampler: Literal["stratified", "mvdream"] = "stratified"
     share_across_prompts: bool = True  # one camera set per step: grid features computed once
     resolution: Annotated[int, Range(ge=8)] = 32  # training render size in pixels (square)
+    # a resolution / batch schedule: [[step, resolution, views_per_prompt], ...], steps increasing. From each
+    # step position on (below 1.0 a fraction of train.max_steps, else the 0-based index of the step being taken,
+    # as threestudio's global_step) the run renders at that resolution with that many views per prompt; before
+    # the first, at camera.resolution with camera.views_per_prompt. MVDream-threestudio's 64 px x 8 views, then
+    # 256 px x 4 from step 5000: resolution 64, views_per_prompt 8, view_group 4, [[5000, 256, 4]]
+    resolution_milestones: list[list[float]] = field(default_factory=list)
+    # the views that share one elevation / fovy / distance (sampler mvdream), one timestep (distill.t_per=prompt)
+    # and one multi-view denoising (MVDream's num_frames); views_per_prompt (and every milestone's) is a multiple
+    # of it. MVDream-threestudio's batch 8 of n_view 4 is views_per_prompt 8, view_group 4. null: views_per_prompt
+    view_group: Annotated[Optional[int], AtLeast1] = None
     elevation_range: list[float] = field(default_factory=lambda: [-10.0, 45.0])  # training elevations, degrees
     sphere_uniform_fraction: Annotated[float, Unit] = 0.5  # half the elevations uniform on the sphere, half in degrees
+    # how the "uniform on the sphere" share of elevations is drawn (data/cameras.py, docs/reference-fidelity.md):
+    # sine: asin(U[sin lo, sin hi]), truly uniform over the sphere's band (ScaleDreamer's uncond.py, the SD runs);
+    # mvdream: asin(2 U[(lo + 90)/180, (hi + 90)/180] - 1), as MVDream-threestudio's and ScaleDreamer's multi-view
+    # data modules draw it (for [0, 30] deg: within [0, 19.47] deg); null: the sampler's reference (stratified:
+    # sine, mvdream: mvdream)
+    sphere_draw: Optional[Literal["sine", "mvdream"]] = None
     distance_range: list[float] = field(default_factory=lambda: [1.0, 1.5])  # mvdream: relative (x 1/tan(fovy/2))
     fovy_range: list[float] = field(default_factory=lambda: [40.0, 70.0])  # training vertical field of view, degrees
     eval_elevation: float = 15.0  # evaluation orbit: elevation, degrees
@@ -141,6 +157,20 @@ class CameraConfig:
     eval_fovy: Annotated[float, Range(gt=0, lt=180)] = 60.0  # evaluation orbit: vertical field of view, degrees
     eval_views: Annotated[int, AtLeast1] = 8  # evaluation orbit: views, evenly spaced in azimuth
     eval_resolution: Annotated[int, Range(ge=8)] = 64  # evaluation orbit: render size in pixels
+
+    def views_per_group(self) -> int:
+        """``view_group``, or ``views_per_prompt`` when unset (one group per prompt)."""
+        return self.view_group or self.views_per_prompt
+
+    def at_step(self, step: int, max_steps: int) -> "CameraConfig":
+        """The cameras of 0-based step ``step``: ``resolution`` and ``views_per_prompt`` of the last
+        ``resolution_milestones`` entry whose step position is <= ``step`` (the group size stays fixed)."""
+        res, views = self.resolution, self.views_per_prompt
+        for at, r, v in self.resolution_milestones:
+            if step >= step_position(at, max_steps):
+                res, views = int(r), int(v)
+        return dataclasses.replace(self, resolution=res, views_per_prompt=views, view_group=self.views_per_group(),
+                                   resolution_milestones=[])
 
 
 @dataclass
@@ -627,6 +657,20 @@ def validate(cfg: Config) -> None:
          "camera.distance_range must be [low, high] with 0 < low <= high")
     need(len(c.fovy_range) == 2 and 0 < c.fovy_range[0] <= c.fovy_range[1] < 180,
          "camera.fovy_range must be [low, high] degrees inside (0, 180)")
+    # the view group matters where views are grouped: MVDream's sampler and prior, one t per group
+    grouped = c.sampler == "mvdream" or cfg.prior.name == "mvdream" or cfg.distill.t_per == "prompt"
+    g = c.views_per_group() if grouped or c.view_group else 1
+    need(c.views_per_prompt % g == 0, f"camera.views_per_prompt ({c.views_per_prompt}) must be a multiple of "
+         f"camera.view_group ({g})")
+    steps = [step_position(m[0], cfg.train.max_steps) if len(m) == 3 else -1.0 for m in c.resolution_milestones]
+    for m in c.resolution_milestones:
+        need(len(m) == 3 and m[0] >= 0 and all(x == int(x) for x in m[1:]) and m[1] >= 8 and m[2] >= 1,
+             f"camera.resolution_milestones entries must be [step, resolution >= 8, views_per_prompt >= 1], e.g. "
+             f"[[5000, 256, 4]]; got {m!r}")
+        need(m[2] % g == 0, f"camera.resolution_milestones: {m[2]:g} views per prompt is not a multiple of the view "
+             f"group {g} (camera.view_group, else camera.views_per_prompt); got {m!r}")
+    need(all(a < b for a, b in zip(steps, steps[1:])),
+         f"camera.resolution_milestones must be in increasing step order, got {c.resolution_milestones!r}")
     for name in ("t_range_start", "t_range_end"):
         r = getattr(cfg.distill, name)
         need(len(r) == 2 and 0.0 <= r[0] <= r[1] <= 1.0, f"distill.{name} must be [low, high] fractions of T in [0, 1]")

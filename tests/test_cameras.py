@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from scalegen.config import load_config
@@ -95,3 +96,47 @@ def test_far_mvdream_cameras_still_see_the_object():
     out = VolSDFRenderer(bound=2.0, samples=32, importance_samples=16).eval()(Ball(), cams)
     centre = out.opacity[:, 0, 6:10, 6:10]
     assert dist[0, 0] > 7.5 and centre.min() > 0.99
+
+
+def _ks(samples: torch.Tensor, cdf) -> float:
+    """Kolmogorov-Smirnov statistic sup |F_n - F| of ``samples`` against the exact ``cdf``."""
+    x = samples.double().sort().values
+    n = len(x)
+    f = cdf(x)
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    return float(torch.maximum(i / n - f, f - (i - 1) / n).max())
+
+
+def _mixture_cdf(draw: str):
+    """Exact CDF of the elevation mixture for [0, 30] deg: half U[0, 30] deg, half the sphere draw.
+    mvdream: sin(el) ~ U[0, 1/3] (asin(2 U[1/2, 2/3] - 1)); sine: sin(el) ~ U[0, 1/2]."""
+    top = 1.0 / 3.0 if draw == "mvdream" else 0.5
+    return lambda e: 0.5 * (e / 30.0).clamp(0, 1) + 0.5 * (torch.sin(torch.deg2rad(e)) / top).clamp(0, 1)
+
+
+def test_mvdream_elevations_follow_the_references_formula():
+    """The paper config's MVDream cameras draw elevation as MVDream-threestudio / ScaleDreamer's
+    uncond_multiview.py do: half U[0, 30] deg, half asin(2 ((el + 90)/180) - 1) with el ~ U[0, 30], i.e. within
+    [0, 19.47] deg. 40000 draws: the KS statistic against that exact CDF is at sampling level
+    (1.63 / sqrt(n) is the 1% point) and far from the true-uniform draw's; the mixture's mean is the exact
+    (15 + asin(1/3) + 3 (sqrt(8/9) - 1) rad) / 2 = 12.32 deg."""
+    from scalegen.data.cameras import sphere_draw
+
+    cfg = load_config("configs/mvdream/triplane_asd_dl17k.yaml", [])
+    assert cfg.camera.sampler == "mvdream" and sphere_draw(cfg.camera) == "mvdream"
+    n = 40000
+    gen = torch.Generator().manual_seed(0)
+    el = sample_train_cameras(cfg.camera, n, generator=gen).elevation[:, 0]
+    assert _ks(el, _mixture_cdf("mvdream")) < 1.63 / math.sqrt(n)
+    assert _ks(el, _mixture_cdf("sine")) > 0.05
+    sphere_mean = math.degrees(math.asin(1 / 3) + 3 * (math.sqrt(8 / 9) - 1))
+    exact_mean = 0.5 * (15.0 + sphere_mean)
+    assert abs(exact_mean - 12.32) < 0.01
+    assert abs(float(el.double().mean()) - exact_mean) < 0.15  # sd of the mean ~ 0.04 deg
+    assert float((el > 19.48).float().mean()) == pytest.approx(0.5 * (30 - 19.47) / 30, abs=0.01)
+    # the corrected draw stays one key away, and the SD sampler keeps uncond.py's sine draw by default
+    true = load_config("configs/mvdream/triplane_asd_dl17k.yaml", ["camera.sphere_draw=sine"])
+    el_true = sample_train_cameras(true.camera, n, generator=torch.Generator().manual_seed(0)).elevation[:, 0]
+    assert _ks(el_true, _mixture_cdf("sine")) < 1.63 / math.sqrt(n)
+    assert sphere_draw(load_config(None, []).camera) == "sine"
+    assert sphere_draw(load_config(None, ["camera.sampler=mvdream"]).camera) == "mvdream"

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -158,7 +159,8 @@ def test_protocol_presets_hold_the_reference_facts():
 
     assert azimuth_degrees(sd)[0] == 0.0 and azimuth_degrees(sd)[-1] == 360.0  # linspace(0, 360, 120)
     assert (tt.model, tt.views, tt.resolution, tt.caption_prefix, tt.clipscore_w) == \
-        ("ViT-B-32:openai", 4, 512, "A photo depicts", 2.5)
+        ("ViT-B-32-quickgelu:openai", 4, 512, "A photo depicts", 2.5)
+    assert (tt.view_source, tt.distance, tt.fovy, tt.mesh_bound) == ("mesh", 3.0, 50.0, 0.9)  # kire's defaults
     assert azimuth_degrees(tt) == [0.0, 90.0, 180.0, 270.0]
     p = make_protocol("scaledreamer", views=4, resolution=64, model="x")
     assert (p.views, p.resolution, p.model, p.crop) == (4, 64, "x", "left")
@@ -395,3 +397,100 @@ def test_two_processes_split_the_prompts_and_gather(tiny_clips, tmp_path):
     one, two = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
     for k in ("clip_similarity", "clip_score", "r_at_1_all", "r_at_1_distractors", "n_prompts"):
         assert two[k] == pytest.approx(one[k], abs=1e-6), k
+
+
+def test_triplaneturbo_protocol_builds_the_quickgelu_vit_b_32():
+    """TriplaneTurbo scores with ``clip.load("ViT-B/32")``, whose layers use QuickGELU (x sigmoid(1.702 x)); the
+    protocol's open_clip spec must build that architecture (random weights here: no download), where plain
+    ``ViT-B-32`` builds exact-GELU layers (open_clip #771)."""
+    import open_clip
+
+    from scalegen.eval.clip_models import _parse_open_clip, random_open_clip
+
+    name, pretrained, _ = _parse_open_clip(PROTOCOLS["triplaneturbo"].model)
+    assert pretrained == "openai"
+    assert "openai" in open_clip.list_pretrained_tags_by_model(name)
+
+    def activations(model):
+        return {type(m).__name__ for blk in [*model.visual.transformer.resblocks, *model.transformer.resblocks]
+                for m in blk.mlp.modules() if not isinstance(m, (torch.nn.Linear, torch.nn.Sequential))}
+
+    ours = random_open_clip(name).model
+    assert activations(ours) == {"QuickGELU"}
+    assert ours.visual.image_size[0] == 224 and ours.visual.conv1.kernel_size == (32, 32)
+    x = torch.linspace(-3, 3, 7)
+    assert torch.allclose(ours.visual.transformer.resblocks[0].mlp.gelu(x), x * torch.sigmoid(1.702 * x))
+    assert activations(random_open_clip("ViT-B-32").model) == {"GELU"}  # the spec the protocol used to give
+
+
+def _face_coloured_cube(half: float):
+    """A cube [-half, half]^3 with 4 vertices per face, so each face has one flat colour: +x red, -x green,
+    the other faces blue."""
+    verts, faces, colours = [], [], []
+    for axis in range(3):
+        for sign in (1.0, -1.0):
+            u, v = [a for a in range(3) if a != axis]
+            base = len(verts)
+            for a, b in ((-1, -1), (1, -1), (1, 1), (-1, 1)):
+                p = [0.0, 0.0, 0.0]
+                p[axis], p[u], p[v] = sign * half, a * half, b * half
+                verts.append(p)
+            faces += [[base, base + 1, base + 2], [base, base + 2, base + 3]]
+            c = [1.0, 0.0, 0.0] if (axis, sign) == (0, 1.0) else [0.0, 1.0, 0.0] if axis == 0 else [0.0, 0.0, 1.0]
+            colours += [c] * 4
+    return torch.tensor(verts), torch.tensor(faces), torch.tensor(colours)
+
+
+def test_mesh_views_cover_the_analytic_extent_of_a_cube():
+    """A unit cube fitted to the protocol's box ([-0.9, 0.9]^3) and seen by the triplaneturbo cameras (radius 3,
+    fovy 50, 512 px) head-on: its near face covers exactly the pixel centres within focal * 0.9 / (3 - 0.9) of
+    the image centre, in the near face's colour (the z-buffer hides the far face), white elsewhere."""
+    import math
+
+    from scalegen.eval.clip import fit_to_box, protocol_cameras
+    from scalegen.render.raster import shade_unlit
+
+    p = dataclasses.replace(PROTOCOLS["triplaneturbo"], elevation=0.0, views=4)
+    verts, faces, colours = _face_coloured_cube(0.5)
+    fitted = fit_to_box(verts + torch.tensor([0.3, -0.2, 0.1]), p.mesh_bound)  # off-centre in, centred out
+    assert torch.allclose(fitted.amin(0), torch.full((3,), -0.9))
+    assert torch.allclose(fitted.amax(0), torch.full((3,), 0.9))
+    cams = protocol_cameras(p, p.distance, p.fovy)
+    rgb, alpha = shade_unlit(fitted, faces, colours, cams)
+    assert rgb.shape == (4, 3, 512, 512) and alpha.shape == (4, 1, 512, 512)
+    focal = 256 / math.tan(math.radians(25.0))
+    half = focal * 0.9 / (3.0 - 0.9)  # projected half-width of the near face, pixels
+    centres = torch.arange(512) + 0.5
+    inside_1d = (centres - 256).abs() <= half
+    want = inside_1d[:, None] & inside_1d[None, :]
+    assert 0 < half < 256 and int(inside_1d.sum()) == 2 * math.floor(half + 0.5)
+    for view in range(4):
+        assert torch.equal(alpha[view, 0] > 0, want), view
+    # azimuth 0 looks from +x: the red face, never the green one behind it; azimuth 180 sees the green one
+    n = int(want.sum())
+    assert torch.allclose(rgb[0][:, want], torch.tensor([1.0, 0.0, 0.0])[:, None].expand(3, n), atol=1e-5)
+    assert torch.allclose(rgb[2][:, want], torch.tensor([0.0, 1.0, 0.0])[:, None].expand(3, n), atol=1e-5)
+    assert (rgb[:, :, ~want] == 1.0).all()  # white background
+
+
+def test_triplaneturbo_ckpt_scores_the_exported_mesh(tiny_run, tiny_clips, tmp_path, capsys):
+    """``eval clip --protocol triplaneturbo --ckpt RUN`` renders the run's exported mesh unlit on white (the
+    view source the summary records), and --view-source field switches back to the run's own renders."""
+    from scalegen.cli import main
+
+    corpus = tmp_path / "c.json"
+    corpus.write_text(json.dumps({"test": ["a red cube", "a blue sphere"]}))
+    common = ["eval", "clip", "--ckpt", str(tiny_run), "--corpus", str(corpus), "--protocol", "triplaneturbo",
+              "--model", str(tiny_clips["open_clip"]), "--resolution", "64", "--cache", str(tmp_path / "cache"),
+              "--save-views", "--no-progress", "--cpu"]
+    assert main([*common, "--out", str(tmp_path / "mesh"), "--json", str(tmp_path / "mesh.json")]) == 0
+    s = json.loads((tmp_path / "mesh.json").read_text())
+    assert s["protocol"]["source"] == "ckpt_mesh" and s["protocol"]["distance"] == 3.0 and s["protocol"]["fovy"] == 50.0
+    from PIL import Image
+
+    views = sorted((tmp_path / "mesh" / "views").rglob("*.png"))
+    assert len(views) == 8
+    img = torch.from_numpy(np.asarray(Image.open(views[0]).convert("RGB")).copy())
+    assert (img[:4, :4] == 255).all() and (img[28:36, 28:36] != 255).any()  # white around, the shape in the middle
+    assert main([*common, "--view-source", "field", "--out", str(tmp_path / "field")]) == 0
+    capsys.readouterr()

@@ -304,3 +304,42 @@ def test_without_gsplat_the_torch_rasterizer_runs(monkeypatch):
     assert torch.equal(a.rgb, b.rgb) and a.opacity.mean() > 0.01
     with pytest.raises(ConfigError, match="splat_backend=torch"):
         GaussianRasterizer(backend="gsplat")(f, cams)
+
+
+@pytest.mark.parametrize("radii_dims", [2, 3])
+def test_gsplat_radii_of_either_version_feed_densification(monkeypatch, radii_dims):
+    """gsplat < 1.5 gives ``meta["radii"]`` as [V, G], gsplat >= 1.5 as [V, G, 2]. A fake ``gsplat`` module
+    answers ``rasterization`` in each layout (images and means from the torch path); the renderer's gsplat
+    branch, and densification after it, must see the same [V, G] visibility and statistics as the torch path."""
+    import sys
+    import types
+
+    from scalegen.render.gaussians import project, rasterize
+
+    torch.manual_seed(5)
+    scene = GaussianScene(n=30, radius=0.3)
+    cams = orbit_cameras(3, 10.0, 1.5, 50.0, 16)
+    field = scene(_cond())
+    c2w, fovy = cams.c2w[0], cams.fovy[0]
+
+    def rasterization(means, quats, scales, opacities, colours, viewmats, ks, w, h, **kw):
+        proj = project(field, c2w, fovy, h, w, 0.05, 0.3)
+        rgb, op, depth, _ = rasterize(proj, h, w)
+        radii = torch.where(proj.valid, proj.radii, 0.0).int()
+        if radii_dims == 3:  # gsplat >= 1.5: x and y radii, both 0 where culled
+            radii = torch.stack([radii, torch.where(radii > 0, (radii // 2).clamp(min=1), 0)], -1)
+        return (torch.cat([rgb, depth], 1).permute(0, 2, 3, 1), op.permute(0, 2, 3, 1),
+                {"means2d": proj.means2d, "radii": radii})
+
+    monkeypatch.setitem(sys.modules, "gsplat", types.SimpleNamespace(rasterization=rasterization))
+    monkeypatch.setattr(GaussianRasterizer, "use_gsplat", lambda self, f: True)
+    out = GaussianRasterizer(backend="gsplat")(field, cams)
+    ref = GaussianRasterizer(backend="torch")(scene(_cond()), cams)
+    assert out.visible.shape == (3, 30) and out.visible.dtype == torch.bool
+    assert torch.equal(out.visible, ref.visible) and out.visible.any()
+    weights = torch.rand_like(out.rgb)
+    (out.rgb * weights).sum().backward()
+    scene.after_backward(out)
+    g = out.means2d.grad * torch.tensor([8.0, 8.0])
+    assert torch.equal(scene.grad_count, ref.visible.float().sum(0))
+    assert torch.allclose(scene.grad_accum, (g.norm(dim=-1) * ref.visible).sum(0))

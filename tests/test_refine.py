@@ -320,3 +320,20 @@ def test_refine_bench_reports_a_failed_case_and_goes_on(red_run, tmp_path, monke
     assert failed["case"] == "sds-sphere" and failed["failed"] == "the Gaussian scene vanished"
     assert res["steps_to_psnr"][0]["from_sphere"] is None
     assert "sds-sphere" in capsys.readouterr().out
+
+
+def test_mvdream_sds_preset_holds_the_references_recipe():
+    """configs/refine/mvdream_sds.yaml over the ingp preset: MVDream-threestudio's configs/mvdream-sd21.yaml
+    numbers (CFG 50, x0 reconstruction with rescale 0.5, t from 0.98 to [0.02, 0.5] over 8000 steps, 64 px x 8
+    views in 4-view groups, then 256 px x 4 from step 5000)."""
+    cfg = refine_config("an astronaut riding a horse", "ingp", "sds",
+                        config_file=str(ROOT / "configs" / "refine" / "mvdream_sds.yaml"))
+    d, c = cfg.distill, cfg.camera
+    assert (d.name, d.guidance_scale, d.sds_x0_recon, d.sds_x0_rescale) == ("sds", 50.0, True, 0.5)
+    assert (d.t_range_start, d.t_range_end, d.t_anneal_steps, d.t_per) == ([0.98, 0.98], [0.02, 0.5], 8000, "prompt")
+    assert cfg.prior.name == "mvdream" and cfg.train.max_steps == 10000 and c.sampler == "mvdream"
+    before, after = c.at_step(4999, cfg.train.max_steps), c.at_step(5000, cfg.train.max_steps)
+    assert (before.resolution, before.views_per_prompt, before.views_per_group()) == (64, 8, 4)
+    assert (after.resolution, after.views_per_prompt, after.views_per_group()) == (256, 4, 4)
+    assert (c.elevation_range, c.fovy_range, c.distance_range, c.sphere_draw) == (
+        [0.0, 30.0], [15.0, 60.0], [0.8, 1.0], "mvdream")

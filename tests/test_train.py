@@ -178,3 +178,58 @@ def test_gradient_accumulation_averages_micro_batches(tmp_path, monkeypatch):
     assert any((g1[n] - g2[n]).abs().max() > 1e-4 for n in g)  # the two micro-batches really differ
     plain, accum = _losses(tmp_path / "plain"), _losses(tmp_path / "accum")
     assert accum[1] == pytest.approx((plain[1] + plain[2]) / 2, rel=1e-5)  # the logged loss is their mean
+
+
+def test_resolution_milestone_changes_size_and_views_and_resumes_exactly(tmp_path, monkeypatch):
+    """camera.resolution_milestones=[[2, 24, 4]]: steps 0 and 1 render 16 px x 2 views per prompt, step 2 (the
+    third) 24 px x 4 views; a run killed during step 3 (after the step-2 checkpoint, before the milestone) and
+    resumed crosses it exactly as the uninterrupted run does."""
+    import scalegen.train.loop as loop
+
+    extra = ["train.log_every=1", "train.val_every=1000", "train.ckpt_every=2", "train.max_steps=3",
+             "camera.resolution_milestones=[[2, 24, 4]]"]
+    seen, real = [], loop.sample_train_cameras
+
+    def spy(cam_cfg, n, *a, **k):
+        c = real(cam_cfg, n, *a, **k)
+        seen.append((c.height, c.width, c.shape[1]))
+        return c
+
+    monkeypatch.setattr(loop, "sample_train_cameras", spy)
+    full = tmp_path / "full"
+    train(load_config(None, TINY + extra), full)
+    assert seen == [(16, 16, 2), (16, 16, 2), (24, 24, 4)]
+    monkeypatch.setattr(loop, "sample_train_cameras", real)
+    part = _interrupted_then_resumed(monkeypatch, TINY + extra, tmp_path / "part", crash_at_step=3)
+    assert _losses(full) == _losses(part) and len(_losses(full)) == 3
+    a = load_file(str(full / "checkpoints" / "step_0000003" / "model.safetensors"))
+    b = load_file(str(part / "checkpoints" / "step_0000003" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (["camera.resolution_milestones=[[2, 24]]"], "entries must be"),
+    (["camera.resolution_milestones=[[2, 24, 3]]", "camera.view_group=2"], "not a multiple of the view group 2"),
+    (["camera.resolution_milestones=[[5, 24, 2], [3, 32, 2]]"], "increasing step order"),
+    (["camera.views_per_prompt=6", "camera.view_group=4"], "multiple of camera.view_group"),
+])
+def test_resolution_milestones_are_validated(bad, match):
+    from scalegen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, bad)
+
+
+def test_mvdream_view_groups_split_a_prompts_views():
+    """views_per_prompt=8 with view_group=4 (MVDream-threestudio's batch 8 of n_view 4): each prompt gets two
+    groups, each 90 degrees apart from its own start with its own elevation / fovy / distance."""
+    from scalegen.data.cameras import sample_train_cameras
+
+    cfg = load_config(None, ["camera.sampler=mvdream", "camera.views_per_prompt=8", "camera.view_group=4",
+                             "camera.share_across_prompts=false"])
+    cams = sample_train_cameras(cfg.camera, 3, generator=torch.Generator().manual_seed(0))
+    assert cams.shape == (3, 8)
+    groups = cams.elevation.view(3, 2, 4)
+    assert (groups == groups[..., :1]).all() and (groups[:, 0, 0] != groups[:, 1, 0]).all()
+    gaps = cams.azimuth.view(3, 2, 4).diff(dim=-1)
+    assert torch.allclose(gaps, torch.full_like(gaps, 90.0), atol=1e-4)

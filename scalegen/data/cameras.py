@@ -91,13 +91,28 @@ def make_cameras(elevation: Tensor, azimuth: Tensor, distance: Tensor, fovy_deg:
     return Cameras(c2w, torch.deg2rad(fovy_deg), elevation, azimuth, distance, height, width)
 
 
+def sphere_draw(cfg) -> str:
+    """``cfg.sphere_draw``, or the sampler's reference when unset (stratified: sine, mvdream: mvdream)."""
+    return cfg.sphere_draw or ("mvdream" if cfg.sampler == "mvdream" else "sine")
+
+
 def _elevation(cfg, shape: tuple[int, int], generator: torch.Generator | None) -> Tensor:
-    """Elevations in ``cfg.elevation_range`` (degrees): a ``sphere_uniform_fraction`` of the draws uniform
-    on the sphere (uniform in sin(elevation)), the rest uniform in degrees."""
+    """Elevations in ``cfg.elevation_range`` [lo, hi] (degrees): a ``sphere_uniform_fraction`` of the draws
+    "uniform on the sphere", the rest uniform in degrees. With u ~ U(0, 1) the sphere draw is
+
+        sine:    el = asin(sin lo + u (sin hi - sin lo))                  uniform over the sphere's band
+        mvdream: el = asin(2 (p_lo + u (p_hi - p_lo)) - 1),  p = (deg + 90) / 180
+
+    ``mvdream`` is what MVDream-threestudio and ScaleDreamer's multi-view data module compute: it treats the
+    degrees as a fraction of [-90, 90] and so covers [asin(2 p_lo - 1), asin(2 p_hi - 1)], [0, 19.47] deg for
+    [0, 30], not the band the range names."""
     u = lambda: torch.rand(*shape, generator=generator)  # noqa: E731
     lo, hi = cfg.elevation_range
     el_deg = lo + (hi - lo) * u()
-    s_lo, s_hi = math.sin(math.radians(lo)), math.sin(math.radians(hi))
+    if sphere_draw(cfg) == "mvdream":
+        s_lo, s_hi = 2 * (lo + 90.0) / 180.0 - 1, 2 * (hi + 90.0) / 180.0 - 1
+    else:
+        s_lo, s_hi = math.sin(math.radians(lo)), math.sin(math.radians(hi))
     el_sph = torch.rad2deg(torch.asin(s_lo + (s_hi - s_lo) * u()))
     return torch.where(u() < cfg.sphere_uniform_fraction, el_sph, el_deg)
 
@@ -107,12 +122,18 @@ def sample_train_cameras(cfg, n_prompts: int, generator: torch.Generator | None 
 
     ``stratified`` (ScaleDreamer's Stable Diffusion runs): every view its own elevation (``_elevation``),
     azimuth stratified over the views of each prompt, distance and fovy uniform in their ranges.
-    ``mvdream``: ``sample_mvdream_cameras``. With ``cfg.share_across_prompts`` one set of V cameras
-    (P = 1) serves all prompts.
+    ``mvdream``: ``sample_mvdream_cameras``, V / ``cfg.views_per_group()`` groups per prompt (MVDream-threestudio's
+    batch of several n_view groups). With ``cfg.share_across_prompts`` one set of V cameras (P = 1) serves all
+    prompts. ``cfg`` is one step's cameras (``CameraConfig.at_step``) where resolution milestones apply.
     """
     p = 1 if cfg.share_across_prompts else n_prompts
     if cfg.sampler == "mvdream":
-        return sample_mvdream_cameras(cfg, p, generator)
+        k = cfg.views_per_prompt // cfg.views_per_group()
+        c = sample_mvdream_cameras(cfg, p * k, generator)  # [P * K, group]
+        if k == 1:
+            return c
+        f = lambda t: t.reshape(p, cfg.views_per_prompt, *t.shape[2:])  # noqa: E731
+        return Cameras(f(c.c2w), f(c.fovy), f(c.elevation), f(c.azimuth), f(c.distance), c.height, c.width)
     v = cfg.views_per_prompt
     u = lambda: torch.rand(p, v, generator=generator)  # noqa: E731
     elevation = _elevation(cfg, (p, v), generator)
@@ -125,13 +146,13 @@ def sample_train_cameras(cfg, n_prompts: int, generator: torch.Generator | None 
 
 
 def sample_mvdream_cameras(cfg, n_groups: int, generator: torch.Generator | None = None) -> Cameras:
-    """MVDream's training cameras (its threestudio data module), ``[n_groups, V]``: the V views of a group
-    are 360/V degrees apart from a random start, and share one elevation (``_elevation``), one fovy in
-    ``fovy_range`` and one distance ``d / tan(fovy / 2)`` with ``d`` uniform in ``distance_range``, so the
+    """MVDream's training cameras (its threestudio data module), ``[n_groups, V]`` with V = ``cfg.views_per_group()``:
+    the V views of a group are 360/V degrees apart from a random start, and share one elevation (``_elevation``),
+    one fovy in ``fovy_range`` and one distance ``d / tan(fovy / 2)`` with ``d`` uniform in ``distance_range``, so the
     object fills the same share of the image at every fov. Near/far come from the renderer's scene box,
     so the far cameras of a small fov (d / tan(7.5 deg) ~ 7.6 at 15 deg) still see the object (the
     reference's fixed far plane of 4 loses them)."""
-    v = cfg.views_per_prompt
+    v = cfg.views_per_group()
     u = lambda: torch.rand(n_groups, 1, generator=generator)  # noqa: E731
     elevation = _elevation(cfg, (n_groups, 1), generator).expand(n_groups, v)
     azimuth = (u() + torch.arange(v).view(1, v)) / v * 360.0 - 180.0

@@ -21,10 +21,10 @@ def build_distiller(cfg, prior: Prior, cond_dim: int = 0) -> Distiller:
     """``cond_dim``: width of the pooled prompt embedding the trainer passes (conditions VDM's M_psi)."""
     d = cfg.distill
     schedule = TimestepSchedule(d.t_range_start, d.t_range_end, d.t_anneal_steps, cfg.train.max_steps)
-    group = cfg.camera.views_per_prompt if d.t_per == "prompt" else 1
+    group = cfg.camera.views_per_group() if d.t_per == "prompt" else 1  # t per view group (MVDream's objects)
     if d.name == "sds":
         return SDS(prior, schedule, guidance_scale=d.guidance_scale, weighting=d.weighting, t_group=group,
-                   x0_recon=d.sds_x0_recon, x0_rescale=d.sds_x0_rescale, views=cfg.camera.views_per_prompt)
+                   x0_recon=d.sds_x0_recon, x0_rescale=d.sds_x0_rescale, views=cfg.camera.views_per_group())
     if d.name == "asd":
         return ASD(prior, schedule, guidance_scale=d.guidance_scale, eta=d.asd_eta, weighting=d.weighting,
                    t_group=group)

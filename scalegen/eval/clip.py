@@ -12,8 +12,12 @@ choice that moves the numbers, each overridable, and the summary JSON records th
   folder*, averaged per prompt then over prompts. Their MG15/DF415/AT2520 test split equals the
   train split, and R@1 = 1.000 on MG15 (15 candidates) and 0.276 on DF415 (415) are not comparable.
 * ``triplaneturbo`` (TriplaneTurbo, CVPR 2025; ``evaluation/clipscore/compute.py`` and
-  ``evaluation/mesh_visualize.py`` of theEricMa/TriplaneTurbo): OpenAI CLIP ViT-B/32; 4 views at
-  azimuths 0/90/180/270, 15 degrees, 512 px; Resize(224, bicubic) + CenterCrop(224); captions
+  ``evaluation/mesh_visualize.py`` of theEricMa/TriplaneTurbo): OpenAI CLIP ViT-B/32 as ``clip.load``
+  builds it, with QuickGELU (open_clip's ``ViT-B-32-quickgelu``: plain ``ViT-B-32`` with the OpenAI
+  weights builds GELU layers in open_clip >= 2.2x, open_clip #771); with ``--ckpt`` the exported mesh,
+  fitted to [-0.9, 0.9]^3 and rendered unlit (vertex colours) on white at radius 3, fovy 50 (kiui's
+  ``kire``: ``MeshViews``); 4 views at azimuths 0/90/180/270, 15 degrees, 512 px; Resize(224, bicubic) +
+  CenterCrop(224); captions
   prefixed with "A photo depicts" *without* a space (their compute.py drops the space Hessel's
   clipscore.py adds: override with ``--prefix "A photo depicts "``); CLIPScore w = 2.5; R@1 over the
   DF415 prompts. (Their R@1 clamps negative cosines to 0 before argmax; real CLIP cosines of
@@ -53,7 +57,7 @@ from torch import Tensor
 
 from scalegen.data.cameras import Cameras
 from scalegen.data.prompts import corpus_splits, read_corpus
-from scalegen.errors import DataError, ScalegenError
+from scalegen.errors import DataError, ExportError, ScalegenError
 from scalegen.eval.clip_models import ClipModel, TextFeatureCache
 from scalegen.eval.report import format_table
 from scalegen.eval.retrieval import clip_score, distractors, r_at_1
@@ -81,15 +85,22 @@ class Protocol:
     distance: float | None = None  # camera distance; None = the run's camera.eval_distance
     fovy: float | None = None  # degrees; None = the run's camera.eval_fovy
     headline: Literal["all", "distractors"] = "all"  # the R@1 the protocol's paper reports
+    # --ckpt views: "field", the run's renderer (its field over its background); "mesh", the mesh `scalegen
+    # generate` exports, centred on its bounding box and scaled so its longest side spans [-mesh_bound,
+    # mesh_bound] (kiui's Mesh.load, TriplaneTurbo's renderer), its vertex colours unlit on white
+    view_source: Literal["field", "mesh"] = "field"
+    mesh_bound: float = 0.9
+    mesh_resolution: int = 128  # marching-cubes cells per axis (`scalegen generate`'s default)
 
 
 PROTOCOLS = {
     "scaledreamer": Protocol("scaledreamer", "openai/clip-vit-large-patch14", views=120, azimuths="inclusive",
                              elevation=15.0, resolution=512, crop="left", resize="bilinear", caption_prefix="",
                              clipscore_w=2.5, distractors=99, seed=0, splits=["test"], headline="all"),
-    "triplaneturbo": Protocol("triplaneturbo", "ViT-B-32:openai", views=4, azimuths="even", elevation=15.0,
+    "triplaneturbo": Protocol("triplaneturbo", "ViT-B-32-quickgelu:openai", views=4, azimuths="even", elevation=15.0,
                               resolution=512, crop="center", resize="bicubic", caption_prefix="A photo depicts",
-                              clipscore_w=2.5, distractors=99, seed=0, splits=["test"], headline="all"),
+                              clipscore_w=2.5, distractors=99, seed=0, splits=["test"], distance=3.0, fovy=50.0,
+                              headline="all", view_source="mesh"),
     "scalegen": Protocol("scalegen", "openai/clip-vit-large-patch14", views=8, azimuths="even", elevation=15.0,
                          resolution=224, crop="center", resize="bicubic", caption_prefix="", clipscore_w=2.5,
                          distractors=99, seed=0, splits=["test", "val"], headline="distractors"),
@@ -101,7 +112,7 @@ def make_protocol(name: str, **overrides) -> Protocol:
     if name not in PROTOCOLS:
         raise ScalegenError(f"unknown protocol '{name}'; choose from {', '.join(PROTOCOLS)}")
     p = dataclasses.replace(PROTOCOLS[name], **{k: v for k, v in overrides.items() if v is not None})
-    for key in ("views", "resolution"):
+    for key in ("views", "resolution", "mesh_resolution"):
         if getattr(p, key) < 1:
             raise ScalegenError(f"--{key} must be at least 1, got {getattr(p, key)}")
     if p.distractors < 1:
@@ -297,6 +308,72 @@ class RunViews(ViewSource):
     def views(self, prompts: list[str]) -> list[Tensor]:
         return render_views(self.model, self.text_encoder, self.renderer, self.cameras, prompts, self.cfg.eval.samples,
                             self.cfg.eval.importance_samples, self.device)
+
+
+def fit_to_box(verts: Tensor, bound: float) -> Tensor:
+    """``verts`` [N, 3] centred on their bounding box and scaled so the longest side spans [-bound, bound]
+    (kiui's ``Mesh.auto_size``, which TriplaneTurbo's renders go through)."""
+    lo, hi = verts.amin(0), verts.amax(0)
+    return (verts - (lo + hi) / 2) * (2 * bound / (hi - lo).max().clamp(min=1e-12))
+
+
+class MeshViews(RunViews):
+    """Views of a trained run as TriplaneTurbo scores them (``evaluation/mesh_visualize.py``: kiui's ``kire``
+    renderer in albedo mode, radius 3, fovy 50, white background): each prompt's mesh exported as `scalegen
+    generate` exports it (``export.mesh.extract_meshes`` at ``render_level(render.beta)``), fitted to the
+    protocol's ``mesh_bound`` box, its vertex colours rendered unlit on white (``render.raster.shade_unlit``).
+    A prompt whose shape is empty (no surface) is scored on blank white views, as the reference's renderer
+    would show it, and counted in ``empty``."""
+
+    def __init__(self, cfg, text_encoder, model, ckpt, protocol: Protocol, device):
+        super().__init__(cfg, text_encoder, model, ckpt, protocol, device)
+        self.protocol = protocol
+        self.cameras = self.cameras.to("cpu")
+        self.empty: list[str] = []
+
+    def describe(self) -> dict:
+        return {"source": "ckpt_mesh", "checkpoint": str(self.ckpt), "distance": self.distance, "fovy": self.fovy,
+                "mesh_bound": self.protocol.mesh_bound, "mesh_resolution": self.protocol.mesh_resolution,
+                "shading": "unlit vertex colours on white"}
+
+    def _meshes(self, prompts: list[str]):
+        from scalegen.export.mesh import extract_meshes, render_level  # noqa: PLC0415
+
+        field_, _ = self.model(self.text_encoder.encode(prompts).to(self.device))
+        return extract_meshes(field_, self.cfg.render.bound, self.protocol.mesh_resolution,
+                              render_level(self.cfg.render.beta), names=prompts)
+
+    @torch.no_grad()
+    def views(self, prompts: list[str]) -> list[Tensor]:
+        from scalegen.render.raster import shade_unlit  # noqa: PLC0415
+
+        try:
+            meshes = self._meshes(prompts)
+        except ExportError:  # some prompt has no surface: export the others one by one
+            meshes = []
+            for p in prompts:
+                try:
+                    meshes += self._meshes([p])
+                except ExportError:
+                    meshes.append(None)
+                    self.empty.append(p)
+                    print(f"note: the shape of {p!r} has no surface; it is scored on blank white views", flush=True)
+        out = []
+        r = self.protocol.resolution
+        for m in meshes:
+            if m is None:
+                out.append(torch.full((self.protocol.views, 3, r, r), 255, dtype=torch.uint8))
+                continue
+            verts = fit_to_box(torch.from_numpy(m.verts).float(), self.protocol.mesh_bound)
+            rgb, _ = shade_unlit(verts, torch.from_numpy(m.faces).long(), torch.from_numpy(m.colours), self.cameras)
+            out.append(to_uint8(rgb))
+        return out
+
+
+def run_views(cfg, text_encoder, model, ckpt, protocol: Protocol, device) -> RunViews:
+    """The --ckpt view source of ``protocol``: the run's renders (``view_source: field``) or its mesh (``mesh``)."""
+    cls = MeshViews if protocol.view_source == "mesh" else RunViews
+    return cls(cfg, text_encoder, model, ckpt, protocol, device)
 
 
 def folder_key(text: str) -> str:
@@ -579,7 +656,8 @@ def evaluate_clip(source: ViewSource, pool: Pool, protocol: Protocol, clip: Clip
                  "aggregation": "per view, mean over a prompt's views, then mean over prompts",
                  **source.describe()}
     if source.cameras_as_rendered():
-        for k in ("views", "azimuths", "azimuth_degrees", "elevation", "resolution", "distance", "fovy"):
+        for k in ("views", "azimuths", "azimuth_degrees", "elevation", "resolution", "distance", "fovy", "view_source",
+                  "mesh_bound", "mesh_resolution"):
             effective[k] = "as rendered"
     identity = {"row_format": ROW_FORMAT, "pool": pool.digest(), "model_id": clip.model_id,
                 "protocol": {k: v for k, v in effective.items() if k not in ("prompts_without_images",)},

@@ -8,6 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def weights_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The dtype a latent-diffusion prior's UNet and VAE load in: ``prior.dtype`` on an accelerator, fp32 on
+    the CPU (half precision there is slow or unsupported for some kernels). ``fp32`` is the references' MVDream
+    precision (docs/reference-fidelity.md)."""
+    return DTYPES[dtype] if torch.device(device).type != "cpu" else torch.float32
+
 
 def vae_encode(vae, rgb: Tensor, resolution: int, latent_resolution: int, scaling: float, dtype: torch.dtype) -> Tensor:
     """rgb [N, 3, h, w] in [0, 1] -> latents [N, C, latent_resolution, latent_resolution] in fp32, with

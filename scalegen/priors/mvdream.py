@@ -33,11 +33,10 @@ from torch import Tensor
 from scalegen.data.cameras import Cameras
 from scalegen.errors import WeightsError
 from scalegen.priors.base import T, Guidance, Prior
-from scalegen.priors.latent import vae_decode, vae_encode
+from scalegen.priors.latent import DTYPES, vae_decode, vae_encode, weights_dtype  # noqa: F401 - DTYPES re-exported
 from scalegen.priors.text_cache import PromptTable
 from scalegen.text.clip import same_model
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 CONVERT = ("run `scalegen prior convert-mvdream sd-v2.1-base-4view.pt DIR --text-from SD21_BASE_DIR` "
            "(docs/sd-mvdream.md, \"MVDream runs\") and set prior.model=DIR")
 
@@ -78,7 +77,7 @@ class MVDreamPrior(Prior):
         from scalegen.priors.mvdream_unet import MultiViewUNet  # noqa: PLC0415
 
         self.device = torch.device(device)
-        self.dtype = DTYPES[dtype] if self.device.type != "cpu" else torch.float32  # CPU: fp32
+        self.dtype = weights_dtype(dtype, self.device)
         path = check_folder(model)
         kw = {"local_files_only": True}
         try:
@@ -192,7 +191,7 @@ def build_mvdream_prior(cfg, text_encoder=None, device=None) -> MVDreamPrior:
     return MVDreamPrior(p.model, text_encoder=text_encoder if share else None, device=device, dtype=p.dtype,
                         channels_last=p.channels_last, compile=p.compile, encode_resolution=encode_resolution,
                         latent_resolution=latent_resolution, negative_prompt=p.negative_prompt,
-                        num_frames=cfg.camera.views_per_prompt, text_cache_size=p.text_cache_size)
+                        num_frames=cfg.camera.views_per_group(), text_cache_size=p.text_cache_size)
 
 
 __all__ = ["MVDreamPrior", "build_mvdream_prior", "mvdream_camera", "check_folder"]

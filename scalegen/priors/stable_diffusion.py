@@ -47,14 +47,13 @@ from torch import Tensor
 from scalegen.data.cameras import Cameras
 from scalegen.errors import WeightsError
 from scalegen.priors.base import T, DenoiserNet, Guidance, Prior
-from scalegen.priors.latent import vae_decode, vae_encode
+from scalegen.priors.latent import DTYPES, vae_decode, vae_encode, weights_dtype  # noqa: F401 - DTYPES re-exported
 from scalegen.priors.text_cache import PromptTable
 from scalegen.priors.views import (BACK, FRONT, OVERHEAD, PERP_NEG_F, SIDE, exp_decay, perp_neg_plan,  # noqa: F401
                                    perpendicular, shift_azimuth, view_index)
 from scalegen.text.base import VIEWS, view_prompt
 from scalegen.text.clip import local_weights, same_model
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # The published config of stabilityai/stable-diffusion-2-1-base's unet/config.json (benchmarks build it on meta).
 SD21_BASE_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -84,7 +83,7 @@ class StableDiffusionPrior(Prior):
 
         self.device = torch.device(device)
         # Half precision on CPU is slow or unsupported for some kernels: CPU runs use fp32.
-        self.dtype = DTYPES[dtype] if self.device.type != "cpu" else torch.float32
+        self.dtype = weights_dtype(dtype, self.device)
         path = local_weights(model, "prior.model", ("unet", "vae", "scheduler"))
         kw = {"local_files_only": True}
         try:

@@ -156,7 +156,7 @@ def fit_to_renders(cfg: Config, model: SceneModel, run_cfg: Config, run_model: S
         decay = gs.start_fit_lr_end ** (step / max(steps - 1, 1))
         for group, lr in zip(opt.param_groups, base_lr):
             group["lr"] = lr * decay
-        cams = sample_train_cameras(cfg.camera, 1, generator=gen_cam)
+        cams = sample_train_cameras(cfg.camera.at_step(0, cfg.train.max_steps), 1, generator=gen_cam)
         with torch.no_grad():
             target = run_renderer(run_field, cams, background=run_bg)
         field, bg = model(cond)

@@ -401,11 +401,22 @@ class GaussianRasterizer(Renderer):
         out, alphas, meta = rasterization(field.means, F.normalize(field.quats, dim=-1), field.scales(),
                                           field.opacities(), colours, viewmats, ks, w, h, near_plane=self.near,
                                           sh_degree=degree, eps2d=self.blur, render_mode="RGB+ED", packed=False)
-        out = out.permute(0, 3, 1, 2)  # [V, C, H, W]
-        op = alphas.permute(0, 3, 1, 2)
-        rgb = out[:, :3]
-        normals = out[:, 3:6] if normals_g is not None else None
-        means2d = meta["means2d"]
-        if means2d.requires_grad and torch.is_grad_enabled():
-            means2d.retain_grad()
-        return rgb, op, out[:, -1:], normals, means2d, meta["radii"] > 0
+        return gsplat_outputs(out, alphas, meta, normals_g is not None)
+
+
+def gsplat_outputs(out: Tensor, alphas: Tensor, meta: dict, with_normals: bool):
+    """gsplat's ``rasterization`` result (``out`` [V, H, W, C], ``alphas`` [V, H, W, 1], ``meta``) as the torch
+    path's: rgb, opacity, depth, normals [V, C, H, W], the projected means [V, G, 2] and visibility [V, G].
+
+    ``meta["radii"]`` is [V, G] before gsplat 1.5 and [V, G, 2] (x and y radius) from 1.5 on: a Gaussian is
+    visible in a view when its radii are positive (as gsplat's own strategies read it, all over the last axis),
+    so densification always gets the [V, G] mask it multiplies with its per-view gradient norms."""
+    out = out.permute(0, 3, 1, 2)  # [V, C, H, W]
+    op = alphas.permute(0, 3, 1, 2)
+    normals = out[:, 3:6] if with_normals else None
+    means2d = meta["means2d"]
+    if means2d.requires_grad and torch.is_grad_enabled():
+        means2d.retain_grad()
+    radii = meta["radii"]
+    visible = (radii > 0).all(-1) if radii.dim() == 3 else radii > 0
+    return out[:, :3], op, out[:, -1:], normals, means2d, visible

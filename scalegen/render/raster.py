@@ -100,3 +100,38 @@ def silhouettes(verts: Tensor, faces: Tensor, cameras: Cameras, near: float = 1e
         pixel, _, _ = cover(uv[view][faces[in_front]], h, w)
         masks[view, pixel] = True
     return masks.view(-1, h, w)
+
+
+def shade_unlit(verts: Tensor, faces: Tensor, colours: Tensor, cameras: Cameras, background: float = 1.0,
+                near: float = 1e-3) -> tuple[Tensor, Tensor]:
+    """A triangle mesh's vertex colours, unlit (albedo), seen from a shared camera set [1, V]: colour
+    [V, 3, H, W] composited over a solid ``background`` and coverage [V, 1, H, W].
+
+    A z-buffer over ``cover``'s (pixel, face) pairs: the nearest face at each pixel centre wins, depth and
+    colour interpolated perspective-correctly (1/z is affine in the image: z = 1 / sum_i b_i / z_i,
+    c = z sum_i b_i c_i / z_i with the screen-space barycentrics b_i). One sample per pixel centre, no
+    antialiasing. Triangles reaching behind ``near`` are skipped."""
+    uv, depth = project(verts.float(), cameras)
+    h, w = cameras.height, cameras.width
+    n_views = uv.shape[0]
+    rgb = torch.full((n_views, h * w, 3), float(background))
+    alpha = torch.zeros(n_views, h * w)
+    colours = colours.float()
+    for view in range(n_views):
+        keep = (depth[view][faces] > near).all(-1)
+        f = faces[keep]
+        pixel, face, bary = cover(uv[view][f], h, w)
+        if len(pixel) == 0:
+            continue
+        corner = f[face]  # [K, 3] vertex ids
+        wz = bary / depth[view][corner]  # b_i / z_i
+        z = 1.0 / wz.sum(-1)
+        order = torch.argsort(z, stable=True)
+        order = order[torch.argsort(pixel[order], stable=True)]  # by pixel, nearest first
+        first = torch.ones(len(order), dtype=torch.bool)
+        first[1:] = pixel[order][1:] != pixel[order][:-1]
+        win = order[first]
+        c = (wz[win, :, None] * colours[corner[win]]).sum(1) * z[win, None]
+        rgb[view, pixel[win]] = c.clamp(0, 1)
+        alpha[view, pixel[win]] = 1.0
+    return rgb.view(n_views, h, w, 3).permute(0, 3, 1, 2), alpha.view(n_views, 1, h, w)

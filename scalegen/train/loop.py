@@ -361,6 +361,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, init_state: di
               f"accumulation = {p * world_size * accum} prompts ({p * v * world_size * accum} images) per optimizer "
               f"step; {ENGINES.get(acc.distributed_type.value, acc.distributed_type.value)} on {acc.device.type}"
               f"{', ' + str(acc.mixed_precision) if acc.mixed_precision != 'no' else ''}", flush=True)
+        for at, res, views in cfg.camera.resolution_milestones:
+            print(f"from step {step_position(at, max_steps):g}: {res:g} px, {views:g} view(s) per prompt", flush=True)
 
     bar = None
     if main and cfg.train.progress:
@@ -387,7 +389,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, init_state: di
                     batch, cond, prior_text = encode(sampler.next_batch())
                     with acc.autocast():
                         field, background = model(cond)
-                        cams = sample_train_cameras(cfg.camera, len(batch)).to(acc.device)
+                        step_cams = cfg.camera.at_step(step, max_steps)  # resolution milestones
+                        v = step_cams.views_per_prompt
+                        cams = sample_train_cameras(step_cams, len(batch)).to(acc.device)
                         lam_eik = schedule_value(cfg.loss.eikonal, step, max_steps)
                         out = renderer(field, cams, background=background, with_eikonal=lam_eik > 0)
                         latents = prior.encode(out.rgb)
