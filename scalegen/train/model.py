@@ -12,7 +12,7 @@ from scalegen.errors import CheckpointError
 from scalegen.generators import build_generator
 from scalegen.render import build_background
 from scalegen.text import TextCond, build_text_encoder
-from scalegen.train.checkpoint import load_weights, resolve_checkpoint, run_dir_of
+from scalegen.train.checkpoint import load_weights, resolve_checkpoint, run_dir_of, shape_mismatch
 
 
 class SceneModel(nn.Module):
@@ -47,6 +47,10 @@ def load_run(path: str | Path):
     cfg = from_dict(load_yaml(cfg_path))
     text_encoder, model = build_model(cfg)
     state = {k[len("model."):]: v for k, v in load_weights(ckpt).items() if k.startswith("model.")}
+    bad = shape_mismatch(model.state_dict(), state)
+    if bad is not None:
+        raise CheckpointError(f"checkpoint '{ckpt}' does not match its config: {bad[0]} has shape {bad[1]} in the "
+                              f"weights but {bad[2]} from config.yaml; was config.yaml edited?")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint '{ckpt}' does not match its config (missing {list(missing)[:3]}, "
