@@ -537,7 +537,8 @@ def restore(ckpt: Path, cfg: Config, model, distiller, optimizers: "Optimizers",
         key, was, now = bad
         saved_cfg = run_dir_of(ckpt) / "config.yaml"
         changed = config_changes(load_yaml(saved_cfg), cfg.to_dict()) if saved_cfg.is_file() else []
-        changed.sort(key=lambda c: c[0].split(".")[0] in ("train", "optim", "data", "eval", "loss"))  # model keys first
+        shaping = [c for c in changed if c[0].split(".")[0] not in ("train", "optim", "data", "eval", "loss")]
+        changed = shaping or changed  # the keys that can shape a tensor (max_steps and the like cannot)
         why = "; ".join(f"{k}={b} (the run has {a})" for k, a, b in changed[:3]) or "the config differs"
         raise CheckpointError(f"cannot resume '{ckpt}': {why} changes the shape of {key} (checkpoint {was}, now {now}); "
                               "resume without overrides that change the model's size, or start a new run")
