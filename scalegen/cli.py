@@ -75,6 +75,7 @@ def cmd_train(args) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"'{out}' exists (train.out_dir): this run goes to '{redirected}' (pass --out to choose)", flush=True)
         out = redirected
+    args.out = out  # the folder an interrupt message names
     from scalegen.train.checkpoint import checkpoint_step, latest_checkpoint
 
     before = latest_checkpoint(out) if args.resume and Path(out).is_dir() else None

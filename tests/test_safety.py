@@ -249,7 +249,7 @@ def test_an_interrupted_training_without_checkpoint_says_so(tmp_path, capsys, mo
                    f"`scalegen train --out {run} --resume` (resumes at step 2)")
 
 
-def test_interrupted_data_build_and_generate_say_what_is_kept(tmp_path, capsys, monkeypatch):
+def test_interrupted_data_build_says_what_is_kept(tmp_path, capsys, monkeypatch):
     from scalegen.cli import main
     from scalegen.data import shards
 
@@ -327,3 +327,21 @@ def test_resume_with_an_override_that_changes_a_shape_names_the_key(trained, cap
     assert len(err.splitlines()) == 1 and "generator.mlp_hidden=24 (the run has 16) changes the shape of model." in err
     assert not (trained / "checkpoints" / "step_0000003").exists()
     assert "mlp_hidden: 16" in (trained / "config.yaml").read_text()  # the run's config is left as it was
+
+
+def test_interrupted_generate_says_nothing_was_written(trained, tmp_path, capsys, monkeypatch):
+    from scalegen.cli import main
+    from scalegen.export import pipeline
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "generate_assets", stop)
+    out = tmp_path / "assets"
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(trained), "--prompt", "a large red cube", "--out", str(out / "a.glb"),
+                 "--resolution", "16"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == (f"interrupted: no asset was written to '{out / 'a.glb'}' (assets are moved into place only when all "
+                   "are generated); rerun the same scalegen generate command")
+    assert not (out / "a.glb").exists() and not (out / ".a.glb.lock").exists()

@@ -532,8 +532,13 @@ def restore(ckpt: Path, cfg: Config, model, distiller, optimizers: "Optimizers",
     opt_state, rng, state = load_training_state(ckpt)
     built = {**{f"model.{k}": t for k, t in model.state_dict().items()},
              **{f"distiller.{k}": t for k, t in distiller.state_dict().items()}}
-    bad = shape_mismatch(built, weights)
-    if bad is not None:
+    try:  # a model whose size changes in training (a Gaussian scene) resizes itself in load_state_dict
+        model.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("model.")})
+        distiller.load_state_dict({k[len("distiller."):]: v for k, v in weights.items() if k.startswith("distiller.")})
+    except RuntimeError:
+        bad = shape_mismatch(built, weights)
+        if bad is None:
+            raise
         key, was, now = bad
         saved_cfg = run_dir_of(ckpt) / "config.yaml"
         changed = config_changes(load_yaml(saved_cfg), cfg.to_dict()) if saved_cfg.is_file() else []
@@ -541,9 +546,7 @@ def restore(ckpt: Path, cfg: Config, model, distiller, optimizers: "Optimizers",
         changed = shaping or changed  # the keys that can shape a tensor (max_steps and the like cannot)
         why = "; ".join(f"{k}={b} (the run has {a})" for k, a, b in changed[:3]) or "the config differs"
         raise CheckpointError(f"cannot resume '{ckpt}': {why} changes the shape of {key} (checkpoint {was}, now {now}); "
-                              "resume without overrides that change the model's size, or start a new run")
-    model.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("model.")})
-    distiller.load_state_dict({k[len("distiller."):]: v for k, v in weights.items() if k.startswith("distiller.")})
+                              "resume without overrides that change the model's size, or start a new run") from None
     written_by_deepspeed = (ckpt / "deepspeed").is_dir()
     if written_by_deepspeed != deepspeed:
         raise CheckpointError(f"checkpoint '{ckpt}' was written {'with' if written_by_deepspeed else 'without'} "
