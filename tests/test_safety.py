@@ -337,11 +337,11 @@ def test_interrupted_generate_says_nothing_was_written(trained, tmp_path, capsys
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline, "generate_assets", stop)
-    out = tmp_path / "assets"
+    out = tmp_path / "a.glb"
     capsys.readouterr()
-    assert main(["generate", "--ckpt", str(trained), "--prompt", "a large red cube", "--out", str(out / "a.glb"),
+    assert main(["generate", "--ckpt", str(trained), "--prompt", "a large red cube", "--out", str(out),
                  "--resolution", "16"]) == 130
     err = capsys.readouterr().err.strip()
-    assert err == (f"interrupted: no asset was written to '{out / 'a.glb'}' (assets are moved into place only when all "
+    assert err == (f"interrupted: no asset was written to '{out}' (assets are moved into place only when all "
                    "are generated); rerun the same scalegen generate command")
-    assert not (out / "a.glb").exists() and not (out / ".a.glb.lock").exists()
+    assert not out.exists() and not (tmp_path / ".a.glb.lock").exists()  # the lock is released too
