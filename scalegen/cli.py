@@ -761,7 +761,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (Preempted, Interrupted) as e:
-        print(f"stopped: {e}", file=sys.stderr)
+        if isinstance(e, Interrupted) and args.fn not in (cmd_train, cmd_refine):
+            print(f"interrupted: {_interrupt_advice(args)}", file=sys.stderr)  # e.g. a benchmark's training: rerun it
+        else:
+            print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
     except ScalegenError as e:
         print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)  # one line, whatever a file name holds

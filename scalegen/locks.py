@@ -115,6 +115,9 @@ class FolderLock:
             except FileExistsError:
                 self._take_over_if_stale()
                 continue
+            except OSError as e:
+                raise FolderLocked(f"cannot create the lock file {self.path} of '{self.folder}' ({e.strerror}); "
+                                   "choose an output folder whose parent folder you can write to") from None
             try:
                 os.write(fd, data)
                 os.fsync(fd)
@@ -172,6 +175,9 @@ class FolderLock:
                 d.mkdir()
             except FileExistsError:
                 continue
+            except OSError as e:
+                raise FolderLocked(f"cannot create folder '{d}' for '{self.folder}' ({e.strerror}); choose an output "
+                                   "folder you can write to") from None
         self._made_parents = missing  # deepest first
 
     def _read(self, path: Path | None = None) -> dict | None:

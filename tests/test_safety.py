@@ -345,3 +345,23 @@ def test_interrupted_generate_says_nothing_was_written(trained, tmp_path, capsys
     assert err == (f"interrupted: no asset was written to '{out}' (assets are moved into place only when all "
                    "are generated); rerun the same scalegen generate command")
     assert not out.exists() and not (tmp_path / ".a.glb.lock").exists()  # the lock is released too
+
+
+def test_a_folder_whose_parent_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    """A lock file that cannot be created (a read-only parent; simulated, as root writes anywhere)."""
+    from scalegen import locks
+    from scalegen.cli import main
+
+    real_open = os.open
+
+    def read_only(path, *a, **k):
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(locks.os, "open", read_only)
+    assert main(["train", "--out", str(tmp_path / "run"), *TINY, "train.max_steps=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: cannot create the lock file {tmp_path / '.run.lock'} of '{tmp_path / 'run'}' (Permission "
+                   "denied); choose an output folder whose parent folder you can write to")
+    assert not (tmp_path / "run").exists()
