@@ -365,3 +365,20 @@ def test_a_folder_whose_parent_cannot_be_written_is_one_line(tmp_path, capsys, m
     assert err == (f"error: cannot create the lock file {tmp_path / '.run.lock'} of '{tmp_path / 'run'}' (Permission "
                    "denied); choose an output folder whose parent folder you can write to")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_benchmark_interrupted_in_its_training_says_how_to_rerun_it(tmp_path, capsys, monkeypatch):
+    """The first Ctrl-C inside a benchmark's training checkpoints that run; the line is the benchmark's."""
+    import scalegen.bench as bench
+    from scalegen.cli import main
+    from scalegen.errors import Interrupted
+
+    def interrupted(*a, **k):
+        raise Interrupted("interrupted after step 3; ...")
+
+    monkeypatch.setattr(bench, "run_bench", interrupted)
+    out = tmp_path / "b"
+    assert main(["bench", "toy2d", "--json", str(tmp_path / "t.json"), "--out", str(out)]) == 130
+    assert capsys.readouterr().err.strip() == (f"interrupted: no figures were written to {tmp_path / 't.json'}; the "
+                                               f"benchmark's runs so far stay in '{out}'; rerun the same scalegen bench "
+                                               "command")
