@@ -745,6 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    entry = argv is None  # run as the `scalegen` command (not called in-process)
     argv = list(sys.argv[1:] if argv is None else argv)
     # `--resume` takes an optional `auto`; anything else after it is not its value (an override, say).
     argv = [("--resume=auto" if a == "--resume" and i + 1 < len(argv) and argv[i + 1] == "auto" else
@@ -770,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)  # one line, whatever a file name holds
         return 2
     except KeyboardInterrupt:
-        _quiet_exit()
+        _quiet_exit(entry)
         try:
             advice = _interrupt_advice(args)
         except Exception:  # noqa: BLE001 - the advice must never turn an interrupt into a traceback
@@ -779,12 +780,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _quiet_exit() -> None:
+def _quiet_exit(entry: bool) -> None:
     """After Ctrl-C, make further Ctrl-Cs and a closed stdout (``| head``) end the process quietly: no
-    'Exception ignored ... write to closed file' from the interpreter's final flush."""
+    'Exception ignored ... write to closed file' from the interpreter's final flush. ``entry``: main()
+    is the process's entry point (not called in-process by a test or a script), which is about to exit."""
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if entry:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         sys.stdout.flush()
     except (OSError, ValueError):
