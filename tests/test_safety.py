@@ -382,3 +382,27 @@ def test_a_benchmark_interrupted_in_its_training_says_how_to_rerun_it(tmp_path, 
     assert capsys.readouterr().err.strip() == (f"interrupted: no figures were written to {tmp_path / 't.json'}; the "
                                                f"benchmark's runs so far stay in '{out}'; rerun the same scalegen bench "
                                                "command")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_every_rank_of_a_launch_stops_when_rank_0_is_refused(tmp_path):
+    """Two ranks under torchrun on a folder another process writes: rank 0 is refused and rank 1 learns
+    it at once (no rank waits at a barrier until the collective timeout); one line names the holder."""
+    run = tmp_path / "run"
+    holder = _holder(run)
+    try:
+        t0 = time.time()
+        r = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29643",
+                            str(ROOT / "train.py"), "--out", str(run), *TINY, "train.max_steps=2",
+                            "train.collective_timeout_s=600"], cwd=tmp_path, env=_env(), capture_output=True,
+                           text=True, timeout=300)
+        took = time.time() - t0
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.returncode != 0 and took < 240, (r.returncode, took)
+    assert f"error: '{run}' is being written by scalegen train (pid {holder.pid} on host" in r.stderr
+    assert "is locked by another process (process 0 of this job says who)" in r.stderr  # rank 1's line
+    assert str(ROOT / "scalegen") not in r.stderr  # no traceback of ours (torchrun reports the exit code with its own)
+    assert not run.exists()
