@@ -406,3 +406,51 @@ def test_every_rank_of_a_launch_stops_when_rank_0_is_refused(tmp_path):
     assert "is locked by another process (process 0 of this job says who)" in r.stderr  # rank 1's line
     assert str(ROOT / "scalegen") not in r.stderr  # no traceback of ours (torchrun reports the exit code with its own)
     assert not run.exists()
+
+
+def test_eval_clip_is_locked_and_keeps_its_scores_on_ctrl_c(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("transformers")
+    import torch
+    from PIL import Image
+
+    from scalegen.cli import main
+    from scalegen.eval import clip as clip_mod
+    from scalegen.eval.clip_models import make_tiny_clip_model
+
+    model = make_tiny_clip_model(tmp_path / "clip", backend="transformers")
+    prompts = [f"a {c} {s}" for c in ("red", "green", "blue") for s in ("cube", "cone", "torus")]
+    g = torch.Generator().manual_seed(0)
+    for p in prompts:
+        d = tmp_path / "views" / clip_mod.folder_name(p)
+        d.mkdir(parents=True)
+        for j in range(2):
+            Image.fromarray(torch.randint(0, 256, (24, 24, 3), generator=g, dtype=torch.uint8).numpy()).save(d / f"{j}.png")
+    (tmp_path / "c.txt").write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "out"
+    argv = ["eval", "clip", "--images", str(tmp_path / "views"), "--corpus", str(tmp_path / "c.txt"), "--model",
+            str(model), "--cache", str(tmp_path / "cache"), "--out", str(out), "--no-progress", "--batch", "16"]
+    holder = _holder(out)
+    try:
+        assert main(argv) == 2
+        assert f"is being written by scalegen train (pid {holder.pid} on host" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    real, served = clip_mod.FolderViews.views, []
+
+    def views(self, ps):  # Ctrl-C after 4 prompts were scored (2 per group)
+        if len(served) >= 4:
+            raise KeyboardInterrupt
+        served.extend(ps)
+        return real(self, ps)
+
+    monkeypatch.setattr(clip_mod.FolderViews, "views", views)
+    capsys.readouterr()
+    assert main(argv) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (transformers' own loading bar comes before)
+    assert last == (f"interrupted: the prompts scored so far are kept in '{out}' (progress/); rerun the same scalegen "
+                    "eval clip command to score the rest")
+    assert len((out / "progress" / "part-0.jsonl").read_text().splitlines()) == 4
+    monkeypatch.setattr(clip_mod.FolderViews, "views", real)
+    assert main(argv) == 0
+    assert len((out / "per_prompt.csv").read_text().splitlines()) == 1 + len(prompts)
