@@ -36,7 +36,7 @@ from scalegen.errors import ScalegenError
 HEARTBEAT_S = 30.0  # how often a holder refreshes its lock file's mtime
 STALE_S = 300.0  # a lock of another host whose heartbeat is older than this is stale (many heartbeats missed)
 
-_held: dict[Path, "FolderLock"] = {}  # lock file -> the lock this process holds (for nesting)
+_held: dict[Path, FolderLock] = {}  # lock file -> the lock this process holds (for nesting)
 _held_guard = threading.Lock()
 
 
@@ -95,7 +95,7 @@ class FolderLock:
         self._made_parents: list[Path] = []
 
     # -- taking and giving back ------------------------------------------------------------
-    def acquire(self) -> "FolderLock":
+    def acquire(self) -> FolderLock:
         if self.rank != 0:
             return self  # rank 0 holds it for the whole job
         with _held_guard:

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -82,7 +81,7 @@ def _wait_steps(run: Path, n: int, nodes, timeout: float = 240) -> None:
 def _worker_of(agent: subprocess.Popen) -> int:
     """The pid of the one rank an agent started (its child process)."""
     for _ in range(100):
-        kids = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
+        kids = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True, check=False).stdout.split()
         if kids:
             return int(kids[0])
         time.sleep(0.1)

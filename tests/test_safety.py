@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,7 +176,7 @@ def _wait_for_steps(run: Path, n: int, proc: subprocess.Popen, timeout: float = 
             return
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
-    raise AssertionError("training did not reach step %d" % n)
+    raise AssertionError(f"training did not reach step {n}")
 
 
 @pytest.mark.slow
@@ -199,7 +198,7 @@ def test_ctrl_c_checkpoints_and_resume_equals_an_uninterrupted_run(tmp_path, cap
         assert main(["train", "--out", str(run), *TINY, *extra]) == 2  # the second trainer
         assert f"is being written by scalegen train (pid {proc.pid} on host" in capsys.readouterr().err
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 130, err
@@ -369,7 +368,7 @@ def test_a_folder_whose_parent_cannot_be_written_is_one_line(tmp_path, capsys, m
 
 def test_a_benchmark_interrupted_in_its_training_says_how_to_rerun_it(tmp_path, capsys, monkeypatch):
     """The first Ctrl-C inside a benchmark's training checkpoints that run; the line is the benchmark's."""
-    import scalegen.bench as bench
+    from scalegen import bench
     from scalegen.cli import main
     from scalegen.errors import Interrupted
 
@@ -395,7 +394,7 @@ def test_every_rank_of_a_launch_stops_when_rank_0_is_refused(tmp_path):
         t0 = time.time()
         r = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29643",
                             str(ROOT / "train.py"), "--out", str(run), *TINY, "train.max_steps=2",
-                            "train.collective_timeout_s=600"], cwd=tmp_path, env=_env(), capture_output=True,
+                            "train.collective_timeout_s=600"], check=False, cwd=tmp_path, env=_env(), capture_output=True,
                            text=True, timeout=300)
         took = time.time() - t0
     finally:

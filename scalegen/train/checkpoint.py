@@ -62,7 +62,7 @@ def read_state(ckpt: Path) -> dict:
     try:
         state = json.loads((Path(ckpt) / "state.json").read_text())
         if not isinstance(state, dict):
-            raise ValueError("not a JSON object")
+            raise TypeError("not a JSON object")
     except Exception as e:  # noqa: BLE001 - missing, unreadable or garbage: the same user problem
         raise CheckpointError(f"checkpoint '{ckpt}' is incomplete or corrupt (state.json: {e.__class__.__name__}); "
                               "delete it to resume from the one before") from None
