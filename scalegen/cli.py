@@ -5,6 +5,7 @@ Errors a user can cause (``ScalegenError``) print one line and exit 2, without a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from scalegen.bench import NAMES as BENCH_NAMES
 from scalegen.config import DISTILLERS, PER_PROMPT
-from scalegen.errors import Preempted, ScalegenError
+from scalegen.errors import Interrupted, Preempted, ScalegenError
 from scalegen.eval.report import format_table as _table
 from scalegen.eval.report import write_json as _write_json
 
@@ -38,6 +39,32 @@ class _NamesOf:
 
 
 # ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _locked(folder, command: str, state=None):
+    """Hold ``folder``'s lock (``scalegen.locks``) while a command writes it: process 0 takes it and
+    every process of a launch learns whether it was refused, so none waits on a barrier for ever."""
+    from scalegen.locks import FolderLock, FolderLocked
+
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    lock = FolderLock(folder, command, rank=rank, log=lambda m: print(m, flush=True))
+    refused = None
+    try:
+        lock.acquire()
+    except FolderLocked as e:
+        refused = e
+    if world > 1:
+        from scalegen.train.distributed import agree
+
+        if agree([refused is not None], state.device, world)[0] and refused is None:
+            raise FolderLocked(f"'{folder}' is locked by another process (process 0 of this launch says who)")
+    if refused is not None:
+        raise refused
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
 def cmd_train(args) -> int:
     from scalegen.config import load_config, load_run_config
     from scalegen.train.loop import train
@@ -69,6 +96,7 @@ def cmd_train(args) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"'{out}' exists (train.out_dir): this run goes to '{redirected}' (pass --out to choose)", flush=True)
         out = redirected
+    args.out = out  # the folder an interrupt message names
     from scalegen.train.checkpoint import checkpoint_step, latest_checkpoint
 
     before = latest_checkpoint(out) if args.resume and Path(out).is_dir() else None
@@ -206,9 +234,11 @@ def cmd_eval_clip(args) -> int:
             print(f"note: {len(source.missing)} of {len(pool.prompts)} corpus prompts have no image folder "
                   f"(e.g. {source.missing[0]!r}); they are not scored but stay retrieval candidates", flush=True)
     clip = load_clip(protocol.model, state.device)
-    summary = evaluate_clip(source, pool, protocol, clip, out, args.cache or default_cache_dir(), state=state,
-                            batch=args.batch, contact=args.contact, save_views=args.save_views,
-                            overwrite=args.overwrite, progress=not args.no_progress)
+    args.out = out  # what the interrupt message names
+    with _locked(out, "scalegen eval clip", state):
+        summary = evaluate_clip(source, pool, protocol, clip, out, args.cache or default_cache_dir(), state=state,
+                                batch=args.batch, contact=args.contact, save_views=args.save_views,
+                                overwrite=args.overwrite, progress=not args.no_progress)
     if state.is_main_process:
         print(people_table(summary))
         p = summary["protocol"]
@@ -269,7 +299,10 @@ def cmd_generate(args) -> int:
     cfg, ckpt = pipe.cfg, pipe.source
     t_load = time.perf_counter() - t_load
     pipe.check_world_prompts(prompts, args.ckpt)
-    res = generate_assets(plan, cfg, pipe.model, pipe.text_encoder, opts, checkpoint=str(ckpt))
+    with _locked(args.out, "scalegen generate"):
+        plan = plan_jobs(prompts, args.out, opts, single=args.prompt is not None,
+                         format_given=args.format is not None)  # again under the lock: another writer may have finished
+        res = generate_assets(plan, cfg, pipe.model, pipe.text_encoder, opts, checkpoint=str(ckpt))
     n = len(res["assets"])
     rows = [[stage, s, s / n] for stage, s in res["seconds"].items()] + [["total", res["total_s"], res["seconds_per_asset"]]]
     print(format_table(rows, ["stage", "seconds", "per asset"]))
@@ -321,8 +354,9 @@ def cmd_export_pretrained(args) -> int:
         command = f"scalegen eval --ckpt {args.ckpt}"
     source = Path(pipe.source)
     steps = checkpoint_step(source) if source.name.startswith("step_") else None
-    out = pipe.save_pretrained(args.out, eval_results=results, eval_command=command, gallery=not args.no_gallery,
-                               steps=steps, repo_id=args.repo_id)
+    with _locked(args.out, "scalegen export-pretrained"):
+        out = pipe.save_pretrained(args.out, eval_results=results, eval_command=command, gallery=not args.no_gallery,
+                                   steps=steps, repo_id=args.repo_id)
     print(f"wrote {out}: config.json, model.safetensors, README.md (model card)"
           + ("" if args.no_gallery else ", gallery.png") + f"; load it with TextTo3DPipeline.from_pretrained('{out}')")
     return 0
@@ -525,13 +559,16 @@ def cmd_data_build(args) -> int:
             encoder = build_text_encoder(cfg)
     store = args.store or ("none" if encoder is None else "views" if args.encoder == "clip" else "plain")
     t0 = time.perf_counter()
-    res = build_shards(args.corpus, args.out, encoder, shard_size=args.shard_size, splits=args.split, column=args.column,
-                       store=store, compress=args.compress, batch_size=args.batch_size,
-                       process_index=state.process_index, num_processes=state.num_processes,
-                       log=lambda m: print(m, flush=True), overwrite=args.overwrite, barrier=state.wait_for_everyone)
-    state.wait_for_everyone()
+    with _locked(args.out, "scalegen data build", state):
+        res = build_shards(args.corpus, args.out, encoder, shard_size=args.shard_size, splits=args.split,
+                           column=args.column, store=store, compress=args.compress, batch_size=args.batch_size,
+                           process_index=state.process_index, num_processes=state.num_processes,
+                           log=lambda m: print(m, flush=True), overwrite=args.overwrite,
+                           barrier=state.wait_for_everyone)
+        state.wait_for_everyone()
+        m = write_manifest(args.corpus, args.out, res["plans"], res["report"], res["encoder"]) \
+            if state.is_main_process else None
     if state.is_main_process:
-        m = write_manifest(args.corpus, args.out, res["plans"], res["report"], res["encoder"])
         for line in summary_lines(res["report"]):
             print(line)
         nbytes = sum(sh["bytes"] for sp in m["splits"].values() for sh in sp["shards"])
@@ -813,6 +850,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    entry = argv is None  # run as the `scalegen` command (not called in-process)
     argv = list(sys.argv[1:] if argv is None else argv)
     given = list(argv)  # as typed, for the record a bench writes into its JSON
     # `--resume` takes an optional `auto`; anything else after it is not its value (an override, say).
@@ -830,15 +868,79 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = given
     try:
         return args.fn(args)
-    except Preempted as e:
-        print(f"stopped: {e}", file=sys.stderr)
+    except (Preempted, Interrupted) as e:
+        if isinstance(e, Interrupted) and args.fn not in (cmd_train, cmd_refine):
+            print(f"interrupted: {_interrupt_advice(args)}", file=sys.stderr)  # e.g. a benchmark's training: rerun it
+        else:
+            print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
     except ScalegenError as e:
         print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)  # one line, whatever a file name holds
         return 2
     except KeyboardInterrupt:
-        print("interrupted; continue a training run with `scalegen train --out RUN_DIR --resume`", file=sys.stderr)
+        _quiet_exit(entry)
+        try:
+            advice = _interrupt_advice(args)
+        except Exception:  # noqa: BLE001 - the advice must never turn an interrupt into a traceback
+            advice = "nothing more is known about what was kept"
+        print(f"interrupted: {advice}", file=sys.stderr, flush=True)
         return 130
+
+
+def _quiet_exit(entry: bool) -> None:
+    """After Ctrl-C, make further Ctrl-Cs and a closed stdout (``| head``) end the process quietly: no
+    'Exception ignored ... write to closed file' from the interpreter's final flush. ``entry``: main()
+    is the process's entry point (not called in-process by a test or a script), which is about to exit."""
+    import signal
+
+    if entry:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    # A stdout that cannot be flushed at exit prints a traceback-like line; give Python a stream it can flush.
+    if sys.stdout is not None and getattr(sys.stdout, "closed", False):
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+
+
+def _interrupt_advice(args) -> str:
+    """What of an interrupted command's work is kept and how to go on (the first Ctrl-C of training is
+    handled inside the loop, which writes a checkpoint; this is every other command, and a second Ctrl-C)."""
+    fn = getattr(args, "fn", None)
+    if fn in (cmd_train, cmd_refine):
+        from scalegen.train.checkpoint import checkpoint_step, latest_checkpoint
+
+        out = args.out
+        cmd = "train" if fn is cmd_train else "refine"
+        if not out or not Path(out).is_dir():
+            return f"no run folder was written; start again with the same scalegen {cmd} command"
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            return (f"'{out}' has no checkpoint yet, so nothing can be resumed; remove it and start again with the "
+                    f"same scalegen {cmd} command")
+        return (f"stopped at once (the steps after the last checkpoint are lost); continue with `scalegen {cmd} --out "
+                f"{out} --resume` (resumes at step {checkpoint_step(ckpt)})")
+    if fn is cmd_data_build:
+        out = Path(args.out)
+        shards = [p for p in out.glob("*/shard-*.tar")] if out.is_dir() else []
+        if not shards:
+            return f"no shard was finished in '{out}'; rerun the same scalegen data build command"
+        return (f"{len(shards)} finished shard(s) in '{out}' are kept; rerun the same scalegen data build command to "
+                "build the rest (finished shards are checked and skipped)")
+    if fn is cmd_eval_clip:
+        out = Path(args.out) if args.out else None
+        if out is None or not out.is_dir():
+            return "nothing was scored yet; rerun the same scalegen eval clip command"
+        return (f"the prompts scored so far are kept in '{out}' (progress/); rerun the same scalegen eval clip "
+                "command to score the rest")
+    if fn is cmd_generate:
+        return (f"no asset was written to '{args.out}' (assets are moved into place only when all are generated); "
+                "rerun the same scalegen generate command")
+    if fn is cmd_bench:
+        return (f"no figures were written{' to ' + args.json if args.json else ''}; the benchmark's runs so far stay "
+                f"in '{args.out}'; rerun the same scalegen bench command")
+    return "nothing was finished; rerun the same command"
 
 
 if __name__ == "__main__":

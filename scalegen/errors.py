@@ -35,3 +35,11 @@ class Preempted(ScalegenError):
     EX_TEMPFAIL) so a job script can requeue the run."""
 
     exit_code = 75
+
+
+class Interrupted(ScalegenError):
+    """A long command stopped on the first Ctrl-C after keeping its work (a checkpoint written, finished
+    files kept); the message says how to continue. The CLI exits with ``exit_code`` (130, as a shell's
+    128 + SIGINT)."""
+
+    exit_code = 130

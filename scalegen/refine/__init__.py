@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 
 from scalegen.config import PER_PROMPT, Config, compose_config, load_run_config, load_yaml
-from scalegen.errors import ConfigError
+from scalegen.errors import CheckpointError, ConfigError
+from scalegen.locks import FolderLock
 from scalegen.eval.oracle import eval_cameras, evaluate_prompts, ground_truth_gallery
 from scalegen.eval.report import write_json
 from scalegen.export.gaussian_ply import write_gaussian_ply
@@ -106,17 +107,26 @@ def refine(cfg: Config, out: str | Path, init_from: Optional[str] = None, resume
     ``out/refine.json``. ``gallery``: the world's ground truth on the evaluation orbit when the caller has
     it (``eval.oracle.ground_truth_gallery``; rendered here otherwise)."""
     out = Path(out)
+    with FolderLock(out, "scalegen refine", log=lambda m: print(m, flush=True)):
+        return _refine(cfg, out, init_from, resume, up, fit, mesh_resolution, gallery)
+
+
+def _refine(cfg: Config, out: Path, init_from: Optional[str], resume: bool, up: str, fit: bool, mesh_resolution: int,
+            gallery: Optional[tuple]) -> dict:
     if resume:
         start = load_yaml(out / "start.json") if (out / "start.json").is_file() else {"start": "unknown"}
         init_state = None
     else:
+        if (out / "config.yaml").is_file():  # before start.json is written over another refinement's
+            raise CheckpointError(f"'{out}' holds another refinement (its config.yaml); pass --resume to continue "
+                                  "it or choose another --out")
         t0, c0 = time.perf_counter(), time.process_time()
         init_state, start = start_state(cfg, init_from, up=up, fit=fit)
         start.update({"start_s": time.perf_counter() - t0, "start_cpu_s": time.process_time() - c0})
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "start.json", start)
     t0, c0 = time.perf_counter(), time.process_time()
-    ckpt = train(cfg, out, resume=resume, init_state=init_state)
+    ckpt = train(cfg, out, resume=resume, init_state=init_state, resume_command=f"scalegen refine --out {out} --resume")
     train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     cfg, text_encoder, model, ckpt = load_run(out)
     report: dict = {"prompt": cfg.data.prompt, "representation": cfg.generator.name, "distill": cfg.distill.name,

@@ -57,15 +57,18 @@ def launch_warning(world_size: int) -> str | None:
 
 
 class StopSignal:
-    """Remembers a SIGTERM (a preempted SLURM job: `--signal=TERM@120`) or SIGUSR1 instead of dying,
-    so the loop can checkpoint on every rank at the same step and exit with ``PREEMPTED_EXIT``."""
+    """Remembers a SIGTERM (a preempted SLURM job: `--signal=TERM@120`), SIGUSR1 or the first Ctrl-C
+    (SIGINT) instead of dying, so the loop can finish the step, checkpoint on every rank at the same
+    step and exit (``PREEMPTED_EXIT`` for a scheduler's signals, ``Interrupted`` for Ctrl-C). A second
+    Ctrl-C restores Python's default and raises ``KeyboardInterrupt`` at once."""
 
-    def __init__(self):
+    def __init__(self, announce=None):
         self.received: int | None = None
         self._old = {}
+        self._announce = announce  # called once with a line on the first Ctrl-C (rank 0 prints it)
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone
@@ -73,7 +76,20 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame):
-        self.received = signum
+        if signum == signal.SIGINT:
+            if self.received == signal.SIGINT:  # the second Ctrl-C: stop now
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            if self._announce is not None:
+                self._announce("interrupt: finishing this step and writing a checkpoint (Ctrl-C again to quit at "
+                               "once, losing the steps since the last checkpoint)")
+        if self.received is None or signum == signal.SIGINT:
+            self.received = signum
+
+    @property
+    def interrupted(self) -> bool:
+        """The stop was asked for by Ctrl-C (not by a scheduler)."""
+        return self.received == signal.SIGINT
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():

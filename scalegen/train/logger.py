@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scalegen import atomic
 from scalegen.errors import ConfigError
 
 
@@ -40,9 +41,7 @@ class MetricLogger:
                 if bad:
                     print(f"{path}: dropped {bad} unreadable line(s) (a crash mid-write leaves a partial last line)")
                 keep = [r for r in records if r.get("step", 0) <= resume_step]
-                tmp = path.with_name(path.name + ".tmp")
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-                os.replace(tmp, path)
+                atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
         if cfg.train.logger == "wandb":
             try:
                 import wandb  # noqa: PLC0415 - optional at import time
@@ -51,7 +50,7 @@ class MetricLogger:
                                   "or set train.logger=none") from None
             id_file = run_dir / "wandb_id.txt"
             run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
-            id_file.write_text(run_id)
+            atomic.write_text(id_file, run_id)
             # One wandb run per job (only the main process logs), grouped by run folder so that the
             # requeued pieces of a preempted job and its resumes line up.
             self.wandb = wandb.init(project=cfg.train.wandb_project, dir=str(run_dir), id=run_id,

@@ -22,21 +22,24 @@ from pathlib import Path
 import imageio.v3 as iio
 import torch
 
-from scalegen.config import PER_PROMPT, Config, schedule_value, step_position
+from scalegen import atomic
+from scalegen.config import PER_PROMPT, Config, load_yaml, schedule_value, step_position
 from scalegen.data.cameras import orbit_cameras, sample_train_cameras
 from scalegen.data.prompts import PromptSampler, read_corpus
 from scalegen.data.sampler import Batch, Sampler
 from scalegen.data.shards import check_encoder
 from scalegen.data.stream import ShardStream
 from scalegen.distill import build_distiller
-from scalegen.errors import CheckpointError, ConfigError, Preempted, TrainingError
+from scalegen.errors import CheckpointError, ConfigError, Interrupted, Preempted, TrainingError
+from scalegen.locks import FolderLock, FolderLocked
 from scalegen.priors import GroundTruth, Prior, build_prior
 from scalegen.render import build_renderer
 from scalegen.render.images import image_grid
 from scalegen.text import TextCond
 from scalegen.text.base import LRU
-from scalegen.train.checkpoint import (latest_checkpoint, load_training_state, load_weights, rng_state,
-                                       save_checkpoint, set_rng_state, temp_checkpoint_dir)
+from scalegen.train.checkpoint import (config_changes, latest_checkpoint, load_training_state, load_weights,
+                                       rng_state, run_dir_of, save_checkpoint, set_rng_state, shape_mismatch,
+                                       temp_checkpoint_dir)
 from scalegen.train.distributed import PREEMPTED_EXIT, StopSignal, agree, launch_warning
 from scalegen.train.logger import MetricLogger
 from scalegen.train.model import build_model
@@ -284,17 +287,39 @@ def make_accelerator(cfg: Config):
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, init_state: dict | None = None,
-          on_validate: Callable | None = None) -> Path:
+          resume_command: str | None = None, on_validate: Callable | None = None) -> Path:
     """Train (or resume) a run in ``run_dir``; returns the last checkpoint's path. Raises ``Preempted``
-    after writing a checkpoint when the process receives SIGTERM. ``init_state``: the ``SceneModel``'s
-    starting weights (a new run only; per-prompt refinement starts from an amortized generator's output).
+    after writing a checkpoint when the process receives SIGTERM, ``Interrupted`` after writing one on
+    the first Ctrl-C (SIGINT). ``init_state``: the ``SceneModel``'s starting weights (a new run only;
+    per-prompt refinement starts from an amortized generator's output). ``resume_command``: the command
+    that continues this run, said on an interrupt (default ``scalegen train --out RUN_DIR --resume``).
     ``on_validate(model, text_encoder, prompts, step, run_dir, logger)``: more validation on the main process
     after the image grid (``scalegen train`` passes the 3D assets and metrics of ``pipeline.validation``, a
-    floor above this one)."""
+    floor above this one). The run folder is locked (``scalegen.locks``) while the run writes it: a second
+    writer is refused."""
     run_dir = Path(run_dir)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     acc = make_accelerator(cfg)
+    lock = FolderLock(run_dir, "scalegen train", rank=acc.process_index, log=lambda m: print(m, flush=True))
+    refused = None
+    try:
+        lock.acquire()
+    except FolderLocked as e:
+        refused = e
+    if acc.num_processes > 1 and agree([refused is not None], acc.device, acc.num_processes)[0] and refused is None:
+        raise FolderLocked(f"'{run_dir}' is locked by another process (process 0 of this job says who)")
+    if refused is not None:
+        raise refused
+    try:
+        return _train(cfg, run_dir, acc, resume, init_state,
+                      resume_command or f"scalegen train --out {run_dir} --resume", on_validate)
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config, run_dir: Path, acc, resume: bool, init_state: dict | None, resume_command: str,
+           on_validate: Callable | None = None) -> Path:
     rank, world_size, main = acc.process_index, acc.num_processes, acc.is_main_process
     warning = launch_warning(world_size)
     if warning and main:
@@ -310,6 +335,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, init_state: di
     elif latest_checkpoint(run_dir) is not None:
         raise CheckpointError(f"'{run_dir}' already holds checkpoints; pass --resume to continue it or choose "
                               "another --out")
+    elif (run_dir / "config.yaml").is_file():  # a run that has not reached its first checkpoint yet
+        raise CheckpointError(f"'{run_dir}' holds another run (its config.yaml) with no checkpoint yet; pass "
+                              "--resume to continue it or choose another --out")
     if world_size > 1 and cfg.generator.name in PER_PROMPT:
         raise ConfigError(f"generator.name={cfg.generator.name} (per-prompt refinement) runs in one process; "
                           "launch it without accelerate launch / torchrun")
@@ -347,7 +375,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, init_state: di
     # that fails leaves nothing behind (and the next attempt is not redirected by a stale folder).
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        atomic.write_text(run_dir / "config.yaml", cfg.to_yaml())
     acc.wait_for_everyone()
     logger = MetricLogger(run_dir, cfg, enabled=main, resume_step=start)
     validator = Validator(cfg, truth, prompts) if main else None
@@ -376,7 +404,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, init_state: di
     # the device and checked on logging and checkpoint steps only.
     first_bad = torch.full((), -1, dtype=torch.long, device=acc.device)
     bad_in_row, bad_total = 0, 0
-    stop = StopSignal()
+    stop = StopSignal(announce=(lambda m: os.write(2, (m + "\n").encode())) if main else None)
     try:
         with stop:
             for step in range(start, max_steps):
@@ -436,7 +464,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, init_state: di
                 else:
                     first_bad = torch.where((first_bad < 0) & ~finite, first_bad.new_full((), done), first_bad)
                     optimizers.step()
-                    stopping = False
+                    stopping = world_size == 1 and stop.received is not None  # no collective needed to agree
                 if raw_model.generator.adapt(done, generator_optimizer):  # e.g. densify / prune Gaussians
                     params = [p for g in optimizers.generator.param_groups for p in g["params"]]
                 dt = time.perf_counter() - t0
@@ -469,6 +497,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, init_state: di
                         on_validate(raw_model, text_encoder, validator.prompts, done, run_dir, logger)
                 if save_now or stopping:
                     last = _save(acc, run_dir, done, model, raw_model, optimizers, distiller, sampler, cfg)
+                if stopping and stop.interrupted:
+                    raise Interrupted(f"interrupted after step {done}; checkpoint {last} is written; continue with "
+                                      f"`{resume_command}` (resumes at step {done})")
                 if stopping:
                     raise Preempted(f"stopped on a termination signal after step {done}; checkpoint {last} is "
                                     f"written; continue with `--resume` (exit code {PREEMPTED_EXIT} lets a job "
@@ -508,8 +539,23 @@ def restore(ckpt: Path, cfg: Config, model, distiller, optimizers: "Optimizers",
     the generator's optimizer state is the engine's own (loaded after ``prepare``)."""
     weights = load_weights(ckpt)
     opt_state, rng, state = load_training_state(ckpt)
-    model.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("model.")})
-    distiller.load_state_dict({k[len("distiller."):]: v for k, v in weights.items() if k.startswith("distiller.")})
+    built = {**{f"model.{k}": t for k, t in model.state_dict().items()},
+             **{f"distiller.{k}": t for k, t in distiller.state_dict().items()}}
+    try:  # a model whose size changes in training (a Gaussian scene) resizes itself in load_state_dict
+        model.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("model.")})
+        distiller.load_state_dict({k[len("distiller."):]: v for k, v in weights.items() if k.startswith("distiller.")})
+    except RuntimeError:
+        bad = shape_mismatch(built, weights)
+        if bad is None:
+            raise
+        key, was, now = bad
+        saved_cfg = run_dir_of(ckpt) / "config.yaml"
+        changed = config_changes(load_yaml(saved_cfg), cfg.to_dict()) if saved_cfg.is_file() else []
+        shaping = [c for c in changed if c[0].split(".")[0] not in ("train", "optim", "data", "eval", "loss")]
+        changed = shaping or changed  # the keys that can shape a tensor (max_steps and the like cannot)
+        why = "; ".join(f"{k}={b} (the run has {a})" for k, a, b in changed[:3]) or "the config differs"
+        raise CheckpointError(f"cannot resume '{ckpt}': {why} changes the shape of {key} (checkpoint {was}, now {now}); "
+                              "resume without overrides that change the model's size, or start a new run") from None
     written_by_deepspeed = (ckpt / "deepspeed").is_dir()
     if written_by_deepspeed != deepspeed:
         raise CheckpointError(f"checkpoint '{ckpt}' was written {'with' if written_by_deepspeed else 'without'} "

@@ -12,7 +12,7 @@ from scalegen.errors import CheckpointError
 from scalegen.generators import Generator, build_generator
 from scalegen.render import Background, build_background
 from scalegen.text import TextCond, build_text_encoder
-from scalegen.train.checkpoint import load_weights, resolve_checkpoint, run_dir_of
+from scalegen.train.checkpoint import load_weights, resolve_checkpoint, run_dir_of, shape_mismatch
 
 
 class SceneModel(nn.Module):
@@ -47,7 +47,15 @@ def load_run(path: str | Path):
     cfg = from_dict(load_yaml(cfg_path))
     text_encoder, model = build_model(cfg)
     state = {k[len("model."):]: v for k, v in load_weights(ckpt).items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    built = model.state_dict()
+    try:  # a model whose size changes in training (a Gaussian scene) resizes itself in load_state_dict
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError:
+        bad = shape_mismatch(built, state)
+        if bad is None:
+            raise
+        raise CheckpointError(f"checkpoint '{ckpt}' does not match its config: {bad[0]} has shape {bad[1]} in the "
+                              f"weights but {bad[2]} from config.yaml; was config.yaml edited?") from None
     if missing or unexpected:
         raise CheckpointError(f"checkpoint '{ckpt}' does not match its config (missing {list(missing)[:3]}, "
                               f"unexpected {list(unexpected)[:3]}); was config.yaml edited?")
