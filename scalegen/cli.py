@@ -560,9 +560,18 @@ def cmd_data_build(args) -> int:
     warning = launch_warning(state.num_processes)
     if warning and state.is_main_process:
         print(f"warning: {warning}", flush=True)
+    overrides = list(args.overrides or [])
+    load_config(None, overrides)  # every key checked (a typo gets its did-you-mean), whatever the encoder
+    other = [o for o in overrides if not o.startswith("text.")]
+    if other:
+        raise ScalegenError(f"data build takes only text.* overrides (they configure --encoder); "
+                            f"'{other[0]}' would change nothing here")
+    if overrides and args.encoder == "none":
+        raise ScalegenError(f"'{overrides[0]}' configures a text encoder, but --encoder is none; pass --encoder bow "
+                            "or clip, or drop the override")
     encoder = None
     if args.encoder != "none":
-        cfg = load_config(None, [f"text.encoder={args.encoder}"] + list(args.overrides or []))
+        cfg = load_config(None, [f"text.encoder={args.encoder}"] + overrides)
         if args.encoder == "clip":
             from scalegen.text.clip import CLIPTextEncoder
 

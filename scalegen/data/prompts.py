@@ -176,7 +176,7 @@ def _json_item_positions(text: str, split: str | None) -> list[tuple[int, int]]:
 
 def locate(path: str | Path, split: str, n: int, column: str = "prompt") -> str:
     """Where prompt ``n`` (the number ``read_corpus_lines`` gives: a line, or a JSON item) of a corpus
-    is, for messages: ``c.txt:7``, ``c.csv:7, column 2 ('prompt')``, ``c.json:12:5 (item 3 of 'train')``."""
+    is, for messages: ``c.txt:7``, ``c.csv:7:2 (column 'prompt')``, ``c.json:12:5 (item 3 of 'train')``."""
     p = Path(path)
     suffix = p.suffix.lower()
     if suffix == ".json":
@@ -189,7 +189,7 @@ def locate(path: str | Path, split: str, n: int, column: str = "prompt") -> str:
     if suffix == ".csv":
         header = next(csv.reader(io.StringIO(_text(p), newline="")), [])
         col = header.index(column) + 1 if column in header else 0
-        return f"{path}:{n}, column {col} ({column!r})" if col else f"{path}:{n}"
+        return f"{path}:{n}:{col} (column {column!r})" if col else f"{path}:{n}"
     return f"{path}:{n}"
 
 
@@ -200,8 +200,8 @@ def check_encodable(path: str | Path, lines: list[tuple[str, int]], encoder, spl
     for prompt, n in lines:
         why = encoder.why_unencodable(prompt)
         if why is not None:
-            raise DataError(f"{why}; {locate(path, split, n, column)} ({_short(prompt)}) has none: reword or delete "
-                            "that prompt")
+            raise DataError(f"{why}; the prompt {_short(prompt)} at {locate(path, split, n, column)} has none: "
+                            "reword or delete it")
 
 
 def _short(x, n: int = 60) -> str:
