@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "scalegen"
 # config, errors -> text -> data -> render -> priors / generators -> distill -> train / eval / export
 #   -> refine, bench, cli
-FLOOR = {"config": 0, "errors": 0, "text": 1, "data": 2, "render": 3, "priors": 4, "generators": 4, "distill": 5,
+FLOOR = {"config": 0, "errors": 0, "atomic": 0, "text": 1, "data": 2, "render": 3, "priors": 4, "generators": 4, "distill": 5,
          "train": 6, "eval": 6, "export": 6, "refine": 7, "bench": 7, "cli": 7}
 
 
