@@ -4,7 +4,6 @@ leave nothing behind, prompt errors name file and line, hub loaders fail at once
 half-built folder or a wrong hint)."""
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
