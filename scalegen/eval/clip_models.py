@@ -95,8 +95,6 @@ class TransformersClip(ClipModel):
 
 
 def load_transformers_clip(spec: str, device="cpu") -> TransformersClip:
-    from transformers import AutoTokenizer, CLIPModel  # noqa: PLC0415 - optional extra
-
     local = Path(spec).is_dir()
     if local:
         cfg_path = Path(spec) / "config.json"
@@ -110,6 +108,8 @@ def load_transformers_clip(spec: str, device="cpu") -> TransformersClip:
                            f"({hub_cache_dir()}); on a machine with network access run `{download_command(spec)}` "
                            f"(then --model {spec} finds it in the cache; copy the cache folder over if that is another "
                            f"machine) or `{download_command(spec, local_dir=True)}` and pass --model /models/{_tail(spec)}")
+    from transformers import AutoTokenizer, CLIPModel  # noqa: PLC0415 - optional extra, imported once files are found
+
     try:
         model = CLIPModel.from_pretrained(path, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
