@@ -267,3 +267,29 @@ def test_eval_clip_offline_fails_at_once_with_the_download_command(model, comman
     assert no_network == [], "the loader tried the network before the cache"
     assert took < 5, took
     assert not Path("o").exists()
+
+
+def test_an_interrupted_new_build_keeps_its_finished_shards_and_resumes(tmp_path, monkeypatch, capsys):
+    """A new build is staged; Ctrl-C moves the finished shards into place (no staging folder left) so the
+    same command resumes instead of starting again."""
+    import scalegen.data.shards as shards
+
+    monkeypatch.chdir(tmp_path)
+    Path("c.txt").write_text("a red cube\na blue sphere\na green cone\n")
+    real, calls = shards.write_shard, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(shards, "write_shard", interrupted)
+    argv = ["data", "build", "--corpus", "c.txt", "--out", "sh", "--shard-size", "1"]
+    rc, _, _ = _run(argv, capsys)
+    assert rc not in (0, 2)
+    assert len(list(Path("sh/train").glob("shard-*.tar"))) == 1 and not Path("sh/manifest.json").exists()
+    assert sorted(os.listdir(tmp_path)) == ["c.txt", "sh"]  # no staging folder beside it
+    monkeypatch.setattr(shards, "write_shard", real)
+    rc, out, err = _run(argv, capsys)
+    assert rc == 0 and "wrote 2 shard(s), 1 already finished" in out, out + err
