@@ -62,7 +62,6 @@ grid_int = int_range(8, 1024)  # marching-cubes cells per axis: below 8 nothing 
 image_int = int_range(8, 4096)
 finite_float = float_range()
 positive_float = float_range(0.0, lo_open=True)
-fraction = float_range(0.0, 1.0)
 
 
 def _first_existing(p: Path) -> Path:
@@ -128,8 +127,9 @@ def out_path(text: str) -> str:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with its errors as one line (``scalegen data build: error: argument --batch-size: must
-    be at least 1, got 0``) instead of the usage block, and a missing subcommand named with its choices."""
+    """argparse, with its errors as one line (``error: scalegen data build: argument --batch-size: must
+    be at least 1, got 0 (see scalegen data build --help)``) instead of the usage block, and a missing
+    subcommand named with its choices."""
 
     def error(self, message: str):
         import re
