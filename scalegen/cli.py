@@ -1,6 +1,8 @@
 """Command line: ``scalegen train | eval | generate | refine | gallery | bench | info | prior | data``.
 
 Errors a user can cause (``ScalegenError``) print one line and exit 2, without a traceback.
+So do command lines argparse refuses: every number is range-checked and every path checked for its
+kind (file or folder) by the argument types below, before any work starts.
 """
 from __future__ import annotations
 
@@ -36,6 +38,139 @@ class _NamesOf:
 
     def __contains__(self, item) -> bool:
         return item in self._names()
+
+
+# --------------------------------------------------------------------------------------------- argument types
+# Each returns the converted value or raises ArgumentTypeError with what is wrong and what is allowed;
+# argparse prefixes the flag, and ``Parser.error`` prints it as one line (exit code 2).
+def int_range(lo: int, hi: int | None = None, what: str = "an integer"):
+    """An argparse type: an integer in [lo, hi] (hi None: no upper bound)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            bound = f"at least {lo}" if hi is None else f"from {lo} to {hi}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {v}")
+        return v
+    parse.__name__ = "int"  # argparse names the type in its own messages
+    return parse
+
+
+def float_range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
+    """An argparse type: a finite float in [lo, hi] (open ends where asked; None: unbounded)."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        low_bad = lo is not None and (v <= lo if lo_open else v < lo)
+        high_bad = hi is not None and (v >= hi if hi_open else v > hi)
+        if not math.isfinite(v) or low_bad or high_bad:
+            left = "" if lo is None else f"{'>' if lo_open else '>='} {lo:g}"
+            right = "" if hi is None else f"{'<' if hi_open else '<='} {hi:g}"
+            rng = " and ".join(x for x in (left, right) if x) or "finite"
+            raise argparse.ArgumentTypeError(f"must be a finite number {rng}, got {text}")
+        return v
+    parse.__name__ = "float"
+    return parse
+
+
+positive_int = int_range(1)
+nonneg_int = int_range(0)
+seed_int = int_range(0, 2**32 - 1, "an integer seed")  # numpy's seed range, which every seed here must fit
+grid_int = int_range(8, 1024)  # marching-cubes cells per axis: below 8 nothing is resolved, 1024^3 fills memory
+image_int = int_range(8, 4096)
+finite_float = float_range()
+positive_float = float_range(0.0, lo_open=True)
+
+
+def _first_existing(p: Path) -> Path:
+    return next((a for a in [p, *p.parents] if a.exists()), Path("."))
+
+
+def _kind_error(text: str, want: str) -> argparse.ArgumentTypeError:
+    p = Path(text)
+    anchor = _first_existing(p)
+    if anchor != p and not anchor.is_dir():
+        return argparse.ArgumentTypeError(f"'{text}' cannot be created: '{anchor}' is a file, not a folder")
+    return argparse.ArgumentTypeError(f"'{text}' {'does not exist' if not p.exists() else 'is a ' + ('folder' if p.is_dir() else 'file')}; "
+                                      f"give {want}")
+
+
+def existing_file(text: str) -> str:
+    """An argparse type: a file that exists."""
+    if not Path(text).is_file():
+        raise _kind_error(text, "an existing file")
+    return text
+
+
+def existing_dir(text: str) -> str:
+    """An argparse type: a folder that exists."""
+    if not Path(text).is_dir():
+        raise _kind_error(text, "an existing folder")
+    return text
+
+
+def existing_path(text: str) -> str:
+    """An argparse type: a file or folder that exists."""
+    if not Path(text).exists():
+        raise _kind_error(text, "an existing file or folder")
+    return text
+
+
+def model_ref(text: str) -> str:
+    """An argparse type: a trained model to load: a folder (run, checkpoint, exported) or a Hub id. A file is
+    refused here; a name that is neither a folder nor a cached Hub id is named by the loader."""
+    if Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"'{text}' is a file; give a run folder, a checkpoint folder, an exported "
+                                         "folder or a Hub id (owner/name)")
+    return text
+
+
+def out_dir(text: str) -> str:
+    """An argparse type: a folder to write: not a file, and creatable (no file on the way to it)."""
+    p = Path(text)
+    if p.exists() and not p.is_dir():
+        raise argparse.ArgumentTypeError(f"'{text}' is a file; give a folder (new or existing) to write into")
+    if not _first_existing(p).is_dir():
+        raise _kind_error(text, "a folder")
+    return text
+
+
+def out_file(text: str) -> str:
+    """An argparse type: a file to write: not a folder, in a folder that exists."""
+    p = Path(text)
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"'{text}' is a folder; give a file name to write")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write '{text}': folder '{parent}' does not exist; create it first")
+    return text
+
+
+def out_path(text: str) -> str:
+    """An argparse type: a file or a folder to write (``generate --out``): its parents must be folders."""
+    if not _first_existing(Path(text)).is_dir():
+        raise _kind_error(text, "a file or folder")
+    return text
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (``error: scalegen data build: argument --batch-size: must
+    be at least 1, got 0 (see scalegen data build --help)``) instead of the usage block, and a missing
+    subcommand named with its choices."""
+
+    def error(self, message: str):
+        import re
+
+        m = re.match(r"the following arguments are required: (\w+_command|command)$", message)
+        if m:
+            choices = next((a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)), {})
+            message = f"{self.prog} needs a subcommand: {' | '.join(choices)} ({self.prog} --help says what each does)"
+            self.exit(2, f"error: {message}\n")
+        self.exit(2, f"error: {self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +424,8 @@ def cmd_generate(args) -> int:
         raise ScalegenError("give exactly one of --prompt TEXT or --prompts FILE")
     if args.prompt is not None and not args.prompt.strip():
         raise ScalegenError("--prompt is empty; describe the asset, e.g. --prompt 'a large red cube'")
-    prompts = [" ".join(args.prompt.split())] if args.prompt is not None else read_corpus(args.prompts, split=args.split)
+    prompts = ([" ".join(args.prompt.split())] if args.prompt is not None
+               else read_corpus(args.prompts, split=args.split, split_flag="--split"))
     opts = _generate_options(args)
     plan = plan_jobs(prompts, args.out, opts, single=args.prompt is not None, format_given=args.format is not None)
     if args.threads:
@@ -316,8 +452,6 @@ def cmd_demo(args) -> int:
     from scalegen.pipeline import TextTo3DPipeline
     from scalegen.pipeline.demo import launch
 
-    if not 0 < args.port < 65536:
-        raise ScalegenError(f"--port must be between 1 and 65535, got {args.port}")
     if args.threads:
         import torch
 
@@ -396,7 +530,7 @@ def cmd_gallery(args) -> int:
             if args.prompts:
                 from scalegen.data.prompts import read_corpus
 
-                prompts = read_corpus(args.prompts, split=args.split)
+                prompts = read_corpus(args.prompts, split=args.split, split_flag="--split")
                 pipe.check_world_prompts(prompts, source)
             elif cfg.data.prompts == "oracle" and (truth := build_ground_truth(cfg)) is not None:
                 world = truth.world  # trained on the oracle world's own prompts
@@ -546,9 +680,18 @@ def cmd_data_build(args) -> int:
     warning = launch_warning(state.num_processes)
     if warning and state.is_main_process:
         print(f"warning: {warning}", flush=True)
+    overrides = list(args.overrides or [])
+    load_config(None, overrides)  # every key checked (a typo gets its did-you-mean), whatever the encoder
+    other = [o for o in overrides if not o.startswith("text.")]
+    if other:
+        raise ScalegenError(f"data build takes only text.* overrides (they configure --encoder); "
+                            f"'{other[0]}' would change nothing here")
+    if overrides and args.encoder == "none":
+        raise ScalegenError(f"'{overrides[0]}' configures a text encoder, but --encoder is none; pass --encoder bow "
+                            "or clip, or drop the override")
     encoder = None
     if args.encoder != "none":
-        cfg = load_config(None, [f"text.encoder={args.encoder}"] + list(args.overrides or []))
+        cfg = load_config(None, [f"text.encoder={args.encoder}"] + overrides)
         if args.encoder == "clip":
             from scalegen.text.clip import CLIPTextEncoder
 
@@ -559,15 +702,35 @@ def cmd_data_build(args) -> int:
             encoder = build_text_encoder(cfg)
     store = args.store or ("none" if encoder is None else "views" if args.encoder == "clip" else "plain")
     t0 = time.perf_counter()
-    with _locked(args.out, "scalegen data build", state):
-        res = build_shards(args.corpus, args.out, encoder, shard_size=args.shard_size, splits=args.split,
+
+    def build(target):
+        res = build_shards(args.corpus, target, encoder, shard_size=args.shard_size, splits=args.split,
                            column=args.column, store=store, compress=args.compress, batch_size=args.batch_size,
                            process_index=state.process_index, num_processes=state.num_processes,
-                           log=lambda m: print(m, flush=True), overwrite=args.overwrite,
-                           barrier=state.wait_for_everyone)
+                           log=lambda m: print(m, flush=True), overwrite=args.overwrite, barrier=state.wait_for_everyone)
         state.wait_for_everyone()
-        m = write_manifest(args.corpus, args.out, res["plans"], res["report"], res["encoder"]) \
-            if state.is_main_process else None
+        m = write_manifest(args.corpus, target, res["plans"], res["report"], res["encoder"]) if state.is_main_process else None
+        return res, m
+
+    with _locked(args.out, "scalegen data build", state):
+        out = Path(args.out)
+        # A new build is staged and moved into place whole, so a refused one leaves nothing behind. A folder that
+        # already holds a build (resumed, or replaced with --overwrite) and builds of several processes (which
+        # share the folder) are written in place, after every input has been checked.
+        if state.num_processes == 1 and (not out.exists() or not any(out.iterdir())):
+            from scalegen.atomic import replace, staged_folder
+
+            with staged_folder(out) as stage:
+                try:
+                    res, m = build(stage)
+                except KeyboardInterrupt:
+                    if any(stage.glob("*/shard-*.tar.json")):  # keep the finished shards: the same command resumes
+                        if out.is_dir():
+                            out.rmdir()
+                        replace(stage, out)
+                    raise
+        else:
+            res, m = build(out)
     if state.is_main_process:
         for line in summary_lines(res["report"]):
             print(line)
@@ -624,13 +787,19 @@ def _compose_oracle(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+DESCRIPTION = ("Amortized text-to-3D generators trained by score distillation. Errors you can fix print one line "
+               "starting with 'error:' and exit with code 2; `scalegen COMMAND --help` lists a command's options.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="scalegen", description=__doc__)
+    ap = Parser(prog="scalegen", description=DESCRIPTION)
+    ap.add_argument("--verbose", action="store_true",
+                    help="also show third-party warnings that do not concern scalegen (e.g. DeepSpeed's accelerator probe)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a generator (no arguments: the embedded oracle-world default)")
-    p.add_argument("--config", help="YAML experiment file (configs/...)")
-    p.add_argument("--out", help="run directory (default: train.out_dir)")
+    p.add_argument("--config", type=existing_file, help="YAML experiment file (configs/...)")
+    p.add_argument("--out", type=out_dir, help="run directory (default: train.out_dir)")
     p.add_argument("--resume", nargs="?", const="yes", choices=["yes", "auto"],
                    help="continue the run in --out from its last checkpoint; `--resume auto`: continue it if it "
                         "exists, else start it (requeued jobs)")
@@ -640,40 +809,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="oracle-world metrics of a run (PSNR, mask IoU, colour error, R@1); "
                                     "`eval clip`: CLIP scores on a prompt corpus")
-    p.add_argument("--ckpt", help="run directory or checkpoint folder")
-    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--ckpt", type=model_ref, help="run directory, checkpoint folder, exported folder or cached Hub id")
+    p.add_argument("--json", type=out_file, help="also write the figures to this JSON file")
     p.add_argument("--baseline", action="store_true", help="also evaluate the untrained generator")
-    p.add_argument("--max-prompts", type=int, default=None, help="per split (default: eval.max_prompts)")
+    p.add_argument("--max-prompts", type=positive_int, default=None, help="per split (default: eval.max_prompts)")
     p.set_defaults(fn=cmd_eval)
     eval_sub = p.add_subparsers(dest="eval_command")
     q = eval_sub.add_parser("clip", help="CLIP similarity, CLIPScore and R@1 of a run (or of rendered views) on a corpus")
-    q.add_argument("--ckpt", help="run directory or checkpoint folder to render")
-    q.add_argument("--images", help="score views rendered elsewhere: DIR/<prompt>/<view>.png (docs/evaluation.md)")
-    q.add_argument("--corpus", required=True, help="prompt file (ScaleDreamer JSON, text, CSV, JSON lines) or shard folder")
+    q.add_argument("--ckpt", type=existing_dir, help="run directory or checkpoint folder to render")
+    q.add_argument("--images", type=existing_dir, help="score views rendered elsewhere: DIR/<prompt>/<view>.png "
+                                                      "(docs/evaluation.md)")
+    q.add_argument("--corpus", required=True, type=existing_path, help="prompt file (ScaleDreamer JSON, text, CSV, JSON lines) or shard folder")
     q.add_argument("--split", nargs="+", help="corpus splits to score (default: the protocol's; test falls back to val)")
     q.add_argument("--protocol", default="scalegen", choices=_NamesOf("scalegen.eval.clip", "PROTOCOLS"),
                    metavar="NAME", help="%(choices)s (default %(default)s)")
     q.add_argument("--model", help="CLIP: transformers folder or hub id, open_clip NAME:PRETRAINED or folder")
-    q.add_argument("--views", type=int, help="views per prompt (protocol default)")
-    q.add_argument("--resolution", type=int, help="rendered pixels per side (protocol default)")
-    q.add_argument("--elevation", type=float, help="degrees (protocol default 15)")
-    q.add_argument("--distance", type=float, help="camera distance (default: the run's camera.eval_distance; "
+    q.add_argument("--views", type=int_range(1, 360), help="views per prompt (protocol default)")
+    q.add_argument("--resolution", type=image_int, help="rendered pixels per side (protocol default)")
+    q.add_argument("--elevation", type=float_range(-90, 90), help="degrees (protocol default 15)")
+    q.add_argument("--distance", type=positive_float, help="camera distance (default: the run's camera.eval_distance; "
                    "triplaneturbo: 3)")
-    q.add_argument("--fovy", type=float, help="degrees (default: the run's camera.eval_fovy; triplaneturbo: 50)")
+    q.add_argument("--fovy", type=float_range(0, 180, lo_open=True, hi_open=True),
+                   help="degrees (default: the run's camera.eval_fovy; triplaneturbo: 50)")
     q.add_argument("--view-source", choices=["field", "mesh"],
                    help="--ckpt views: the run's renders (field) or its exported mesh unlit on white (mesh; "
                         "triplaneturbo's default)")
     q.add_argument("--crop", choices=["left", "center"], help="left square (ScaleDreamer) or center crop")
     q.add_argument("--resize", choices=["bilinear", "bicubic"], help="resampling to CLIP's input size")
     q.add_argument("--prefix", help="caption prefix (triplaneturbo: 'A photo depicts')")
-    q.add_argument("--clipscore-w", type=float, help="CLIPScore weight w (2.5)")
-    q.add_argument("--distractors", type=int, help="k of the distractor R@1 (99)")
-    q.add_argument("--seed", type=int, help="distractor draw (0)")
-    q.add_argument("--json", help="also write the summary to this JSON file")
-    q.add_argument("--out", help="results folder (default: RUN/eval-clip/PROTOCOL-CORPUS); rerun to resume")
-    q.add_argument("--cache", help="text-feature cache (default: $SCALEGEN_CACHE or ~/.cache/scalegen/clip-text)")
-    q.add_argument("--batch", type=int, default=64, help="images per CLIP forward (default 64)")
-    q.add_argument("--contact", type=int, default=16, help="prompts on the contact sheet (default 16)")
+    q.add_argument("--clipscore-w", type=positive_float, help="CLIPScore weight w (2.5)")
+    q.add_argument("--distractors", type=positive_int, help="k of the distractor R@1 (99)")
+    q.add_argument("--seed", type=seed_int, help="distractor draw (0)")
+    q.add_argument("--json", type=out_file, help="also write the summary to this JSON file")
+    q.add_argument("--out", type=out_dir, help="results folder (default: RUN/eval-clip/PROTOCOL-CORPUS); rerun to resume")
+    q.add_argument("--cache", type=out_dir, help="text-feature cache (default: $SCALEGEN_CACHE or ~/.cache/scalegen/clip-text)")
+    q.add_argument("--batch", type=positive_int, default=64, help="images per CLIP forward (default 64)")
+    q.add_argument("--contact", type=nonneg_int, default=16, help="prompts on the contact sheet (default 16)")
     q.add_argument("--glob", default="*", help="with --images: which files of a prompt folder are views")
     q.add_argument("--save-views", action="store_true", help="also write every view as OUT/views/<prompt>/<i>.png")
     q.add_argument("--overwrite", action="store_true", help="discard results of another evaluation in --out")
@@ -681,32 +852,32 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(fn=cmd_eval_clip)
     q = eval_sub.add_parser("make-tiny-clip", help="write a tiny random CLIP (tests and smoke runs)")
-    q.add_argument("--out", required=True, help="new folder")
+    q.add_argument("--out", required=True, type=out_dir, help="new folder")
     q.add_argument("--backend", default="transformers", choices=["transformers", "open_clip"])
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=seed_int, default=0)
     q.set_defaults(fn=cmd_eval_make_tiny_clip)
 
     p = sub.add_parser("generate", help="prompts -> meshes (GLB/OBJ/PLY), optionally textured, with turntables")
-    p.add_argument("--ckpt", required=True, help="run directory, checkpoint folder, exported folder "
-                                                 "(scalegen export-pretrained) or cached Hub id")
+    p.add_argument("--ckpt", required=True, type=model_ref, help="run directory, checkpoint folder, exported folder "
+                                                                 "(scalegen export-pretrained) or cached Hub id")
     p.add_argument("--prompt", help="one prompt")
-    p.add_argument("--prompts", help="a corpus file (.txt/.json/.jsonl/.csv): one asset per prompt")
+    p.add_argument("--prompts", type=existing_file, help="a corpus file (.txt/.json/.jsonl/.csv): one asset per prompt")
     p.add_argument("--split", default="test", help="split of a JSON corpus (default: test)")
-    p.add_argument("--out", required=True, help="output file (.glb/.obj/.ply) for --prompt, or a folder")
+    p.add_argument("--out", required=True, type=out_path, help="output file (.glb/.obj/.ply) for --prompt, or a folder")
     p.add_argument("--format", help="glb | obj | ply (default glb; a file name's suffix decides for --prompt)")
-    p.add_argument("--resolution", type=int, default=128, help="marching-cubes cells per axis (default 128)")
-    p.add_argument("--level", type=float, default=None,
+    p.add_argument("--resolution", type=grid_int, default=128, help="marching-cubes cells per axis (default 128)")
+    p.add_argument("--level", type=finite_float, default=None,
                    help="SDF level of the surface (default 1.5 * render.beta, which matches the volume renders)")
-    p.add_argument("--simplify", type=int, default=None, metavar="FACES",
+    p.add_argument("--simplify", type=int_range(4), default=None, metavar="FACES",
                    help="simplify to at most FACES faces (default: off; 10000 with --texture)")
     p.add_argument("--texture", action="store_true", help="UV atlas (xatlas) + baked base-colour texture, GLB only")
-    p.add_argument("--texture-size", type=int, default=1024, help="texture width and height (default 1024)")
+    p.add_argument("--texture-size", type=int_range(16, 8192), default=1024, help="texture width and height (default 1024)")
     p.add_argument("--turntable", action="store_true", help="also write an orbit video (MP4, or GIF without ffmpeg)")
-    p.add_argument("--frames", type=int, default=24, help="turntable frames (default 24: one turn a second)")
-    p.add_argument("--turntable-size", type=int, default=128,
+    p.add_argument("--frames", type=int_range(1, 3600), default=24, help="turntable frames (default 24: one turn a second)")
+    p.add_argument("--turntable-size", type=int_range(16, 4096), default=128,
                    help="turntable width and height, a multiple of 16 (default 128)")
-    p.add_argument("--batch", type=int, default=16, help="prompts per generator call (default 16)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--batch", type=positive_int, default=16, help="prompts per generator call (default 16)")
+    p.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.add_argument("--keep-fragments", action="store_true",
                    help="keep pieces smaller than 2%% of the largest (floaters are dropped by default)")
@@ -714,17 +885,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="an interactive page (Gradio): prompt -> GLB viewer and download "
                        '(pip install "scalegen[demo]")')
-    p.add_argument("--ckpt", required=True, help="run directory, exported folder or cached Hub id")
+    p.add_argument("--ckpt", required=True, type=model_ref, help="run directory, exported folder or cached Hub id")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--port", type=int_range(1, 65535), default=7860, help="port (default 7860)")
+    p.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("export-pretrained", help="a run as one folder in the Hugging Face layout (config.json, "
                        "model.safetensors, model card) for TextTo3DPipeline.from_pretrained or the Hub")
-    p.add_argument("--ckpt", required=True, help="run directory or checkpoint folder")
-    p.add_argument("--out", required=True, help="new folder to write")
-    p.add_argument("--eval-json", help="the card's evaluation numbers: the file `scalegen eval --ckpt RUN --json F` "
+    p.add_argument("--ckpt", required=True, type=existing_dir, help="run directory or checkpoint folder")
+    p.add_argument("--out", required=True, type=out_dir, help="new folder to write")
+    p.add_argument("--eval-json", type=existing_file, help="the card's evaluation numbers: the file `scalegen eval --ckpt RUN --json F` "
                                        "wrote (default for an oracle run: evaluate it now)")
     p.add_argument("--eval-command", help="the command that produced --eval-json (for the card)")
     p.add_argument("--no-eval", action="store_true", help="no evaluation numbers in the card")
@@ -743,34 +914,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--up", choices=["y", "z"], default="y",
                    help="up axis of a mesh / point-cloud start file (default y, glTF's; a 3DGS PLY is read as is)")
     p.add_argument("--fit", action="store_true", help="centre and scale a start file to the start sphere")
-    p.add_argument("--config", help="YAML file applied over the preset")
-    p.add_argument("--out", required=True, help="output folder (checkpoints, gaussians.ply, mesh.glb, refine.json)")
+    p.add_argument("--config", type=existing_file, help="YAML file applied over the preset")
+    p.add_argument("--out", required=True, type=out_dir, help="output folder (checkpoints, gaussians.ply, mesh.glb, refine.json)")
     p.add_argument("--resume", nargs="?", const="yes", choices=["yes"], help="continue the refinement in --out")
-    p.add_argument("--mesh-resolution", type=int, default=128, help="marching-cubes grid of mesh.glb (default 128)")
-    p.add_argument("--json", help="also write the report to this JSON file")
+    p.add_argument("--mesh-resolution", type=grid_int, default=128, help="marching-cubes grid of mesh.glb (default 128)")
+    p.add_argument("--json", type=out_file, help="also write the report to this JSON file")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=200")
     p.set_defaults(fn=cmd_refine)
 
     p = sub.add_parser("gallery", help="a static page of a run's or an asset folder's assets (no network needed)")
-    p.add_argument("source", help="run directory (assets are generated) or a folder from `generate --prompts`")
-    p.add_argument("--out", required=True, help="site folder to write (index.html, viewer/, assets/)")
-    p.add_argument("--prompts", help="with a run: a corpus file (default: an oracle run's unseen + seen prompts)")
+    p.add_argument("source", type=existing_dir, help="run directory (assets are generated) or a folder from `generate --prompts`")
+    p.add_argument("--out", required=True, type=out_dir, help="site folder to write (index.html, viewer/, assets/)")
+    p.add_argument("--prompts", type=existing_file, help="with a run: a corpus file (default: an oracle run's unseen + seen prompts)")
     p.add_argument("--split", default="test", help="split of a JSON corpus (default: test)")
-    p.add_argument("--max-prompts", type=int, default=24, help="with a run: at most this many (default 24, 0 = all)")
-    p.add_argument("--resolution", type=int, default=128, help="with a run: marching-cubes cells per axis")
+    p.add_argument("--max-prompts", type=nonneg_int, default=24, help="with a run: at most this many (default 24, 0 = all)")
+    p.add_argument("--resolution", type=grid_int, default=128, help="with a run: marching-cubes cells per axis")
     p.add_argument("--texture", action="store_true", help="with a run: baked textures instead of vertex colours")
-    p.add_argument("--frames", type=int, default=24, help="with a run: turntable frames (default 24)")
-    p.add_argument("--turntable-size", type=int, default=128, help="with a run: turntable size (default 128)")
-    p.add_argument("--batch", type=int, default=16, help="with a run: prompts per generator call")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--viewer", help="model-viewer-umd.min.js to vendor (default: node_modules, else npm install)")
+    p.add_argument("--frames", type=int_range(1, 3600), default=24, help="with a run: turntable frames (default 24)")
+    p.add_argument("--turntable-size", type=int_range(16, 4096), default=128, help="with a run: turntable size (default 128)")
+    p.add_argument("--batch", type=positive_int, default=16, help="with a run: prompts per generator call")
+    p.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--viewer", type=existing_file, help="model-viewer-umd.min.js to vendor (default: node_modules, else npm install)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing site folder")
     p.set_defaults(fn=cmd_gallery)
 
     p = sub.add_parser("info", help="parameter counts and effective batch of a config")
-    p.add_argument("--config", help="YAML experiment file")
-    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--config", type=existing_file, help="YAML experiment file")
+    p.add_argument("--json", type=out_file, help="also write the figures to this JSON file")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(fn=cmd_info)
 
@@ -778,22 +949,22 @@ def build_parser() -> argparse.ArgumentParser:
                                       "make-tiny-mvdream")
     prior_sub = p.add_subparsers(dest="prior_command", required=True)
     q = prior_sub.add_parser("make-tiny", help="write a tiny random SD (unet, vae, scheduler, CLIP) in diffusers layout")
-    q.add_argument("--out", required=True, help="new folder")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", required=True, type=out_dir, help="new folder")
+    q.add_argument("--seed", type=seed_int, default=0)
     q.set_defaults(fn=cmd_prior_make_tiny)
     q = prior_sub.add_parser("make-tiny-mvdream",
                              help="write a tiny random MVDream checkpoint in the official layout (tests, smoke runs)")
-    q.add_argument("--out", required=True, help="new .safetensors file")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--context-dim", type=int, default=32, help="text width (32 = the tiny SD's CLIP)")
+    q.add_argument("--out", required=True, type=out_file, help="new .safetensors file")
+    q.add_argument("--seed", type=seed_int, default=0)
+    q.add_argument("--context-dim", type=int_range(1, 4096), default=32, help="text width (32 = the tiny SD's CLIP)")
     q.set_defaults(fn=cmd_prior_make_tiny_mvdream)
     q = prior_sub.add_parser("convert-mvdream", help="convert the official MVDream checkpoint (sd-v2.1-base-4view.pt) "
                              "to the folder prior.name=mvdream loads")
-    q.add_argument("ckpt", help="the official checkpoint (.pt/.ckpt, read without running pickled code, or .safetensors)")
-    q.add_argument("out", help="new folder: unet/, vae/, scheduler/ (+ tokenizer/, text_encoder/ with --text-from)")
+    q.add_argument("ckpt", type=existing_file, help="the official checkpoint (.pt/.ckpt, read without running pickled code, or .safetensors)")
+    q.add_argument("out", type=out_dir, help="new folder: unet/, vae/, scheduler/ (+ tokenizer/, text_encoder/ with --text-from)")
     q.add_argument("--text-from", help="Stable Diffusion 2.1(-base) folder or cached hub id whose tokenizer/ and "
                                        "text_encoder/ (OpenCLIP ViT-H) are copied in")
-    q.add_argument("--head-channels", type=int, default=None,
+    q.add_argument("--head-channels", type=positive_int, default=None,
                    help="channels per attention head (default: the checkpoint's metadata, else the official 64)")
     q.add_argument("--half", action="store_true", help="store the weights in fp16 (half the disk)")
     q.set_defaults(fn=cmd_prior_convert_mvdream)
@@ -801,18 +972,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="corpus tools: build (webdataset shards), check (verify them), compose (a corpus)")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     q = data_sub.add_parser("build", help="write a corpus as webdataset shards, optionally with text embeddings")
-    q.add_argument("--corpus", required=True, help="ScaleDreamer JSON, JSON lines, text (a prompt per line) or CSV")
-    q.add_argument("--out", required=True, help="output folder (rerun the same command to resume a build)")
+    q.add_argument("--corpus", required=True, type=existing_file, help="ScaleDreamer JSON, JSON lines, text (a prompt per line) or CSV")
+    q.add_argument("--out", required=True, type=out_dir, help="output folder (rerun the same command to resume a build)")
     q.add_argument("--encoder", default="none", choices=["none", "bow", "clip"],
                    help="text encoder whose embeddings to store (text.* overrides configure it)")
     q.add_argument("--store", choices=["none", "pooled", "plain", "views"],
                    help="embeddings to store: pooled only, plain prompt, or prompt + 4 view variants "
                         "(default: views for clip, plain for bow)")
     q.add_argument("--compress", default="none", choices=["none", "zlib"], help="compress stored embeddings")
-    q.add_argument("--shard-size", type=int, default=1000, help="prompts per shard (default 1000)")
+    q.add_argument("--shard-size", type=positive_int, default=1000, help="prompts per shard (default 1000)")
     q.add_argument("--split", nargs="+", help="splits to write (default: all splits of the corpus)")
     q.add_argument("--column", default="prompt", help="CSV column / JSON-lines key holding the prompt")
-    q.add_argument("--batch-size", type=int, default=256, help="prompts per encoder call")
+    q.add_argument("--batch-size", type=positive_int, default=256, help="prompts per encoder call")
     q.add_argument("--cpu", action="store_true", help="encode on CPU even when a GPU is present")
     q.add_argument("--overwrite", action="store_true",
                    help="remove the shards of another build in --out first (default: refuse)")
@@ -824,28 +995,48 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_data_check)
     q = data_sub.add_parser("compose", help="write a compositional corpus with unseen combinations: ATT3D-style "
                                              "(default) or of the oracle world's grammar (--world oracle)")
-    q.add_argument("--out", required=True, help="output JSON ({train, val, test}; val = test = unseen)")
+    q.add_argument("--out", required=True, type=out_file, help="output JSON ({train, val, test}; val = test = unseen)")
     q.add_argument("--world", choices=["att3d", "oracle"], default="att3d",
                    help="att3d: subject x activity x attire prompts (real priors); oracle: the oracle world's "
                         "compositional grammar (world.* of --config and overrides), with ground truth")
-    q.add_argument("--config", help="--world oracle: YAML whose world.* keys set the vocabulary "
+    q.add_argument("--config", type=existing_file, help="--world oracle: YAML whose world.* keys set the vocabulary "
                                     "(e.g. configs/oracle/world_compose.yaml)")
-    q.add_argument("--n", type=int, default=100_000, help="training prompts (default 100000)")
-    q.add_argument("--unseen-pairs", type=int, default=20, help="att3d: subject-activity pairs held out (default 20)")
-    q.add_argument("--n-val", type=int, default=2000,
+    q.add_argument("--n", type=int_range(1, 10_000_000), default=100_000, help="training prompts (default 100000)")
+    q.add_argument("--unseen-pairs", type=positive_int, default=20, help="att3d: subject-activity pairs held out (default 20)")
+    q.add_argument("--n-val", type=int_range(1, 10_000_000), default=2000,
                    help="unseen prompts written to val/test (default 2000; oracle: per held-out level)")
-    q.add_argument("--seed", type=int, default=0, help="which prompts are drawn (the held-out combinations are "
+    q.add_argument("--seed", type=seed_int, default=0, help="which prompts are drawn (the held-out combinations are "
                                                        "world.seed's)")
     q.add_argument("overrides", nargs="*", help="--world oracle: world.* overrides, e.g. world.colors=[red,blue]")
     q.set_defaults(fn=cmd_data_compose)
 
     p = sub.add_parser("bench", help="benchmarks (figures for docs/results/, see docs/benchmarks.md)")
     p.add_argument("name", choices=BENCH_NAMES, metavar="NAME", help=" | ".join(BENCH_NAMES))
-    p.add_argument("--json", help="also write the figures to this JSON file")
-    p.add_argument("--out", default="runs/bench", help="folder for the benchmark's runs")
+    p.add_argument("--json", type=out_file, help="also write the figures to this JSON file")
+    p.add_argument("--out", type=out_dir, default="runs/bench", help="folder for the benchmark's runs")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
     p.set_defaults(fn=cmd_bench)
     return ap
+
+
+class _DropProbeWarnings:
+    """A logging filter for DeepSpeed's accelerator probe ("Setting accelerator to CPU ... we were unable to
+    detect it"): on a CPU machine it is expected, and it says nothing the user can act on."""
+
+    def filter(self, record) -> bool:
+        return not (record.filename == "real_accelerator.py" and record.levelno <= 30)
+
+
+def quiet_third_party(verbose: bool) -> None:
+    """Silence third-party warnings that do not concern the user, unless ``--verbose``. The filter sits on
+    DeepSpeed's logger before DeepSpeed is imported (its own setup resets the level, not the filters)."""
+    import logging
+
+    ds = logging.getLogger("DeepSpeed")
+    for f in [f for f in ds.filters if isinstance(f, _DropProbeWarnings)]:
+        ds.removeFilter(f)
+    if not verbose:
+        ds.addFilter(_DropProbeWarnings())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -853,6 +1044,10 @@ def main(argv: list[str] | None = None) -> int:
     entry = argv is None  # run as the `scalegen` command (not called in-process)
     argv = list(sys.argv[1:] if argv is None else argv)
     given = list(argv)  # as typed, for the record a bench writes into its JSON
+    # --verbose is global but may be written anywhere (`scalegen info --verbose`).
+    verbose = "--verbose" in argv
+    argv = [a for a in argv if a != "--verbose"]
+    quiet_third_party(verbose)
     # `--resume` takes an optional `auto`; anything else after it is not its value (an override, say).
     argv = [("--resume=auto" if a == "--resume" and i + 1 < len(argv) and argv[i + 1] == "auto" else
              "--resume=yes" if a == "--resume" else a) for i, a in enumerate(argv)

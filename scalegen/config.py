@@ -464,8 +464,26 @@ def _keys(cls) -> list[str]:
 LIST_KEYS = "`scalegen train --print-config` lists every key"
 
 
-def _unknown(key: str, valid: list[str], listing: str = LIST_KEYS) -> ConfigError:
+def _leaf_keys(data: Any, prefix: str = "") -> list[str]:
+    """Dotted leaf keys of a (nested) mapping of overrides."""
+    if not isinstance(data, dict):
+        return [prefix.rstrip(".")]
+    return [k for key, v in data.items() for k in _leaf_keys(v, f"{prefix}{key}.")]
+
+
+def _unknown(key: str, valid: list[str], listing: str = LIST_KEYS, value: Any = None) -> ConfigError:
+    """The error for an unknown key, with the closest keys; a mistyped section (``trian.max_steps``) is
+    matched against the section names and its keys are suggested under the closest section."""
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    if not close and isinstance(value, dict):
+        sections = sorted({v.rsplit(".", 1)[0] for v in valid if "." in v})
+        near = difflib.get_close_matches(key, sections, n=3, cutoff=0.6)
+        if near:
+            leaves = _leaf_keys(value)
+            fixed = [f"{s}.{leaf}" for s in near for leaf in leaves if f"{s}.{leaf}" in valid]
+            hint = f"did you mean {', '.join(repr(c) for c in fixed[:3])}?" if fixed else \
+                f"did you mean section {', '.join(repr(c) for c in near)}?"
+            return ConfigError(f"unknown config section '{key}' (in '{key}.{leaves[0]}'; {hint}); {listing}")
     hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
     return ConfigError(f"unknown config key '{key}'{hint}; {listing}")
 
@@ -544,7 +562,7 @@ def _build(cls, data: dict, prefix: str, valid: list[str], listing: str = LIST_K
     names = {f.name for f in dataclasses.fields(cls)}
     for k in data:
         if k not in names:
-            raise _unknown(prefix + str(k), valid, listing)
+            raise _unknown(prefix + str(k), valid, listing, data[k])
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:

@@ -18,8 +18,13 @@ def test_defaults_and_overrides(tmp_path):
 def test_typo_names_key_and_suggestion():
     with pytest.raises(ConfigError, match=r"unknown config key 'train.max_step'.*'train.max_steps'"):
         load_config(None, ["train.max_step=3"])
-    with pytest.raises(ConfigError, match=r"unknown config key 'trian'"):
+    # a mistyped section gets its did-you-mean too: the key under the closest section
+    with pytest.raises(ConfigError, match=r"unknown config section 'trian' .*did you mean 'train.max_steps'\?"):
         load_config(None, ["trian.max_steps=3"])
+    with pytest.raises(ConfigError, match=r"unknown config section 'camra' .*did you mean 'camera.views_per_prompt'"):
+        load_config(None, ["camra.views_per_prompt=2"])
+    with pytest.raises(ConfigError, match=r"section 'trian' .*did you mean section 'train'\?"):
+        load_config(None, ["trian.max_stps=3"])  # both mistyped: the section is still named
 
 
 def test_wrong_type_and_choice():

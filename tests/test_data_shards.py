@@ -161,7 +161,7 @@ def test_build_in_two_processes_equals_one(corpus_shards, tmp_path):
 def test_bad_corpus_lines_are_named(tmp_path):
     j = tmp_path / "c.json"
     j.write_text('{"train": [\n "a",\n "b" "c"\n]}')
-    with pytest.raises(DataError, match=r"c.json:3: invalid JSON"):
+    with pytest.raises(DataError, match=r"c.json:3:6: invalid JSON"):  # line and column
         read_corpus(j)
     c = tmp_path / "c.csv"
     c.write_text('id,prompt\n1,a red cube\n2,a blue, sphere\n')

@@ -342,7 +342,7 @@ def test_eval_clip_cli_end_to_end_with_a_transformers_folder(tiny_run, tiny_clip
     (["eval", "clip", "--images", ".", "--corpus", "missing.txt", "--out", "o"], "does not exist"),
     (["eval", "clip", "--images", "views", "--corpus", "c.txt", "--out", "o", "--model",
       "openai/clip-vit-large-patch14"], "huggingface-cli download"),
-    (["eval", "clip", "--images", "views", "--corpus", "c.txt", "--out", "o", "--batch", "0"], "--batch must be"),
+    (["eval", "clip", "--images", "views", "--corpus", "c.txt", "--out", "o", "--batch", "0"], "argument --batch: must be at least 1, got 0"),
     (["eval", "clip", "--ckpt", "no/such/run", "--corpus", "c.txt"], "does not exist"),
     (["eval"], "needs --ckpt"),
 ])

@@ -199,7 +199,7 @@ def test_data_check_of_a_folder_without_shards_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("text, needle", [
     ('{"train": "a red car"}', "split 'train' must be a list of prompt strings, not str"),
-    ('{"train": ["a red car", 5]}', "item 2 of split 'train' is not a string: 5"),
+    ('{"train": ["a red car", 5]}', r"c.json:1:25 \(item 2 of 'train'\): not a string: 5"),  # line and column
     ('"a red car"', "must be a JSON list of prompts or a mapping of splits to lists, not str"),
 ])
 def test_wrong_json_shapes_are_named_not_read_character_by_character(text, needle, tmp_path):

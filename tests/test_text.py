@@ -14,8 +14,14 @@ def test_bow_is_deterministic_and_compositional():
     words = a.encode(["large", "red", "cube"]).pooled
     assert torch.allclose(x.pooled[0], words.sum(0) / 3**0.5, atol=1e-6)
     assert x.tokens.shape == (2, 16, 64) and x.mask[0].sum() == 3
-    with pytest.raises(DataError, match="no words"):
-        a.encode(["  the  "])
+    # A prompt without an encodable word says why (never "give a non-empty prompt" of a non-empty one).
+    for prompt in ("  the  ", "!!!", "\U0001f3a8\U0001f680", "\u7ea2\u8272\u7acb\u65b9\u4f53"):
+        with pytest.raises(DataError, match=r"cannot be encoded: the bag-of-words encoder .*knows only words of "
+                                            r"ASCII letters and digits .* and it has none") as e:
+            a.encode([prompt])
+        assert "non-empty" not in str(e.value)
+    with pytest.raises(DataError, match="cannot be encoded: it is empty"):
+        a.encode([" "])
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from scalegen.atomic import write_text
 from scalegen.data.oracle_grammar import LEVELS, Grammar
 from scalegen.errors import DataError
 
@@ -102,9 +103,7 @@ def _write_files(out: str | Path, files: list[tuple[Path, str]]) -> None:
         raise DataError(f"cannot write '{out}': it is a folder; give a file name such as {out / 'corpus.json'}")
     out.parent.mkdir(parents=True, exist_ok=True)
     for path, text in files:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_text(path, text)
 
 
 def write_composed(out: str | Path, **kw) -> dict:

@@ -22,10 +22,10 @@ def normalise(prompt: str) -> str:
     return " ".join(prompt.split())
 
 
-def read_corpus(path: str | Path, split: str = "train", column: str = "prompt") -> list[str]:
+def read_corpus(path: str | Path, split: str = "train", column: str = "prompt", split_flag: str = "data.split") -> list[str]:
     """Prompts of one split from ScaleDreamer JSON (``{"train": [...], ...}``), JSON lines, plain text
     (one prompt per line) or CSV (column ``column``). Whitespace is normalised; empty lines dropped."""
-    prompts = [x for x, _ in read_corpus_lines(path, split, column)]
+    prompts = [x for x, _ in read_corpus_lines(path, split, column, split_flag)]
     if not prompts:
         raise DataError(f"corpus '{path}' (split {split!r}) holds no prompts")
     return prompts
@@ -46,7 +46,7 @@ def _json(p: Path):
     try:
         return json.loads(_text(p))
     except json.JSONDecodeError as e:
-        raise DataError(f"{p}:{e.lineno}: invalid JSON ({e.msg}); fix the file and retry") from None
+        raise DataError(f"{p}:{e.lineno}:{e.colno}: invalid JSON ({e.msg}); fix the file and retry") from None
     except (RecursionError, ValueError) as e:
         raise DataError(f"{p}: unreadable JSON ({e.__class__.__name__}); fix the file and retry") from None
 
@@ -73,10 +73,12 @@ def corpus_splits(path: str | Path) -> list[str]:
     return ["train"]
 
 
-def read_corpus_lines(path: str | Path, split: str = "train", column: str = "prompt") -> list[tuple[str, int]]:
+def read_corpus_lines(path: str | Path, split: str = "train", column: str = "prompt",
+                      split_flag: str = "data.split") -> list[tuple[str, int]]:
     """(normalised prompt, source line or item number) pairs, empty prompts dropped, duplicates kept.
     Anything malformed (bytes that are not UTF-8, invalid JSON, a wrong shape, a bad CSV row) raises a
-    ``DataError`` naming the file and the line or item, never a traceback."""
+    ``DataError`` naming the file and the line or item, never a traceback. ``split_flag`` is how the
+    caller's user chooses the split (``data.split`` in a config, ``--split`` on a command line)."""
     p = _check_file(path)
     suffix = p.suffix.lower()
     out: list[tuple[str, int]] = []
@@ -90,7 +92,7 @@ def read_corpus_lines(path: str | Path, split: str = "train", column: str = "pro
                                 '{"train": ["a red car", ...]}')
             if split not in data:
                 raise DataError(f"corpus '{path}' has no split {split!r} (it has {', '.join(map(repr, data))}); "
-                                "set data.split to one of them")
+                                f"choose one of them ({split_flag})")
             items = data[split]
             if not isinstance(items, list):
                 raise DataError(f"{path}: split {split!r} must be a list of prompt strings, not "
@@ -100,7 +102,7 @@ def read_corpus_lines(path: str | Path, split: str = "train", column: str = "pro
                             f"{type(data).__name__}")
         for i, it in enumerate(items):
             if not isinstance(it, str):
-                raise DataError(f"{path}: item {i + 1} of split {split!r} is not a string: {_short(it)}")
+                raise DataError(f"{locate(path, split, i + 1)}: not a string: {_short(it)}; every prompt must be a JSON string")
             out.append((normalise(it), i + 1))
     elif suffix == ".jsonl":
         for n, line in enumerate(_text(p).splitlines(), 1):
@@ -109,7 +111,7 @@ def read_corpus_lines(path: str | Path, split: str = "train", column: str = "pro
             try:
                 it = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: invalid JSON line ({e.msg}); fix or delete that line") from None
+                raise DataError(f"{path}:{n}:{e.colno}: invalid JSON line ({e.msg}); fix or delete that line") from None
             except (RecursionError, ValueError) as e:
                 raise DataError(f"{path}:{n}: unreadable JSON line ({e.__class__.__name__}); fix or delete it") from None
             if isinstance(it, dict):
@@ -135,6 +137,72 @@ def read_corpus_lines(path: str | Path, split: str = "train", column: str = "pro
     else:
         out = [(normalise(line), n) for n, line in enumerate(_text(p).splitlines(), 1)]
     return [(x, n) for x, n in out if x]
+
+
+def _json_item_positions(text: str, split: str | None) -> list[tuple[int, int]]:
+    """(line, column) of every item of a JSON corpus's list (``split``'s list for a mapping), both
+    1-based: for messages only, so the text is walked again with the standard decoder's ``raw_decode``."""
+    dec = json.JSONDecoder()
+
+    def ws(i: int) -> int:
+        while i < len(text) and text[i] in " \t\r\n":
+            i += 1
+        return i
+
+    def items(i: int) -> list[int]:  # offsets of the items of the list starting at text[i] == "["
+        out, i = [], ws(i + 1)
+        while i < len(text) and text[i] != "]":
+            out.append(i)
+            _, i = dec.raw_decode(text, i)
+            i = ws(i)
+            i = ws(i + 1) if i < len(text) and text[i] == "," else i
+        return out
+
+    i = ws(1 if text.startswith("\ufeff") else 0)
+    offsets: list[int] = []
+    if text[i:i + 1] == "[":
+        offsets = items(i)
+    elif text[i:i + 1] == "{":
+        i = ws(i + 1)
+        while i < len(text) and text[i] != "}":
+            key, i = dec.raw_decode(text, i)
+            i = ws(ws(i) + 1)  # the colon
+            if key == split and text[i:i + 1] == "[":
+                offsets = items(i)  # the last occurrence of a repeated key wins, as in json.loads
+            _, i = dec.raw_decode(text, i)
+            i = ws(i)
+            i = ws(i + 1) if i < len(text) and text[i] == "," else i
+    return [(text.count("\n", 0, o) + 1, o - (text.rfind("\n", 0, o) + 1) + 1) for o in offsets]
+
+
+def locate(path: str | Path, split: str, n: int, column: str = "prompt") -> str:
+    """Where prompt ``n`` (the number ``read_corpus_lines`` gives: a line, or a JSON item) of a corpus
+    is, for messages: ``c.txt:7``, ``c.csv:7:2 (column 'prompt')``, ``c.json:12:5 (item 3 of 'train')``."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix == ".json":
+        try:
+            pos = _json_item_positions(_text(p), split)
+        except (ValueError, IndexError, RecursionError):
+            pos = []
+        where = f"{path}:{pos[n - 1][0]}:{pos[n - 1][1]}" if 0 < n <= len(pos) else f"{path}"
+        return f"{where} (item {n} of {split!r})"
+    if suffix == ".csv":
+        header = next(csv.reader(io.StringIO(_text(p), newline="")), [])
+        col = header.index(column) + 1 if column in header else 0
+        return f"{path}:{n}:{col} (column {column!r})" if col else f"{path}:{n}"
+    return f"{path}:{n}"
+
+
+def check_encodable(path: str | Path, lines: list[tuple[str, int]], encoder, split: str = "train",
+                    column: str = "prompt") -> None:
+    """Refuse, naming the file and line, the first prompt ``encoder`` cannot encode (a bag of words has
+    no word of some prompts): checked before any work, so a build or a run never stops half-way on it."""
+    for prompt, n in lines:
+        why = encoder.why_unencodable(prompt)
+        if why is not None:
+            raise DataError(f"{why}; the prompt {_short(prompt)} at {locate(path, split, n, column)} has none: "
+                            "reword or delete it")
 
 
 def _short(x, n: int = 60) -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import zlib
 from dataclasses import dataclass
@@ -32,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from scalegen.data.prompts import corpus_splits, read_corpus_lines
+from scalegen.atomic import write_json, write_text, writing
+from scalegen.data.prompts import check_encodable, corpus_splits, read_corpus_lines
 from scalegen.errors import DataError
 from scalegen.text.base import VIEWS, view_prompt
 
@@ -108,9 +108,11 @@ def plan_corpus(corpus: str, splits: list[str] | None, shard_size: int, column: 
     for split in splits:
         if split not in available:
             raise DataError(f"corpus '{corpus}' has no split {split!r} (it has {', '.join(map(repr, available))})")
-        lines = read_corpus_lines(corpus, split, column)
+        lines = read_corpus_lines(corpus, split, column, split_flag="--split")
         if not lines:
             raise DataError(f"corpus '{corpus}' (split {split!r}) holds no prompts")
+        if encoder is not None:  # every prompt is checked before the first shard is written
+            check_encodable(corpus, lines, encoder, split, column)
         first: dict[str, int] = {}
         dups = []
         for prompt, line in lines:
@@ -157,9 +159,8 @@ def write_shard(path: Path, prompts: list[str], records: list[bytes] | None, inf
     """Write one tar atomically (temp name, then rename) and its sidecar; returns the sidecar."""
     import webdataset as wds  # noqa: PLC0415
 
-    tmp = path.with_name(path.name + ".tmp")
     ext = "embz" if info and info["compress"] == "zlib" else "emb"
-    with open(tmp, "wb") as f:
+    with writing(path) as tmp, open(tmp, "wb") as f:
         w = wds.TarWriter(f, encoder=False, mtime=0)
         for i, p in enumerate(prompts):
             sample = {"__key__": prompt_key(p), "txt": p.encode()}
@@ -167,12 +168,9 @@ def write_shard(path: Path, prompts: list[str], records: list[bytes] | None, inf
                 sample[ext] = records[i]
             w.write(sample)
         w.close()
-    os.replace(tmp, path)
     side = {"count": len(prompts), "bytes": path.stat().st_size, "sha256": _sha256(path),
             "plan": _plan_hash([prompt_key(p) for p in prompts], info)}
-    side_tmp = path.with_name(path.name + ".json.tmp")
-    side_tmp.write_text(json.dumps(side))
-    os.replace(side_tmp, path.with_name(path.name + ".json"))
+    write_text(path.with_name(path.name + ".json"), json.dumps(side))
     return side
 
 
@@ -262,7 +260,7 @@ def build_shards(corpus: str, out: str | Path, encoder=None, shard_size: int = 1
             write_shard(path, prompts, records, info)
             written += 1
     if process_index == 0:
-        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_json(out / "report.json", report)
     log(f"process {process_index}/{num_processes}: wrote {written} shard(s), {done} already finished "
         f"(resumed) in {time.perf_counter() - t0:.1f} s")
     return {"plans": plans, "report": report, "encoder": info, "written": written, "resumed": done}
@@ -284,9 +282,7 @@ def write_manifest(corpus: str, out: str | Path, plans: list[SplitPlan], report:
         manifest["splits"][sp.name] = {"count": len(sp.prompts), "shards": shards}
     manifest["report"] = {k: {kk: vv for kk, vv in v.items() if not kk.endswith("examples")}
                           for k, v in report["splits"].items()}
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, out / "manifest.json")
+    write_json(out / "manifest.json", manifest, indent=1)
     return manifest
 
 

@@ -245,7 +245,7 @@ class ShardStream(Sampler):
         splits = self.manifest["splits"]
         if split not in splits:
             raise DataError(f"shards in '{source}' have no split {split!r} (they have {', '.join(map(repr, splits))}); "
-                            "set data.split to one of them")
+                            "set data.split (--split on a command line) to one of them")
         shards = splits[split]["shards"]
         self.info = self.manifest.get("encoder")
         self.count = splits[split]["count"]

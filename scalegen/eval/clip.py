@@ -184,7 +184,7 @@ def read_pool(corpus: str, splits: list[str]) -> Pool:
         read = lambda s: _shard_prompts(corpus, s)  # noqa: E731
     else:
         available = corpus_splits(corpus)
-        read = lambda s: read_corpus(corpus, split=s)  # noqa: E731
+        read = lambda s: read_corpus(corpus, split=s, split_flag="--split")  # noqa: E731
     has_splits = is_shards or available != ["train"] or _is_mapping(corpus)
     if not has_splits:
         chosen = ["train"]

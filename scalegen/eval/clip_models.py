@@ -38,10 +38,6 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
-def _offline() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
 def default_cache_dir() -> Path:
     """Where text features are cached: $SCALEGEN_CACHE, else $XDG_CACHE_HOME/scalegen, else ~/.cache/scalegen."""
     root = os.environ.get("SCALEGEN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scalegen"
@@ -99,8 +95,6 @@ class TransformersClip(ClipModel):
 
 
 def load_transformers_clip(spec: str, device="cpu") -> TransformersClip:
-    from transformers import AutoTokenizer, CLIPModel  # noqa: PLC0415 - optional extra
-
     local = Path(spec).is_dir()
     if local:
         cfg_path = Path(spec) / "config.json"
@@ -108,9 +102,17 @@ def load_transformers_clip(spec: str, device="cpu") -> TransformersClip:
         if kind != "clip":
             raise WeightsError(f"'{spec}' is not a transformers CLIP folder (config.json model_type is {kind!r}, "
                                "expected 'clip'); give a folder saved by CLIPModel.save_pretrained or a hub download")
+    path = spec if local else hub_snapshot(spec, "config.json")  # the cache, never the network
+    if path is None:
+        raise WeightsError(f"the CLIP '{spec}' is neither a local folder nor in the local Hugging Face cache "
+                           f"({hub_cache_dir()}); on a machine with network access run `{download_command(spec)}` "
+                           f"(then --model {spec} finds it in the cache; copy the cache folder over if that is another "
+                           f"machine) or `{download_command(spec, local_dir=True)}` and pass --model /models/{_tail(spec)}")
+    from transformers import AutoTokenizer, CLIPModel  # noqa: PLC0415 - optional extra, imported once files are found
+
     try:
-        model = CLIPModel.from_pretrained(spec, local_files_only=local or _offline())
-        tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=local or _offline())
+        model = CLIPModel.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise _missing_hf(spec, e) from None
     mean, std = OPENAI_MEAN, OPENAI_STD
@@ -126,12 +128,49 @@ def load_transformers_clip(spec: str, device="cpu") -> TransformersClip:
     return TransformersClip(model, tokenizer, spec, model_id, mean, std, device)
 
 
+def _tail(spec: str) -> str:
+    return spec.rstrip("/").split("/")[-1]
+
+
 def _missing_hf(spec: str, err: Exception) -> WeightsError:
-    name = spec.rstrip("/").split("/")[-1]
-    why = "not in the Hugging Face cache and downloads are off" if _offline() else "could not be loaded or downloaded"
-    return WeightsError(f"cannot load the CLIP '{spec}' ({why}: {err.__class__.__name__}); on a machine with network "
-                        f"access run `huggingface-cli download {spec} --local-dir /models/{name}` and pass "
-                        f"--model /models/{name}")
+    """The files are there (a folder or a cached snapshot) but do not load."""
+    return WeightsError(f"cannot load the CLIP '{spec}': its files are there but incomplete or unreadable "
+                        f"({err.__class__.__name__}); download it again with `{download_command(spec, local_dir=True)}` "
+                        f"and pass --model /models/{_tail(spec)}")
+
+
+def hub_cache_dir() -> str:
+    """The Hugging Face hub cache this process reads ($HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):  # read now, not at huggingface_hub's import
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]) / "hub")
+    from huggingface_hub import constants  # noqa: PLC0415
+
+    return constants.HF_HUB_CACHE
+
+
+def download_command(repo: str, filename: str | None = None, local_dir: bool = False) -> str:
+    """The command that fetches ``repo`` (or one file of it) on a machine with network access."""
+    return (f"huggingface-cli download {repo}" + (f" {filename}" if filename else "")
+            + (f" --local-dir /models/{_tail(repo)}" if local_dir else ""))
+
+
+def hub_file(repo: str, filename: str) -> str | None:
+    """The cached path of ``filename`` of hub repo ``repo``, or None: the cache is read, the network never."""
+    from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415
+
+    try:
+        path = try_to_load_from_cache(repo, filename, cache_dir=hub_cache_dir())
+    except Exception:  # noqa: BLE001 - an invalid repo id is not cached either
+        return None
+    return path if isinstance(path, str) and Path(path).is_file() else None
+
+
+def hub_snapshot(repo: str, needed: str) -> str | None:
+    """The cached snapshot folder of ``repo`` holding ``needed``, or None (no network call)."""
+    path = hub_file(repo, needed)
+    return str(Path(path).parent) if path else None
 
 
 class OpenClip(ClipModel):
@@ -157,10 +196,15 @@ def load_open_clip(spec: str, device="cpu") -> OpenClip:
     import open_clip  # noqa: PLC0415 - optional extra
 
     name, pretrained, files = _parse_open_clip(spec)
+    kw = {}
+    if name.startswith("hf-hub:"):  # config and weights of a hub repo: a cached snapshot, loaded as a folder
+        name = "local-dir:" + _cached_open_clip_repo(spec, name[len("hf-hub:"):])
+    elif pretrained and not files:  # a tag: its weights file from the cache, with the tag's settings
+        pretrained, kw = _cached_open_clip_tag(spec, name, pretrained)
     quiet = logging.root.manager.disable
-    logging.disable(logging.ERROR)  # open_clip logs a failed download itself; our error says it once
+    logging.disable(logging.ERROR)  # open_clip logs a failed load itself; our error says it once
     try:
-        model = open_clip.create_model(name, pretrained=pretrained, device=device)
+        model = open_clip.create_model(name, pretrained=pretrained, device=device, **kw)
         tokenizer = open_clip.get_tokenizer(name)
     except RuntimeError as e:
         if "not found in built-ins" in str(e):
@@ -210,19 +254,63 @@ def _parse_open_clip(spec: str) -> tuple[str, str | None, list[Path]]:
     return name, pretrained, files
 
 
-def _missing_open_clip(spec: str, name: str, pretrained: str | None, err: Exception) -> WeightsError:
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's names, preferred first
+
+
+def _cached_open_clip_repo(spec: str, repo: str) -> str:
+    """The cached snapshot folder of an open_clip hub repo (config + weights), or a WeightsError saying
+    what to download: checked in the cache before open_clip could try the network."""
+    folder = hub_snapshot(repo, "open_clip_config.json")
+    if folder is None or not any((Path(folder) / w).is_file() for w in OPEN_CLIP_WEIGHTS):
+        raise WeightsError(f"--model {spec}: the open_clip model {repo} is not in the local Hugging Face cache "
+                           f"({hub_cache_dir()}); on a machine with network access run `{download_command(repo)}` "
+                           f"(then --model {spec} finds it in the cache; copy the cache folder over if that is another "
+                           f"machine) or `{download_command(repo, local_dir=True)}` and pass --model /models/{_tail(repo)}")
+    return folder
+
+
+def _cached_open_clip_tag(spec: str, name: str, tag: str) -> tuple[str, dict]:
+    """(cached weights file, create_model keywords) of an open_clip NAME:TAG, or a WeightsError with the
+    download command. The tag's settings (QuickGELU, preprocessing) are passed as open_clip would."""
     import open_clip  # noqa: PLC0415
 
-    cfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}
-    repo = (cfg or {}).get("hf_hub", "").rstrip("/")
-    if repo:
+    cfg = open_clip.get_pretrained_cfg(name, tag) or {}
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise WeightsError(f"open_clip has no weights '{tag}' for {name} (from --model {spec}); its tags are "
+                           f"{', '.join(tags) or 'none'}")
+    kw = {"force_quick_gelu": bool(cfg.get("quick_gelu")),
+          "force_preprocess_cfg": {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}}
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        repo, filename = os.path.split(hub.rstrip("/") if hub.endswith("/") else hub)
+        if hub.endswith("/"):
+            repo, filename = hub.rstrip("/"), ""
+        names = [filename] if filename else list(OPEN_CLIP_WEIGHTS)
+        if filename.endswith((".bin", ".pth")):
+            names.insert(0, filename[:-4] + ".safetensors")
+        for n in names:
+            path = hub_file(repo, n)
+            if path:
+                return path, kw
+        want = filename or OPEN_CLIP_WEIGHTS[1]
         arch = f"{name}-quickgelu" if cfg.get("quick_gelu") else name
-        return WeightsError(f"cannot load open_clip {spec} ({err.__class__.__name__}; the weights are not in the Hugging "
-                            f"Face cache or downloads are off); on a machine with network access run `huggingface-cli "
-                            f"download {repo} open_clip_pytorch_model.bin` (it lands in ~/.cache/huggingface, where "
-                            f"--model {spec} finds it offline) or pass --model {arch}:/path/to/open_clip_pytorch_model.bin")
-    return WeightsError(f"cannot load open_clip {spec} ({err.__class__.__name__}: {str(err)[:200]}); check the name, "
-                        "the tag and that the checkpoint file matches the architecture")
+        raise WeightsError(f"--model {spec}: the weights ({repo}, {want}) are not in the local Hugging Face cache "
+                           f"({hub_cache_dir()}); on a machine with network access run `{download_command(repo, want)}` "
+                           f"(then --model {spec} finds them in the cache; copy the cache folder over if that is "
+                           f"another machine) or pass --model {arch}:/path/to/{want}")
+    url = cfg.get("url", "")
+    path = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+    if url and path.is_file():
+        return str(path), kw
+    raise WeightsError(f"--model {spec}: the weights are not downloaded; on a machine with network access fetch {url} "
+                       f"into ~/.cache/clip/ (or pass --model {name}:/path/to/{os.path.basename(url) or 'weights.pt'})")
+
+
+def _missing_open_clip(spec: str, name: str, pretrained: str | None, err: Exception) -> WeightsError:
+    """Local files that open_clip could not load (the cache was checked before)."""
+    return WeightsError(f"cannot load open_clip {spec} ({err.__class__.__name__}: {' '.join(str(err).split())}); check "
+                        "the name, the tag and that the checkpoint file matches the architecture")
 
 
 def load_clip(spec: str, device="cpu") -> ClipModel:

@@ -162,8 +162,8 @@ class GaussianScene(Generator):
         if out.means2d.grad is None:  # no Gaussian reached a pixel of any view: nothing can get a gradient again
             raise TrainingError(f"the Gaussian scene vanished: none of its {self.n_gaussians} Gaussians covers a pixel "
                                 f"(mean opacity {float(torch.sigmoid(self.opacity_logits).mean()):.1e}); the "
-                                "refinement collapsed, so start it from a run or an asset (--init-from) or lower "
-                                "optim.group_lr.opacity")
+                                "refinement collapsed: start it from a run or an asset (--init-from), or from "
+                                "another one if it had one, or lower optim.group_lr.opacity")
         h, w = out.rgb.shape[-2:]
         g = torch.nan_to_num(out.means2d.grad) * torch.tensor([0.5 * w, 0.5 * h], device=out.means2d.device)
         seen = out.visible.float()

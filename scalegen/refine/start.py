@@ -181,6 +181,16 @@ def fit_points(points: Tensor, radius: float) -> tuple[Tensor, float, Tensor]:
     return (points - centre) * scale, scale, centre
 
 
+def _check_finite(path: Path, arrays: dict[str, Tensor], what: str) -> None:
+    """Refuse a start file with NaN or infinite values, naming the file: a NaN start renders nothing, and the
+    refinement would end in a "the scene vanished" that blames the start, not the file."""
+    for name, a in arrays.items():
+        bad = ~torch.isfinite(a.reshape(len(a), -1)).all(1) if a.numel() else torch.zeros(0, dtype=torch.bool)
+        if bool(bad.any()):
+            raise DataError(f"start file '{path}' has non-finite {name} (NaN or infinity) in {int(bad.sum())} of its "
+                            f"{len(a)} {what}; repair or re-export it, or start from another file (--init-from)")
+
+
 def start_state(cfg: Config, init_from: Optional[str], up: str = "y", fit: bool = False) -> tuple[Optional[dict], dict]:
     """(the ``SceneModel`` state refinement starts from, or None for the generator's own sphere start; facts
     about the start for the report)."""
@@ -230,6 +240,7 @@ def start_state(cfg: Config, init_from: Optional[str], up: str = "y", fit: bool 
         sh = rows["sh"][:, :k]
         sh = torch.cat([sh, sh.new_zeros(len(sh), k - sh.shape[1], 3)], 1)
         points = rows["means"]
+        _check_finite(path, {k: v for k, v in rows.items() if torch.is_tensor(v)}, "Gaussians")
         if fit:
             points, scale, _ = fit_points(points, cfg.generator.sdf_radius)
             rows["log_scales"] = rows["log_scales"] + float(np.log(scale))
@@ -238,6 +249,7 @@ def start_state(cfg: Config, init_from: Optional[str], up: str = "y", fit: bool 
         info["gaussians"] = len(points)
     else:
         pts, col, nrm = read_asset(path, cfg.generator.gaussians.n_init, up=up, seed=cfg.train.seed)
+        _check_finite(path, {"points": pts, "colours": col, **({"normals": nrm} if nrm is not None else {})}, "points")
         if fit:
             pts, _, _ = fit_points(pts, cfg.generator.sdf_radius)
         gen.set_points(pts, col, normals=nrm, opacity=cfg.generator.gaussians.surface_opacity if nrm is not None

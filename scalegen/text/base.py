@@ -49,6 +49,11 @@ class TextEncoder:
     def count_tokens(self, prompt: str) -> int:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def why_unencodable(self, prompt: str) -> str | None:
+        """None when ``prompt`` can be encoded, else the reason (a clause naming what the encoder reads).
+        Tokenizers with byte fallbacks (CLIP's) encode any text."""
+        return None
+
 
 # View-dependent prompting (DreamFusion / threestudio): the prior sees "<prompt>, <view> view".
 VIEWS = ("front", "side", "back", "overhead")

@@ -52,6 +52,12 @@ class BagOfWordsEncoder(TextEncoder):
     def count_tokens(self, prompt: str) -> int:
         return len(tokenize(prompt))
 
+    def why_unencodable(self, prompt: str) -> str | None:
+        if tokenize(prompt):
+            return None
+        return (f"the bag-of-words encoder (text.encoder=bow) knows only words of ASCII letters and digits "
+                f"(other than {', '.join(sorted(_STOP))})")
+
     def word_vector(self, word: str) -> torch.Tensor:
         v = self._cache.get(word)
         if v is None:
@@ -68,7 +74,9 @@ class BagOfWordsEncoder(TextEncoder):
         for i, p in enumerate(prompts):
             words = tokenize(p)
             if not words:
-                raise DataError(f"prompt {p!r} has no words to encode; give a non-empty prompt such as 'a red cube'")
+                why = "it is empty" if not p.strip() else self.why_unencodable(p) + " and it has none"
+                raise DataError(f"prompt {p!r} cannot be encoded: {why}; describe the object in such words, "
+                                "e.g. 'a red cube'")
             for j, w in enumerate(words[:l]):
                 v = self.word_vector(w)
                 tokens[i, j] = self._rotate(v, j) if self._angles is not None else v

@@ -25,14 +25,14 @@ import torch
 from scalegen import atomic
 from scalegen.config import PER_PROMPT, Config, load_yaml, schedule_value, step_position
 from scalegen.data.cameras import orbit_cameras, sample_train_cameras
-from scalegen.data.prompts import PromptSampler, read_corpus
+from scalegen.data.prompts import PromptSampler, check_encodable, read_corpus_lines
 from scalegen.data.sampler import Batch, Sampler
 from scalegen.data.shards import check_encoder
 from scalegen.data.stream import ShardStream
 from scalegen.distill import build_distiller
-from scalegen.errors import CheckpointError, ConfigError, Interrupted, Preempted, TrainingError
+from scalegen.errors import CheckpointError, ConfigError, DataError, Interrupted, Preempted, TrainingError
 from scalegen.locks import FolderLock, FolderLocked
-from scalegen.priors import GroundTruth, Prior, build_prior
+from scalegen.priors import GroundTruth, Prior, build_ground_truth, build_prior
 from scalegen.render import build_renderer
 from scalegen.render.images import image_grid
 from scalegen.text import TextCond
@@ -135,7 +135,7 @@ def split_optimizer_state(state: dict, n_generator_groups: int) -> dict:
     return {"generator": part(groups[:n_generator_groups]), "distiller": part(groups[n_generator_groups:])}
 
 
-def training_prompts(cfg: Config, world) -> list[str]:
+def training_prompts(cfg: Config, world, text_encoder=None) -> list[str]:
     if cfg.data.prompt is not None:  # per-prompt refinement
         if world is not None:
             world.parse(cfg.data.prompt)  # a clear message for a prompt outside the oracle world
@@ -144,7 +144,12 @@ def training_prompts(cfg: Config, world) -> list[str]:
         if world is None:
             raise ConfigError("data.prompts=oracle needs prior.name=oracle; give a corpus file for other priors")
         return world.seen
-    prompts = read_corpus(cfg.data.prompts, cfg.data.split)
+    lines = read_corpus_lines(cfg.data.prompts, cfg.data.split)
+    if not lines:
+        raise DataError(f"corpus '{cfg.data.prompts}' (split {cfg.data.split!r}) holds no prompts")
+    if text_encoder is not None:  # a prompt the encoder cannot encode is named now, not at its first batch
+        check_encodable(cfg.data.prompts, lines, text_encoder, cfg.data.split)
+    prompts = [p for p, _ in lines]
     if world is not None:
         for p in prompts:
             world.parse(p)  # fails with a clear message for prompts outside the oracle world
@@ -345,10 +350,13 @@ def _train(cfg: Config, run_dir: Path, acc, resume: bool, init_state: dict | Non
     text_encoder, model = build_model(cfg)
     if init_state is not None and ckpt is None:
         model.load_state_dict(init_state)
-    prior = build_prior(cfg, text_encoder=text_encoder, device=acc.device)  # SD reuses the CLIP tower
+    # the oracle's world checks every training prompt, and a prompt the encoder cannot encode is named, before
+    # the prior loads
+    early = build_ground_truth(cfg)
+    world = early.world if early is not None else None
+    prompts = training_prompts(cfg, world, text_encoder) if not cfg.data.shards else None
+    prior = build_prior(cfg, world, text_encoder=text_encoder, device=acc.device)  # SD reuses the CLIP tower
     truth = prior.ground_truth()
-    world = truth.world if truth is not None else None  # the oracle's world checks every training prompt
-    prompts = training_prompts(cfg, world) if not cfg.data.shards else None
     distiller = build_distiller(cfg, prior, cond_dim=text_encoder.dim)
     renderer = build_renderer(cfg).train()
     optimizers = Optimizers(build_optimizer(cfg, model), build_distiller_optimizer(cfg, distiller))
