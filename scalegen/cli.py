@@ -470,7 +470,7 @@ def cmd_data_check(args) -> int:
     for where, problem in bad:
         print(f"BAD {where}: {problem}")
     print(f"{n - len(bad)} of {n} shard(s) match the manifest ({time.perf_counter() - t0:.1f} s)"
-          + (f"; rebuild with the same `scalegen data build` command (it rewrites only damaged shards)" if bad else ""))
+          + ("; rebuild with the same `scalegen data build` command (it rewrites only damaged shards)" if bad else ""))
     return 1 if bad else 0
 
 

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import TINY
 from scalegen.config import load_config, schedule_value
