@@ -274,11 +274,9 @@ def _check_world_prompts(cfg, prompts: list[str], ckpt) -> None:
 
 
 def cmd_gallery(args) -> int:
-    import os
-    import shutil
-
     import torch
 
+    from scalegen.atomic import staged_folder
     from scalegen.export.gallery import build_site, find_viewer
     from scalegen.export.pipeline import MANIFEST, GenerateOptions, generate_assets, plan_jobs, read_manifest
 
@@ -293,8 +291,7 @@ def cmd_gallery(args) -> int:
     if not parent.is_dir():
         raise ScalegenError(f"folder '{parent}' does not exist; create it first")
     viewer = find_viewer(args.viewer)
-    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
+    with staged_folder(out, overwrite=args.overwrite) as tmp:  # the old site stays until the new one is whole
         if is_run:
             from scalegen.train.model import load_run
 
@@ -326,12 +323,6 @@ def cmd_gallery(args) -> int:
         else:
             entries = read_manifest(source)["assets"]
             build_site(source, entries, tmp, viewer, f"scalegen: {source.resolve().name}")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"wrote {out / 'index.html'} ({len(entries)} assets; open it in a browser, no server needed)")
     return 0
 

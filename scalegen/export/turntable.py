@@ -7,12 +7,12 @@ rendered; around it the frame is the backdrop (``render_turntables``): 2-5x fewe
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from scalegen import atomic
 from scalegen.data.cameras import Cameras, camera_rays, orbit_cameras
 from scalegen.errors import ExportError
 from scalegen.render.images import to_uint8
@@ -87,23 +87,19 @@ def video_suffix() -> str:
 def write_video(frames: np.ndarray, path: str | Path) -> Path:
     """Write uint8 frames [T, H, W, 3] to ``path`` (.mp4 or .gif), atomically; loops at 24 fps."""
     p = Path(path)
-    tmp = p.with_name(f".{p.stem}.tmp-{os.getpid()}{p.suffix}")  # ffmpeg picks the container by suffix
     try:
-        if p.suffix == ".mp4":
-            import imageio.v2 as iio  # noqa: PLC0415
+        with atomic.writing(p) as tmp:  # the temporary keeps p's suffix: ffmpeg picks the container by it
+            if p.suffix == ".mp4":
+                import imageio.v2 as iio  # noqa: PLC0415
 
-            # yuv420p + even sizes: what browsers' H.264 decoders accept.
-            iio.mimwrite(tmp, list(frames), format="FFMPEG", fps=FPS, codec="libx264", quality=8,
-                         pixelformat="yuv420p", macro_block_size=16)
-        else:
-            from PIL import Image  # noqa: PLC0415
+                # yuv420p + even sizes: what browsers' H.264 decoders accept.
+                iio.mimwrite(tmp, list(frames), format="FFMPEG", fps=FPS, codec="libx264", quality=8,
+                             pixelformat="yuv420p", macro_block_size=16)
+            else:
+                from PIL import Image  # noqa: PLC0415
 
-            images = [Image.fromarray(f) for f in frames]
-            images[0].save(tmp, save_all=True, append_images=images[1:], duration=round(1000 / FPS), loop=0)
-        os.replace(tmp, p)
+                images = [Image.fromarray(f) for f in frames]
+                images[0].save(tmp, save_all=True, append_images=images[1:], duration=round(1000 / FPS), loop=0)
     except OSError as e:
         raise ExportError(f"cannot write '{p}': {e.strerror or e}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return p
