@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from einops import rearrange
 
 from scalegen import atomic
 from scalegen.data.cameras import Cameras, camera_rays, orbit_cameras
@@ -66,8 +67,8 @@ def render_turntables(field, background, renderer, cameras: Cameras, samples: in
         if crop < size:
             _, dirs = camera_rays(full)
             backdrop = background(dirs).expand(b, -1, -1, -1).reshape(b, v, size, size, 3).clone()
-            backdrop[:, :, pad:pad + crop, pad:pad + crop] = out.rgb.view(b, v, 3, crop, crop).permute(0, 1, 3, 4, 2)
-            rgb = backdrop.reshape(b * v, size, size, 3).permute(0, 3, 1, 2)
+            backdrop[:, :, pad:pad + crop, pad:pad + crop] = rearrange(out.rgb, "(b v) c h w -> b v h w c", b=b)
+            rgb = rearrange(backdrop, "b v h w c -> (b v) c h w")
         else:
             rgb = out.rgb
         frames[:, sl] = to_uint8(rgb).reshape(b, v, size, size, 3)

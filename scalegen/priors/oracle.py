@@ -32,6 +32,7 @@ at 60 or 100k prompts.
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from scalegen.data.cameras import Cameras, orbit_cameras
@@ -102,7 +103,7 @@ class OraclePrior(Prior):
             chunk = ids[i:i + 64]
             out = self.renderer(self.world.component_field(chunk), cameras.expand(len(chunk)),
                                 background=self.world.background, perturb=False)
-            outs.append(out.rgb.view(len(chunk), cameras.shape[1], 3, cameras.height, cameras.width))
+            outs.append(rearrange(out.rgb, "(b v) c h w -> b v c h w", b=len(chunk)))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _fixed_cameras(self, h: int, w: int) -> Cameras:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import imageio.v3 as iio
 import torch
+from einops import rearrange
 
 from scalegen.config import PER_PROMPT, Config, schedule_value, step_position
 from scalegen.data.cameras import orbit_cameras, sample_train_cameras
@@ -241,7 +242,7 @@ class Validator:
         field, bg = model(text_encoder.encode(self.prompts))
         out = self.renderer(field, self.cams, background=bg, samples=self.cfg.eval.samples,
                             importance_samples=self.cfg.eval.importance_samples)
-        pred = out.rgb.view(len(self.prompts), -1, *out.rgb.shape[1:])
+        pred = rearrange(out.rgb, "(b v) c h w -> b v c h w", b=len(self.prompts))
         rows = []
         gt = None
         if self.world is not None:
