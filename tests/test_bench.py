@@ -1,18 +1,15 @@
 """Benchmarks run end to end on a tiny budget and report what their JSON promises."""
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import TINY
+from conftest import TINY, run_cli
 
 
 @pytest.mark.slow
 def test_saturation_bench_json(tmp_path):
     out = tmp_path / "sat.json"
-    r = subprocess.run([sys.executable, "-m", "scalegen.cli", "bench", "saturation", "--out", str(tmp_path),
-                        "--json", str(out), *TINY, "train.max_steps=3"], capture_output=True, text=True)
+    r = run_cli("bench", "saturation", "--out", tmp_path, "--json", out, *TINY, "train.max_steps=3")
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
     assert set(data) == {"sds_cfg100", "asd_cfg7.5"}
@@ -21,7 +18,7 @@ def test_saturation_bench_json(tmp_path):
 
 
 def test_unknown_bench_is_a_clear_error():
-    r = subprocess.run([sys.executable, "-m", "scalegen.cli", "bench", "nope"], capture_output=True, text=True)
+    r = run_cli("bench", "nope")
     assert r.returncode == 2 and "choose from" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -82,9 +79,7 @@ def test_toy2d_bench_writes_pngs_and_counts_components(tmp_path):
 @pytest.mark.slow
 def test_distill_bench_oracle_json(tmp_path):
     out = tmp_path / "d.json"
-    r = subprocess.run([sys.executable, "-m", "scalegen.cli", "bench", "distill", "--out", str(tmp_path),
-                        "--json", str(out), *TINY, "train.max_steps=2", "bench.part=oracle"],
-                       capture_output=True, text=True)
+    r = run_cli("bench", "distill", "--out", tmp_path, "--json", out, *TINY, "train.max_steps=2", "bench.part=oracle")
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())["oracle"]
     assert set(data) == {"sds", "csd", "vsd", "asd", "vdm"}
@@ -93,15 +88,9 @@ def test_distill_bench_oracle_json(tmp_path):
 @pytest.mark.slow
 def test_data_bench_json(tmp_path):
     """`bench data` on a tiny budget: JSON keys per size, loader figures measured in a subprocess."""
-    import os
-    from pathlib import Path
-
     out = tmp_path / "data.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    r = subprocess.run([sys.executable, "-m", "scalegen.cli", "bench", "data", "--out", str(tmp_path), "--json",
-                        str(out), "bench.sizes=[200,400]", "bench.clip_sizes=[]", "bench.sd_sizes=[64]",
-                        "bench.stream=2000", "bench.sd_stream=64"],
-                       capture_output=True, text=True, env=env)
+    r = run_cli("bench", "data", "--out", tmp_path, "--json", out, "bench.sizes=[200,400]", "bench.clip_sizes=[]",
+                "bench.sd_sizes=[64]", "bench.stream=2000", "bench.sd_stream=64", env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
     for n in ("200", "400"):
@@ -145,11 +134,11 @@ def test_claims_bench_json(tmp_path):
     """`bench claims` end to end on a tiny budget: the JSON rows carry claim, source, numbers and a verdict
     of the three words; a second call reuses the finished runs and merges its rows into the same file."""
     merged = tmp_path / "claims.json"
-    cmd = [sys.executable, "-m", "scalegen.cli", "bench", "claims", "--out", str(tmp_path), "bench.steps=2",
-           "bench.eval_prompts=2", f"bench.pictures={tmp_path / 'pics'}", f"bench.merge={merged}"]
-    r = subprocess.run([*cmd, "bench.claims=[f]"], capture_output=True, text=True)
+    cmd = ["bench", "claims", "--out", tmp_path, "bench.steps=2", "bench.eval_prompts=2",
+           f"bench.pictures={tmp_path / 'pics'}", f"bench.merge={merged}"]
+    r = run_cli(*cmd, "bench.claims=[f]")
     assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run([*cmd, "bench.claims=[f,a]"], capture_output=True, text=True)
+    r = run_cli(*cmd, "bench.claims=[f,a]")
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("reusing") == 8  # claim f's 4 arms x 2 seeds
     rows = json.loads(merged.read_text())["claims"]
@@ -219,9 +208,8 @@ def test_generators_curve_bench_scores_every_checkpoint_and_reuses_the_run(tmp_p
 def test_generate_bench_json(tmp_path):
     """`bench generate` on a tiny run: the JSON the docs table is made from, per case and batch."""
     out = tmp_path / "g.json"
-    r = subprocess.run([sys.executable, "-m", "scalegen.cli", "bench", "generate", "--out", str(tmp_path),
-                        "--json", str(out), *TINY, "bench.train_steps=3", "bench.cases=[hyper_ingp_32]",
-                        "bench.batches=[1,2]", "bench.prompts=2", "bench.threads=1"], capture_output=True, text=True)
+    r = run_cli("bench", "generate", "--out", tmp_path, "--json", out, *TINY, "bench.train_steps=3",
+                "bench.cases=[hyper_ingp_32]", "bench.batches=[1,2]", "bench.prompts=2", "bench.threads=1")
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
     assert set(data) == {"hyper_ingp/32/batch1", "hyper_ingp/32/batch2"}
@@ -230,8 +218,7 @@ def test_generate_bench_json(tmp_path):
         assert set(v["stages"]) == {"generator", "sdf", "marching_cubes", "colours", "write"}
         assert abs(sum(v["stages"].values()) - v["seconds_per_asset"]) < 0.05 * v["seconds_per_asset"] + 0.01
         assert 0.8 < v["silhouette_iou"] <= 1.0
-    bad = subprocess.run([sys.executable, "-m", "scalegen.cli", "bench", "generate", "bench.case=[x]"],
-                         capture_output=True, text=True)
+    bad = run_cli("bench", "generate", "bench.case=[x]")
     assert bad.returncode == 2 and "did you mean 'bench.cases'" in bad.stderr
 
 
@@ -239,9 +226,8 @@ def test_eval_bench_json(tmp_path):
     """`bench eval` on a tiny budget: images/s of CLIP scoring and of rendering per (model, resolution)."""
     pytest.importorskip("open_clip")
     out = tmp_path / "eval.json"
-    r = subprocess.run([sys.executable, "-m", "scalegen.cli", "bench", "eval", "--json", str(out), *TINY,
-                        "bench.models=[ViT-B-32]", "bench.resolutions=[16,32]", "bench.images=4", "bench.batch=4",
-                        "bench.prompts=8", "bench.views=2", "bench.threads=1"], capture_output=True, text=True)
+    r = run_cli("bench", "eval", "--json", out, *TINY, "bench.models=[ViT-B-32]", "bench.resolutions=[16,32]",
+                "bench.images=4", "bench.batch=4", "bench.prompts=8", "bench.views=2", "bench.threads=1")
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
     assert [(c["model"], c["resolution"]) for c in data["cases"]] == [("ViT-B-32", 16), ("ViT-B-32", 32)]

@@ -1,13 +1,11 @@
 """The training loop: exact resume, one batched prior call per step, atomic checkpoints."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY
+from conftest import TINY, run_cli
 from scalegen.config import load_config
 from scalegen.errors import CheckpointError
 from scalegen.train.loop import train
@@ -90,7 +88,7 @@ def test_checkpoint_is_atomic_and_pruned(tmp_path):
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "scalegen.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return run_cli(*args, cwd=cwd)
 
 
 @pytest.mark.parametrize("args,needle", [
