@@ -119,6 +119,24 @@ def test_wandb_offline_logging(tmp_path, monkeypatch):
     assert (run / "val" / "step_0000002.png").is_file()
 
 
+def test_wandb_is_an_extra_and_its_absence_says_how_to_install_it(tmp_path, monkeypatch):
+    """Without the wandb package the default config logs to metrics.jsonl; asking for wandb is a one-line
+    error naming the extra that installs it (not an ImportError traceback)."""
+    import sys
+
+    from scalegen.train.logger import MetricLogger
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError, as when absent
+    default = load_config(None, [o for o in TINY if not o.startswith("train.logger")])
+    logger = MetricLogger(tmp_path, default)
+    logger.log(1, {"loss": 0.5})
+    logger.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": 0.5}
+    r = run_cli("train", "--out", tmp_path / "run", *TINY, "train.max_steps=1", "train.logger=wandb")
+    assert r.returncode == 2 and 'pip install "scalegen[wandb]"' in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("name", ["vsd", "vdm"])
 def test_stateful_distiller_has_its_own_group_and_resumes_exactly(name, tmp_path, monkeypatch):
     """VSD's phi / VDM's psi: own optimizer group at distill.lr, saved in checkpoints, exact resume."""
