@@ -44,6 +44,7 @@ def test_bench_options_are_typed_config_keys(name, item, message):
         run_bench(name, [item], out_root="/nonexistent")
 
 
+@pytest.mark.slow
 def test_guidance_bench_shows_cfg_vanishing_at_low_t():
     """The mechanism behind the saturation results: once the unconditional mixture recognises a
     prompt's class (low t), eps_c - eps_u vanishes and CFG 100 no longer pushes colours; at high t
@@ -157,6 +158,7 @@ def test_claims_row_command_carries_the_options_that_shape_the_runs():
         ["bench.sizes=[15,400]", "bench.scale_distillers=[sds,asd]"]
 
 
+@pytest.mark.slow
 def test_generators_curve_bench_scores_every_checkpoint_and_reuses_the_run(tmp_path):
     """Curve points at step 0 (untrained), every `every` steps and the last step (all prompts), a PNG;
     a second call reuses the finished run (no training), another config in the same folder is an error, an
@@ -205,6 +207,7 @@ def test_generators_curve_bench_scores_every_checkpoint_and_reuses_the_run(tmp_p
     assert resumed["train"]["conv3d"]["resumed"] and resumed["train"]["conv3d"]["steps"] == 4
 
 
+@pytest.mark.slow
 def test_generate_bench_json(tmp_path):
     """`bench generate` on a tiny run: the JSON the docs table is made from, per case and batch."""
     out = tmp_path / "g.json"
@@ -218,10 +221,14 @@ def test_generate_bench_json(tmp_path):
         assert set(v["stages"]) == {"generator", "sdf", "marching_cubes", "colours", "write"}
         assert abs(sum(v["stages"].values()) - v["seconds_per_asset"]) < 0.05 * v["seconds_per_asset"] + 0.01
         assert 0.8 < v["silhouette_iou"] <= 1.0
+
+
+def test_generate_bench_option_typo_is_one_line():
     bad = run_cli("bench", "generate", "bench.case=[x]")
     assert bad.returncode == 2 and "did you mean 'bench.cases'" in bad.stderr
 
 
+@pytest.mark.slow
 def test_eval_bench_json(tmp_path):
     """`bench eval` on a tiny budget: images/s of CLIP scoring and of rendering per (model, resolution)."""
     pytest.importorskip("open_clip")

@@ -12,17 +12,23 @@ ROOT = TESTS.parent
 CI_TIERS = ["not slow and not distributed", "slow and not distributed", "distributed"]
 
 
-def _marks(node: ast.AST) -> set[str]:
-    """Marker names in ``@pytest.mark.X`` decorators or a ``pytestmark = ...`` value."""
-    out = set()
+def _marks(node: ast.AST, skip_params: bool = False) -> set[str]:
+    """Marker names in ``@pytest.mark.X`` decorators or a ``pytestmark = ...`` value (``skip_params``: not
+    those of single ``pytest.param(..., marks=...)`` cases)."""
+    out, params = set(), set()
     for sub in ast.walk(node):
-        if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Attribute) and sub.value.attr == "mark":
+        if skip_params and isinstance(sub, ast.Call) and getattr(sub.func, "attr", None) == "param":
+            params |= {id(x) for x in ast.walk(sub)}
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Attribute) and sub.value.attr == "mark" \
+                and id(sub) not in params:
             out.add(sub.attr)
     return out
 
 
 def _tests_and_marks() -> dict[str, set[str]]:
-    """Every test function in tests/ with the tier markers it carries (its own and its module's)."""
+    """Every test function in tests/ (and each ``pytest.param`` case with its own marks) with the tier
+    markers it carries: its own, its module's and its case's."""
     found = {}
     for path in sorted(TESTS.glob("test_*.py")):
         tree = ast.parse(path.read_text())
@@ -32,8 +38,13 @@ def _tests_and_marks() -> dict[str, set[str]]:
                 module |= _marks(node.value)
         for node in tree.body:
             if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
-                own = set().union(*(_marks(d) for d in node.decorator_list)) if node.decorator_list else set()
-                found[f"{path.name}::{node.name}"] = (own | module) & {"slow", "distributed"}
+                own = set().union(set(), *(_marks(d, skip_params=True) for d in node.decorator_list))
+                name = f"{path.name}::{node.name}"
+                found[name] = (own | module) & {"slow", "distributed"}
+                cases = [c for d in node.decorator_list for c in ast.walk(d)
+                         if isinstance(c, ast.Call) and getattr(c.func, "attr", None) == "param"]
+                for i, case in enumerate(cases):
+                    found[f"{name}[param {i}]"] = (own | module | _marks(case)) & {"slow", "distributed"}
     return found
 
 
