@@ -12,7 +12,7 @@ WORKDIR /app
 # Dependencies first (cached while the code changes); torch comes from the base image (>= 2.4).
 COPY pyproject.toml README.md ./
 COPY scalegen/__init__.py scalegen/__init__.py
-RUN pip install --no-cache-dir -e ".[sd,data]" deepspeed
+RUN pip install --no-cache-dir -e ".[sd,data,wandb]" deepspeed
 
 COPY scalegen/ scalegen/
 COPY configs/ configs/

@@ -18,8 +18,9 @@ from pathlib import Path
 
 
 def _tmp_sibling(path: Path, tag: str) -> Path:
-    """A hidden sibling unique to this process, so two writers never share a temporary."""
-    return path.with_name(f".{path.name}.{tag}-{os.getpid()}")
+    """A hidden sibling unique to this process, so two writers never share a temporary. It keeps the
+    suffix: some writers (imageio's ffmpeg, PIL, trimesh) choose the format by it."""
+    return path.with_name(f".{path.stem}.{tag}-{os.getpid()}{path.suffix}")
 
 
 def replace(src: str | Path, dst: str | Path) -> Path:
@@ -65,12 +66,13 @@ def write_json(path: str | Path, obj, indent: int | None = 2) -> Path:
 
 
 @contextmanager
-def staged_folder(dest: str | Path) -> Iterator[Path]:
+def staged_folder(dest: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Build a folder in a staging sibling and move it to ``dest`` only when the block succeeds.
 
     A refused or interrupted build leaves nothing at ``dest`` (and removes its staging folder), so
     the corrected command is never told the output already exists. ``dest`` must not exist, or be
-    an empty folder (removed first).
+    an empty folder (removed first); with ``overwrite`` an existing ``dest`` (the user asked to
+    replace it) is removed only once the new folder is complete, so a failed build keeps the old one.
     """
     dest = Path(dest)
     stage = _tmp_sibling(dest, "staging")
@@ -78,7 +80,11 @@ def staged_folder(dest: str | Path) -> Iterator[Path]:
     stage.mkdir(parents=True)
     try:
         yield stage
-        if dest.is_dir() and not any(dest.iterdir()):
+        if overwrite and dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        elif overwrite and dest.exists():
+            dest.unlink()
+        elif dest.is_dir() and not any(dest.iterdir()):
             dest.rmdir()
         replace(stage, dest)
     finally:

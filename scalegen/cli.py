@@ -497,11 +497,9 @@ def cmd_export_pretrained(args) -> int:
 
 
 def cmd_gallery(args) -> int:
-    import os
-    import shutil
-
     import torch
 
+    from scalegen.atomic import staged_folder
     from scalegen.export.gallery import build_site, find_viewer
     from scalegen.export.pipeline import MANIFEST, GenerateOptions, generate_assets, plan_jobs, read_manifest
 
@@ -516,8 +514,7 @@ def cmd_gallery(args) -> int:
     if not parent.is_dir():
         raise ScalegenError(f"folder '{parent}' does not exist; create it first")
     viewer = find_viewer(args.viewer)
-    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
+    with staged_folder(out, overwrite=args.overwrite) as tmp:  # the old site stays until the new one is whole
         if is_run:
             from scalegen.pipeline import TextTo3DPipeline
             from scalegen.priors import build_ground_truth
@@ -549,12 +546,6 @@ def cmd_gallery(args) -> int:
         else:
             entries = read_manifest(source)["assets"]
             build_site(source, entries, tmp, viewer, f"scalegen: {source.resolve().name}")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"wrote {out / 'index.html'} ({len(entries)} assets; open it in a browser, no server needed)")
     return 0
 
@@ -749,7 +740,7 @@ def cmd_data_check(args) -> int:
     for where, problem in bad:
         print(f"BAD {where}: {problem}")
     print(f"{n - len(bad)} of {n} shard(s) match the manifest ({time.perf_counter() - t0:.1f} s)"
-          + (f"; rebuild with the same `scalegen data build` command (it rewrites only damaged shards)" if bad else ""))
+          + ("; rebuild with the same `scalegen data build` command (it rewrites only damaged shards)" if bad else ""))
     return 1 if bad else 0
 
 
@@ -1096,7 +1087,7 @@ def _quiet_exit(entry: bool) -> None:
         pass
     # A stdout that cannot be flushed at exit prints a traceback-like line; give Python a stream it can flush.
     if sys.stdout is not None and getattr(sys.stdout, "closed", False):
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        sys.stdout = open(os.devnull, "w")
 
 
 def _interrupt_advice(args) -> str:

@@ -400,7 +400,8 @@ class TrainConfig:
     keep_ckpts: Annotated[int, AtLeast1] = 2  # newest checkpoints kept; older ones are deleted
     # null: what the launcher says (`accelerate launch --mixed_precision`, an accelerate/DeepSpeed config), else fp32
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
-    logger: Literal["wandb", "none"] = "wandb"
+    # metrics.jsonl is always written; wandb mirrors it to Weights & Biases (an extra: pip install "scalegen[wandb]")
+    logger: Literal["wandb", "none"] = "none"
     wandb_project: str = "scalegen"
     progress: bool = True  # tqdm progress bar
     threads: Annotated[int, NonNeg] = 0  # torch CPU threads; 0 = torch's default

@@ -31,6 +31,7 @@ import threading
 import time
 from pathlib import Path
 
+from scalegen import atomic
 from scalegen.errors import ScalegenError
 
 HEARTBEAT_S = 30.0  # how often a holder refreshes its lock file's mtime
@@ -233,7 +234,7 @@ class FolderLock:
         # that what we moved is the lock we judged, not a fresh one another process made meanwhile.
         mine = self.path.with_name(f"{self.path.name}.stale-{self.host}-{self.pid}")
         try:
-            os.rename(self.path, mine)
+            atomic.replace(self.path, mine)
         except FileNotFoundError:
             return
         moved = self._read(mine)

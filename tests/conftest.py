@@ -1,6 +1,11 @@
 """Shared fixtures: tiny configs that go through the real code paths quickly on 2 CPU cores."""
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import subprocess
+import traceback
 from pathlib import Path
 
 import pytest
@@ -93,3 +98,33 @@ class BallsField(Field):
     def query(self, points):
         rgb = (0.5 + points).clamp(0, 1).expand(self.n_prompts, -1, -1)
         return self.sdf(points), rgb
+
+
+def run_cli(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
+    """``scalegen ARGS`` in this process (no fresh interpreter and torch import per call): its exit code
+    and what it printed, as ``subprocess.run(..., capture_output=True, text=True)`` gives them. As in a
+    process, argparse's exits keep their code and an uncaught exception is exit code 1 with its traceback
+    on stderr. ``cwd``, ``env`` and torch's thread count are restored afterwards. Tests of the process
+    boundary itself (signals, launchers, a per-process state) start a real process instead."""
+    from scalegen.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old_cwd, old_env, threads = os.getcwd(), dict(os.environ), torch.get_num_threads()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        os.environ.update({k: str(v) for k, v in (env or {}).items()})
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse: usage errors (2) and --help (0)
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:  # noqa: BLE001 - reported as the process would: traceback, exit code 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(old_cwd)
+        os.environ.clear()
+        os.environ.update(old_env)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())

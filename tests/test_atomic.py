@@ -29,3 +29,23 @@ def test_a_staged_folder_appears_only_when_the_build_succeeds(tmp_path):
         (stage / "part-0.tar").write_bytes(b"x")
     assert [x.name for x in dest.iterdir()] == ["part-0.tar"]
     assert [x.name for x in tmp_path.iterdir()] == ["shards"]
+
+
+def test_overwrite_keeps_the_old_folder_until_the_new_one_is_complete(tmp_path):
+    dest = tmp_path / "site"
+    with atomic.staged_folder(dest) as stage:
+        (stage / "index.html").write_text("old")
+    with pytest.raises(OSError), atomic.staged_folder(dest, overwrite=True) as stage:
+        (stage / "index.html").write_text("half")
+        raise OSError("disk full")
+    assert (dest / "index.html").read_text() == "old"
+    with atomic.staged_folder(dest, overwrite=True) as stage:
+        (stage / "index.html").write_text("new")
+    assert (dest / "index.html").read_text() == "new" and [x.name for x in tmp_path.iterdir()] == ["site"]
+
+
+def test_the_temporary_keeps_the_suffix_writers_choose_a_format_by(tmp_path):
+    with atomic.writing(tmp_path / "spin.mp4") as tmp:
+        assert tmp.suffix == ".mp4" and tmp.name.startswith(".") and tmp.parent == tmp_path
+        tmp.write_bytes(b"x")
+    assert (tmp_path / "spin.mp4").read_bytes() == b"x"

@@ -1,18 +1,15 @@
 """Benchmarks run end to end on a tiny budget and report what their JSON promises."""
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import TINY
+from conftest import TINY, run_cli
 
 
 @pytest.mark.slow
 def test_saturation_bench_json(tmp_path):
     out = tmp_path / "sat.json"
-    r = subprocess.run([sys.executable, "-m", "scalegen.cli", "bench", "saturation", "--out", str(tmp_path),
-                        "--json", str(out), *TINY, "train.max_steps=3"], capture_output=True, text=True)
+    r = run_cli("bench", "saturation", "--out", tmp_path, "--json", out, *TINY, "train.max_steps=3")
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
     meta = data.pop("meta")  # what produced the file: the command as typed, the date, the commit
@@ -23,7 +20,7 @@ def test_saturation_bench_json(tmp_path):
 
 
 def test_unknown_bench_is_a_clear_error():
-    r = subprocess.run([sys.executable, "-m", "scalegen.cli", "bench", "nope"], capture_output=True, text=True)
+    r = run_cli("bench", "nope")
     assert r.returncode == 2 and "choose from" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -49,6 +46,7 @@ def test_bench_options_are_typed_config_keys(name, item, message):
         run_bench(name, [item], out_root="/nonexistent")
 
 
+@pytest.mark.slow
 def test_guidance_bench_shows_cfg_vanishing_at_low_t():
     """The mechanism behind the saturation results: once the unconditional mixture recognises a
     prompt's class (low t), eps_c - eps_u vanishes and CFG 100 no longer pushes colours; at high t
@@ -84,9 +82,7 @@ def test_toy2d_bench_writes_pngs_and_counts_components(tmp_path):
 @pytest.mark.slow
 def test_distill_bench_oracle_json(tmp_path):
     out = tmp_path / "d.json"
-    r = subprocess.run([sys.executable, "-m", "scalegen.cli", "bench", "distill", "--out", str(tmp_path),
-                        "--json", str(out), *TINY, "train.max_steps=2", "bench.part=oracle"],
-                       capture_output=True, text=True)
+    r = run_cli("bench", "distill", "--out", tmp_path, "--json", out, *TINY, "train.max_steps=2", "bench.part=oracle")
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())["oracle"]
     assert set(data) == {"sds", "csd", "vsd", "asd", "vdm"}
@@ -95,15 +91,9 @@ def test_distill_bench_oracle_json(tmp_path):
 @pytest.mark.slow
 def test_data_bench_json(tmp_path):
     """`bench data` on a tiny budget: JSON keys per size, loader figures measured in a subprocess."""
-    import os
-    from pathlib import Path
-
     out = tmp_path / "data.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    r = subprocess.run([sys.executable, "-m", "scalegen.cli", "bench", "data", "--out", str(tmp_path), "--json",
-                        str(out), "bench.sizes=[200,400]", "bench.clip_sizes=[]", "bench.sd_sizes=[64]",
-                        "bench.stream=2000", "bench.sd_stream=64"],
-                       capture_output=True, text=True, env=env)
+    r = run_cli("bench", "data", "--out", tmp_path, "--json", out, "bench.sizes=[200,400]", "bench.clip_sizes=[]",
+                "bench.sd_sizes=[64]", "bench.stream=2000", "bench.sd_stream=64", env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
     for n in ("200", "400"):
@@ -147,11 +137,11 @@ def test_claims_bench_json(tmp_path):
     """`bench claims` end to end on a tiny budget: the JSON rows carry claim, source, numbers and a verdict
     of the three words; a second call reuses the finished runs and merges its rows into the same file."""
     merged = tmp_path / "claims.json"
-    cmd = [sys.executable, "-m", "scalegen.cli", "bench", "claims", "--out", str(tmp_path), "bench.steps=2",
-           "bench.eval_prompts=2", f"bench.pictures={tmp_path / 'pics'}", f"bench.merge={merged}"]
-    r = subprocess.run([*cmd, "bench.claims=[f]"], capture_output=True, text=True)
+    cmd = ["bench", "claims", "--out", tmp_path, "bench.steps=2", "bench.eval_prompts=2",
+           f"bench.pictures={tmp_path / 'pics'}", f"bench.merge={merged}"]
+    r = run_cli(*cmd, "bench.claims=[f]")
     assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run([*cmd, "bench.claims=[f,a]"], capture_output=True, text=True)
+    r = run_cli(*cmd, "bench.claims=[f,a]")
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("reusing") == 8  # claim f's 4 arms x 2 seeds
     rows = json.loads(merged.read_text())["claims"]
@@ -170,6 +160,7 @@ def test_claims_row_command_carries_the_options_that_shape_the_runs():
         ["bench.sizes=[15,400]", "bench.scale_distillers=[sds,asd]"]
 
 
+@pytest.mark.slow
 def test_generators_curve_bench_scores_every_checkpoint_and_reuses_the_run(tmp_path):
     """Curve points at step 0 (untrained), every `every` steps and the last step (all prompts), a PNG;
     a second call reuses the finished run (no training), another config in the same folder is an error, an
@@ -218,12 +209,12 @@ def test_generators_curve_bench_scores_every_checkpoint_and_reuses_the_run(tmp_p
     assert resumed["train"]["conv3d"]["resumed"] and resumed["train"]["conv3d"]["steps"] == 4
 
 
+@pytest.mark.slow
 def test_generate_bench_json(tmp_path):
     """`bench generate` on a tiny run: the JSON the docs table is made from, per case and batch."""
     out = tmp_path / "g.json"
-    r = subprocess.run([sys.executable, "-m", "scalegen.cli", "bench", "generate", "--out", str(tmp_path),
-                        "--json", str(out), *TINY, "bench.train_steps=3", "bench.cases=[hyper_ingp_32]",
-                        "bench.batches=[1,2]", "bench.prompts=2", "bench.threads=1"], capture_output=True, text=True)
+    r = run_cli("bench", "generate", "--out", tmp_path, "--json", out, *TINY, "bench.train_steps=3",
+                "bench.cases=[hyper_ingp_32]", "bench.batches=[1,2]", "bench.prompts=2", "bench.threads=1")
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
     assert data.pop("meta")["argv"][:2] == ["bench", "generate"]
@@ -233,18 +224,20 @@ def test_generate_bench_json(tmp_path):
         assert set(v["stages"]) == {"generator", "sdf", "marching_cubes", "colours", "write"}
         assert abs(sum(v["stages"].values()) - v["seconds_per_asset"]) < 0.05 * v["seconds_per_asset"] + 0.01
         assert 0.8 < v["silhouette_iou"] <= 1.0
-    bad = subprocess.run([sys.executable, "-m", "scalegen.cli", "bench", "generate", "bench.case=[x]"],
-                         capture_output=True, text=True)
+
+
+def test_generate_bench_option_typo_is_one_line():
+    bad = run_cli("bench", "generate", "bench.case=[x]")
     assert bad.returncode == 2 and "did you mean 'bench.cases'" in bad.stderr
 
 
+@pytest.mark.slow
 def test_eval_bench_json(tmp_path):
     """`bench eval` on a tiny budget: images/s of CLIP scoring and of rendering per (model, resolution)."""
     pytest.importorskip("open_clip")
     out = tmp_path / "eval.json"
-    r = subprocess.run([sys.executable, "-m", "scalegen.cli", "bench", "eval", "--json", str(out), *TINY,
-                        "bench.models=[ViT-B-32]", "bench.resolutions=[16,32]", "bench.images=4", "bench.batch=4",
-                        "bench.prompts=8", "bench.views=2", "bench.threads=1"], capture_output=True, text=True)
+    r = run_cli("bench", "eval", "--json", out, *TINY, "bench.models=[ViT-B-32]", "bench.resolutions=[16,32]",
+                "bench.images=4", "bench.batch=4", "bench.prompts=8", "bench.views=2", "bench.threads=1")
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
     assert [(c["model"], c["resolution"]) for c in data["cases"]] == [("ViT-B-32", 16), ("ViT-B-32", 32)]

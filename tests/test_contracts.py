@@ -10,7 +10,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import TINY
 from scalegen.config import load_config, schedule_value
@@ -247,7 +246,8 @@ def test_hash_indices_from_the_published_primes():
 # --- mixed precision and process counts ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("generator", ["hyper_ingp", "conv3d", "triplane_transformer"])
+@pytest.mark.parametrize("generator", ["hyper_ingp", pytest.param("conv3d", marks=pytest.mark.slow),
+                                       pytest.param("triplane_transformer", marks=pytest.mark.slow)])
 def test_bf16_mixed_precision_trains_on_cpu(tmp_path, generator):
     """train.mixed_precision=bf16 runs the generator and renderer under CPU autocast; losses stay finite.
     (A fresh process: accelerate's state is one per process and the other tests train in fp32.)"""

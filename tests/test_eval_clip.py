@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, shared_path
+from conftest import TINY, run_cli, shared_path
 from scalegen.errors import DataError, ScalegenError, WeightsError
 from scalegen.eval.clip import (PROTOCOLS, FolderViews, Pool, Protocol, clip_pixels, evaluate_clip, folder_name,
                                 make_protocol, prompt_rows, read_pool)
@@ -302,8 +302,7 @@ def tiny_run(tmp_path_factory):
 
 
 def _cli(*args, env=None, cwd=None):
-    return subprocess.run([sys.executable, "-m", "scalegen.cli", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd)
+    return run_cli(*args, env=env, cwd=cwd)
 
 
 def test_eval_clip_cli_end_to_end_with_a_transformers_folder(tiny_run, tiny_clips, tmp_path):

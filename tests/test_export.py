@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 import torch
 import trimesh
 
-from conftest import TINY, BallsField, fit_to_sphere
+from conftest import TINY, BallsField, fit_to_sphere, run_cli
 from scalegen.config import load_config
 from scalegen.errors import ExportError
 from scalegen.export.files import mesh_bytes, write_mesh, z_up
@@ -53,8 +52,7 @@ def red_run(tmp_path_factory):
 
 
 def _generate(run, *args):
-    return subprocess.run([sys.executable, "-m", "scalegen.cli", "generate", "--ckpt", str(run), "--threads", "1",
-                           *map(str, args)], capture_output=True, text=True)
+    return run_cli("generate", "--ckpt", run, "--threads", 1, *args)
 
 
 def _load(path):
@@ -439,8 +437,7 @@ def _browser():
 
 
 def _gallery(*args):
-    return subprocess.run([sys.executable, "-m", "scalegen.cli", "gallery", *map(str, args)], capture_output=True,
-                          text=True)
+    return run_cli("gallery", *args)
 
 
 @pytest.mark.slow

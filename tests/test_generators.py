@@ -45,7 +45,7 @@ def test_batch4_prompts_are_independent_and_permutation_equivariant(name):
     gen = _generators()[name]
     cond, b = _cond(4), 4
     z = torch.randn(b, gen.z_dim) if name.startswith("conv3d") else None  # Hyper-iNGP: shared points take the fused MLP
-    zi = (lambda i: None) if z is None else (lambda i: z[i])  # noqa: E731
+    zi = (lambda i: None) if z is None else (lambda i: z[i])
     shared = (torch.rand(1, 500, 3) * 2 - 1) * gen.bound * 1.05  # some points outside the box
     own = (torch.rand(b, 500, 3) * 2 - 1) * gen.bound
     perm = torch.tensor([2, 0, 3, 1])

@@ -14,7 +14,7 @@ FLOOR = {"config": 0, "errors": 0, "atomic": 0, "locks": 0, "text": 1, "data": 2
 # The same-floor imports docs/architecture.md allows: errors are config's and locks' to raise; the bench measures
 # refinement; the command line runs refinement, the benches and the pipeline; the TriplaneTurbo protocol scores
 # the exported mesh. priors and generators (floor 4) never import each other, nor does train import eval or export.
-SAME_FLOOR = {("config", "errors"), ("locks", "errors"), ("bench", "refine"), ("cli", "refine"), ("cli", "bench"), ("cli", "pipeline"),
+SAME_FLOOR = {("config", "errors"), ("locks", "errors"), ("locks", "atomic"), ("bench", "refine"), ("cli", "refine"), ("cli", "bench"), ("cli", "pipeline"),
               ("eval", "export")}
 
 
@@ -60,3 +60,29 @@ def test_the_same_floor_exceptions_are_the_documented_ones():
     text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
     for room, other in SAME_FLOOR:
         assert f"`{room}` → `{other}`" in text, f"architecture.md does not list {room} → {other}"
+
+
+def _renames(path: Path) -> list[int]:
+    """Lines that rename a file: ``os.replace/rename(a, b)`` or ``Path.replace/rename(target)`` (one
+    argument, unlike ``str.replace(old, new)``; ``dataclasses.replace`` copies a dataclass)."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("replace", "rename")):
+            continue
+        owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
+        if owner == "os" or (owner not in ("dataclasses", "atomic") and len(node.args) == 1):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_only_the_atomic_module_renames_files():
+    """Every file or folder scalegen writes whole goes through scalegen/atomic.py (a temporary, then
+    one rename): a hand-written rename elsewhere is a second copy of that logic."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel != "atomic.py":
+            found += [f"scalegen/{rel}:{n}" for n in _renames(path)]
+    assert not found, "rename through scalegen.atomic (write_*, writing, staged_folder, replace): " + ", ".join(found)
+    assert _renames(PACKAGE / "atomic.py")  # the check sees the renames it must refuse

@@ -427,6 +427,7 @@ def test_asd_draws_one_timestep_per_view_group(tiny_mv, small_corpus, monkeypatc
         _mv_cfg(tiny_mv, small_corpus, ["prior.perp_neg=0.5"])
 
 
+@pytest.mark.slow
 def test_mvdream_config_trains_20_steps_from_the_cli(tiny_mv, small_corpus, tmp_path):
     """The README's smoke run: the real MVDream config (ASD, MVDream cameras, 2 micro-batches per step) on a
     tiny converted model; one folder is all it takes (text.model follows prior.model)."""

@@ -3,13 +3,12 @@ under-specified prompts, view buckets and Perp-Neg, scenes with relations, patte
 the metrics built on them (best of completions, mode averaging, multi-face)."""
 import json
 import math
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
 import torch
 
+from conftest import run_cli
 from scalegen.config import load_config
 from scalegen.data.cameras import orbit_cameras
 from scalegen.data.oracle_grammar import LEVELS, Grammar
@@ -162,9 +161,8 @@ def test_parse_is_wording_insensitive_and_errors_say_why():
 
 def test_compose_cli_writes_100k_prompts_the_prior_accepts(tmp_path):
     out = tmp_path / "oracle100k.json"
-    r = subprocess.run([sys.executable, "-m", "scalegen.cli", "data", "compose", "--world", "oracle", "--config",
-                        "configs/oracle/world_compose.yaml", "--n", "100000", "--n-val", "64", "--out", str(out)],
-                       capture_output=True, text=True)
+    r = run_cli("data", "compose", "--world", "oracle", "--config", "configs/oracle/world_compose.yaml", "--n",
+                "100000", "--n-val", "64", "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     corpus = json.loads(out.read_text())
     assert len(corpus["train"]) == len(set(corpus["train"])) == 100_000
@@ -173,8 +171,7 @@ def test_compose_cli_writes_100k_prompts_the_prior_accepts(tmp_path):
         world.grammar.parse(p)  # accepted (raises otherwise)
     assert not set(corpus["val"]) & set(corpus["train"])
     assert json.loads(out.with_suffix(".world.json").read_text())["world"]["kind"] == "compositional"
-    r = subprocess.run([sys.executable, "-m", "scalegen.cli", "data", "compose", "--world", "oracle", "--n",
-                        "10000000", "--out", str(tmp_path / "big.json")], capture_output=True, text=True)
+    r = run_cli("data", "compose", "--world", "oracle", "--n", "10000000", "--out", tmp_path / "big.json")
     assert r.returncode == 2 and "ask for at most" in r.stderr and "Traceback" not in r.stderr
 
 

@@ -1,8 +1,6 @@
 """Per-prompt refinement: the starts (a run's field, asset files, 3DGS PLY), the command end to end,
 exact resume with densification, and bad input."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +8,7 @@ import pytest
 import torch
 import trimesh
 
-from conftest import TINY, fit_to_sphere
+from conftest import TINY, fit_to_sphere, run_cli
 from scalegen.config import load_config, load_yaml
 from scalegen.errors import ScalegenError
 from scalegen.export.gaussian_ply import read_gaussian_ply, write_gaussian_ply
@@ -122,7 +120,7 @@ def test_ingp_start_is_exactly_the_amortized_field(red_run):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "scalegen.cli", *args], capture_output=True, text=True, cwd=ROOT)
+    return run_cli(*args, cwd=ROOT)
 
 
 @pytest.mark.slow

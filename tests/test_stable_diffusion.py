@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from scalegen.data.cameras import make_cameras
-from scalegen.errors import ConfigError, WeightsError
+from scalegen.errors import WeightsError
 from scalegen.priors.base import Guidance
 from scalegen.text.base import VIEWS, view_prompt
 

@@ -1,13 +1,11 @@
 """The training loop: exact resume, one batched prior call per step, atomic checkpoints."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY
+from conftest import TINY, run_cli
 from scalegen.config import load_config
 from scalegen.errors import CheckpointError
 from scalegen.train.loop import train
@@ -90,7 +88,7 @@ def test_checkpoint_is_atomic_and_pruned(tmp_path):
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "scalegen.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return run_cli(*args, cwd=cwd)
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -119,6 +117,24 @@ def test_wandb_offline_logging(tmp_path, monkeypatch):
     train(load_config(None, TINY + ["train.max_steps=2", "train.logger=wandb", "train.val_every=2"]), run)
     assert list((run / "wandb").glob("offline-run-*")), "an offline wandb run should be written"
     assert (run / "val" / "step_0000002.png").is_file()
+
+
+def test_wandb_is_an_extra_and_its_absence_says_how_to_install_it(tmp_path, monkeypatch):
+    """Without the wandb package the default config logs to metrics.jsonl; asking for wandb is a one-line
+    error naming the extra that installs it (not an ImportError traceback)."""
+    import sys
+
+    from scalegen.train.logger import MetricLogger
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError, as when absent
+    default = load_config(None, [o for o in TINY if not o.startswith("train.logger")])
+    logger = MetricLogger(tmp_path, default)
+    logger.log(1, {"loss": 0.5})
+    logger.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": 0.5}
+    r = run_cli("train", "--out", tmp_path / "run", *TINY, "train.max_steps=1", "train.logger=wandb")
+    assert r.returncode == 2 and 'pip install "scalegen[wandb]"' in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("name", ["vsd", "vdm"])

@@ -32,6 +32,7 @@ from typing import Literal, Optional
 import imageio.v3 as iio
 import torch
 
+from scalegen import atomic
 from scalegen.config import load_config
 from scalegen.data.compose import compose_oracle_corpus
 from scalegen.data.cameras import orbit_cameras
@@ -138,9 +139,7 @@ class Runner:
             cfg = load_config(self.world_config("compose"))
             c = compose_oracle_corpus(build_world(cfg).grammar, n, 0, seed=0)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps({"train": c["train"]}) + "\n")
-            tmp.replace(path)
+            atomic.write_json(path, {"train": c["train"]}, indent=None)
         return path
 
     def run(self, world: str, name: str, arm: list[str], seed: int, splits=None) -> dict:
@@ -174,9 +173,7 @@ class Runner:
         res = {"config_hash": key, "world": world, "arm": name, "seed": seed, "train_s": train_s,
                "s_per_step": train_s / cfg.train.max_steps, "metrics": metrics, "command": cmd,
                "run_dir": str(run_dir)}
-        tmp = done.with_name("result.json.tmp")
-        tmp.write_text(json.dumps(res, indent=1) + "\n")
-        tmp.replace(done)
+        atomic.write_json(done, res, indent=1)
         return res
 
     def arms(self, world: str, arms: dict[str, list[str]], splits=None) -> dict[str, list[dict]]:
@@ -548,8 +545,6 @@ def bench_claims(opts: ClaimsOptions, overrides: list[str], out_root: str) -> di
         merged = sorted([x for x in old if x["id"] not in ids] + rows, key=lambda x: x["id"])
         result = {"claims": merged}
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(path)
+        atomic.write_json(path, result)
         print(f"[claims] {path} now holds claims {', '.join(x['id'] for x in merged)}")
     return result

@@ -94,7 +94,7 @@ def bench_eval(opts: EvalOptions, overrides: list[str], out_root: str) -> dict:
                 case["render_images_per_s"] = render_ips[r]
                 case["end_to_end_images_per_s"] = 1.0 / (1.0 / render_ips[r] + secs / opts.images)
             res["cases"].append(case)
-        del clip
+        clip = None  # free this model before the next one loads (not `del`: the closures above name it)
     res["load_average_before"], res["load_average_after"] = list(load_before), list(os.getloadavg())
     rows = [[c["model"], c["resolution"], c["score_images_per_s"], c.get("render_images_per_s", "-"),
              c.get("end_to_end_images_per_s", "-"), c["text_prompts_per_s"]] for c in res["cases"]]

@@ -28,6 +28,7 @@ from typing import Literal
 
 import torch
 
+from scalegen import atomic
 from scalegen.config import Config, load_config, load_run_config
 from scalegen.errors import ConfigError, ScalegenError
 from scalegen.eval.oracle import evaluate_oracle
@@ -202,9 +203,8 @@ def draw_curves(curves: dict[str, list[dict]], path: Path, w: int = 720, h: int 
         dr.text((r + 10, t + 36 * i + 14), f"{final['seen_psnr']:.1f} / {final['unseen_psnr']:.1f} dB"
                 f" @ {final['step']}", fill=color)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    img.save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic.writing(path) as tmp:
+        img.save(tmp, format="PNG")
 
 
 def bench_generators_curve(o: GeneratorsCurveOptions, overrides: list[str], out_root: str) -> dict:

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from scalegen import atomic
 from scalegen.data.cameras import Cameras
 from scalegen.data.prompts import corpus_splits, read_corpus
 from scalegen.errors import DataError, ExportError, ScalegenError
@@ -543,9 +544,9 @@ def _open_part(out: Path, rank: int):
 
 
 def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    write(tmp)
-    os.replace(tmp, path)
+    """``write(tmp)`` fills a temporary that then replaces ``path`` (scalegen.atomic)."""
+    with atomic.writing(path) as tmp:
+        write(tmp)
 
 
 def _save_png(path: Path, image: Tensor) -> None:

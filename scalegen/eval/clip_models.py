@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from scalegen import atomic
 from scalegen.errors import WeightsError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -379,9 +380,9 @@ class TextFeatureCache:
             found.update(zip([k for k, _ in part], feats))
             if write:
                 name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.safetensors"
-                tmp = self.dir / f".tmp-{name}"
-                save_file({"features": feats.contiguous()}, str(tmp), metadata={"keys": json.dumps([k for k, _ in part])})
-                os.replace(tmp, self.dir / name)
+                with atomic.writing(self.dir / name) as tmp:
+                    save_file({"features": feats.contiguous()}, str(tmp),
+                              metadata={"keys": json.dumps([k for k, _ in part])})
         bar.close()
         return torch.stack([found[k] for k in keys]) if keys else torch.zeros(0)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from scalegen.data.cameras import Cameras, orbit_cameras
@@ -120,8 +121,8 @@ def ground_truth_gallery(truth: GroundTruth, cams: Cameras, batch: int = 8) -> t
     for i in range(0, len(world.prompts), batch):
         chunk = world.prompts[i:i + batch]
         gt = truth.draw([c[0] for c in world.completions([world.index(p) for p in chunk])], cams)
-        rgb.append(gt.rgb.view(len(chunk), v, *gt.rgb.shape[1:]))
-        op.append(gt.opacity.view(len(chunk), v, *gt.opacity.shape[1:]))
+        rgb.append(rearrange(gt.rgb, "(b v) c h w -> b v c h w", v=v))
+        op.append(rearrange(gt.opacity, "(b v) c h w -> b v c h w", v=v))
     return torch.cat(rgb), torch.cat(op)
 
 

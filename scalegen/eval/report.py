@@ -2,10 +2,9 @@
 prints, and the JSON file ``--json FILE`` writes with the same figures."""
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
+from scalegen import atomic
 from scalegen.errors import ScalegenError
 
 
@@ -21,12 +20,10 @@ def format_table(rows: list[list], header: list[str]) -> str:
 
 
 def write_json(path: str | Path | None, data: dict) -> None:
-    """Write ``data`` to ``path`` (nothing when ``path`` is None) atomically (temp file, then rename);
-    the folder must exist."""
+    """Write ``data`` to ``path`` (nothing when ``path`` is None) atomically (scalegen.atomic); the
+    folder must exist."""
     if path:
         p = Path(path)
         if not p.parent.is_dir():
             raise ScalegenError(f"cannot write '{path}': folder '{p.parent}' does not exist")
-        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, p)
+        atomic.write_json(p, data)

@@ -8,12 +8,12 @@ get their ``target`` (vertex attributes / indices), which the Khronos validator 
 from __future__ import annotations
 
 import io
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 
+from scalegen import atomic
 from scalegen.errors import ExportError
 from scalegen.export.mesh import Mesh
 
@@ -90,18 +90,12 @@ def mesh_bytes(mesh: Mesh, fmt: str) -> bytes:
 
 
 def write_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary name in the same folder, then rename."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    """``atomic.write_bytes``, with a write the system refuses (full disk, no permission) as a one-line
+    ``ExportError`` naming the file."""
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, p)
+        return atomic.write_bytes(path, data)
     except OSError as e:
-        raise ExportError(f"cannot write '{p}': {e.strerror}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return p
+        raise ExportError(f"cannot write '{path}': {e.strerror or e}") from None
 
 
 def write_mesh(mesh: Mesh, path: str | Path, fmt: str | None = None) -> Path:

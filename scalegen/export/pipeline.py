@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
+from scalegen import atomic
 from scalegen.errors import ExportError
 from scalegen.export.files import FORMATS, asset_name, check_format, mesh_bytes, write_atomic
 from scalegen.export.mesh import StageTimes, extract_meshes, render_level
@@ -196,7 +197,7 @@ def _commit(plan: Plan, entries: list[dict], checkpoint: str) -> None:
     for job in plan.jobs:
         for dest in (job.mesh, job.turntable):
             if dest is not None:
-                os.replace(plan.staging / dest.name, dest)
+                atomic.replace(plan.staging / dest.name, dest)
     plan.staging.rmdir()
     if plan.folder is not None:
         path = plan.folder / MANIFEST

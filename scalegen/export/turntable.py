@@ -7,12 +7,13 @@ rendered; around it the frame is the backdrop (``render_turntables``): 2-5x fewe
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
+from einops import rearrange
 
+from scalegen import atomic
 from scalegen.data.cameras import Cameras, camera_rays, orbit_cameras
 from scalegen.errors import ExportError
 from scalegen.render.images import to_uint8
@@ -65,8 +66,8 @@ def render_turntables(field, background, renderer, cameras: Cameras, samples: in
         if crop < size:
             _, dirs = camera_rays(full)
             backdrop = background(dirs).expand(b, -1, -1, -1).reshape(b, v, size, size, 3).clone()
-            backdrop[:, :, pad:pad + crop, pad:pad + crop] = out.rgb.view(b, v, 3, crop, crop).permute(0, 1, 3, 4, 2)
-            rgb = backdrop.reshape(b * v, size, size, 3).permute(0, 3, 1, 2)
+            backdrop[:, :, pad:pad + crop, pad:pad + crop] = rearrange(out.rgb, "(b v) c h w -> b v h w c", b=b)
+            rgb = rearrange(backdrop, "b v h w c -> (b v) c h w")
         else:
             rgb = out.rgb
         frames[:, sl] = to_uint8(rgb).reshape(b, v, size, size, 3)
@@ -86,23 +87,19 @@ def video_suffix() -> str:
 def write_video(frames: np.ndarray, path: str | Path) -> Path:
     """Write uint8 frames [T, H, W, 3] to ``path`` (.mp4 or .gif), atomically; loops at 24 fps."""
     p = Path(path)
-    tmp = p.with_name(f".{p.stem}.tmp-{os.getpid()}{p.suffix}")  # ffmpeg picks the container by suffix
     try:
-        if p.suffix == ".mp4":
-            import imageio.v2 as iio  # noqa: PLC0415
+        with atomic.writing(p) as tmp:  # the temporary keeps p's suffix: ffmpeg picks the container by it
+            if p.suffix == ".mp4":
+                import imageio.v2 as iio  # noqa: PLC0415
 
-            # yuv420p + even sizes: what browsers' H.264 decoders accept.
-            iio.mimwrite(tmp, list(frames), format="FFMPEG", fps=FPS, codec="libx264", quality=8,
-                         pixelformat="yuv420p", macro_block_size=16)
-        else:
-            from PIL import Image  # noqa: PLC0415
+                # yuv420p + even sizes: what browsers' H.264 decoders accept.
+                iio.mimwrite(tmp, list(frames), format="FFMPEG", fps=FPS, codec="libx264", quality=8,
+                             pixelformat="yuv420p", macro_block_size=16)
+            else:
+                from PIL import Image  # noqa: PLC0415
 
-            images = [Image.fromarray(f) for f in frames]
-            images[0].save(tmp, save_all=True, append_images=images[1:], duration=round(1000 / FPS), loop=0)
-        os.replace(tmp, p)
+                images = [Image.fromarray(f) for f in frames]
+                images[0].save(tmp, save_all=True, append_images=images[1:], duration=round(1000 / FPS), loop=0)
     except OSError as e:
         raise ExportError(f"cannot write '{p}': {e.strerror or e}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return p

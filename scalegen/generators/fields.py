@@ -11,7 +11,6 @@ V_b / P_b. (The reference flattens ``[B, C, N]`` as ``[C, B*N]`` and so mixes pr
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch

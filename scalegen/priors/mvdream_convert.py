@@ -20,13 +20,13 @@ metadata (safetensors) or ``num_head_channels`` (64 in the official config).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from scalegen import atomic
 from scalegen.errors import WeightsError
 from scalegen.priors.mvdream_unet import MultiViewUNet, mvdream_unet_config
 
@@ -329,23 +329,13 @@ def convert_mvdream(ckpt: str | Path, out: str | Path, text_from: str | None = N
     unet, vae = build_unet(unet_sd, num_head_channels), build_vae(vae_sd)
     if dtype is not None:
         unet, vae = unet.to(dtype), vae.to(dtype)
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic.staged_folder(out) as tmp:  # an interrupted conversion leaves no half folder at out
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         vae.save_pretrained(tmp / "vae", safe_serialization=True)
         write_scheduler(tmp / "scheduler")
         if text_src is not None:
             for sub in ("tokenizer", "text_encoder"):
                 shutil.copytree(text_src / sub, tmp / sub)
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     ignored = sorted({k.split(".")[0] for k in state if not k.startswith((UNET_PREFIX, VAE_PREFIX))})
     return {"out": str(out), "unet_params": sum(v.numel() for v in unet_sd.values()),
             "vae_params": sum(v.numel() for v in vae_sd.values()), "num_head_channels": num_head_channels,
@@ -417,10 +407,9 @@ def make_tiny_mvdream(path: str | Path, seed: int = 0, context_dim: int = 32) ->
     state = to_official_layout(unet, vae)
     state["alphas_cumprod"] = mvdream_schedule().alphas_cumprod.float()  # LDM stores its schedule as a buffer
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    save_file(state, str(tmp), metadata={"unet_config": json.dumps(cfg),
-                                         "description": "tiny random MVDream in the official layout (scalegen)"})
-    os.replace(tmp, path)
+    with atomic.writing(path) as tmp:
+        save_file(state, str(tmp), metadata={"unet_config": json.dumps(cfg),
+                                             "description": "tiny random MVDream in the official layout (scalegen)"})
     return path
 
 

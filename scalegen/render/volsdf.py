@@ -15,6 +15,7 @@ shared features once.
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from scalegen.data.cameras import Cameras, camera_rays
@@ -177,11 +178,11 @@ class VolSDFRenderer(Renderer):
         if with_eikonal:
             eikonal = self.eikonal(field, o, d, t, p)
 
-        def img(x: Tensor, c: int) -> Tensor:
-            return x.reshape(b, v, h, w, c).permute(0, 1, 4, 2, 3).reshape(b * v, c, h, w)
+        def img(x: Tensor) -> Tensor:  # per-ray values of every view -> one image per (prompt, view)
+            return rearrange(x, "b (v h w) c -> (b v) c h w", v=v, h=h, w=w)
 
-        return RenderOutput(rgb=img(color, 3), opacity=img(opacity, 1), depth=img(depth, 1),
-                            normals=None if normals is None else img(normals, 3), eikonal=eikonal,
+        return RenderOutput(rgb=img(color), opacity=img(opacity[..., None]), depth=img(depth[..., None]),
+                            normals=None if normals is None else img(normals), eikonal=eikonal,
                             n_prompts=b, n_views=v)
 
     def _weights(self, sdf: Tensor, delta: Tensor, hit: Tensor) -> Tensor:

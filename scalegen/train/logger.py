@@ -46,8 +46,8 @@ class MetricLogger:
             try:
                 import wandb  # noqa: PLC0415 - optional at import time
             except ImportError:
-                raise ConfigError("train.logger=wandb needs the wandb package: pip install wandb, "
-                                  "or set train.logger=none") from None
+                raise ConfigError('train.logger=wandb needs the wandb package, an extra: pip install "scalegen[wandb]" '
+                                  "(or set train.logger=none)") from None
             id_file = run_dir / "wandb_id.txt"
             run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
             atomic.write_text(id_file, run_id)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import imageio.v3 as iio
 import torch
+from einops import rearrange
 
 from scalegen import atomic
 from scalegen.config import PER_PROMPT, Config, load_yaml, schedule_value, step_position
@@ -250,7 +251,7 @@ class Validator:
         field, bg = model(text_encoder.encode(self.prompts))
         out = self.renderer(field, self.cams, background=bg,
                             **self.renderer.eval_options(self.cfg.eval.samples, self.cfg.eval.importance_samples))
-        pred = out.rgb.view(len(self.prompts), -1, *out.rgb.shape[1:])
+        pred = rearrange(out.rgb, "(b v) c h w -> b v c h w", b=len(self.prompts))
         rows = []
         gt = self.truth.render(self.prompts, self.cams) if self.truth is not None else None
         for i in range(len(self.prompts)):
