@@ -15,7 +15,7 @@ from scalegen.config import parse_options
 from scalegen.errors import ScalegenError
 
 NAMES = ("saturation", "sharpness", "guidance", "flops-sd", "flops-mvdream", "data", "distill", "toy2d", "generators",
-         "generators-curve", "generate", "eval", "refine", "claims", "oracle-cost")
+         "generators-curve", "generate", "eval", "refine", "claims", "oracle-cost", "step")
 
 
 def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
@@ -91,4 +91,8 @@ def run_bench(name: str, items: list[str], out_root: str = "runs/bench") -> dict
         from scalegen.bench.oracle_cost import OracleCostOptions, bench_oracle_cost  # noqa: PLC0415
 
         return bench_oracle_cost(parse(OracleCostOptions), overrides, out_root)
+    if name == "step":
+        from scalegen.bench.step import StepOptions, bench_step  # noqa: PLC0415
+
+        return bench_step(parse(StepOptions), overrides, out_root)
     raise ScalegenError(f"unknown benchmark {name!r}; choose from {', '.join(NAMES)}")
