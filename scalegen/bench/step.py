@@ -38,7 +38,7 @@ class StepOptions:
     steps: int = 3  # timed optimizer steps (>= 1)
     warmup: int = 1  # untimed steps first (caches, allocator)
     profile_backward: bool = True  # split backward by autograd node (torch.profiler)
-    top: int = 8  # backward nodes listed
+    top: int = 12  # backward nodes and operators listed
 
 
 class StageTimer:
@@ -176,14 +176,17 @@ def bench_step(opts: StepOptions, overrides: list[str], out_root: str = "") -> d
     top = [s for s in stages if s["depth"] == 0]
     stages.append({"stage": "unaccounted", "depth": 0, "wall_s": wall - sum(s["wall_s"] for s in top),
                    "cpu_s": cpu - sum(s["cpu_s"] for s in top)})
-    backward = []
+    backward, ops = [], []
     if prof is not None:
         prefix = "autograd::engine::evaluate_function: "
         for e in prof.key_averages():
             if e.key.startswith(prefix):
                 backward.append({"node": e.key[len(prefix):], "wall_s": e.cpu_time_total / 1e6 / n,
                                  "calls_per_step": e.count / n})
+            elif not e.key.startswith(("autograd::", "prior ", "field ")) and "/" not in e.key and e.key not in timer.wall:
+                ops.append({"op": e.key, "self_s": e.self_cpu_time_total / 1e6 / n, "calls_per_step": e.count / n})
         backward.sort(key=lambda r: -r["wall_s"])
+        ops.sort(key=lambda r: -r["self_s"])
     threads = torch.get_num_threads()
     print(f"[bench step] {n} step(s) after {opts.warmup} warm-up; {threads} thread(s); "
           f"{wall:.3f} s wall, {cpu:.3f} s CPU per step", flush=True)
@@ -195,6 +198,10 @@ def bench_step(opts: StepOptions, overrides: list[str], out_root: str = "") -> d
         print("backward by autograd node (profiler wall s/step):")
         print(format_table([[b["node"], f"{b['wall_s']:.3f}", f"{b['calls_per_step']:g}"]
                             for b in backward[:opts.top]], ["node", "s/step", "calls/step"]))
+    if ops:
+        print("operators by self time (profiler wall s/step):")
+        print(format_table([[o["op"], f"{o['self_s']:.3f}", f"{o['calls_per_step']:g}"] for o in ops[:opts.top]],
+                           ["operator", "self s/step", "calls/step"]))
     return {"steps": n, "warmup": opts.warmup, "threads": threads, "overrides": list(overrides),
             "step_wall_s": wall, "step_cpu_s": cpu, "losses": losses, "stages": stages,
-            "backward_nodes": backward[:opts.top] if backward else []}
+            "backward_nodes": backward[:opts.top], "top_ops": ops[:opts.top]}
