@@ -269,9 +269,12 @@ def cmd_eval(args) -> int:
                             "oracle-world run (use `scalegen eval clip` for real priors)")
     from scalegen.eval.oracle import evaluate_oracle
 
+    from scalegen.train.checkpoint import run_dir_of
+
     world = truth.world
+    cache = run_dir_of(Path(ckpt)) / "eval-cache"  # the ground truth, rendered once per world/camera/renderer config
     t0 = time.perf_counter()
-    res = evaluate_oracle(cfg, model, text_encoder, world, max_prompts=args.max_prompts)
+    res = evaluate_oracle(cfg, model, text_encoder, world, max_prompts=args.max_prompts, cache_dir=cache)
     res["checkpoint"] = str(ckpt)
     res["eval_s"] = time.perf_counter() - t0
     if args.baseline:
@@ -279,7 +282,8 @@ def cmd_eval(args) -> int:
 
         torch.manual_seed(cfg.train.seed)
         _, init_model = build_model(cfg)
-        base = evaluate_oracle(cfg, init_model.eval(), text_encoder, world, max_prompts=args.max_prompts)
+        base = evaluate_oracle(cfg, init_model.eval(), text_encoder, world, max_prompts=args.max_prompts,
+                               cache_dir=cache)
         res["untrained"] = {k: {m: base[k].get(m, math.nan) for m in ("psnr", "psnr_fg", "iou", "color_error", "r_at_1")}
                             for k in base}
     splits = list(world.splits())

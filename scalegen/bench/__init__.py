@@ -35,6 +35,7 @@ BENCHES: dict[str, tuple[str, str, str]] = {
     "refine": ("scalegen.bench.refine", "RefineBenchOptions", "bench_refine"),
     "claims": ("scalegen.bench.claims", "ClaimsOptions", "bench_claims"),
     "oracle-cost": ("scalegen.bench.oracle_cost", "OracleCostOptions", "bench_oracle_cost"),
+    "step": ("scalegen.bench.step", "StepOptions", "bench_step"),
 }
 NAMES = tuple(BENCHES)
 

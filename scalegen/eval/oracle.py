@@ -23,12 +23,17 @@ prompts with several completions), multi_face (objects with a front marker), div
 """
 from __future__ import annotations
 
+import hashlib
 import math
+from pathlib import Path
 
 import torch
 from einops import rearrange
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
+from scalegen.atomic import writing
 from scalegen.data.cameras import Cameras, orbit_cameras
 from scalegen.errors import ConfigError
 from scalegen.eval.retrieval import r_at_1
@@ -126,6 +131,55 @@ def ground_truth_gallery(truth: GroundTruth, cams: Cameras, batch: int = 8) -> t
     return torch.cat(rgb), torch.cat(op)
 
 
+GT_CACHE_VERSION = 1  # bump when the ground-truth scenes, background or renderer change meaning
+
+
+def gallery_key(truth: GroundTruth, cams: Cameras) -> str:
+    """sha256 of everything a ground-truth gallery depends on: the world's prompts and scenes (every
+    placed object's shape, size, colour, pose), the cameras and the ground-truth renderer's settings."""
+    h = hashlib.sha256()
+    r, world = truth.renderer, truth.world
+    h.update(repr((GT_CACHE_VERSION, torch.__version__, list(world.prompts), world.scenes,
+                   (r.bound, r.samples, r.importance_samples, r.beta, r.near_min, r.composite, r.uniform_mix),
+                   (cams.height, cams.width))).encode())
+    for t in (cams.c2w, cams.fovy):
+        h.update(t.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _digest(rgb: Tensor, op: Tensor) -> str:
+    return hashlib.sha256(rgb.contiguous().numpy().tobytes() + op.contiguous().numpy().tobytes()).hexdigest()
+
+
+def cached_gallery(truth: GroundTruth, cams: Cameras, cache_dir: str | Path | None,
+                   batch: int = 8) -> tuple[Tensor, Tensor]:
+    """``ground_truth_gallery``, kept in ``cache_dir`` between calls (the ground truth never changes for
+    a given world, cameras and renderer): a file named by ``gallery_key``, written atomically and used
+    only when its recorded key and the sha256 of its tensors check out; anything else is rendered anew
+    and the file replaced. ``cache_dir`` None: always rendered."""
+    if cache_dir is None:
+        return ground_truth_gallery(truth, cams, batch)
+    key = gallery_key(truth, cams)
+    path = Path(cache_dir) / f"gt-gallery-{key[:24]}.safetensors"
+    if path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                rgb, op = f.get_tensor("rgb"), f.get_tensor("opacity")
+            if meta.get("key") == key and meta.get("sha256") == _digest(rgb, op):
+                return rgb, op
+            print(f"note: the ground-truth cache {path} does not check out; rendering it again", flush=True)
+        except Exception as e:  # noqa: BLE001 - an unreadable cache file is re-rendered, never trusted
+            print(f"note: the ground-truth cache {path} is unreadable ({type(e).__name__}); rendering it again",
+                  flush=True)
+    rgb, op = ground_truth_gallery(truth, cams, batch)
+    rgb, op = rgb.contiguous(), op.contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with writing(path) as tmp:
+        save_file({"rgb": rgb, "opacity": op}, str(tmp), metadata={"key": key, "sha256": _digest(rgb, op)})
+    return rgb, op
+
+
 @torch.no_grad()
 def retrieval_r_at_1(pred: torch.Tensor, gallery: torch.Tensor, own: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """Per-prompt R@1 of renders ``pred`` [B, V, 3, H, W] among ``gallery`` [N, V, 3, H, W] (same cameras
@@ -177,16 +231,20 @@ def evaluate_prompts(cfg, model, text_encoder, world, prompts: list[str], batch:
         cond = text_encoder.encode(chunk)
         field, bg = model(cond)
         out = renderer(field, cams, background=bg, **options)
-        lists = world.completions([world.index(p) for p in chunk])
+        own = [world.index(p) for p in chunk]
+        lists = world.completions(own)
         flat = [c for cl in lists for c in cl]
         gt_rgb, gt_op = [], []
+        if gallery is not None and flat == own:  # the default world: each prompt's gallery row is its truth
+            gt_rgb, gt_op = [gallery[0][flat].flatten(0, 1)], [gallery[1][flat].flatten(0, 1)]
+            flat = []
         for j in range(0, len(flat), 32):
             ids = flat[j:j + 32]
             gt = truth.draw(ids, cams)
             gt_rgb.append(gt.rgb)
             gt_op.append(gt.opacity)
         gt_rgb, gt_op = torch.cat(gt_rgb), torch.cat(gt_op)
-        if len(flat) == len(chunk):  # one completion per prompt: it is the ground truth
+        if sum(len(cl) for cl in lists) == len(chunk):  # one completion per prompt: it is the ground truth
             best_rgb, best_op = gt_rgb, gt_op
         else:
             best_rgb, best_op, start = [], [], 0
@@ -206,8 +264,7 @@ def evaluate_prompts(cfg, model, text_encoder, world, prompts: list[str], batch:
             best_rgb, best_op = torch.cat(best_rgb), torch.cat(best_op)
         m = image_metrics(out.rgb, out.opacity, best_rgb, best_op)
         if gallery is not None:
-            own = torch.tensor([world.index(p) for p in chunk])
-            r1.append(retrieval_r_at_1(out.rgb.view(len(chunk), v, *out.rgb.shape[1:]), gallery[0], own))
+            r1.append(retrieval_r_at_1(out.rgb.view(len(chunk), v, *out.rgb.shape[1:]), gallery[0], torch.tensor(own)))
         for k in acc:
             acc[k].append(m[k])
         for b, p in enumerate(chunk):
@@ -258,14 +315,15 @@ def evaluate_prompts(cfg, model, text_encoder, world, prompts: list[str], batch:
 
 @torch.no_grad()
 def evaluate_oracle(cfg, model, text_encoder, world, batch: int = 8, max_prompts: int | None = None,
-                    splits: dict[str, list[str]] | None = None) -> dict:
+                    splits: dict[str, list[str]] | None = None, cache_dir: str | Path | None = None) -> dict:
     """Metrics of ``model`` (a SceneModel) per split of the world (default world: seen, unseen;
     compositional: seen and each held-out level), or of ``splits``; returns plain floats. A per-prompt
-    run (``data.prompt``) is scored on its prompt, under the split the prompt belongs to."""
+    run (``data.prompt``) is scored on its prompt, under the split the prompt belongs to. ``cache_dir``:
+    where the default world's ground-truth gallery is kept between calls (``cached_gallery``)."""
     model.eval()
     max_prompts = cfg.eval.max_prompts if max_prompts is None else max_prompts
     truth = ground_truth_of(cfg, world)
-    gallery = (ground_truth_gallery(truth, eval_cameras(cfg), batch)
+    gallery = (cached_gallery(truth, eval_cameras(cfg), cache_dir, batch)
                if cfg.world.kind == "single" else None)
     if cfg.data.prompt is not None and splits is None:
         prompt = world.prompts[world.index(cfg.data.prompt)]  # the world's spelling of it

@@ -75,6 +75,8 @@ class HashGrid(nn.Module):
         self.register_buffer("dense", torch.tensor(dense), persistent=False)
         self.register_buffer("level_offset", torch.tensor(offsets[:-1], dtype=torch.int32), persistent=False)
         self.hash_mask = self.table_size - 1
+        assert all(dense[:sum(dense)]), "dense levels are the coarsest (resolutions grow with the level)"
+        self.n_dense = sum(dense)
         self.table = nn.Parameter(torch.empty(offsets[-1], n_features).uniform_(-init_scale, init_scale))
 
     @property
@@ -82,30 +84,44 @@ class HashGrid(nn.Module):
         return self.n_levels * self.n_features
 
     def corner_indices(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Table rows and trilinear weights of the 8 corners of ``x`` [N, 3] in [0, 1]: [8, N, L]."""
+        """Table rows and trilinear weights of the 8 corners of ``x`` [N, 3] in [0, 1]: [8, N, L].
+
+        Levels are sorted by resolution, so the dense ones are a prefix: each part computes only its
+        own keys (no ``where`` over both). Corner c = (i, j, k) reuses the (i, j) partial sums and
+        products of the x and y axes; weights keep the product order ``(w_x w_y) w_z``."""
         res = self.resolution
         pos = x.unsqueeze(1) * res.view(1, -1, 1).to(x.dtype)  # [N, L, 3]
         p0 = pos.floor()
         frac = pos - p0
         p0 = p0.int()
-        r1 = res + 1
-        dense_mult = (r1 * r1, r1, torch.ones_like(r1))
-        keys_dense, keys_hash, weights = [], [], []
-        for d in range(3):
-            lo = p0[..., d]
-            corners = (lo, lo + 1)
-            keys_dense.append([c * dense_mult[d] for c in corners])
-            keys_hash.append([c * _PRIMES[d] for c in corners])
-            weights.append((1.0 - frac[..., d], frac[..., d]))
-        idx, w = [], []
+        nd = self.n_dense
+        wx, wy, wz = ((1.0 - frac[..., d], frac[..., d]) for d in range(3))
+        wxy = [wx[i] * wy[j] for i in (0, 1) for j in (0, 1)]
+        idx = p0.new_empty(8, *p0.shape[:2])
+        w = frac.new_empty(8, *frac.shape[:2])
         for c in range(8):
-            i, j, k = (c >> 2) & 1, (c >> 1) & 1, c & 1
-            kd = keys_dense[0][i] + keys_dense[1][j] + keys_dense[2][k]
-            kh = keys_hash[0][i] ^ keys_hash[1][j] ^ keys_hash[2][k]
-            key = torch.where(self.dense, kd, kh & self.hash_mask)  # dense keys are < (r+1)^3 already
-            idx.append(key + self.level_offset)
-            w.append(weights[0][i] * weights[1][j] * weights[2][k])
-        return torch.stack(idx), torch.stack(w)
+            torch.mul(wxy[c >> 1], wz[c & 1], out=w[c])
+        if nd > 0:  # dense levels: key = x (r+1)^2 + y (r+1) + z, already < (r+1)^3
+            lo = p0[:, :nd]
+            r1 = res[:nd] + 1
+            kx = lo[..., 0] * (r1 * r1) + self.level_offset[:nd]
+            ky = lo[..., 1] * r1
+            kz = lo[..., 2]
+            kx = (kx, kx + r1 * r1)
+            ky = (ky, ky + r1)
+            kxy = [kx[i] + ky[j] for i in (0, 1) for j in (0, 1)]
+            for c in range(8):
+                torch.add(kxy[c >> 1], kz + (c & 1), out=idx[c, :, :nd])
+        if nd < self.n_levels:  # hashed levels: (x*1 ^ y*p2 ^ z*p3) mod T
+            hi = p0[:, nd:]
+            hx = [hi[..., 0] + i for i in (0, 1)]  # the first prime is 1
+            hy = [(hi[..., 1] + j) * _PRIMES[1] for j in (0, 1)]
+            hz = [(hi[..., 2] + k) * _PRIMES[2] for k in (0, 1)]
+            hxy = [hx[i] ^ hy[j] for i in (0, 1) for j in (0, 1)]
+            off = self.level_offset[nd:]
+            for c in range(8):
+                torch.add((hxy[c >> 1] ^ hz[c & 1]).bitwise_and_(self.hash_mask), off, out=idx[c, :, nd:])
+        return idx, w
 
     def forward(self, x: Tensor) -> Tensor:
         """Encode points ``x`` [N, 3] in [0, 1]^3 (clamped) -> features [N, L*F]."""

@@ -37,7 +37,7 @@ class _SharedPointsMLP(torch.autograd.Function):
         w2_all = torch.block_diag(*w2.unbind(0))  # [B*H, B*O]
         out = feat.new_empty(feat.shape[0], b * o)
         for s in range(0, feat.shape[0], chunk):
-            torch.mm(torch.relu(feat[s:s + chunk] @ w1_all), w2_all, out=out[s:s + chunk])
+            torch.mm((feat[s:s + chunk] @ w1_all).relu_(), w2_all, out=out[s:s + chunk])
         ctx.save_for_backward(feat, w1_all, w2_all)
         ctx.chunk, ctx.dims = chunk, (b, f, h, o)
         return out.view(-1, b, o).transpose(0, 1)
@@ -51,9 +51,9 @@ class _SharedPointsMLP(torch.autograd.Function):
         g_feat = torch.empty_like(feat)
         for s in range(0, feat.shape[0], ctx.chunk):
             fc, gc = feat[s:s + ctx.chunk], grad[s:s + ctx.chunk]
-            pre = fc @ w1_all
-            g_w2.addmm_(torch.relu(pre).t(), gc)
-            g_hid = (gc @ w2_all.t()).mul_(pre > 0)
+            hid = (fc @ w1_all).relu_()  # recomputed, in place: hid > 0 exactly where the pre-activation is
+            g_w2.addmm_(hid.t(), gc)
+            g_hid = torch.ops.aten.threshold_backward(gc @ w2_all.t(), hid, 0)  # relu's own backward, one pass
             g_w1.addmm_(fc.t(), g_hid)
             torch.mm(g_hid, w1_all.t(), out=g_feat[s:s + ctx.chunk])
         g_w1 = g_w1.view(f, b, h).permute(1, 0, 2)
