@@ -1,4 +1,4 @@
-"""Command line: ``scalegen train | eval | generate | refine | gallery | bench | info | prior | data``.
+"""Command line: ``scalegen train | eval | generate | refine | gallery | bench | info | plan | prior | data``.
 
 Errors a user can cause (``ScalegenError``) print one line and exit 2, without a traceback.
 """
@@ -362,6 +362,18 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from scalegen.bench.plan import format_plan, plan_config
+    from scalegen.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    res = plan_config(cfg, world_size=args.num_processes, zero=args.zero, measure_prompts=args.measure_prompts,
+                      cells=not args.no_table)
+    print(format_plan(res))
+    _write_json(args.json, res)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from scalegen.bench import run_bench
 
@@ -631,6 +643,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("plan", help="memory per GPU before launch: weights, optimizer state, activations counted "
+                                     "on a real CPU step; fits 24 / 40 / 80 GB?")
+    p.add_argument("--config", help="YAML experiment file")
+    p.add_argument("--num-processes", type=int, default=1, help="ranks (GPUs) the run is launched on")
+    p.add_argument("--zero", type=int, choices=(0, 2), default=0,
+                   help="2: DeepSpeed ZeRO-2 (launch/deepspeed_zero2.yaml) partitions gradients and optimizer state")
+    p.add_argument("--measure-prompts", type=int, default=1,
+                   help="prompts of the measured CPU micro-batch; activations scale linearly to data.prompts_per_step")
+    p.add_argument("--no-table", action="store_true", help="plan the config as it is, without the fp32/bf16 x "
+                                                           "checkpointing table (one measured step instead of five)")
+    p.add_argument("--json", help="also write the plan to this JSON file")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("prior", help="prior tools: make-tiny (a tiny random Stable Diffusion), convert-mvdream, "
                                       "make-tiny-mvdream")
