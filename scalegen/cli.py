@@ -650,10 +650,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-processes", type=int, default=1, help="ranks (GPUs) the run is launched on")
     p.add_argument("--zero", type=int, choices=(0, 2), default=0,
                    help="2: DeepSpeed ZeRO-2 (launch/deepspeed_zero2.yaml) partitions gradients and optimizer state")
-    p.add_argument("--measure-prompts", type=int, default=1,
-                   help="prompts of the measured CPU micro-batch; activations scale linearly to data.prompts_per_step")
+    p.add_argument("--measure-prompts", type=int, default=None,
+                   help="prompts of the measured CPU micro-batch (default: data.prompts_per_step); fewer are "
+                        "extrapolated along the growth measured at 2 and 3 prompts")
     p.add_argument("--no-table", action="store_true", help="plan the config as it is, without the fp32/bf16 x "
-                                                           "checkpointing table (one measured step instead of five)")
+                                                           "checkpointing table (four fewer measured steps)")
     p.add_argument("--json", help="also write the plan to this JSON file")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(fn=cmd_plan)

@@ -230,8 +230,9 @@ class PublishedPrior(Prior):
         self.perp_neg = cfg.prior.name == "stable_diffusion" and cfg.prior.perp_neg > 0 and cfg.prior.view_dependent
         self.meta_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.prior.dtype]
         torch.manual_seed(0)
-        self.vae = AutoencoderKL(**SD21_BASE_VAE).to(dtype).eval().requires_grad_(False)
-        self.unet = _published_modules(self.name)["unet"].to(self.meta_dtype)
+        # nn.Module.to: diffusers' own .to warns about casting a model that was not loaded
+        self.vae = nn.Module.to(AutoencoderKL(**SD21_BASE_VAE), dtype).eval().requires_grad_(False)
+        self.unet = nn.Module.to(_published_modules(self.name)["unet"], self.meta_dtype)
         self.transient_peak, self.unet_rows = 0, 0
 
     def encode(self, rgb: Tensor) -> Tensor:
@@ -487,20 +488,55 @@ def _total(frozen: dict, opt: dict, distiller_bytes: int, act: float, transient:
     return {"parts": {k: int(v) for k, v in parts.items()}, "total_bytes": int(sum(parts.values()))}
 
 
-def _max_prompts(fixed: float, per_prompt: float, card: float) -> int:
-    if per_prompt <= 0:
-        return 0
-    return max(0, int(math.floor((card - fixed) / per_prompt)))
+class Curve:
+    """Activations and prior transient (bytes) of a micro-batch of B prompts: measured at ``m`` prompts, and
+    above it the line through the measurements at ``s1 = max(m, 2)`` and ``s1 + 1`` prompts (a generator may
+    take another code path for one prompt than for several: Hyper-iNGP's shared-points MLP), scaled by
+    ``ratio`` (a table cell measured at ``m`` only takes the base config's slope times its own ratio at m)."""
+
+    def __init__(self, m: int, at_m: tuple[float, float], s1: int, at_s1: tuple[float, float],
+                 slope: tuple[float, float], ratio: tuple[float, float] = (1.0, 1.0)):
+        self.m, self.at_m, self.s1, self.at_s1, self.slope, self.ratio = m, at_m, s1, at_s1, slope, ratio
+
+    def __call__(self, prompts: int) -> tuple[float, float]:
+        if prompts == self.m:
+            return self.at_m
+        return tuple(max(0.0, r * (a + (prompts - self.s1) * k))
+                     for a, k, r in zip(self.at_s1, self.slope, self.ratio))
+
+    def scaled(self, at_m: tuple[float, float]) -> "Curve":
+        ratio = tuple(x / y if y else 1.0 for x, y in zip(at_m, self.at_m))
+        return Curve(self.m, at_m, self.s1, self.at_s1, self.slope, ratio)
+
+    def max_prompts(self, fixed: float, card: float, limit: int = 100_000) -> int:
+        """The largest prompts per micro-batch whose total fits ``card`` (0: not even one)."""
+        fits = lambda n: fixed + sum(self(n)) <= card  # noqa: E731
+        if not fits(1):
+            return 0
+        per = sum(k * r for k, r in zip(self.slope, self.ratio))
+        if per <= 0:
+            return limit
+        lo = max(1, self.s1 + int((card - fixed - sum(r * a for a, r in zip(self.at_s1, self.ratio))) // per) - 2)
+        n = lo if fits(lo) else 1
+        while n < limit and fits(n + 1):
+            n += 1
+        return n
 
 
-def plan_config(cfg, world_size: int = 1, zero: int = 0, measure_prompts: int = 1, cells: bool = True,
+def _pair(meas: dict) -> tuple[float, float]:
+    return float(meas["activation_bytes"]), float(meas["prior_transient_bytes"])
+
+
+def plan_config(cfg, world_size: int = 1, zero: int = 0, measure_prompts: int | None = None, cells: bool = True,
                 log=print) -> dict:
     """The memory plan of ``cfg`` per rank; ``total_bytes`` is the prediction for the config as it is.
-    ``measure_prompts``: prompts of the measured micro-batch (activations and the prior's transient are
-    scaled in proportion to ``data.prompts_per_step``, which is an upper bound where part of them is shared
-    by the batch); ``cells``: also measure the fp32 / bf16 x checkpointing table."""
+    ``measure_prompts``: prompts of the measured micro-batch (default: ``data.prompts_per_step``, exact); fewer
+    are extrapolated along the line measured at 2 and 3 prompts (``Curve``); ``cells``: also measure the
+    fp32 / bf16 x checkpointing table."""
     if world_size < 1 or zero not in (0, 2):
         raise ConfigError("--num-processes must be >= 1 and --zero 0 (DDP) or 2 (DeepSpeed ZeRO-2)")
+    if measure_prompts is not None and measure_prompts < 1:
+        raise ConfigError("--measure-prompts must be >= 1")
     if cfg.distill.name == "vsd" and cfg.prior.name != "oracle":
         raise ConfigError("scalegen plan does not count VSD's LoRA backward through the UNet yet; plan an asd, "
                           "sds, csd or vdm config")
@@ -508,35 +544,39 @@ def plan_config(cfg, world_size: int = 1, zero: int = 0, measure_prompts: int = 
         raise ConfigError("scalegen plan covers the amortized generators (hyper_ingp, conv3d, triplane_transformer) "
                           "and ingp; a Gaussian scene grows with densification, so plan it with its max_gaussians")
     b = cfg.data.prompts_per_step
-    m = min(measure_prompts, b)
-    log(f"measuring one micro-batch of {m} prompt(s) x {cfg.camera.views_per_prompt} view(s) on CPU "
-        f"(the config: {b} per step)")
+    m = min(measure_prompts or b, b)
+    v = cfg.camera.views_per_prompt
+    log(f"measuring one micro-batch of {m} prompt(s) x {v} view(s) on CPU, forward and backward (the config: {b})")
     base = measure_step(cfg, m, backward=True)
+    s1 = max(m, 2)
+    log(f"measuring {s1} and {s1 + 1} prompts (forward) for the growth per prompt ...")
+    m1 = base if s1 == m else measure_step(cfg, s1)
+    m2 = measure_step(cfg, s1 + 1)
+    curve = Curve(m, _pair(base), s1, _pair(m1), tuple(max(0.0, y - x) for x, y in zip(_pair(m1), _pair(m2))))
     bf16 = cfg.train.mixed_precision == "bf16"
     states = base["optimizer_state_bytes"] / max(1, 4 * base["generator_params"])
-    scale = b / m
 
-    def plan_of(meas: dict, frozen: dict, use_bf16: bool, prompts: int) -> dict:
+    def plan_of(c: Curve, frozen: dict, use_bf16: bool) -> dict:
         opt = optimizer_bytes(base["generator_params"], states, world_size, zero, use_bf16)
-        act = meas["activation_bytes"] / meas["prompts"]  # per prompt
-        trans = meas["prior_transient_bytes"] / meas["prompts"]
-        out = _total(frozen, opt, base["distiller_param_bytes"] * (2 + states), act * prompts, trans * prompts)
-        fixed = out["total_bytes"] - (act + trans) * prompts
-        out["per_prompt_bytes"] = int(act + trans)
-        out["fits"] = {f"{c}GB": out["total_bytes"] <= c * GIB for c in CARDS_GB}
-        out["max_prompts_per_step"] = {f"{c}GB": _max_prompts(fixed, act + trans, c * GIB) for c in CARDS_GB}
+        act, trans = c(b)
+        out = _total(frozen, opt, base["distiller_param_bytes"] * (2 + states), act, trans)
+        fixed = out["total_bytes"] - act - trans
+        out["fits"] = {f"{g}GB": out["total_bytes"] <= g * GIB for g in CARDS_GB}
+        out["max_prompts_per_step"] = {f"{g}GB": c.max_prompts(fixed, g * GIB) for g in CARDS_GB}
         return out
 
     res = {"config": {"prior": cfg.prior.name, "prior_dtype": cfg.prior.dtype, "generator": cfg.generator.name,
                       "distill": cfg.distill.name, "optimizer": cfg.optim.name,
-                      "prompts_per_step": b, "views_per_prompt": cfg.camera.views_per_prompt,
+                      "prompts_per_step": b, "views_per_prompt": v,
                       "resolution": cfg.camera.resolution, "encode_resolution": cfg.prior.resolutions()[0],
                       "mixed_precision": cfg.train.mixed_precision, "checkpointing": cfg.generator.checkpointing,
                       "grad_accum": cfg.train.grad_accum},
-           "world_size": world_size, "zero": zero, "measured_prompts": m,
-           "extrapolated": scale != 1, "measured": {k: v for k, v in base.items() if k != "frozen"},
+           "world_size": world_size, "zero": zero, "measured_prompts": m, "extrapolated": m != b,
+           "measured": {k: val for k, val in base.items() if k != "frozen"},
+           "growth": {"prompts": [s1, s1 + 1], "activation_bytes": [m1["activation_bytes"], m2["activation_bytes"]],
+                      "prior_transient_bytes": [m1["prior_transient_bytes"], m2["prior_transient_bytes"]]},
            "frozen": base["frozen"]}
-    res.update(plan_of(base, base["frozen"], bf16, b))
+    res.update(plan_of(curve, base["frozen"], bf16))
     res["optimizer_states_per_param"] = round(states, 3)
     if cells:
         table = {}
@@ -547,9 +587,10 @@ def plan_config(cfg, world_size: int = 1, zero: int = 0, measure_prompts: int = 
             c = _with(cfg, items)
             log(f"measuring {name} ...")
             meas = measure_step(c, m)
-            cell = plan_of(meas, meas["frozen"], name.startswith("bf16"), b)
-            cell["activation_bytes"] = int(meas["activation_bytes"] * scale)
-            cell["prior_transient_bytes"] = int(meas["prior_transient_bytes"] * scale)
+            cell_curve = curve.scaled(_pair(meas))
+            cell = plan_of(cell_curve, meas["frozen"], name.startswith("bf16"))
+            cell["activation_bytes"], cell["prior_transient_bytes"] = (int(x) for x in cell_curve(b))
+            cell["saved_by_part"] = meas["saved_by_part"]
             cell["overrides"] = items
             table[name] = cell
         res["cells"] = table
@@ -577,8 +618,9 @@ def format_plan(res: dict) -> str:
              f"micro-batch, optimizer {c['optimizer']}, {res['world_size']} rank(s)"
              f"{', DeepSpeed ZeRO-2' if res['zero'] == 2 else ''}",
              f"frozen weights: {res['frozen']['source']}; activations counted on a real CPU step of "
-             f"{res['measured_prompts']} prompt(s)" + (" and scaled linearly to prompts_per_step"
-                                                       if res["extrapolated"] else "")]
+             f"{res['measured_prompts']} prompt(s)" + (" and extrapolated to prompts_per_step"
+                                                       if res["extrapolated"] else "")
+             + f"; growth per prompt from {res['growth']['prompts'][0]} and {res['growth']['prompts'][1]} prompts"]
     rows = [[k.replace("_", " "), gib(v)] for k, v in res["parts"].items()]
     rows.append(["total", gib(res["total_bytes"])])
     lines.append(format_table(rows, ["part", "GiB"]))
