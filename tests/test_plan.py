@@ -131,7 +131,7 @@ def test_activations_extrapolated_from_one_prompt_match_a_measured_batch():
     measured = plan_config(cfg, cells=False, log=lambda *_: None)
     assert guessed["extrapolated"] and not measured["extrapolated"]
     assert guessed["parts"]["activations"] == pytest.approx(measured["parts"]["activations"], rel=0.05)
-    assert guessed["parts"]["prior_transient"] == pytest.approx(measured["parts"]["prior_transient"], rel=0.05)
+    assert guessed["prior_transient_bytes"] == pytest.approx(measured["prior_transient_bytes"], rel=0.05)
 
 
 def test_adan_keeps_four_states_per_parameter():
@@ -171,4 +171,4 @@ def test_plan_of_the_mg15_paper_config_prints_24_40_80_verdicts(tmp_path, capsys
     assert res["frozen"]["unet_params"] == 865_910_724
     assert res["parts"]["prior"] == 2 * (res["frozen"]["unet_params"] + res["frozen"]["vae_params"])
     assert res["measured"]["unet_rows"] == 5  # ASD's 3 branches + Perp-Neg's 2 negatives for one image
-    assert res["parts"]["activations"] > 0 and res["parts"]["prior_transient"] > 0
+    assert res["parts"]["activations"] > 0 and res["prior_transient_bytes"] > 0 and res["backward_transient_bytes"] > 0

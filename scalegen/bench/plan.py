@@ -384,7 +384,11 @@ def measure_step(cfg, prompts: int, backward: bool = False) -> dict:
            "loss_finite": bool(torch.isfinite(loss))}
     if backward:
         opt = build_optimizer(cfg, model)
-        loss.backward()
+        back = LiveBytes()
+        with back:
+            loss.backward()
+        # what backward allocates above what it leaves (the parameters' gradients, counted as gradients)
+        res["backward_transient_bytes"] = max(0, back.peak - sum(back.alive().values()))
         opt.step()
         state = sum(t.untyped_storage().nbytes() for st in opt.state.values() for t in st.values()
                     if isinstance(t, Tensor) and t.dim() > 0)
@@ -478,14 +482,20 @@ def _with(cfg, items: list[str]):
     return from_dict(_deep_merge(cfg.to_dict(), parse_overrides(items)))
 
 
-def _total(frozen: dict, opt: dict, distiller_bytes: int, act: float, transient: float) -> dict:
+def _total(frozen: dict, opt: dict, distiller_bytes: int, act: float, prior_transient: float,
+           backward_transient: float) -> dict:
+    """The parts of the peak: everything resident, the activations, and the larger of the two transients that
+    come on top of them (the prior's forward runs while the activations are held; backward frees them as it
+    allocates gradients, so counting both on top of all activations is the conservative bound)."""
     parts = {"prior": frozen["prior_bytes"], "text_tower": frozen["text_bytes"],
              "text_caches": frozen["embed_cache_bytes"] + frozen["prior_text_cache_bytes"],
              "generator_params": opt["params"], "generator_grads": opt["grads"],
              "master_weights": opt["master"], "optimizer_state": opt["optimizer_state"],
              "ddp_buckets": opt["ddp_buckets"], "distiller_own": distiller_bytes,
-             "activations": act, "prior_transient": transient}
-    return {"parts": {k: int(v) for k, v in parts.items()}, "total_bytes": int(sum(parts.values()))}
+             "activations": act, "transient": max(prior_transient, backward_transient)}
+    return {"parts": {k: int(v) for k, v in parts.items()}, "total_bytes": int(sum(parts.values())),
+            "activation_bytes": int(act), "prior_transient_bytes": int(prior_transient),
+            "backward_transient_bytes": int(backward_transient)}
 
 
 class Curve:
@@ -508,19 +518,22 @@ class Curve:
         ratio = tuple(x / y if y else 1.0 for x, y in zip(at_m, self.at_m))
         return Curve(self.m, at_m, self.s1, self.at_s1, self.slope, ratio)
 
-    def max_prompts(self, fixed: float, card: float, limit: int = 100_000) -> int:
-        """The largest prompts per micro-batch whose total fits ``card`` (0: not even one)."""
-        fits = lambda n: fixed + sum(self(n)) <= card  # noqa: E731
-        if not fits(1):
-            return 0
-        per = sum(k * r for k, r in zip(self.slope, self.ratio))
-        if per <= 0:
-            return limit
-        lo = max(1, self.s1 + int((card - fixed - sum(r * a for a, r in zip(self.at_s1, self.ratio))) // per) - 2)
-        n = lo if fits(lo) else 1
-        while n < limit and fits(n + 1):
-            n += 1
-        return n
+
+
+def max_prompts(fits, limit: int = 100_000) -> int:
+    """The largest prompts per micro-batch for which ``fits(n)`` holds (0: not even one; ``limit`` when the
+    growth per prompt is zero); ``fits`` is monotone from 2 prompts on (the growth is linear there)."""
+    if not fits(1):
+        return 0
+    if not fits(2):
+        return 1
+    lo, hi = 2, limit
+    if fits(hi):
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def _pair(meas: dict) -> tuple[float, float]:
@@ -556,13 +569,17 @@ def plan_config(cfg, world_size: int = 1, zero: int = 0, measure_prompts: int | 
     bf16 = cfg.train.mixed_precision == "bf16"
     states = base["optimizer_state_bytes"] / max(1, 4 * base["generator_params"])
 
+    # backward's transient, in proportion to the activations it walks back through (measured at m prompts)
+    back_ratio = base["backward_transient_bytes"] / max(1, base["activation_bytes"])
+
     def plan_of(c: Curve, frozen: dict, use_bf16: bool) -> dict:
         opt = optimizer_bytes(base["generator_params"], states, world_size, zero, use_bf16)
-        act, trans = c(b)
-        out = _total(frozen, opt, base["distiller_param_bytes"] * (2 + states), act, trans)
-        fixed = out["total_bytes"] - act - trans
+        distiller_bytes = base["distiller_param_bytes"] * (2 + states)
+        total = lambda n: _total(frozen, opt, distiller_bytes, c(n)[0], c(n)[1], back_ratio * c(n)[0])  # noqa: E731
+        out = total(b)
         out["fits"] = {f"{g}GB": out["total_bytes"] <= g * GIB for g in CARDS_GB}
-        out["max_prompts_per_step"] = {f"{g}GB": c.max_prompts(fixed, g * GIB) for g in CARDS_GB}
+        out["max_prompts_per_step"] = {f"{g}GB": max_prompts(lambda n: total(n)["total_bytes"] <= g * GIB)
+                                       for g in CARDS_GB}
         return out
 
     res = {"config": {"prior": cfg.prior.name, "prior_dtype": cfg.prior.dtype, "generator": cfg.generator.name,
@@ -589,7 +606,6 @@ def plan_config(cfg, world_size: int = 1, zero: int = 0, measure_prompts: int | 
             meas = measure_step(c, m)
             cell_curve = curve.scaled(_pair(meas))
             cell = plan_of(cell_curve, meas["frozen"], name.startswith("bf16"))
-            cell["activation_bytes"], cell["prior_transient_bytes"] = (int(x) for x in cell_curve(b))
             cell["saved_by_part"] = meas["saved_by_part"]
             cell["overrides"] = items
             table[name] = cell
@@ -624,16 +640,19 @@ def format_plan(res: dict) -> str:
     rows = [[k.replace("_", " "), gib(v)] for k, v in res["parts"].items()]
     rows.append(["total", gib(res["total_bytes"])])
     lines.append(format_table(rows, ["part", "GiB"]))
+    if res["frozen"]["corpus_prompts"] is None:
+        lines.append("text caches counted full (data.embed_cache, prior.text_cache_size): the corpus is not readable "
+                     "here or is streamed")
     lines.append("as configured: " + ", ".join(f"{k} {'fits' if ok else 'does NOT fit'}"
                                               for k, ok in res["fits"].items()))
     if "cells" in res:
         rows = []
         for name, cell in res["cells"].items():
             rows.append([name, gib(cell["activation_bytes"]), gib(cell["prior_transient_bytes"]),
-                         gib(cell["total_bytes"]),
+                         gib(cell["backward_transient_bytes"]), gib(cell["total_bytes"]),
                          *["yes" if cell["fits"][f"{g}GB"] else "no" for g in CARDS_GB],
                          *[str(cell["max_prompts_per_step"][f"{g}GB"]) for g in CARDS_GB]])
-        lines.append(format_table(rows, ["setting", "activations", "prior peak", "total GiB",
+        lines.append(format_table(rows, ["setting", "activations", "prior fwd", "backward", "total GiB",
                                          *[f"{g} GB" for g in CARDS_GB],
                                          *[f"max prompts {g}" for g in CARDS_GB]]))
         if res["fits"]["24GB"]:
