@@ -313,6 +313,22 @@ def _load_local(cfg) -> bool:
 
 
 def measure_step(cfg, prompts: int, backward: bool = False) -> dict:
+    """``_measure_step``, then its graph and models are freed (cycles collected, freed heap handed back to the
+    system where glibc allows), so a plan's several measured steps do not pile up in memory."""
+    import ctypes  # noqa: PLC0415
+    import gc  # noqa: PLC0415
+
+    try:
+        return _measure_step(cfg, prompts, backward)
+    finally:
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
+def _measure_step(cfg, prompts: int, backward: bool = False) -> dict:
     """Run one micro-batch of ``cfg`` with ``prompts`` prompts on CPU at the config's true sizes and count
     what it keeps for backward. With ``backward`` also backpropagate and step the config's optimizer once
     (its state is then counted)."""
