@@ -368,7 +368,7 @@ def cmd_plan(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     res = plan_config(cfg, world_size=args.num_processes, zero=args.zero, measure_prompts=args.measure_prompts,
-                      cells=not args.no_table)
+                      cells=not args.no_table, growth=not args.no_growth)
     print(format_plan(res))
     _write_json(args.json, res)
     return 0
@@ -655,6 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "extrapolated along the growth measured at 2 and 3 prompts")
     p.add_argument("--no-table", action="store_true", help="plan the config as it is, without the fp32/bf16 x "
                                                            "checkpointing table (four fewer measured steps)")
+    p.add_argument("--no-growth", action="store_true", help="skip the steps at 2 and 3 prompts (less time and "
+                                                            "memory; no largest prompts per step)")
     p.add_argument("--json", help="also write the plan to this JSON file")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(fn=cmd_plan)

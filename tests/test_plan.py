@@ -172,3 +172,11 @@ def test_plan_of_the_mg15_paper_config_prints_24_40_80_verdicts(tmp_path, capsys
     assert res["parts"]["prior"] == 2 * (res["frozen"]["unet_params"] + res["frozen"]["vae_params"])
     assert res["measured"]["unet_rows"] == 5  # ASD's 3 branches + Perp-Neg's 2 negatives for one image
     assert res["parts"]["activations"] > 0 and res["prior_transient_bytes"] > 0 and res["backward_transient_bytes"] > 0
+
+
+def test_without_growth_steps_there_is_no_largest_batch_and_fewer_prompts_are_refused(capsys):
+    cfg = load_config(None, ["data.prompts_per_step=2", *SMALL])
+    res = plan_config(cfg, cells=False, growth=False, log=lambda *_: None)
+    assert res["growth"] is None and set(res["max_prompts_per_step"].values()) == {None}
+    assert main(["plan", "--no-growth", "--measure-prompts", "1", "--no-table", "data.prompts_per_step=2"]) == 2
+    assert "--no-growth" in capsys.readouterr().err

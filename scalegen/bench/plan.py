@@ -557,11 +557,12 @@ def _pair(meas: dict) -> tuple[float, float]:
 
 
 def plan_config(cfg, world_size: int = 1, zero: int = 0, measure_prompts: int | None = None, cells: bool = True,
-                log=print) -> dict:
+                growth: bool = True, log=print) -> dict:
     """The memory plan of ``cfg`` per rank; ``total_bytes`` is the prediction for the config as it is.
     ``measure_prompts``: prompts of the measured micro-batch (default: ``data.prompts_per_step``, exact); fewer
     are extrapolated along the line measured at 2 and 3 prompts (``Curve``); ``cells``: also measure the
-    fp32 / bf16 x checkpointing table."""
+    fp32 / bf16 x checkpointing table; ``growth=False``: no steps at 2 and 3 prompts (less time and memory), so
+    no largest prompts per step."""
     if world_size < 1 or zero not in (0, 2):
         raise ConfigError("--num-processes must be >= 1 and --zero 0 (DDP) or 2 (DeepSpeed ZeRO-2)")
     if measure_prompts is not None and measure_prompts < 1:
@@ -574,13 +575,18 @@ def plan_config(cfg, world_size: int = 1, zero: int = 0, measure_prompts: int | 
                           "and ingp; a Gaussian scene grows with densification, so plan it with its max_gaussians")
     b = cfg.data.prompts_per_step
     m = min(measure_prompts or b, b)
+    if not growth and m != b:
+        raise ConfigError("--no-growth measures data.prompts_per_step itself: drop --measure-prompts")
     v = cfg.camera.views_per_prompt
     log(f"measuring one micro-batch of {m} prompt(s) x {v} view(s) on CPU, forward and backward (the config: {b})")
     base = measure_step(cfg, m, backward=True)
     s1 = max(m, 2)
-    log(f"measuring {s1} and {s1 + 1} prompts (forward) for the growth per prompt ...")
-    m1 = base if s1 == m else measure_step(cfg, s1)
-    m2 = measure_step(cfg, s1 + 1)
+    if growth:
+        log(f"measuring {s1} and {s1 + 1} prompts (forward) for the growth per prompt ...")
+        m1 = base if s1 == m else measure_step(cfg, s1)
+        m2 = measure_step(cfg, s1 + 1)
+    else:
+        m1 = m2 = base
     curve = Curve(m, _pair(base), s1, _pair(m1), tuple(max(0.0, y - x) for x, y in zip(_pair(m1), _pair(m2))))
     bf16 = cfg.train.mixed_precision == "bf16"
     states = base["optimizer_state_bytes"] / max(1, 4 * base["generator_params"])
@@ -595,7 +601,7 @@ def plan_config(cfg, world_size: int = 1, zero: int = 0, measure_prompts: int | 
         out = total(b)
         out["fits"] = {f"{g}GB": out["total_bytes"] <= g * GIB for g in CARDS_GB}
         out["max_prompts_per_step"] = {f"{g}GB": max_prompts(lambda n: total(n)["total_bytes"] <= g * GIB)
-                                       for g in CARDS_GB}
+                                       if growth else None for g in CARDS_GB}
         return out
 
     res = {"config": {"prior": cfg.prior.name, "prior_dtype": cfg.prior.dtype, "generator": cfg.generator.name,
@@ -606,7 +612,7 @@ def plan_config(cfg, world_size: int = 1, zero: int = 0, measure_prompts: int | 
                       "grad_accum": cfg.train.grad_accum},
            "world_size": world_size, "zero": zero, "measured_prompts": m, "extrapolated": m != b,
            "measured": {k: val for k, val in base.items() if k != "frozen"},
-           "growth": {"prompts": [s1, s1 + 1], "activation_bytes": [m1["activation_bytes"], m2["activation_bytes"]],
+           "growth": None if not growth else {"prompts": [s1, s1 + 1], "activation_bytes": [m1["activation_bytes"], m2["activation_bytes"]],
                       "prior_transient_bytes": [m1["prior_transient_bytes"], m2["prior_transient_bytes"]]},
            "frozen": base["frozen"]}
     res.update(plan_of(curve, base["frozen"], bf16))
@@ -639,6 +645,10 @@ def fit_advice(res: dict) -> list[str]:
     return out
 
 
+def _count(n: int | None) -> str:
+    return "-" if n is None else str(n)
+
+
 def format_plan(res: dict) -> str:
     """The plan as tables for people."""
     from scalegen.eval.report import format_table  # noqa: PLC0415
@@ -652,7 +662,8 @@ def format_plan(res: dict) -> str:
              f"frozen weights: {res['frozen']['source']}; activations counted on a real CPU step of "
              f"{res['measured_prompts']} prompt(s)" + (" and extrapolated to prompts_per_step"
                                                        if res["extrapolated"] else "")
-             + f"; growth per prompt from {res['growth']['prompts'][0]} and {res['growth']['prompts'][1]} prompts"]
+             + (f"; growth per prompt from {res['growth']['prompts'][0]} and {res['growth']['prompts'][1]} prompts"
+                if res["growth"] else "; growth per prompt not measured (--no-growth)")]
     rows = [[k.replace("_", " "), gib(v)] for k, v in res["parts"].items()]
     rows.append(["total", gib(res["total_bytes"])])
     lines.append(format_table(rows, ["part", "GiB"]))
@@ -667,7 +678,7 @@ def format_plan(res: dict) -> str:
             rows.append([name, gib(cell["activation_bytes"]), gib(cell["prior_transient_bytes"]),
                          gib(cell["backward_transient_bytes"]), gib(cell["total_bytes"]),
                          *["yes" if cell["fits"][f"{g}GB"] else "no" for g in CARDS_GB],
-                         *[str(cell["max_prompts_per_step"][f"{g}GB"]) for g in CARDS_GB]])
+                         *[_count(cell["max_prompts_per_step"][f"{g}GB"]) for g in CARDS_GB]])
         lines.append(format_table(rows, ["setting", "activations", "prior fwd", "backward", "total GiB",
                                          *[f"{g} GB" for g in CARDS_GB],
                                          *[f"max prompts {g}" for g in CARDS_GB]]))
