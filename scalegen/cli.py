@@ -656,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-table", action="store_true", help="plan the config as it is, without the fp32/bf16 x "
                                                            "checkpointing table (four fewer measured steps)")
     p.add_argument("--no-growth", action="store_true", help="skip the steps at 2 and 3 prompts (less time and "
-                                                            "memory; no largest prompts per step)")
+                                                            "memory; the largest batch scales in proportion)")
     p.add_argument("--json", help="also write the plan to this JSON file")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(fn=cmd_plan)

@@ -561,8 +561,8 @@ def plan_config(cfg, world_size: int = 1, zero: int = 0, measure_prompts: int | 
     """The memory plan of ``cfg`` per rank; ``total_bytes`` is the prediction for the config as it is.
     ``measure_prompts``: prompts of the measured micro-batch (default: ``data.prompts_per_step``, exact); fewer
     are extrapolated along the line measured at 2 and 3 prompts (``Curve``); ``cells``: also measure the
-    fp32 / bf16 x checkpointing table; ``growth=False``: no steps at 2 and 3 prompts (less time and memory), so
-    no largest prompts per step."""
+    fp32 / bf16 x checkpointing table; ``growth=False``: no steps at 2 and 3 prompts (less time and memory); the
+    largest prompts per step then scales the measured batch in proportion (conservative where part is shared)."""
     if world_size < 1 or zero not in (0, 2):
         raise ConfigError("--num-processes must be >= 1 and --zero 0 (DDP) or 2 (DeepSpeed ZeRO-2)")
     if measure_prompts is not None and measure_prompts < 1:
@@ -585,9 +585,9 @@ def plan_config(cfg, world_size: int = 1, zero: int = 0, measure_prompts: int | 
         log(f"measuring {s1} and {s1 + 1} prompts (forward) for the growth per prompt ...")
         m1 = base if s1 == m else measure_step(cfg, s1)
         m2 = measure_step(cfg, s1 + 1)
-    else:
-        m1 = m2 = base
-    curve = Curve(m, _pair(base), s1, _pair(m1), tuple(max(0.0, y - x) for x, y in zip(_pair(m1), _pair(m2))))
+        curve = Curve(m, _pair(base), s1, _pair(m1), tuple(max(0.0, y - x) for x, y in zip(_pair(m1), _pair(m2))))
+    else:  # in proportion to the measured batch: an upper bound wherever part of it is shared by the prompts
+        curve = Curve(m, _pair(base), m, _pair(base), tuple(x / m for x in _pair(base)))
     bf16 = cfg.train.mixed_precision == "bf16"
     states = base["optimizer_state_bytes"] / max(1, 4 * base["generator_params"])
 
@@ -601,7 +601,7 @@ def plan_config(cfg, world_size: int = 1, zero: int = 0, measure_prompts: int | 
         out = total(b)
         out["fits"] = {f"{g}GB": out["total_bytes"] <= g * GIB for g in CARDS_GB}
         out["max_prompts_per_step"] = {f"{g}GB": max_prompts(lambda n: total(n)["total_bytes"] <= g * GIB)
-                                       if growth else None for g in CARDS_GB}
+                                       for g in CARDS_GB}
         return out
 
     res = {"config": {"prior": cfg.prior.name, "prior_dtype": cfg.prior.dtype, "generator": cfg.generator.name,
@@ -612,6 +612,7 @@ def plan_config(cfg, world_size: int = 1, zero: int = 0, measure_prompts: int | 
                       "grad_accum": cfg.train.grad_accum},
            "world_size": world_size, "zero": zero, "measured_prompts": m, "extrapolated": m != b,
            "measured": {k: val for k, val in base.items() if k != "frozen"},
+           "max_prompts_method": "measured growth" if growth else "proportional to the measured batch (conservative)",
            "growth": None if not growth else {"prompts": [s1, s1 + 1], "activation_bytes": [m1["activation_bytes"], m2["activation_bytes"]],
                       "prior_transient_bytes": [m1["prior_transient_bytes"], m2["prior_transient_bytes"]]},
            "frozen": base["frozen"]}
@@ -663,7 +664,7 @@ def format_plan(res: dict) -> str:
              f"{res['measured_prompts']} prompt(s)" + (" and extrapolated to prompts_per_step"
                                                        if res["extrapolated"] else "")
              + (f"; growth per prompt from {res['growth']['prompts'][0]} and {res['growth']['prompts'][1]} prompts"
-                if res["growth"] else "; growth per prompt not measured (--no-growth)")]
+                if res["growth"] else "; growth per prompt in proportion to the measured batch (--no-growth)")]
     rows = [[k.replace("_", " "), gib(v)] for k, v in res["parts"].items()]
     rows.append(["total", gib(res["total_bytes"])])
     lines.append(format_table(rows, ["part", "GiB"]))
