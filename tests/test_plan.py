@@ -163,7 +163,8 @@ def test_plan_command_rejects_a_bad_rank_count_in_one_line(capsys):
 @pytest.mark.slow
 def test_plan_of_the_mg15_paper_config_prints_24_40_80_verdicts(tmp_path, capsys):
     out = tmp_path / "mg15.json"
-    assert main(["plan", "--config", "configs/sd/hyper_ingp_asd_mg15.yaml", "--no-table", "--json", str(out)]) == 0
+    assert main(["plan", "--config", "configs/sd/hyper_ingp_asd_mg15.yaml", "--no-table", "--no-growth",
+                 "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "24GB" in text and "40GB" in text and "80GB" in text
     res = json.loads(out.read_text())
