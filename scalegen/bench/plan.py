@@ -18,9 +18,10 @@ Per rank it counts, in bytes:
   (``torch.autograd.graph.saved_tensors_hooks``, each storage once, parameters excluded) together with every
   storage created in the forward that is still alive at the loss (what non-reentrant checkpointing keeps
   for its recompute; ``LiveBytes``);
-* the largest transient of the prior's forward (the UNet runs without grad): the peak of live bytes of
-  the tensors created inside ``predict_eps`` (``LiveBytes``), for the published UNet on ``meta`` with the
-  fused attention kernel a GPU uses (output + log-sum-exp, no L x L matrix).
+* the largest transient on top of the activations: the prior's forward (the UNet runs without grad; the peak
+  of live bytes of the tensors created inside ``predict_eps``, ``LiveBytes``, for the published UNet on
+  ``meta`` with the fused attention kernel a GPU uses: output + log-sum-exp, no L x L matrix) or backward's
+  (the peak of what backward allocates, less the parameters' gradients), whichever is larger.
 
 The total is their sum. A frozen UNet is not needed for the saved activations (it runs under no_grad and
 its output enters the loss only through ``sg``), so without weights a stand-in (``PublishedPrior``) runs
@@ -28,7 +29,6 @@ the real-size VAE with random weights on CPU and returns noise as eps while its 
 """
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import replace
 from pathlib import Path
