@@ -1,4 +1,4 @@
-"""Command line: ``scalegen train | eval | generate | refine | gallery | bench | info | prior | data``.
+"""Command line: ``scalegen train | eval | generate | refine | gallery | bench | info | plan | prior | data``.
 
 Errors a user can cause (``ScalegenError``) print one line and exit 2, without a traceback.
 So do command lines argparse refuses: every number is range-checked and every path checked for its
@@ -151,8 +151,9 @@ def out_file(text: str) -> str:
 
 
 def out_path(text: str) -> str:
-    """An argparse type: a file or a folder to write (``generate --out``): its parents must be folders."""
-    if not _first_existing(Path(text)).is_dir():
+    """An argparse type: a file or a folder to write (``generate --out``): its parents must be folders (an
+    existing file is the command's to refuse or, with --overwrite, replace)."""
+    if not Path(text).exists() and not _first_existing(Path(text)).is_dir():
         raise _kind_error(text, "a file or folder")
     return text
 
@@ -603,6 +604,18 @@ def _bench_meta(argv: list[str]) -> dict:
             "commit": commit, "dirty": bool(status) if status is not None else None}
 
 
+def cmd_plan(args) -> int:
+    from scalegen.bench.plan import format_plan, plan_config
+    from scalegen.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    res = plan_config(cfg, world_size=args.num_processes, zero=args.zero, measure_prompts=args.measure_prompts,
+                      cells=not args.no_table, growth=not args.no_growth)
+    print(format_plan(res))
+    _write_json(args.json, {"meta": _bench_meta(getattr(args, "argv", [])), **res})
+    return 0
+
+
 def cmd_bench(args) -> int:
     from scalegen.bench import run_bench
 
@@ -939,6 +952,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=out_file, help="also write the figures to this JSON file")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("plan", help="memory per GPU before launch: weights, optimizer state, activations counted "
+                                     "on a real CPU step; fits 24 / 40 / 80 GB?")
+    p.add_argument("--config", type=existing_file, help="YAML experiment file")
+    p.add_argument("--num-processes", type=positive_int, default=1, help="ranks (GPUs) the run is launched on")
+    p.add_argument("--zero", type=int, choices=(0, 2), default=0,
+                   help="2: DeepSpeed ZeRO-2 (launch/deepspeed_zero2.yaml) partitions gradients and optimizer state")
+    p.add_argument("--measure-prompts", type=positive_int, default=None,
+                   help="prompts of the measured CPU micro-batch (default: data.prompts_per_step); fewer are "
+                        "extrapolated along the growth measured at 2 and 3 prompts")
+    p.add_argument("--no-table", action="store_true", help="plan the config as it is, without the fp32/bf16 x "
+                                                           "checkpointing table (four fewer measured steps)")
+    p.add_argument("--no-growth", action="store_true", help="skip the steps at 2 and 3 prompts (less time and "
+                                                            "memory; the largest batch scales in proportion)")
+    p.add_argument("--json", type=out_file, help="also write the plan to this JSON file")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("prior", help="prior tools: make-tiny (a tiny random Stable Diffusion), convert-mvdream, "
                                       "make-tiny-mvdream")
