@@ -37,6 +37,16 @@ def _deterministic():
 
 
 @pytest.fixture
+def one_thread():
+    """Two threads on a shared 2-core machine run several times slower than one (use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def tiny_cfg():
     from scalegen.config import load_config
 

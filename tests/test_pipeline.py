@@ -22,12 +22,7 @@ BLUE = [0.15, 0.25, 0.85]
 WORLD = ["world.shapes=[sphere, torus]", "world.colors=[red, blue]"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
