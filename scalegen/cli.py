@@ -699,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks (numbers for docs/performance.md)")
     p.add_argument("name", help="saturation | sharpness | guidance | flops-sd | flops-mvdream | data | distill | toy2d "
-                               "| generators | generate | eval | claims | oracle-cost")
+                               "| generators | generate | eval | claims | oracle-cost | paper-step | gpu")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--out", default="runs/bench", help="folder for the benchmark's runs")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")

@@ -15,7 +15,7 @@ from scalegen.config import parse_options
 from scalegen.errors import ScalegenError
 
 NAMES = ("saturation", "sharpness", "guidance", "flops-sd", "flops-mvdream", "data", "distill", "toy2d", "generators",
-         "generators-curve", "generate", "eval", "refine", "claims", "oracle-cost")
+         "generators-curve", "generate", "eval", "refine", "claims", "oracle-cost", "paper-step", "gpu")
 
 
 def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
@@ -91,4 +91,12 @@ def run_bench(name: str, items: list[str], out_root: str = "runs/bench") -> dict
         from scalegen.bench.oracle_cost import OracleCostOptions, bench_oracle_cost  # noqa: PLC0415
 
         return bench_oracle_cost(parse(OracleCostOptions), overrides, out_root)
+    if name == "paper-step":
+        from scalegen.bench.paper_step import PaperStepOptions, bench_paper_step  # noqa: PLC0415
+
+        return bench_paper_step(parse(PaperStepOptions), overrides, out_root)
+    if name == "gpu":
+        from scalegen.bench.gpu import GpuOptions, bench_gpu  # noqa: PLC0415
+
+        return bench_gpu(parse(GpuOptions), overrides, out_root)
     raise ScalegenError(f"unknown benchmark {name!r}; choose from {', '.join(NAMES)}")

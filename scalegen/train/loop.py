@@ -285,10 +285,13 @@ def make_accelerator(cfg: Config):
                        gradient_accumulation_steps=cfg.train.grad_accum if plugin is not None else 1)
 
 
-def train(cfg: Config, run_dir: str | Path, resume: bool = False, init_state: dict | None = None) -> Path:
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, init_state: dict | None = None,
+          stop_after: int | None = None) -> Path:
     """Train (or resume) a run in ``run_dir``; returns the last checkpoint's path. Raises ``Preempted``
     after writing a checkpoint when the process receives SIGTERM. ``init_state``: the ``SceneModel``'s
-    starting weights (a new run only; per-prompt refinement starts from an amortized generator's output)."""
+    starting weights (a new run only; per-prompt refinement starts from an amortized generator's output).
+    ``stop_after``: return after this many optimizer steps of this call, with a checkpoint written, while
+    every schedule still follows ``train.max_steps`` (``bench paper-step`` takes two steps of a full run)."""
     run_dir = Path(run_dir)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
@@ -351,6 +354,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, init_state: di
     encode = BatchEncoder(cfg, text_encoder, prior, acc.device, sampler)
     v = cfg.camera.views_per_prompt
     max_steps = cfg.train.max_steps
+    end = max_steps if stop_after is None else min(max_steps, start + stop_after)
     accum = cfg.train.grad_accum
     if main:
         p = cfg.data.prompts_per_step
@@ -374,8 +378,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, init_state: di
     stop = StopSignal()
     try:
         with stop:
-            for step in range(start, max_steps):
-                t0 = time.perf_counter()
+            for step in range(start, end):
+                t0, c0 = time.perf_counter(), time.process_time()
                 optimizers.zero_grad()
                 loss_sum, loss_d_sum = 0.0, 0.0
                 # ``grad_accum`` micro-batches per optimizer step, each backpropagated at once (its graph
@@ -432,10 +436,10 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, init_state: di
                     stopping = False
                 if raw_model.generator.adapt(done, generator_optimizer):  # e.g. densify / prune Gaussians
                     params = [p for g in optimizers.generator.param_groups for p in g["params"]]
-                dt = time.perf_counter() - t0
+                dt, cpu_dt = time.perf_counter() - t0, time.process_time() - c0
                 step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
-                log_now = done % cfg.train.log_every == 0 or done == max_steps or done == start + 1
-                save_now = done % cfg.train.ckpt_every == 0 or done == max_steps
+                log_now = done % cfg.train.log_every == 0 or done in (max_steps, end, start + 1)
+                save_now = done % cfg.train.ckpt_every == 0 or done == max_steps or done == end
                 if not cfg.train.skip_nonfinite and (log_now or save_now):
                     bad = int(first_bad)
                     if bad >= 0:
@@ -445,6 +449,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, init_state: di
                 if main and log_now:
                     metrics = {"loss": float(loss_sum), "loss_distill": float(loss_d_sum),
                                "opacity": float(out.opacity.detach().mean()), "step_s": dt,
+                               "step_cpu_s": cpu_dt,
                                "skipped_steps": bad_total, **{f"distill/{k}": float(x) for k, x in dlogs.items()},
                                **{k: float(x) for k, x in rlogs.items()}}
                     if grad_norm is not None and not skipped:
