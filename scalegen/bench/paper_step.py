@@ -43,8 +43,11 @@ PAPER_CONFIGS = (
     "configs/sd/conv3d_asd_df415.yaml", "configs/sd/conv3d_asd_at2520.yaml", "configs/sd/conv3d_asd_cp100k.yaml",
     "configs/sd/conv3d_asd_cp100k_shards.yaml", "configs/mvdream/triplane_asd_dl17k.yaml",
 )
-# Corpora that are not in the shared folder: (training prompts of the real file, why absent).
-STAND_IN = {"instant3d_17000_prompt_library.json": 17000, "cap3d_100k_prompt_library.json": 100000}
+# Training prompts of each paper corpus: a stand-in of that size is composed where the file is absent
+# (Instant3D 17k and Cap3D 100k are not in the shared folder; on a device machine none are).
+STAND_IN = {"magic3d_15_prompt_library.json": 15, "dreamfusion_415_prompt_library.json": 415,
+            "att3d_2520_prompt_library.json": 2520, "instant3d_17000_prompt_library.json": 17000,
+            "cap3d_100k_prompt_library.json": 100000}
 SHARD_PROMPTS = 64  # the small shard set of the shards config (built with the random text tower on CPU)
 
 # The small sizes of bench.scale=reduced, per generator: same code path, seconds instead of minutes.
@@ -70,15 +73,16 @@ def resolve_configs(names: list[str]) -> list[str]:
     """Config paths of ``bench.configs`` (stems such as ``hyper_ingp_asd_mg15`` or paths); all eight if empty."""
     from scalegen.errors import ConfigError  # noqa: PLC0415
 
+    root = Path(__file__).resolve().parents[2]  # the repository's configs/, whatever the working directory
     if not names:
-        return list(PAPER_CONFIGS)
+        return [str(root / c) for c in PAPER_CONFIGS]
     out = []
     for n in names:
         hit = [c for c in PAPER_CONFIGS if n in (c, Path(c).stem, Path(c).name)]
         if not hit:
             stems = ", ".join(Path(c).stem for c in PAPER_CONFIGS)
             raise ConfigError(f"bench.configs names {n!r}, which is not a paper config; choose from {stems}")
-        out.append(hit[0])
+        out.append(str(root / hit[0]))
     return out
 
 
@@ -157,14 +161,15 @@ def plan_config(config: str, opts: PaperStepOptions, overrides: list[str], work:
         notes.append(f"prior in fp32 on CPU (config: {cfg.prior.dtype})")
     corpus = Path(cfg.data.prompts).name
     shared = Path(opts.corpora) / corpus
+    src = shared
     if shared.is_file():
         items.append(f"data.prompts={shared}")
         notes.append(f"corpus: {corpus} (real, {opts.corpora})")
     elif corpus in STAND_IN:
         from scalegen.data.compose import write_composed  # noqa: PLC0415
 
-        n = STAND_IN[corpus] if opts.scale == "true" else 200
-        stand = work / f"standin-{n}.json"
+        n = STAND_IN[corpus] if opts.scale == "true" else min(STAND_IN[corpus], 200)
+        stand = src = work / f"standin-{n}.json"
         if not stand.is_file():
             write_composed(stand, n_train=n, n_unseen_pairs=20, n_val=50, seed=0)
         items.append(f"data.prompts={stand}")
@@ -178,7 +183,6 @@ def plan_config(config: str, opts: PaperStepOptions, overrides: list[str], work:
         from scalegen.data.shards import build_shards, write_manifest  # noqa: PLC0415
         from scalegen.text.clip import CLIPTextEncoder  # noqa: PLC0415
 
-        src = work / f"standin-{STAND_IN.get(corpus, 0)}.json" if not shared.is_file() else shared
         small = work / "shard-corpus.json"
         data = json.loads(Path(src).read_text())
         small.write_text(json.dumps({k: data[k][:SHARD_PROMPTS] for k in ("train", "val", "test")}))
