@@ -193,7 +193,7 @@ def markdown_table(res: dict) -> str:
 
 def bench_gpu(opts: GpuOptions, overrides: list[str], out_root: str = "runs/bench") -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if opts.scale == "reduced":  # the code path in seconds on a CPU (its FLOP counts stay the true-size ones)
+    if opts.scale == "reduced":  # the code path in seconds on a CPU (FLOPs: true-size priors at reduced resolutions)
         opts.warmup, opts.steps = min(opts.warmup, 1), min(opts.steps, 2)
         opts.generate_resolutions, opts.generate_prompts = [min(r, 32) for r in opts.generate_resolutions[:1]], 1
     configs = resolve_configs(opts.configs)

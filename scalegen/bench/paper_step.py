@@ -319,7 +319,8 @@ def check_config(config: str, plan: dict, child: dict, work: Path) -> dict:
     notes = []
     if not groups.get("background", {"changed": True})["changed"] and cfg.render.bg_random_prob > 0:
         notes.append(f"background unchanged: it gets no gradient in a step that draws the random backdrop "
-                     f"(render.bg_random_prob={cfg.render.bg_random_prob}  per step), so it stays unchanged when both steps draw it")
+                     f"(render.bg_random_prob={cfg.render.bg_random_prob} per step), so it stays unchanged when "
+                     "both steps draw it")
     return {
         "check_notes": notes,
         "losses": losses, "loss_resumed_step2": losses_r, "losses_finite": ok_a and ok_b,
@@ -400,7 +401,8 @@ def bench_paper_step(opts: PaperStepOptions, overrides: list[str], out_root: str
             continue
         s2 = r["step_s"].get("2", {})
         changed = sum(g["changed"] for g in r["groups"].values())
-        table.append([Path(r["config"]).stem, f"{s2.get('cpu', float('nan')):.1f}", f"{s2.get('wall', float('nan')):.1f}",
+        nan = float("nan")
+        table.append([Path(r["config"]).stem, f"{s2.get('cpu', nan):.1f}", f"{s2.get('wall', nan):.1f}",
                       f"{r['peak_rss_bytes'] / 2**30:.1f}", "yes" if r["losses_finite"] else "NO",
                       f"{changed}/{len(r['groups'])}", "yes" if r["resumed_identical"] else "NO",
                       "; ".join(r["notes"][1:] + r["check_notes"])])

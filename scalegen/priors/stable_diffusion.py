@@ -293,8 +293,8 @@ def make_tiny_sd(out_dir: str | Path, seed: int = 0, text_hidden: int = 32) -> P
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=text_hidden,
                 attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32)
     vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
-               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
-               sample_size=64, scaling_factor=0.18215)
+               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+               norm_num_groups=8, sample_size=64, scaling_factor=0.18215)
     return write_random_sd(out_dir, unet, vae, dict(hidden=text_hidden), seed=seed)
 
 
