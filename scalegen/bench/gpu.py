@@ -105,7 +105,8 @@ def time_config(config: str, opts: GpuOptions, overrides: list[str], work: Path,
     wall = time.perf_counter() - t0
     steps = [m for m in read_metrics(run) if "step_s" in m]
     timed = [m["step_s"] for m in steps[opts.warmup:]]
-    row = {"config": config, "notes": plan["notes"][:1] + plan["notes"][2:], "overrides": items,
+    notes = [n for n in plan["notes"] if not n.startswith("prior in fp32")]  # paper-step's CPU note
+    row = {"config": config, "notes": notes, "overrides": items,
            "prior_dtype": opts.prior_dtype, "mixed_precision": cfg.train.mixed_precision,
            "step_s_all": [m["step_s"] for m in steps], "step_s_median": statistics.median(timed) if timed else None,
            "losses": [m["loss"] for m in steps], "run_wall_s": wall, "run": str(run),
