@@ -77,6 +77,17 @@ def test_resume_gives_the_same_batches_with_any_worker_count(corpus_shards):
     assert _batches(resumed, 23) == full[37:]
 
 
+def test_reading_through_workers_leaves_the_run_rng_alone(corpus_shards):
+    """Starting the worker DataLoader must not draw from the global RNG: a resumed run starts it at another
+    point of its random stream than the uninterrupted run did, so a draw there shifts every later step's
+    noise and timesteps (found by `bench paper-step` on conv3d_asd_cp100k_shards)."""
+    torch.manual_seed(5)
+    ShardStream(str(corpus_shards), split="train", batch_size=4, num_workers=2).next_batch()
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(after, torch.rand(3))
+
+
 def test_cached_embeddings_match_the_encoder(corpus_shards):
     b = ShardStream(str(corpus_shards), batch_size=8).next_batch()
     ref = BagOfWordsEncoder(16, 8).encode(b.prompts)

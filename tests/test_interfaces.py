@@ -233,7 +233,8 @@ def test_every_bench_row_names_a_module_with_its_options_and_function():
     for name, (module, options, function) in BENCHES.items():
         assert module.startswith("scalegen.bench."), name
         assert {options, function} <= _defines(module), f"bench {name}: {module} lacks {options} or {function}"
-    modules = {p.stem for p in (PACKAGE / "bench").glob("*.py")} - {"__init__", "common"}
+    # plan.py is `scalegen plan` (the memory plan), on the bench floor for the published prior configs
+    modules = {p.stem for p in (PACKAGE / "bench").glob("*.py")} - {"__init__", "common", "plan"}
     listed = {m.rsplit(".", 1)[1] for m, _, _ in BENCHES.values()}
     assert modules == listed, f"bench modules not in BENCHES: {sorted(modules - listed)}"
 
@@ -247,7 +248,7 @@ def test_the_command_line_offers_exactly_the_name_lists(capsys):
     def help_of(*argv) -> str:
         with pytest.raises(SystemExit):
             main([*argv, "--help"])
-        return " ".join(capsys.readouterr().out.split())
+        return " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # argparse wraps at hyphens
 
     text = help_of("bench")
     assert all(n in text for n in NAMES)

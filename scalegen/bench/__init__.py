@@ -36,6 +36,8 @@ BENCHES: dict[str, tuple[str, str, str]] = {
     "claims": ("scalegen.bench.claims", "ClaimsOptions", "bench_claims"),
     "oracle-cost": ("scalegen.bench.oracle_cost", "OracleCostOptions", "bench_oracle_cost"),
     "step": ("scalegen.bench.step", "StepOptions", "bench_step"),
+    "paper-step": ("scalegen.bench.paper_step", "PaperStepOptions", "bench_paper_step"),
+    "gpu": ("scalegen.bench.gpu", "GpuOptions", "bench_gpu"),
 }
 NAMES = tuple(BENCHES)
 

@@ -41,6 +41,7 @@ def mvdream_unet_flops(rows: int, latent: int = 32, num_frames: int = 4) -> tupl
 class FlopsMVDreamOptions:
     config: str = "configs/mvdream/triplane_asd_dl17k.yaml"  # the run whose step is counted
     peak_tflops: float = 800.0  # the accelerator's dense bf16 peak for the time floor (H100 SXM ~ 990, 800 sustained)
+    device: str = "cpu"  # where the generator + renderer part is counted (bench gpu counts it on cuda)
 
 
 def bench_flops_mvdream(opts: FlopsMVDreamOptions, overrides: list[str], out_root: str = "") -> dict:
@@ -66,7 +67,7 @@ def bench_flops_mvdream(opts: FlopsMVDreamOptions, overrides: list[str], out_roo
                  "distill": cfg.distill.name, "encode_resolution": enc, "latent_resolution": lat,
                  "grad_accum": accum, "peak_tflops": opts.peak_tflops}
     try:
-        fl = field_flops(cfg)
+        fl = field_flops(cfg, opts.device)
         rows["generator + renderer forward"] = fl["forward"]
         rows["generator + renderer backward"] = fl["backward"]
         res["field"] = fl

@@ -84,18 +84,18 @@ def text_flops(sequences: int) -> tuple[int, int]:
         return _count(lambda: model(ids)), _params(model)
 
 
-def field_flops(cfg) -> dict:
-    """Generator + background + renderer forward and backward at the config's real size (CPU)."""
+def field_flops(cfg, device: str = "cpu") -> dict:
+    """Generator + background + renderer forward and backward at the config's real size (on ``device``)."""
     from scalegen.data.cameras import sample_train_cameras  # noqa: PLC0415
     from scalegen.generators import build_generator  # noqa: PLC0415
     from scalegen.render import build_background, build_renderer  # noqa: PLC0415
     from scalegen.text.base import TextCond  # noqa: PLC0415
 
     b = cfg.data.prompts_per_step
-    gen, bg = build_generator(cfg, 1024), build_background(cfg, 1024)
-    renderer = build_renderer(cfg).train()
-    cond = TextCond(torch.randn(b, 1024) / 32, torch.zeros(b, 77, 1024), torch.ones(b, 77, dtype=torch.bool))
-    cams = sample_train_cameras(cfg.camera, b)
+    gen, bg = build_generator(cfg, 1024).to(device), build_background(cfg, 1024).to(device)
+    renderer = build_renderer(cfg).train().to(device)
+    cond = TextCond(torch.randn(b, 1024) / 32, torch.zeros(b, 77, 1024), torch.ones(b, 77, dtype=torch.bool)).to(device)
+    cams = sample_train_cameras(cfg.camera, b).to(device)
     state = {}
     t0 = time.perf_counter()
 
@@ -113,6 +113,7 @@ def field_flops(cfg) -> dict:
 class FlopsOptions:
     config: str = "configs/sd/hyper_ingp_asd_mg15.yaml"  # the run whose step is counted
     peak_tflops: float = 800.0  # the accelerator's dense bf16 peak for the time floor (H100 SXM ~ 990, 800 sustained)
+    device: str = "cpu"  # where the generator + renderer part is counted (bench gpu counts it on cuda)
 
 
 def bench_flops_sd(opts: FlopsOptions, overrides: list[str], out_root: str = "") -> dict:
@@ -136,7 +137,7 @@ def bench_flops_sd(opts: FlopsOptions, overrides: list[str], out_root: str = "")
     tf, t_params = text_flops(4)
     rows = {"unet (no grad)": u, "vae encode forward": vf, "vae encode backward (to input)": vb}
     try:
-        fl = field_flops(cfg)
+        fl = field_flops(cfg, opts.device)
         rows["generator + renderer forward"] = fl["forward"]
         rows["generator + renderer backward"] = fl["backward"]
         res["field"] = fl

@@ -40,6 +40,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from scalegen.errors import ConfigError
+from scalegen.data.cameras import Cameras
+from scalegen.priors import build_ground_truth
 from scalegen.priors.base import Prior
 
 GIB = 1024 ** 3
@@ -247,7 +249,7 @@ class PublishedPrior(Prior):
         return [self.vae]
 
     @torch.no_grad()
-    def predict_eps(self, x_t: Tensor, t: Tensor, text: Tensor, cameras, guidance=None) -> Tensor:
+    def predict_eps(self, x_t: Tensor, t: Tensor, text: Tensor, cameras: Cameras, guidance=None) -> Tensor:
         rows = x_t.shape[0]
         if self.perp_neg and guidance is not None:  # two negative rows per paired conditional row (at most)
             rows += 2 * len(guidance.pairs)
@@ -294,7 +296,7 @@ class TrackedPrior(Prior):
     def frozen_modules(self) -> list[nn.Module]:
         return [m for m in vars(self.prior).values() if isinstance(m, nn.Module)]
 
-    def predict_eps(self, x_t, t, text, cameras, guidance=None):
+    def predict_eps(self, x_t, t, text, cameras: Cameras, guidance=None):
         live = LiveBytes()
         with live:
             eps = self.prior.predict_eps(x_t, t, text, cameras, guidance)
@@ -309,7 +311,7 @@ class TrackedPrior(Prior):
 
 def _load_local(cfg) -> bool:
     """Whether the prior is built from files here (the oracle, or a local diffusers folder)."""
-    return cfg.prior.name == "oracle" or Path(cfg.prior.model).is_dir()
+    return build_ground_truth(cfg) is not None or Path(cfg.prior.model).is_dir()
 
 
 def measure_step(cfg, prompts: int, backward: bool = False) -> dict:
@@ -335,7 +337,7 @@ def _measure_step(cfg, prompts: int, backward: bool = False) -> dict:
     from scalegen.config import schedule_value  # noqa: PLC0415
     from scalegen.data.cameras import sample_train_cameras  # noqa: PLC0415
     from scalegen.distill import build_distiller  # noqa: PLC0415
-    from scalegen.priors import build_prior, build_world  # noqa: PLC0415
+    from scalegen.priors import build_prior  # noqa: PLC0415
     from scalegen.render import build_renderer  # noqa: PLC0415
     from scalegen.text import TextCond, build_text_encoder  # noqa: PLC0415
     from scalegen.text import text_dim_of  # noqa: PLC0415
@@ -345,7 +347,8 @@ def _measure_step(cfg, prompts: int, backward: bool = False) -> dict:
     cfg = replace(cfg, data=replace(cfg.data, prompts_per_step=prompts))
     bf16 = cfg.train.mixed_precision == "bf16"
     torch.manual_seed(cfg.train.seed)
-    world = build_world(cfg) if cfg.prior.name == "oracle" else None
+    truth = build_ground_truth(cfg)
+    world = truth.world if truth is not None else None
     if _load_local(cfg):
         if cfg.text.encoder == "clip":  # on the CPU, where the step is measured
             from scalegen.text.clip import CLIPTextEncoder  # noqa: PLC0415
@@ -434,8 +437,9 @@ def frozen_bytes(cfg, prior, text_encoder) -> dict:
         text = reachable_storages(text_encoder)
         own = {k: n for k, n in reachable_storages(prior.prior).items() if k not in text}
         # a loaded prior ran in fp32 on CPU: its weights count at prior.dtype's bytes
-        scale = size / 4 if cfg.prior.name != "oracle" else 1.0
-        res = {"source": "loaded" if cfg.prior.name != "oracle" else "oracle prior (built here)",
+        exact = build_ground_truth(cfg) is not None
+        scale = size / 4 if not exact else 1.0
+        res = {"source": "loaded" if not exact else "oracle prior (built here)",
                "prior_bytes": int(sum(own.values()) * scale), "text_bytes": sum(text.values())}
         text_dim = text_encoder.dim
     n_corpus = _corpus_size(cfg)
@@ -567,7 +571,7 @@ def plan_config(cfg, world_size: int = 1, zero: int = 0, measure_prompts: int | 
         raise ConfigError("--num-processes must be >= 1 and --zero 0 (DDP) or 2 (DeepSpeed ZeRO-2)")
     if measure_prompts is not None and measure_prompts < 1:
         raise ConfigError("--measure-prompts must be >= 1")
-    if cfg.distill.name == "vsd" and cfg.prior.name != "oracle":
+    if cfg.distill.name == "vsd" and build_ground_truth(cfg) is None:
         raise ConfigError("scalegen plan does not count VSD's LoRA backward through the UNet yet; plan an asd, "
                           "sds, csd or vdm config")
     if cfg.generator.name in ("gaussians",):

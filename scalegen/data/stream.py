@@ -313,8 +313,11 @@ class ShardStream(Sampler):
     def _start_items(self):
         reader = _Reader(self.plan, self.urls, self.counts, self.shas, self.info, (self.epoch, self.group))
         if self.num_workers > 0:
+            # Its own generator: a DataLoader otherwise draws its workers' base seed from the run's RNG when
+            # it starts, which a resumed run does at another point of the stream (the reader needs no seed).
             loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=self.num_workers,
-                                                 prefetch_factor=2, persistent_workers=False)
+                                                 prefetch_factor=2, persistent_workers=False,
+                                                 generator=torch.Generator().manual_seed(0))
             return iter(loader)
         return iter(reader)
 

@@ -289,24 +289,31 @@ def make_tiny_sd(out_dir: str | Path, seed: int = 0, text_hidden: int = 32) -> P
     randomly initialised Stable Diffusion (SD 2.x architecture: linear projections, 8x VAE,
     scaled-linear DDPM betas 0.00085 -> 0.012, epsilon prediction). Built offline; it loads through
     exactly the ``from_pretrained`` calls real weights take."""
+    unet = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=text_hidden,
+                attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32)
+    vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+               norm_num_groups=8, sample_size=64, scaling_factor=0.18215)
+    return write_random_sd(out_dir, unet, vae, dict(hidden=text_hidden), seed=seed)
+
+
+def write_random_sd(out_dir: str | Path, unet: dict, vae: dict, text: dict, seed: int = 0) -> Path:
+    """A randomly initialised Stable Diffusion folder in the real diffusers layout from architecture configs:
+    ``unet`` (UNet2DConditionModel kwargs), ``vae`` (AutoencoderKL kwargs), ``text`` (``make_tiny_clip``'s
+    hidden / layers / heads / projection). Tiny ones for tests (``make_tiny_sd``); SD 2.1-base's published
+    configs for true-size CPU runs without a download (``bench paper-step``)."""
     import diffusers  # noqa: PLC0415
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel  # noqa: PLC0415
 
     from scalegen.text.clip import make_tiny_clip  # noqa: PLC0415
 
     out = Path(out_dir)
-    make_tiny_clip(out, hidden=text_hidden, seed=seed)
+    make_tiny_clip(out, seed=seed, **text)
     torch.manual_seed(seed)
-    UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=text_hidden, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32,
-    ).save_pretrained(out / "unet")
-    AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
-        sample_size=64, scaling_factor=0.18215,
-    ).save_pretrained(out / "vae")
+    UNet2DConditionModel(**unet).save_pretrained(out / "unet")
+    AutoencoderKL(**vae).save_pretrained(out / "vae")
     # SD 2.1-base ships a PNDM config; the prior reads it as DDPM (same betas), like threestudio.
     PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=T,
                   prediction_type="epsilon", set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
@@ -320,5 +327,5 @@ def make_tiny_sd(out_dir: str | Path, seed: int = 0, text_hidden: int = 32) -> P
     return out
 
 
-__all__ = ["StableDiffusionPrior", "build_sd_prior", "make_tiny_sd", "view_index", "perp_neg_plan",
+__all__ = ["StableDiffusionPrior", "build_sd_prior", "make_tiny_sd", "write_random_sd", "view_index", "perp_neg_plan",
            "perpendicular", "shift_azimuth", "exp_decay", "PERP_NEG_F"]

@@ -99,15 +99,37 @@ class CLIPTextEncoder(TextEncoder):
                                                                        device=tokens.device))
 
 
+def byte_symbols() -> dict[int, str]:
+    """Byte-level BPE's byte -> symbol table: the printable Latin-1 bytes ('!'..'~', '\xa1'..'\xac',
+    '\xae'..'\xff') stand for themselves, every other byte b for chr(256 + n), n counting those bytes in order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table, n = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + n)
+            n += 1
+    return table  # in this order (kept bytes first): the order of the vocabulary's first 256 entries
+
+
+def _bpe_file() -> Path:
+    """The BPE merges file open_clip ships, found without importing open_clip (whose import pulls in
+    torchvision and timm, which a lean GPU machine does not have)."""
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsError("writing a CLIP tokenizer needs the BPE vocabulary of the open_clip_torch package; "
+                           "pip install open_clip_torch (or its wheel, without dependencies)")
+    return Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+
+
 @lru_cache(maxsize=1)
 def clip_bpe_vocab() -> tuple[dict[str, int], list[str]]:
     """CLIP's byte-level BPE (vocab, merges) rebuilt from the file open_clip ships."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe  # noqa: PLC0415
-
-    with gzip.open(default_bpe()) as f:
+    with gzip.open(_bpe_file()) as f:
         merges = f.read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     merges = [tuple(m.split()) for m in merges]
-    vocab = list(bytes_to_unicode().values())
+    vocab = list(byte_symbols().values())
     vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     return {tok: i for i, tok in enumerate(vocab)}, [" ".join(m) for m in merges]
 

@@ -293,7 +293,8 @@ def make_accelerator(cfg: Config):
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, init_state: dict | None = None,
-          resume_command: str | None = None, on_validate: Callable | None = None) -> Path:
+          resume_command: str | None = None, on_validate: Callable | None = None,
+          stop_after: int | None = None) -> Path:
     """Train (or resume) a run in ``run_dir``; returns the last checkpoint's path. Raises ``Preempted``
     after writing a checkpoint when the process receives SIGTERM, ``Interrupted`` after writing one on
     the first Ctrl-C (SIGINT). ``init_state``: the ``SceneModel``'s starting weights (a new run only;
@@ -301,7 +302,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, init_state: di
     that continues this run, said on an interrupt (default ``scalegen train --out RUN_DIR --resume``).
     ``on_validate(model, text_encoder, prompts, step, run_dir, logger)``: more validation on the main process
     after the image grid (``scalegen train`` passes the 3D assets and metrics of ``pipeline.validation``, a
-    floor above this one). The run folder is locked (``scalegen.locks``) while the run writes it: a second
+    floor above this one). ``stop_after``: return after this many optimizer steps of this call, with a
+    checkpoint written, while every schedule still follows ``train.max_steps`` (``bench paper-step`` takes two
+    steps of a full run). The run folder is locked (``scalegen.locks``) while the run writes it: a second
     writer is refused."""
     run_dir = Path(run_dir)
     if cfg.train.threads > 0:
@@ -319,13 +322,13 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, init_state: di
         raise refused
     try:
         return _train(cfg, run_dir, acc, resume, init_state,
-                      resume_command or f"scalegen train --out {run_dir} --resume", on_validate)
+                      resume_command or f"scalegen train --out {run_dir} --resume", on_validate, stop_after)
     finally:
         lock.release()
 
 
 def _train(cfg: Config, run_dir: Path, acc, resume: bool, init_state: dict | None, resume_command: str,
-           on_validate: Callable | None = None) -> Path:
+           on_validate: Callable | None = None, stop_after: int | None = None) -> Path:
     rank, world_size, main = acc.process_index, acc.num_processes, acc.is_main_process
     warning = launch_warning(world_size)
     if warning and main:
@@ -391,6 +394,7 @@ def _train(cfg: Config, run_dir: Path, acc, resume: bool, init_state: dict | Non
     encode = BatchEncoder(cfg, text_encoder, prior, acc.device, sampler)
     v = cfg.camera.views_per_prompt
     max_steps = cfg.train.max_steps
+    end = max_steps if stop_after is None else min(max_steps, start + stop_after)
     accum = cfg.train.grad_accum
     if main:
         p = cfg.data.prompts_per_step
@@ -416,8 +420,8 @@ def _train(cfg: Config, run_dir: Path, acc, resume: bool, init_state: dict | Non
     stop = StopSignal(announce=(lambda m: os.write(2, (m + "\n").encode())) if main else None)
     try:
         with stop:
-            for step in range(start, max_steps):
-                t0 = time.perf_counter()
+            for step in range(start, end):
+                t0, c0 = time.perf_counter(), time.process_time()
                 optimizers.zero_grad()
                 loss_sum, loss_d_sum = 0.0, 0.0
                 # ``grad_accum`` micro-batches per optimizer step, each backpropagated at once (its graph
@@ -476,10 +480,10 @@ def _train(cfg: Config, run_dir: Path, acc, resume: bool, init_state: dict | Non
                     stopping = world_size == 1 and stop.received is not None  # no collective needed to agree
                 if raw_model.generator.adapt(done, generator_optimizer):  # e.g. densify / prune Gaussians
                     params = [p for g in optimizers.generator.param_groups for p in g["params"]]
-                dt = time.perf_counter() - t0
+                dt, cpu_dt = time.perf_counter() - t0, time.process_time() - c0
                 step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
-                log_now = done % cfg.train.log_every == 0 or done == max_steps or done == start + 1
-                save_now = done % cfg.train.ckpt_every == 0 or done == max_steps
+                log_now = done % cfg.train.log_every == 0 or done in (max_steps, end, start + 1)
+                save_now = done % cfg.train.ckpt_every == 0 or done == max_steps or done == end
                 if not cfg.train.skip_nonfinite and (log_now or save_now):
                     bad = int(first_bad)
                     if bad >= 0:
@@ -489,6 +493,7 @@ def _train(cfg: Config, run_dir: Path, acc, resume: bool, init_state: dict | Non
                 if main and log_now:
                     metrics = {"loss": float(loss_sum), "loss_distill": float(loss_d_sum),
                                "opacity": float(out.opacity.detach().mean()), "step_s": dt,
+                               "step_cpu_s": cpu_dt,
                                "skipped_steps": bad_total, **{f"distill/{k}": float(x) for k, x in dlogs.items()},
                                **{k: float(x) for k, x in rlogs.items()}}
                     if grad_norm is not None and not skipped:
