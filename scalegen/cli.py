@@ -158,10 +158,23 @@ def out_path(text: str) -> str:
     return text
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, wrapped between words only: a name such as ``paper-step`` stays whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, with its errors as one line (``error: scalegen data build: argument --batch-size: must
     be at least 1, got 0 (see scalegen data build --help)``) instead of the usage block, and a missing
-    subcommand named with its choices."""
+    subcommand named with its choices. Subcommands' parsers are of this class too (argparse passes it on)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         import re

@@ -248,7 +248,7 @@ def test_the_command_line_offers_exactly_the_name_lists(capsys):
     def help_of(*argv) -> str:
         with pytest.raises(SystemExit):
             main([*argv, "--help"])
-        return " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # argparse wraps at hyphens
+        return " ".join(capsys.readouterr().out.split())
 
     text = help_of("bench")
     assert all(n in text for n in NAMES)
