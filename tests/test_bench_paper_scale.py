@@ -92,6 +92,13 @@ def test_paper_step_reduced_checks_fail_when_they_should(tmp_path):
     flat = w[key].view(-1)
     flat[0] = torch.nextafter(flat[0], flat[0] + 1)
     save_file(w, str(resumed))
+    # a valid checkpoint whose weights differ (not a damaged file): its recorded digest follows the new bytes
+    from scalegen.train.checkpoint import file_sha256
+
+    state_path = resumed.parent / "state.json"
+    state = json.loads(state_path.read_text())
+    state["files"]["model.safetensors"] = file_sha256(resumed)
+    state_path.write_text(json.dumps(state))
     bad = check_config(spec["config"], plan, child, work)
     assert not bad["resumed_identical"] and bad["resume_differences"] == [key]
     nan_child = copy.deepcopy(child)
