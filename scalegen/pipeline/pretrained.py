@@ -13,7 +13,6 @@ local Hugging Face cache (resolved with huggingface_hub, never downloaded here).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import tempfile
@@ -23,18 +22,11 @@ from scalegen import __version__
 from scalegen.atomic import staged_folder
 from scalegen.config import from_dict
 from scalegen.errors import CheckpointError, WeightsError
+from scalegen.train.checkpoint import file_sha256
 
 CONFIG, WEIGHTS, CARD, GALLERY = "config.json", "model.safetensors", "README.md", "gallery.png"
 FORMAT = "scalegen-pretrained/1"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def is_pretrained_folder(path: Path) -> bool:
@@ -77,7 +69,7 @@ def load_pretrained(name_or_path: str | Path):
         raise CheckpointError(f"'{path / CONFIG}' is not a scalegen config.json ({e.__class__.__name__}: {e}); "
                               "export the folder again with `scalegen export-pretrained`") from None
     expected = meta.get("sha256", {}).get(WEIGHTS)
-    if expected is not None and sha256_of(path / WEIGHTS) != expected:
+    if expected is not None and file_sha256(path / WEIGHTS) != expected:
         raise CheckpointError(f"'{path / WEIGHTS}' does not match the sha256 in {CONFIG} (the file was changed or "
                               "damaged); download or export it again")
     text_encoder, model = build_model(cfg)
@@ -244,7 +236,7 @@ def save_pretrained(pipe, out: str | Path, eval_results: dict | None = None, eva
         meta["eval"] = {"results": eval_results, "command": eval_command}
     with staged_folder(out) as stage:
         save_file(state, str(stage / WEIGHTS), metadata={"format": "pt", "library": "scalegen"})
-        meta["sha256"] = {WEIGHTS: sha256_of(stage / WEIGHTS)}
+        meta["sha256"] = {WEIGHTS: file_sha256(stage / WEIGHTS)}
         has_gallery = gallery_png(pipe, prompts, stage / GALLERY) is not None
         (stage / CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
         (stage / CARD).write_text(model_card(cfg, meta, eval_results, eval_command, has_gallery, repo_id))
