@@ -32,7 +32,7 @@ def example_prompts(pipe, n: int = 6) -> list[str]:
     """The world's prompts for an oracle-world model (seen first, then unseen); none for free text."""
     from scalegen.pipeline.pretrained import sample_prompts  # noqa: PLC0415
 
-    return sample_prompts(pipe.cfg, n) if pipe.world is not None else []
+    return sample_prompts(pipe.cfg, pipe.world, n) if pipe.world is not None else []
 
 
 def generate_batch(pipe, prompts: list[str], seeds: list, resolutions: list, folder: Path) -> tuple[list, list, list]:

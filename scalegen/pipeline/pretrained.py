@@ -95,11 +95,11 @@ def world_of(cfg):
     return truth.world if truth is not None else None
 
 
-def prompt_format(cfg) -> str:
-    """What the prompts must look like, for config.json and the card."""
+def prompt_format(cfg, world) -> str:
+    """What the prompts must look like, for config.json and the card (``world``: ``world_of(cfg)``)."""
     if cfg.data.prompt is not None:
         return f"only its own prompt: {cfg.data.prompt!r} (a per-prompt scene)"
-    if world_of(cfg) is not None:
+    if world is not None:
         if cfg.world.kind == "single":
             return "the oracle world's grammar: 'a <size> <color> <shape>', e.g. 'a small blue torus'"
         return "the compositional oracle world's grammar (see `scalegen data compose`)"
@@ -114,12 +114,11 @@ def text_encoder_info(cfg) -> dict:
             "note": "a CLIP text tower in diffusers layout (tokenizer/, text_encoder/), loaded from this id or folder"}
 
 
-def sample_prompts(cfg, n: int = 4) -> list[str]:
-    """Prompts for the card's gallery: the per-prompt scene's own, else the world's seen and unseen
-    ones, else the corpus's first ones."""
+def sample_prompts(cfg, world, n: int = 4) -> list[str]:
+    """Prompts for the card's gallery: the per-prompt scene's own, else the world's (``world_of(cfg)``)
+    seen and unseen ones, else the corpus's first ones."""
     if cfg.data.prompt is not None:
         return [cfg.data.prompt]
-    world = world_of(cfg)
     if world is not None:
         splits = list(world.splits().values())
         per = max(1, n // len(splits))
@@ -158,7 +157,7 @@ def _metrics_table(results: dict) -> str:
     return "| split | PSNR (dB) | mask IoU | R@1 | prompts |\n| --- | ---: | ---: | ---: | ---: |\n" + "\n".join(rows)
 
 
-def model_card(cfg, meta: dict, eval_results: dict | None, eval_command: str | None, has_gallery: bool,
+def model_card(cfg, world, meta: dict, eval_results: dict | None, eval_command: str | None, has_gallery: bool,
                repo_id: str | None = None) -> str:
     """README.md: Hugging Face front matter (parsed by huggingface_hub's ModelCard) and the card's text."""
     from huggingface_hub import ModelCardData  # noqa: PLC0415
@@ -176,7 +175,7 @@ def model_card(cfg, meta: dict, eval_results: dict | None, eval_command: str | N
         "## Training", "",
         f"- generator: `{cfg.generator.name}`",
         f"- distiller: `{cfg.distill.name}` (CFG {cfg.distill.guidance_scale})",
-        f"- prior: `{cfg.prior.name}`" + (f" (`{cfg.prior.model}`)" if world_of(cfg) is None else
+        f"- prior: `{cfg.prior.name}`" + (f" (`{cfg.prior.model}`)" if world is None else
                                           " (the exact oracle prior of scalegen's embedded world)"),
         f"- text encoder: `{meta['text_encoder']['kind']}`"
         + (f" (`{meta['text_encoder']['model']}`)" if meta["text_encoder"]["model"] else ""),
@@ -200,10 +199,9 @@ def model_card(cfg, meta: dict, eval_results: dict | None, eval_command: str | N
     return "\n".join(lines)
 
 
-def corpus_info(cfg) -> dict:
+def corpus_info(cfg, world) -> dict:
     if cfg.data.prompt is not None:
         return {"name": "a single prompt", "size": 1}
-    world = world_of(cfg)
     if world is not None:
         return {"name": f"oracle world ({cfg.world.kind}), seen split", "size": len(world.splits()["seen"])}
     name = cfg.data.shards or cfg.data.prompts
@@ -225,12 +223,12 @@ def save_pretrained(pipe, out: str | Path, eval_results: dict | None = None, eva
         raise CheckpointError(f"'{out}' already exists and is not an empty folder; give a new folder")
     if not (out.parent if str(out.parent) else Path(".")).is_dir():
         raise CheckpointError(f"folder '{out.parent}' does not exist; create it first")
-    cfg = pipe.cfg
+    cfg, world = pipe.cfg, pipe.world  # the world is built once, here, for every part of the card
     state = {k: v.detach().contiguous().cpu() for k, v in pipe.model.state_dict().items()}
-    prompts = sample_prompts(cfg) if gallery else []
+    prompts = sample_prompts(cfg, world) if gallery else []
     meta = {"format": FORMAT, "scalegen_version": __version__, "config": cfg.to_dict(),
-            "text_encoder": text_encoder_info(cfg), "prompts": prompt_format(cfg),
-            "training": {"corpus": corpus_info(cfg), "steps": steps, "source": pipe.source},
+            "text_encoder": text_encoder_info(cfg), "prompts": prompt_format(cfg, world),
+            "training": {"corpus": corpus_info(cfg, world), "steps": steps, "source": pipe.source},
             "gallery_prompts": prompts}
     if eval_results is not None:
         meta["eval"] = {"results": eval_results, "command": eval_command}
@@ -239,7 +237,7 @@ def save_pretrained(pipe, out: str | Path, eval_results: dict | None = None, eva
         meta["sha256"] = {WEIGHTS: file_sha256(stage / WEIGHTS)}
         has_gallery = gallery_png(pipe, prompts, stage / GALLERY) is not None
         (stage / CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
-        (stage / CARD).write_text(model_card(cfg, meta, eval_results, eval_command, has_gallery, repo_id))
+        (stage / CARD).write_text(model_card(cfg, world, meta, eval_results, eval_command, has_gallery, repo_id))
     return out
 
 
