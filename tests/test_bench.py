@@ -5,6 +5,9 @@ import pytest
 
 from conftest import TINY, run_cli
 
+from scalegen.config import load_config
+from scalegen.errors import ScalegenError
+
 
 @pytest.mark.slow
 def test_saturation_bench_json(tmp_path):
@@ -158,6 +161,55 @@ def test_claims_row_command_carries_the_options_that_shape_the_runs():
     assert option_items(ClaimsOptions()) == []
     assert option_items(ClaimsOptions(steps=150, sizes=[15, 400], scale_distillers=["sds", "asd"], merge="x.json")) == \
         ["bench.sizes=[15,400]", "bench.scale_distillers=[sds,asd]"]
+
+
+def test_claims_choose_each_distillers_rate_on_the_smallest_corpus_and_keep_the_shared_verdict(tmp_path, monkeypatch):
+    """With bench.lr_scales, each distiller's rate is the one with the best mean seen PSNR on the smallest
+    corpus, used unchanged at every size; claim b's verdict is taken at the chosen rates and the one at the
+    shared rates (1.0) is kept beside it. Runs are faked: ASD falls with corpus size at the shared rate and
+    improves at 3x, SDS is flat at every rate and best at 1x."""
+    import re
+
+    from scalegen.bench.claims import ClaimsOptions, Runner, bench_claims, claim_b
+
+    best = {"sds": 1.0, "asd": 3.0}
+    trained = []
+
+    def fake_run(self, world, name, arm, seed, splits=None):
+        d, n, scale = re.fullmatch(r"([a-z]+)_n(\d+)(?:_lr([\d.]+))?", name).groups()
+        n, scale = int(n), float(scale or 1.0)
+        trained.append((d, n, scale, seed))
+        seen = 25.0 - abs(scale - best[d]) + 0.1 * seed
+        slope = {"sds": 0.0, "asd": -2.0 if scale == 1.0 else 1.0}[d] * (n > 15)
+        levels = {f"unseen_{k}": {"psnr": 20.0 + slope + 0.05 * seed} for k in ("a", "b", "c")}
+        return {"metrics": {"seen": {"psnr": seen}, **levels}, "run_dir": ""}
+
+    monkeypatch.setattr(Runner, "run", fake_run)
+    opts = ClaimsOptions(seeds=2, steps=3, sizes=[15, 40], scale_distillers=["sds", "asd"], lr_scales=[0.3, 1.0, 3.0],
+                         pictures=None)
+    (b,) = claim_b(Runner(opts, [], str(tmp_path)))
+    assert b["numbers"]["lr_scale_chosen"] == {"sds": 1.0, "asd": 3.0}
+    assert b["numbers"]["lr_selection"]["asd"]["seen_psnr_by_scale"] == {"0.3": 22.35, "1": 23.05, "3": 25.05}
+    assert b["verdict"] == "holds" and b["numbers"]["asd_minus_sds_change"]["mean_diff"] == 1.0
+    assert b["numbers"]["shared_lr"]["verdict"] == "does_not_hold" and b["numbers"]["verdict_differs_from_shared_lr"]
+    # every rate is tried on the smallest corpus only; the larger one sees the chosen and the shared rates
+    assert {(d, s) for d, n, s, _ in trained if n == 40} == {("sds", 1.0), ("asd", 3.0), ("asd", 1.0)}
+    assert {(d, s) for d, n, s, _ in trained if n == 15} == {(d, s) for d in best for s in (0.3, 1.0, 3.0)}
+    assert "bench.lr_scales=[0.3,1.0,3.0]" in b["command"]
+    with pytest.raises(ScalegenError, match="must hold 1.0"):
+        bench_claims(ClaimsOptions(lr_scales=[0.3, 3.0]), [], str(tmp_path))
+
+
+def test_claims_rate_overrides_scale_every_generator_rate():
+    from scalegen.bench.claims import ClaimsOptions, Runner
+
+    r = Runner(ClaimsOptions(), [], "unused")
+    assert r.lr_items("compose", 1.0) == []
+    cfg = load_config(r.world_config("compose"), [*r.lr_items("compose", 3.0)])
+    base = load_config(r.world_config("compose"))
+    assert cfg.optim.lr == pytest.approx(3 * base.optim.lr)
+    assert cfg.optim.group_lr == pytest.approx({k: 3 * v for k, v in base.optim.group_lr.items()})
+    assert cfg.optim.lr_background == base.optim.lr_background and cfg.distill.lr == base.distill.lr
 
 
 @pytest.mark.slow

@@ -56,7 +56,7 @@ BUDGET = [
     "generator.mlp_hidden=32", "generator.hyper_hidden=32",
     "prior.oracle.samples=24", "prior.oracle.importance_samples=12",
     "camera.eval_resolution=24", "camera.eval_views=8", "eval.samples=24", "eval.importance_samples=12",
-    "train.logger=none", "train.progress=false", "train.log_every=25",
+    "train.logger=none", "train.progress=false", "train.log_every=25", "train.val_assets=0",
 ]
 MIN_PSNR, MIN_COLOUR, MIN_FACE = 0.5, 0.02, 0.1
 
@@ -71,6 +71,10 @@ class ClaimsOptions:
     sizes: list[int] = field(default_factory=lambda: [15, 400, 2500, 100_000])  # claim b's corpora
     scale_distillers: list[Literal["sds", "asd", "vsd", "csd", "vdm"]] = field(
         default_factory=lambda: ["sds", "asd", "vsd"])  # claim b's distillers (sds and asd are needed)
+    # generator learning-rate multipliers tried per distiller (1.0, the worlds' shared settings, must be one);
+    # with more than one, each distiller's best on the smallest corpus's seen prompts is used for claims b, c
+    # and e, and their rows also give the verdict at the shared settings
+    lr_scales: list[float] = field(default_factory=lambda: [1.0])
     reuse: bool = True  # reuse a finished run whose resolved config is unchanged
     merge: Optional[str] = None  # a claims JSON to update in place (rows of other claims are kept)
     pictures: Optional[str] = "docs/claims"  # a grid per claim (None: no pictures)
@@ -176,6 +180,40 @@ class Runner:
         atomic.write_json(done, res, indent=1)
         return res
 
+    def lr_items(self, world: str, scale: float) -> list[str]:
+        """Overrides that multiply every generator learning rate of ``world`` by ``scale`` (the background's
+        rate and VSD's own ``distill.lr`` stay as they are); none for 1.0."""
+        if scale == 1.0:
+            return []
+        optim = load_config(self.world_config(world), [*BUDGET, *self.overrides]).optim
+        groups = ", ".join(f"{k}: {v * scale:.6g}" for k, v in optim.group_lr.items())
+        return [f"optim.lr={optim.lr * scale:.6g}", f"optim.group_lr={{{groups}}}"]
+
+    def size_arm(self, distiller: str, n: int, scale: float) -> tuple[str, list[str], object]:
+        """Claim b's arm: ``distiller`` on the compose world's ``n``-prompt corpus at learning-rate ``scale``
+        (name, overrides, the splits it is scored on: the corpus as seen, the held-out levels)."""
+        corpus = self.corpus(n)
+        name = f"{distiller}_n{n}" + ("" if scale == 1.0 else f"_lr{scale:g}")
+
+        def splits(world, corpus=corpus):
+            return {"seen": json.loads(Path(corpus).read_text())["train"], **world.unseen_levels}
+
+        return name, [f"distill.name={distiller}", f"data.prompts={corpus}", "data.split=train",
+                      *self.lr_items("compose", scale)], splits
+
+    def lr_selection(self, distiller: str) -> dict:
+        """``distiller``'s learning-rate multiplier out of ``bench.lr_scales``: the highest mean seen PSNR over
+        the seeds on the smallest corpus of ``bench.sizes`` (chosen once, applied unchanged everywhere)."""
+        n = min(self.opts.sizes)
+        seen = {}
+        for scale in self.opts.lr_scales:
+            name, items, splits = self.size_arm(distiller, n, scale)
+            runs = self.arms("compose", {name: items}, splits)[name]
+            seen[scale] = mean(per_seed(runs, lambda m: m["seen"]["psnr"]))
+        best = max(seen, key=seen.get)
+        return {"chosen": best, "seen_psnr_by_scale": {f"{k:g}": round(v, 4) for k, v in seen.items()},
+                "corpus_size": n}
+
     def arms(self, world: str, arms: dict[str, list[str]], splits=None) -> dict[str, list[dict]]:
         """Every arm at every seed: {arm: [result of seed 0, seed 1, ...]}."""
         return {name: [self.run(world, name, arm, s, splits) for s in range(self.opts.seeds)]
@@ -274,35 +312,55 @@ def claim_a(r: Runner) -> list[dict]:
                 numbers, verdict, claim_a.__doc__, runs, r)]
 
 
+def at_both_rates(r: Runner, distillers: list[str], measure) -> tuple[str, dict, dict]:
+    """``measure(scales) -> (verdict, numbers, picture runs)``, ``scales`` a learning-rate multiplier per
+    distiller. Without a choice of rates (``bench.lr_scales=[1.0]``) that is the shared settings' verdict.
+    Otherwise the verdict is the one at each distiller's chosen rate (``Runner.lr_selection``); the
+    numbers add the selection and the verdict at the shared settings beside it."""
+    shared = {d: 1.0 for d in distillers}
+    if r.opts.lr_scales == [1.0]:
+        return measure(shared)
+    selection = {d: r.lr_selection(d) for d in distillers}
+    chosen = {d: sel["chosen"] for d, sel in selection.items()}
+    verdict, numbers, pics = measure(chosen)
+    v_shared, n_shared, _ = measure(shared)
+    numbers = {**numbers, "lr_scale_chosen": chosen, "lr_selection": selection,
+               "shared_lr": {"verdict": v_shared, "numbers": n_shared},
+               "verdict_differs_from_shared_lr": verdict != v_shared}
+    return verdict, numbers, pics
+
+
 def claim_b(r: Runner) -> list[dict]:
     """Corpus growth at an equal step budget (compose world; corpora of bench.sizes training prompts, the
     same held-out prompts for all): per distiller, the change of held-out PSNR (mean over the three
     levels) from the smallest to the largest corpus. Rule: paired on change(ASD) - change(SDS) (min 0.5 dB):
     ASD is more stable than SDS."""
-    names = {k: [f"distill.name={k}"] for k in dict.fromkeys(["sds", "asd", *r.opts.scale_distillers])}
-    table: dict[str, dict[int, list[float]]] = {}
-    seen: dict[str, dict[int, list[float]]] = {}
-    runs_by_size: dict[int, dict[str, list[dict]]] = {}
-    for n in r.opts.sizes:
-        corpus = r.corpus(n)
-        arms = {f"{k}_n{n}": [*v, f"data.prompts={corpus}", "data.split=train"] for k, v in names.items()}
-
-        def splits(world, corpus=corpus):
-            prompts = json.loads(Path(corpus).read_text())["train"]
-            return {"seen": prompts, **world.unseen_levels}
-
-        runs = r.arms("compose", arms, splits)
-        runs_by_size[n] = runs
-        for k in names:
-            table.setdefault(k, {})[n] = per_seed(runs[f"{k}_n{n}"], unseen_psnr)
-            seen.setdefault(k, {})[n] = per_seed(runs[f"{k}_n{n}"], lambda m: m["seen"]["psnr"])
+    distillers = list(dict.fromkeys(["sds", "asd", *r.opts.scale_distillers]))
     lo, hi = min(r.opts.sizes), max(r.opts.sizes)
-    change = {k: [round(b - a, 4) for a, b in zip(t[lo], t[hi])] for k, t in table.items()}
-    v, d = paired(change["asd"], change["sds"], +1, MIN_PSNR)
-    numbers = {"unseen_psnr": {k: {str(n): x for n, x in t.items()} for k, t in table.items()},
-               "seen_psnr": {k: {str(n): x for n, x in t.items()} for k, t in seen.items()},
-               f"change_{lo}_to_{hi}": change, "asd_minus_sds_change": d}
-    pic_runs = {f"{k} n={n}": runs_by_size[n][f"{k}_n{n}"] for k in ("sds", "asd") for n in (lo, hi)}
+
+    def measure(scales: dict[str, float]):
+        table: dict[str, dict[int, list[float]]] = {}
+        seen: dict[str, dict[int, list[float]]] = {}
+        runs_by_size: dict[int, dict[str, list[dict]]] = {}
+        for n in r.opts.sizes:
+            arms, splits = {}, None
+            for k in distillers:
+                name, items, splits = r.size_arm(k, n, scales[k])
+                arms[k] = (name, items)
+            runs = r.arms("compose", {name: items for name, items in arms.values()}, splits)
+            runs_by_size[n] = {k: runs[name] for k, (name, _) in arms.items()}
+            for k in distillers:
+                table.setdefault(k, {})[n] = per_seed(runs_by_size[n][k], unseen_psnr)
+                seen.setdefault(k, {})[n] = per_seed(runs_by_size[n][k], lambda m: m["seen"]["psnr"])
+        change = {k: [round(b - a, 4) for a, b in zip(t[lo], t[hi])] for k, t in table.items()}
+        v, d = paired(change["asd"], change["sds"], +1, MIN_PSNR)
+        numbers = {"unseen_psnr": {k: {str(n): x for n, x in t.items()} for k, t in table.items()},
+                   "seen_psnr": {k: {str(n): x for n, x in t.items()} for k, t in seen.items()},
+                   f"change_{lo}_to_{hi}": change, "asd_minus_sds_change": d}
+        pics = {f"{k} n={n}": runs_by_size[n][k] for k in ("sds", "asd") for n in (lo, hi)}
+        return v, numbers, pics
+
+    v, numbers, pic_runs = at_both_rates(r, distillers, measure)
     return [row("b", "ASD stays stable as the corpus grows from 15 to 100k prompts, where SDS collapses and VSD/CSD degrade",
                 "ScaleDreamer (ECCV 2024) Tables 1-3 and Fig. 1: MG15, DF415, AT2520, CP100k",
                 f"compose world (two-object scenes, patterns; camera-aware oracle): corpora of {r.opts.sizes} training "
@@ -315,20 +373,20 @@ def claim_c(r: Runner) -> list[dict]:
     """ASD's timestep shift: eta = 0.1 vs eta = 0 (compose world, the 2500-prompt corpus or the nearest of
     bench.sizes). Rule: paired on held-out PSNR (mean of levels) eta 0.1 - eta 0 (min 0.5 dB)."""
     n = min(r.opts.sizes, key=lambda s: abs(s - 2500))
-    corpus = r.corpus(n)
-    base = ["distill.name=asd", f"data.prompts={corpus}", "data.split=train"]
 
-    def splits(world):
-        return {"seen": json.loads(Path(corpus).read_text())["train"], **world.unseen_levels}
+    def measure(scales: dict[str, float]):
+        name, base, splits = r.size_arm("asd", n, scales["asd"])
+        eta0 = name.replace("asd_", "asd_eta0_", 1)
+        runs = r.arms("compose", {name: [*base, "distill.asd_eta=0.1"], eta0: [*base, "distill.asd_eta=0"]}, splits)
+        a, b = per_seed(runs[name], unseen_psnr), per_seed(runs[eta0], unseen_psnr)
+        v, d = paired(a, b, +1, MIN_PSNR)
+        numbers = {"unseen_psnr": {"eta_0.1": a, "eta_0": b},
+                   "seen_psnr": {"eta_0.1": per_seed(runs[name], lambda m: m["seen"]["psnr"]),
+                                 "eta_0": per_seed(runs[eta0], lambda m: m["seen"]["psnr"])},
+                   "eta0.1_minus_eta0": d, "corpus_size": n}
+        return v, numbers, runs
 
-    runs = r.arms("compose", {f"asd_n{n}": [*base, "distill.asd_eta=0.1"], f"asd_eta0_n{n}": [*base, "distill.asd_eta=0"]},
-                  splits)
-    a, b = per_seed(runs[f"asd_n{n}"], unseen_psnr), per_seed(runs[f"asd_eta0_n{n}"], unseen_psnr)
-    v, d = paired(a, b, +1, MIN_PSNR)
-    numbers = {"unseen_psnr": {"eta_0.1": a, "eta_0": b},
-               "seen_psnr": {"eta_0.1": per_seed(runs[f"asd_n{n}"], lambda m: m["seen"]["psnr"]),
-                             "eta_0": per_seed(runs[f"asd_eta0_n{n}"], lambda m: m["seen"]["psnr"])},
-               "eta0.1_minus_eta0": d, "corpus_size": n}
+    v, numbers, runs = at_both_rates(r, ["asd"], measure)
     return [row("c", "Removing ASD's timestep shift (eta = 0) hurts",
                 "ScaleDreamer (ECCV 2024) ablation of the timestep interval eta (Sec. 4.4)",
                 f"compose world, {n}-prompt corpus: ASD with eta = 0.1 vs eta = 0 (g = w(t)(s - 1)(eps_c - eps_u): "
@@ -395,16 +453,26 @@ def claim_e(r: Runner) -> list[dict]:
     prompts): averaging index A = PSNR(prediction, completions' mean) - mean PSNR(completion, completions'
     mean), ~0 for a render that is one completion, > 0 for one nearer the mean than any completion. Rule:
     paired on A(SDS) - A(VSD) (min 0.5 dB): SDS averages more than VSD."""
-    arms = {k: MULTIMODAL_ARMS[k] for k in ("sds_cfg7.5", "asd_cfg7.5", "csd", "vsd", "vdm_dca")}
-    runs = r.arms("multimodal", arms, multimodal_splits)
-    index = {k: per_seed(v, lambda m: m["seen_underspecified"]["psnr_mean"] - m["seen_underspecified"]["psnr_mean_gt"])
-             for k, v in runs.items()}
-    best = {k: per_seed(v, lambda m: m["seen_underspecified"]["psnr"]) for k, v in runs.items()}
-    v, d = paired(index["sds_cfg7.5"], index["vsd"], +1, MIN_PSNR)
-    numbers = {"averaging_index_db": index, "psnr_nearest_completion": best,
-               "psnr_to_mean": {k: per_seed(x, lambda m: m["seen_underspecified"]["psnr_mean"]) for k, x in runs.items()},
-               "psnr_completions_to_mean": per_seed(runs["sds_cfg7.5"], lambda m: m["seen_underspecified"]["psnr_mean_gt"]),
-               "sds_minus_vsd": d}
+    arm_distiller = {"sds_cfg7.5": "sds", "asd_cfg7.5": "asd", "csd": "csd", "vsd": "vsd", "vdm_dca": "vdm"}
+
+    def measure(scales: dict[str, float]):
+        arms = {}
+        for k, dist in arm_distiller.items():
+            scale = scales[dist]
+            arms[k if scale == 1.0 else f"{k}_lr{scale:g}"] = [*MULTIMODAL_ARMS[k], *r.lr_items("multimodal", scale)]
+        named = r.arms("multimodal", arms, multimodal_splits)
+        runs = {k: named[name] for k, name in zip(arm_distiller, arms)}
+        index = {k: per_seed(v, lambda m: m["seen_underspecified"]["psnr_mean"] - m["seen_underspecified"]["psnr_mean_gt"])
+                 for k, v in runs.items()}
+        best = {k: per_seed(v, lambda m: m["seen_underspecified"]["psnr"]) for k, v in runs.items()}
+        v, d = paired(index["sds_cfg7.5"], index["vsd"], +1, MIN_PSNR)
+        numbers = {"averaging_index_db": index, "psnr_nearest_completion": best,
+                   "psnr_to_mean": {k: per_seed(x, lambda m: m["seen_underspecified"]["psnr_mean"]) for k, x in runs.items()},
+                   "psnr_completions_to_mean": per_seed(runs["sds_cfg7.5"], lambda m: m["seen_underspecified"]["psnr_mean_gt"]),
+                   "sds_minus_vsd": d}
+        return v, numbers, runs
+
+    v, numbers, runs = at_both_rates(r, list(dict.fromkeys(arm_distiller.values())), measure)
     return [row("e", "On multi-modal prompts SDS averages the modes; VSD (and VDM) model the distribution and commit to a mode",
                 "ProlificDreamer (NeurIPS 2023) Sec. 3-4 (SDS's over-smoothing vs VSD); DreamMapping (2024) Sec. 3",
                 "multimodal world, under-specified seen prompts ('a cube', 'a red object', ...): averaging index per "
@@ -529,6 +597,9 @@ def probe_prompts(world_name: str, world) -> list[str]:
 def bench_claims(opts: ClaimsOptions, overrides: list[str], out_root: str) -> dict:
     if opts.seeds < 2:
         raise ScalegenError("bench.seeds must be at least 2: the verdicts compare effects with the spread over seeds")
+    if 1.0 not in opts.lr_scales or len(set(opts.lr_scales)) != len(opts.lr_scales):
+        raise ScalegenError(f"bench.lr_scales={opts.lr_scales} must hold 1.0 (the shared settings, compared beside "
+                            "each distiller's chosen rate) and no repeats, e.g. bench.lr_scales=[0.3,1.0,3.0]")
     runner = Runner(opts, overrides, out_root)
     rows = []
     for cid in dict.fromkeys(opts.claims):
