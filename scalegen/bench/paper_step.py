@@ -510,7 +510,8 @@ def bench_paper_step(opts: PaperStepOptions, overrides: list[str], out_root: str
                       "; ".join(r["notes"][1:] + r["check_notes"])])
     print(format_table(table, ["config", "cpu s/step", "wall s/step", "peak RSS GiB", "plan GiB", "losses finite",
                                "groups changed", "resume identical", "notes"]))
-    return {"scale": opts.scale, "rows": rows, "ok": all(r["ok"] for r in rows)}
+    base = Path(out_root) / "paper_step" / opts.scale
+    return {"scale": opts.scale, **import_baseline(base, 600), "rows": rows, "ok": all(r["ok"] for r in rows)}
 
 
 def _gib(row: dict) -> str:
@@ -519,7 +520,35 @@ def _gib(row: dict) -> str:
     return "-" if n is None else f"{n / 2**30:.1f}"
 
 
+def import_baseline(work: Path, timeout_s: int) -> dict:
+    """Peak RSS of a process that only imports what a config's subprocess imports (torch, accelerate, the loop, both
+    priors, the diffusers / transformers model classes they build): the part of each row's peak that is the
+    interpreter and its libraries."""
+    rc, usage, tail = _run_module(["scalegen.bench.paper_step", "--imports-only"], work / "baseline.log", timeout_s)
+    if rc != 0:
+        return {"import_baseline_error": tail.strip().splitlines()[-1] if tail.strip() else f"exit code {rc}"}
+    return {"import_baseline_rss_bytes": usage["peak_rss_bytes"]}
+
+
+def _imports_only() -> int:
+    import accelerate  # noqa: F401, PLC0415
+    import torch  # noqa: F401, PLC0415
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: F401, PLC0415 (lazy in diffusers)
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401, PLC0415
+
+    from scalegen.config import load_config  # noqa: F401, PLC0415
+    from scalegen.priors.mvdream import MVDreamPrior  # noqa: F401, PLC0415
+    from scalegen.priors.stable_diffusion import StableDiffusionPrior  # noqa: F401, PLC0415
+    from scalegen.train.checkpoint import checkpoints_dir  # noqa: F401, PLC0415
+    from scalegen.train.logger import read_metrics  # noqa: F401, PLC0415
+    from scalegen.train.loop import train  # noqa: F401, PLC0415
+
+    return 0
+
+
 def _child_main(spec_path: str) -> int:
+    if spec_path == "--imports-only":
+        return _imports_only()
     spec = json.loads(Path(spec_path).read_text())
     res = run_child(spec)
     out = Path(spec["work"]) / "child_result.json"
