@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from scalegen.bench.paper_step import (check_config, finite_losses, groups_changed, identical, memory_levers,
-                                       prediction_overrides, resolve_configs)
+                                       prediction_overrides, ran_out_of_memory, resolve_configs)
 from scalegen.cli import main
 from scalegen.errors import ConfigError
 
@@ -74,6 +74,18 @@ def test_checkpointing_is_turned_on_only_where_the_predicted_step_does_not_fit()
     assert memory_levers("conv3d", False, "off", over, 23 * gib) == ([], [])
     levers, notes = memory_levers("triplane_transformer", False, "on", {}, 23 * gib)
     assert levers == ["generator.checkpointing=true"] and "bench.checkpointing=on" in notes[0]
+
+
+def test_a_plan_that_runs_out_of_memory_itself_turns_checkpointing_on():
+    """The plan's step holds less than the run (no UNet weights): when it cannot be held, neither can the run."""
+    gib = 2**30
+    oom = {"plan_out_of_memory": True, "plan_peak_rss_bytes": 18.7 * gib, "plan_error": "killed by signal 9: ..."}
+    levers, notes = memory_levers("conv3d", False, "auto", oom, 23 * gib)
+    assert levers == ["generator.checkpointing=true"] and "ran out of this machine's memory at 18.7 GiB" in notes[0]
+    assert memory_levers("conv3d", False, "off", oom, 23 * gib) == ([], [])
+    assert ran_out_of_memory(-9, "") and ran_out_of_memory(-6, "terminate called after throwing std::bad_alloc")
+    assert ran_out_of_memory(1, "RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+    assert not ran_out_of_memory(2, "error: scalegen plan does not count VSD's LoRA backward through the UNet yet")
 
 
 def test_the_prediction_plans_the_published_prior_at_the_runs_dtype():

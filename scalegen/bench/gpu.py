@@ -61,7 +61,9 @@ def predicted_peak(config: str, items: list[str], work: Path, opts: GpuOptions) 
     published UNet on ``meta``, the prior at ``bench.prior_dtype``); {} with ``bench.predict=false``."""
     if not opts.predict:
         return {}
-    return predict_peak(config, items, work, opts.scale, opts.prior_dtype, timeout_s=1800)
+    from scalegen.bench.paper_step import machine_memory_bytes  # noqa: PLC0415
+
+    return predict_peak(config, items, work, opts.scale, opts.prior_dtype, 1800, machine_memory_bytes())
 
 
 def _flops_per_step(config: str, overrides: list[str], peak: float, device: str) -> dict:

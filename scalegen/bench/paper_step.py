@@ -269,24 +269,34 @@ def prediction_overrides(items: list[str], scale: str, prior_dtype: str) -> list
     return [*keep, f"prior.dtype={prior_dtype}"]
 
 
-def predict_peak(config: str, items: list[str], work: Path, scale: str, prior_dtype: str, timeout_s: int) -> dict:
+def predict_peak(config: str, items: list[str], work: Path, scale: str, prior_dtype: str, timeout_s: int,
+                 limit_bytes: int = 0) -> dict:
     """``scalegen plan --no-table --no-growth`` of this run in its own process (its measured step's memory
-    does not stay in this one). ``predicted_step_bytes`` is the plan's total less the text caches counted
-    full (a run's first steps hold one batch's embeddings; the caches fill over a long run)."""
+    does not stay in this one), its address space limited to ``limit_bytes`` (0: none). ``predicted_step_bytes``
+    is the plan's total less the text caches counted full (a run's first steps hold one batch's embeddings; the
+    caches fill over a long run). ``plan_out_of_memory``: the plan's own measured step could not be held (it
+    was killed or an allocation failed)."""
     out = work / "plan.json"
     out.unlink(missing_ok=True)
     plan_items = prediction_overrides(items, scale, prior_dtype)
     argv = ["plan", "--config", config, "--no-table", "--no-growth", "--json", str(out), *plan_items]
-    rc, usage, tail = _run_module(["scalegen.cli", *argv], work / "plan.log", timeout_s)
+    rc, usage, tail = _run_module(["scalegen.cli", *argv], work / "plan.log", timeout_s, limit_bytes)
     res = {"plan_command": " ".join(["scalegen", *argv]),
            "plan_peak_rss_bytes": usage["peak_rss_bytes"]}
     if rc != 0 or not out.is_file():
         last = tail.strip().splitlines()[-1] if tail.strip() else f"exit code {rc}"
-        return {**res, "plan_error": last}
+        return {**res, "plan_error": last if rc >= 0 else f"killed by signal {-rc}: {last}",
+                "plan_out_of_memory": ran_out_of_memory(rc, tail)}
     plan = json.loads(out.read_text())
     caches = plan["parts"]["text_caches"]
     return {**res, "predicted_peak_bytes": plan["total_bytes"], "predicted_text_cache_bytes": caches,
             "predicted_step_bytes": plan["total_bytes"] - caches, "predicted_parts": plan["parts"]}
+
+
+def ran_out_of_memory(rc: int, tail: str) -> bool:
+    """Whether a process ended for want of memory: killed by a signal (the kernel's OOM killer; ``std::bad_alloc``
+    aborts), or a failed allocation in its last output (PyTorch's CPU allocator, Python's MemoryError)."""
+    return rc < 0 or any(w in tail.lower() for w in ("allocate memory", "memoryerror", "bad_alloc"))
 
 
 def memory_levers(generator: str, already: bool, mode: str, predicted: dict, budget: int) -> tuple[list[str], list[str]]:
@@ -303,6 +313,12 @@ def memory_levers(generator: str, already: bool, mode: str, predicted: dict, bud
            "CPU time per step; prompts per step unchanged")
     if mode == "on":
         return ["generator.checkpointing=true"], [f"generator.checkpointing=true (bench.checkpointing=on): {why}"]
+    if predicted.get("plan_out_of_memory"):
+        return ["generator.checkpointing=true"], [
+            f"generator.checkpointing=true (bench.checkpointing=auto): scalegen plan's own measured step of this config "
+            f"(its generator, renderer, VAE and optimizer, without the UNet's weights: less than the run holds) ran out "
+            f"of this machine's memory at {gib(predicted.get('plan_peak_rss_bytes', 0))} peak RSS, so the run "
+            f"cannot fit either; {why}"]
     step = predicted.get("predicted_step_bytes")
     if step is None or step <= budget:
         return [], []
@@ -422,16 +438,24 @@ def _run_subprocess(spec: dict, timeout_s: int) -> tuple[int, dict, str]:
     return _run_module(["scalegen.bench.paper_step", str(spec_path)], Path(spec["work"]) / "child.log", timeout_s)
 
 
-def _run_module(argv: list[str], log_path: Path, timeout_s: int) -> tuple[int, dict, str]:
-    """``python -m argv`` in its own session, killed after ``timeout_s``: (exit code, its rusage, output tail)."""
+def _run_module(argv: list[str], log_path: Path, timeout_s: int, limit_bytes: int = 0) -> tuple[int, dict, str]:
+    """``python -m argv`` in its own session, killed after ``timeout_s``: (exit code, its rusage, output tail).
+    ``limit_bytes``: its address-space limit (``RLIMIT_AS``), so that running out of memory fails its allocation
+    instead of calling the kernel's OOM killer onto this machine's other processes."""
     import signal  # noqa: PLC0415
     import threading  # noqa: PLC0415
+
+    def limit():
+        if limit_bytes:
+            import resource  # noqa: PLC0415
+
+            resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     with open(log_path, "w") as log:
-        p = subprocess.Popen([sys.executable, "-m", *argv], stdout=log,
-                             stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        p = subprocess.Popen([sys.executable, "-m", *argv], stdout=log, stderr=subprocess.STDOUT, env=env,
+                             start_new_session=True, preexec_fn=limit if limit_bytes else None)
         timer = threading.Timer(timeout_s, lambda: os.killpg(p.pid, signal.SIGKILL))
         timer.start()
         try:
@@ -451,7 +475,8 @@ def bench_paper_step(opts: PaperStepOptions, overrides: list[str], out_root: str
 
     if opts.memory_gib < 0:
         raise ConfigError(f"bench.memory_gib must be >= 0 (0: this machine's memory), got {opts.memory_gib}")
-    budget = int(opts.memory_gib * 2**30) or machine_memory_bytes()
+    machine = machine_memory_bytes()
+    budget = int(opts.memory_gib * 2**30) or machine
     configs = resolve_configs(opts.configs)
     rows = []
     for config in configs:
@@ -463,11 +488,15 @@ def bench_paper_step(opts: PaperStepOptions, overrides: list[str], out_root: str
         predicted = {}
         if opts.predict:
             print(f"{stem}: scalegen plan predicts the step's memory (a subprocess) ...", flush=True)
-            predicted = predict_peak(config, items, work, opts.scale, "fp32", opts.timeout_s)
+            predicted = predict_peak(config, items, work, opts.scale, "fp32", opts.timeout_s, machine)
         cfg = load_config(config, items)
         levers, lever_notes = memory_levers(cfg.generator.name, cfg.generator.checkpointing, opts.checkpointing,
                                             predicted, budget)
         items += levers
+        if levers and opts.predict:  # the prediction of the run as it will run (the first one stays beside it)
+            first = {f"without_levers_{k}": v for k, v in predicted.items()}
+            print(f"{stem}: {', '.join(levers)}; scalegen plan predicts the step again ...", flush=True)
+            predicted = {**first, **predict_peak(config, items, work, opts.scale, "fp32", opts.timeout_s, machine)}
         notes = plan["notes"] + lever_notes
         spec = {"config": config, "overrides": items, "work": str(work)}
         cmd = " ".join(["scalegen bench paper-step", f"bench.configs=[{stem}]"]
