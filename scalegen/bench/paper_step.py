@@ -485,18 +485,21 @@ def bench_paper_step(opts: PaperStepOptions, overrides: list[str], out_root: str
         work.mkdir(parents=True, exist_ok=True)
         plan = plan_config(config, opts, overrides, work)
         items = [*overrides, *plan["overrides"]]
+        cfg = load_config(config, items)
+        gen, has = cfg.generator.name, cfg.generator.checkpointing
+        levers, lever_notes = memory_levers(gen, has, opts.checkpointing, {}, budget)  # bench.checkpointing=on
         predicted = {}
         if opts.predict:
             print(f"{stem}: scalegen plan predicts the step's memory (a subprocess) ...", flush=True)
-            predicted = predict_peak(config, items, work, opts.scale, "fp32", opts.timeout_s, machine)
-        cfg = load_config(config, items)
-        levers, lever_notes = memory_levers(cfg.generator.name, cfg.generator.checkpointing, opts.checkpointing,
-                                            predicted, budget)
+            predicted = predict_peak(config, items + levers, work, opts.scale, "fp32", opts.timeout_s, machine)
+            if not levers:
+                levers, lever_notes = memory_levers(gen, has, opts.checkpointing, predicted, budget)
+                if levers:  # predict the run as it will run; the first prediction stays beside it
+                    print(f"{stem}: {', '.join(levers)}; scalegen plan predicts the step again ...", flush=True)
+                    first = {f"without_levers_{k}": v for k, v in predicted.items()}
+                    predicted = {**first, **predict_peak(config, items + levers, work, opts.scale, "fp32",
+                                                         opts.timeout_s, machine)}
         items += levers
-        if levers and opts.predict:  # the prediction of the run as it will run (the first one stays beside it)
-            first = {f"without_levers_{k}": v for k, v in predicted.items()}
-            print(f"{stem}: {', '.join(levers)}; scalegen plan predicts the step again ...", flush=True)
-            predicted = {**first, **predict_peak(config, items, work, opts.scale, "fp32", opts.timeout_s, machine)}
         notes = plan["notes"] + lever_notes
         spec = {"config": config, "overrides": items, "work": str(work)}
         cmd = " ".join(["scalegen bench paper-step", f"bench.configs=[{stem}]"]
