@@ -71,9 +71,9 @@ def test_checkpointing_is_turned_on_only_where_the_predicted_step_does_not_fit()
     assert memory_levers("conv3d", False, "auto", {"plan_error": "x"}, 23 * gib) == ([], [])  # no prediction
     assert memory_levers("hyper_ingp", False, "auto", over, 23 * gib) == ([], [])  # it has no checkpointing
     assert memory_levers("conv3d", True, "auto", over, 23 * gib) == ([], [])  # the config has it already
-    assert memory_levers("conv3d", False, "off", over, 23 * gib) == ([], [])
-    levers, notes = memory_levers("triplane_transformer", False, "on", {}, 23 * gib)
-    assert levers == ["generator.checkpointing=true"] and "bench.checkpointing=on" in notes[0]
+    assert memory_levers("conv3d", False, "never", over, 23 * gib) == ([], [])
+    levers, notes = memory_levers("triplane_transformer", False, "always", {}, 23 * gib)
+    assert levers == ["generator.checkpointing=true"] and "bench.checkpointing=always" in notes[0]
 
 
 def test_a_plan_that_runs_out_of_memory_itself_turns_checkpointing_on():
@@ -82,7 +82,7 @@ def test_a_plan_that_runs_out_of_memory_itself_turns_checkpointing_on():
     oom = {"plan_out_of_memory": True, "plan_peak_rss_bytes": 18.7 * gib, "plan_error": "killed by signal 9: ..."}
     levers, notes = memory_levers("conv3d", False, "auto", oom, 23 * gib)
     assert levers == ["generator.checkpointing=true"] and "ran out of this machine's memory at 18.7 GiB" in notes[0]
-    assert memory_levers("conv3d", False, "off", oom, 23 * gib) == ([], [])
+    assert memory_levers("conv3d", False, "never", oom, 23 * gib) == ([], [])
     assert ran_out_of_memory(-9, "") and ran_out_of_memory(-6, "terminate called after throwing std::bad_alloc")
     assert ran_out_of_memory(1, "RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
     assert not ran_out_of_memory(2, "error: scalegen plan does not count VSD's LoRA backward through the UNet yet")

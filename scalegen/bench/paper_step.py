@@ -29,7 +29,7 @@ Memory: before each run ``scalegen plan`` predicts the step's per-rank bytes for
 published UNet counted on ``meta``; ``bench.predict``) in its own process, and the row keeps the prediction
 beside the measured peak. A config whose predicted step does not fit this machine (``bench.memory_gib``,
 default its total memory) runs with ``generator.checkpointing=true`` where its generator has it
-(``bench.checkpointing=auto``; ``on`` / ``off`` force it): each block is recomputed in backward, which
+(``bench.checkpointing=auto``; ``always`` / ``never`` force it): each block is recomputed in backward, which
 gives the same values bit for bit and costs time, not results. Prompts per step are never reduced. The row's
 ``memory_levers`` and notes say what was changed and why.
 """
@@ -79,8 +79,9 @@ class PaperStepOptions:
     timeout_s: int = 3600  # per config subprocess
     predict: bool = True  # run `scalegen plan` first (its predicted peak goes in the row; auto checkpointing needs it)
     # generator.checkpointing for conv3d / triplane_transformer: auto = only where the plan's predicted step does
-    # not fit bench.memory_gib; on / off = always / never (the row says which)
-    checkpointing: Literal["auto", "on", "off"] = "auto"
+    # not fit bench.memory_gib (or the plan's own step ran out of memory); always / never: regardless (the row says
+    # which; not on / off, which YAML reads as booleans)
+    checkpointing: Literal["auto", "always", "never"] = "auto"
     memory_gib: float = 0.0  # memory a config may use here; 0: this machine's total (MemTotal)
 
 
@@ -306,13 +307,13 @@ def memory_levers(generator: str, already: bool, mode: str, predicted: dict, bud
     the same; it costs time."""
     from scalegen.bench.plan import CHECKPOINTED  # noqa: PLC0415
 
-    if generator not in CHECKPOINTED or already or mode == "off":
+    if generator not in CHECKPOINTED or already or mode == "never":
         return [], []
     gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
     why = ("each block recomputed in backward from the same inputs and RNG state: the same step values, more "
            "CPU time per step; prompts per step unchanged")
-    if mode == "on":
-        return ["generator.checkpointing=true"], [f"generator.checkpointing=true (bench.checkpointing=on): {why}"]
+    if mode == "always":
+        return ["generator.checkpointing=true"], [f"generator.checkpointing=true (bench.checkpointing=always): {why}"]
     if predicted.get("plan_out_of_memory"):
         return ["generator.checkpointing=true"], [
             f"generator.checkpointing=true (bench.checkpointing=auto): scalegen plan's own measured step of this config "
@@ -487,7 +488,7 @@ def bench_paper_step(opts: PaperStepOptions, overrides: list[str], out_root: str
         items = [*overrides, *plan["overrides"]]
         cfg = load_config(config, items)
         gen, has = cfg.generator.name, cfg.generator.checkpointing
-        levers, lever_notes = memory_levers(gen, has, opts.checkpointing, {}, budget)  # bench.checkpointing=on
+        levers, lever_notes = memory_levers(gen, has, opts.checkpointing, {}, budget)  # bench.checkpointing=always
         predicted = {}
         if opts.predict:
             print(f"{stem}: scalegen plan predicts the step's memory (a subprocess) ...", flush=True)
