@@ -301,7 +301,7 @@ def ran_out_of_memory(rc: int, tail: str) -> bool:
 
 
 def memory_levers(generator: str, already: bool, mode: str, predicted: dict, budget: int) -> tuple[list[str], list[str]]:
-    """(overrides, notes): ``generator.checkpointing=true`` where ``mode`` asks for it (``on``) or the predicted
+    """(overrides, notes): ``generator.checkpointing=true`` where ``mode`` asks for it (``always``) or the predicted
     step does not fit ``budget`` bytes (``auto``), and the generator has checkpointing. Nothing else is changed:
     checkpointing recomputes each block in backward from the same inputs and RNG state, so the step's values are
     the same; it costs time."""
