@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from scalegen.bench.paper_step import check_config, finite_losses, groups_changed, identical, resolve_configs
+from scalegen.bench.paper_step import (check_config, finite_losses, groups_changed, identical, memory_levers,
+                                       prediction_overrides, ran_out_of_memory, resolve_configs)
 from scalegen.cli import main
 from scalegen.errors import ConfigError
 
@@ -57,6 +58,56 @@ def test_configs_option_names_paper_configs():
     assert resolve_configs(["conv3d_asd_df415"]) == [str(ROOT / "configs/sd/conv3d_asd_df415.yaml")]
     with pytest.raises(ConfigError, match="not a paper config"):
         resolve_configs(["conv3d_asd_df416"])
+
+
+def test_checkpointing_is_turned_on_only_where_the_predicted_step_does_not_fit():
+    gib = 2**30
+    over = {"predicted_step_bytes": 30 * gib}
+    levers, notes = memory_levers("conv3d", False, "auto", over, 23 * gib)
+    assert levers == ["generator.checkpointing=true"]
+    assert "bench.checkpointing=auto" in notes[0] and "30.0 GiB" in notes[0] and "23.0 GiB" in notes[0]
+    assert "prompts per step unchanged" in notes[0]
+    assert memory_levers("conv3d", False, "auto", {"predicted_step_bytes": 20 * gib}, 23 * gib) == ([], [])
+    assert memory_levers("conv3d", False, "auto", {"plan_error": "x"}, 23 * gib) == ([], [])  # no prediction
+    assert memory_levers("hyper_ingp", False, "auto", over, 23 * gib) == ([], [])  # it has no checkpointing
+    assert memory_levers("conv3d", True, "auto", over, 23 * gib) == ([], [])  # the config has it already
+    assert memory_levers("conv3d", False, "never", over, 23 * gib) == ([], [])
+    levers, notes = memory_levers("triplane_transformer", False, "always", {}, 23 * gib)
+    assert levers == ["generator.checkpointing=true"] and "bench.checkpointing=always" in notes[0]
+
+
+def test_a_plan_that_runs_out_of_memory_itself_turns_checkpointing_on():
+    """The plan's step holds less than the run (no UNet weights): when it cannot be held, neither can the run."""
+    gib = 2**30
+    oom = {"plan_out_of_memory": True, "plan_peak_rss_bytes": 18.7 * gib, "plan_error": "killed by signal 9: ..."}
+    levers, notes = memory_levers("conv3d", False, "auto", oom, 23 * gib)
+    assert levers == ["generator.checkpointing=true"] and "ran out of this machine's memory at 18.7 GiB" in notes[0]
+    assert memory_levers("conv3d", False, "never", oom, 23 * gib) == ([], [])
+    assert ran_out_of_memory(-9, "") and ran_out_of_memory(-6, "terminate called after throwing std::bad_alloc")
+    assert ran_out_of_memory(1, "RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+    assert not ran_out_of_memory(2, "error: scalegen plan does not count VSD's LoRA backward through the UNet yet")
+
+
+def test_the_prediction_plans_the_published_prior_at_the_runs_dtype():
+    items = ["prior.model=runs/w/sd21-base-random", "data.prompts=x.json"]
+    assert prediction_overrides(items, "true", "fp32") == ["data.prompts=x.json", "prior.dtype=fp32"]
+    assert prediction_overrides(items, "reduced", "bf16") == [*items, "prior.dtype=bf16"]  # the tiny prior is loaded
+
+
+@pytest.mark.slow
+def test_paper_step_reduced_turns_checkpointing_on_when_the_budget_is_short(tmp_path):
+    """A budget below the plan's prediction: the conv3d run takes generator.checkpointing=true, says why, and
+    still passes every check (checkpointing changes no value)."""
+    out = tmp_path / "ps.json"
+    rc = main(["bench", "paper-step", "--out", str(tmp_path / "runs"), "--json", str(out), "bench.scale=reduced",
+               f"bench.weights={tmp_path / 'w'}", "bench.configs=[conv3d_asd_df415]", "bench.memory_gib=0.01"])
+    assert rc == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["memory_levers"] == ["generator.checkpointing=true"]
+    assert row["predicted_step_bytes"] > row["memory_budget_bytes"] == int(0.01 * 2**30)
+    assert any(n.startswith("generator.checkpointing=true (bench.checkpointing=auto)") for n in row["notes"])
+    assert "bench.memory_gib=0.01" in row["command"]
+    assert row["ok"] and row["resumed_identical"] and row["params_changed"]
 
 
 @pytest.mark.slow
@@ -116,7 +167,11 @@ def test_bench_gpu_reduced_runs_on_cpu(tmp_path, capsys):
     row = res["rows"][0]
     assert len(row["step_s_all"]) == 3 and row["step_s_median"] > 0
     assert all(math.isfinite(x) for x in row["losses"])
-    assert row["predicted_peak_bytes"] is None and res["plan_available"] is False
+    # scalegen plan's prediction of the same run (tiny prior at bf16, its own process), caches less than the total
+    assert res["plan_available"] is True and "plan_error" not in row["plan"], row["plan"]
+    assert 0 < row["predicted_step_bytes"] < row["predicted_peak_bytes"]
+    assert row["predicted_peak_bytes"] - row["predicted_step_bytes"] == row["plan"]["predicted_text_cache_bytes"]
+    assert "prior.dtype=bf16" in row["plan"]["plan_command"] and "--no-table" in row["plan"]["plan_command"]
     assert row["flops"]["step_flops"] > 1e10  # flops-sd counts the true-size SD (at the reduced resolutions)
     assert row["achieved_tflops"] == pytest.approx(row["flops"]["step_flops"] / row["step_s_median"] / 1e12)
     assert res["generate"]["hyper_ingp"]["32"]["seconds_per_asset"] > 0

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from scalegen.bench.plan import (GIB, LiveBytes, SavedTensors, module_keys, optimizer_bytes, plan_config,
-                                 unet_transient)
+from scalegen.bench.plan import (GIB, LiveBytes, SavedTensors, measure_step, measure_step_isolated, module_keys,
+                                 optimizer_bytes, plan_config, unet_transient)
 from scalegen.cli import main
 from scalegen.config import load_config
 
@@ -185,3 +185,27 @@ def test_without_growth_steps_the_largest_batch_is_a_conservative_proportional_b
     assert 0 < res["max_prompts_per_step"]["24GB"] <= grown["max_prompts_per_step"]["24GB"]
     assert main(["plan", "--no-growth", "--measure-prompts", "1", "--no-table", "data.prompts_per_step=2"]) == 2
     assert "--no-growth" in capsys.readouterr().err
+
+
+def test_a_step_measured_in_its_own_process_counts_what_one_measured_here_counts():
+    cfg = load_config(None, ["data.prompts_per_step=1", *SMALL])
+    here, apart = measure_step(cfg, 1), measure_step_isolated(cfg, 1)
+    for key in ("saved_bytes", "activation_bytes", "retained_bytes", "prior_transient_bytes", "saved_by_part"):
+        assert apart[key] == here[key], key
+    assert apart["process_peak_rss_bytes"] > apart["activation_bytes"]
+
+
+@pytest.mark.slow
+def test_table_cells_measured_in_their_own_processes_count_what_in_process_cells_count():
+    """A paper config's cells are measured each in a fresh process (so one cell's left-over heap cannot add to the
+    next one's peak); the counts must not depend on where they were taken."""
+    cfg = load_config("configs/oracle/conv3d.yaml", ["data.prompts_per_step=1", "generator.preset=small", *SMALL])
+    here = plan_config(cfg, growth=False, log=lambda *_: None, isolate_cells=False)
+    apart = plan_config(cfg, growth=False, log=lambda *_: None, isolate_cells=True)
+    assert set(apart["cells"]) == {"fp32", "fp32 + ckpt", "bf16", "bf16 + ckpt"}
+    for name, cell in apart["cells"].items():
+        assert cell["activation_bytes"] == here["cells"][name]["activation_bytes"], name
+        assert cell["total_bytes"] == here["cells"][name]["total_bytes"], name
+        assert cell["measured_process_peak_rss_bytes"] > cell["activation_bytes"]
+    # conv3d honours checkpointing: its trunk keeps less for backward
+    assert apart["cells"]["fp32 + ckpt"]["activation_bytes"] < apart["cells"]["fp32"]["activation_bytes"]

@@ -11,9 +11,10 @@ renderer at the config's own ``train.mixed_precision``), and the bench reports
 * achieved TFLOP/s: ``bench flops-sd`` / ``bench flops-mvdream``'s count of one step (matmuls,
   convolutions, attention; VSD's LoRA pass is not in that count, so its figure is a lower bound)
   over the median step time, and its fraction of ``bench.peak_tflops`` (989: H100 SXM dense bf16);
-* peak CUDA memory (``max_memory_allocated``, and reserved) beside ``predicted_peak_bytes``, the per-rank
-  peak ``scalegen plan`` predicts: None while ``scalegen plan`` is not on this branch (issue 24 item 2 is
-  built in parallel; ``predicted_peak_bytes`` below is the one place to connect it);
+* peak CUDA memory (``max_memory_allocated``, and reserved) beside what ``scalegen plan`` predicts per rank for
+  the same run (``--no-table --no-growth``, in its own CPU process before the timed run; ``bench.predict``):
+  ``predicted_step_bytes`` (the plan's total less the text caches counted full, which a few steps do not fill)
+  and ``predicted_peak_bytes`` (the plan's total);
 * ``generate``'s seconds per asset at each of ``bench.generate_resolutions`` (marching cubes at 128^3 and
   256^3) for the first config of each generator, from the checkpoint its timed run wrote;
 * torch vs gsplat rasterizer agreement on random Gaussians where gsplat can run (installed + CUDA).
@@ -35,7 +36,7 @@ from typing import Literal
 
 import torch
 
-from scalegen.bench.paper_step import PAPER_CONFIGS, PaperStepOptions, plan_config, resolve_configs
+from scalegen.bench.paper_step import PAPER_CONFIGS, PaperStepOptions, plan_config, predict_peak, resolve_configs
 
 H100_BF16_DENSE_TFLOPS = 989.0
 
@@ -52,12 +53,17 @@ class GpuOptions:
     generate_prompts: int = 2  # assets per generate timing (after one warm-up asset)
     weights: str = "runs/bench/paper_step/weights"  # random-weight prior folders (written once, reused)
     corpora: str = "../shared/corpora"  # real corpora where present, else stand-ins of their size
+    predict: bool = True  # scalegen plan's prediction per config (one measured CPU step each, before the timed run)
 
 
-def predicted_peak_bytes(config: str, overrides: list[str]) -> int | None:
-    """The per-rank peak memory ``scalegen plan`` predicts for this run; None: ``scalegen plan`` is not part
-    of this code base yet (issue 24 item 2), so there is no prediction to compare with."""
-    return None
+def predicted_peak(config: str, items: list[str], work: Path, opts: GpuOptions) -> dict:
+    """What ``scalegen plan`` predicts per rank for this run (``paper_step.predict_peak``: its own CPU process, the
+    published UNet on ``meta``, the prior at ``bench.prior_dtype``); {} with ``bench.predict=false``."""
+    if not opts.predict:
+        return {}
+    from scalegen.bench.paper_step import machine_memory_bytes  # noqa: PLC0415
+
+    return predict_peak(config, items, work, opts.scale, opts.prior_dtype, 1800, machine_memory_bytes())
 
 
 def _flops_per_step(config: str, overrides: list[str], peak: float, device: str) -> dict:
@@ -97,6 +103,7 @@ def time_config(config: str, opts: GpuOptions, overrides: list[str], work: Path,
     items = [*overrides, *plan["overrides"], f"prior.dtype={opts.prior_dtype}"]
     cfg = load_config(config, [*items, "train.logger=none", "train.progress=false", "train.log_every=1",
                                f"train.ckpt_every={10**9}", "train.keep_ckpts=1"])
+    predicted = predicted_peak(config, items, work, opts)
     run = work / "run"
     shutil.rmtree(run, ignore_errors=True)
     _free(device)
@@ -110,7 +117,9 @@ def time_config(config: str, opts: GpuOptions, overrides: list[str], work: Path,
            "prior_dtype": opts.prior_dtype, "mixed_precision": cfg.train.mixed_precision,
            "step_s_all": [m["step_s"] for m in steps], "step_s_median": statistics.median(timed) if timed else None,
            "losses": [m["loss"] for m in steps], "run_wall_s": wall, "run": str(run),
-           "predicted_peak_bytes": predicted_peak_bytes(config, items)}
+           "predicted_peak_bytes": predicted.get("predicted_peak_bytes"),
+           "predicted_step_bytes": predicted.get("predicted_step_bytes"),
+           "plan": {k: v for k, v in predicted.items() if k not in ("predicted_peak_bytes", "predicted_step_bytes")}}
     if device.type == "cuda":
         row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
         row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
@@ -177,14 +186,14 @@ def gsplat_agreement(device: torch.device, n: int = 2000, size: int = 128) -> di
 def markdown_table(res: dict) -> str:
     """The results as the Markdown table docs/paper-scale.md shows."""
     gib = 2**30
-    lines = ["| config | step s (median) | TFLOP/s | of peak | peak alloc GiB | plan predicted GiB |",
+    lines = ["| config | step s (median) | TFLOP/s | of peak | peak alloc GiB | plan predicted GiB (step) |",
              "|---|---|---|---|---|---|"]
     for r in res["rows"]:
-        pred = r.get("predicted_peak_bytes")
+        pred = r.get("predicted_step_bytes")
         alloc = r.get("peak_allocated_bytes")
         lines.append(f"| {Path(r['config']).stem} | {r['step_s_median']:.3f} | {r.get('achieved_tflops', 0):.1f} | "
                      f"{100 * r.get('fraction_of_peak', 0):.1f}% | {'-' if alloc is None else f'{alloc / gib:.1f}'} | "
-                     f"{'n/a (no scalegen plan)' if pred is None else f'{pred / gib:.1f}'} |")
+                     f"{'n/a' if pred is None else f'{pred / gib:.1f}'} |")
     for gen, g in res["generate"].items():
         for resol, v in g.items():
             lines.append(f"\n`generate` {gen} at {resol}^3: {v['seconds_per_asset']:.2f} s/asset")
@@ -217,7 +226,7 @@ def bench_gpu(opts: GpuOptions, overrides: list[str], out_root: str = "runs/benc
            "scale": opts.scale, "torch": torch.__version__, "peak_tflops": opts.peak_tflops,
            "rows": rows, "generate": generate, "gsplat": gsplat_agreement(device),
            "wall_s": time.perf_counter() - t_start,
-           "plan_available": False, "paper_configs": list(PAPER_CONFIGS)}
+           "plan_available": opts.predict, "paper_configs": list(PAPER_CONFIGS)}
     res["markdown"] = markdown_table(res)
     print(res["markdown"])
     return res

@@ -24,6 +24,14 @@ row says that too.
 
 ``bench.scale=reduced``: the same code path with a tiny random SD / MVDream and small generators and
 renders (the test tier).
+
+Memory: before each run ``scalegen plan`` predicts the step's per-rank bytes for this CPU run (fp32 prior, the
+published UNet counted on ``meta``; ``bench.predict``) in its own process, and the row keeps the prediction
+beside the measured peak. A config whose predicted step does not fit this machine (``bench.memory_gib``,
+default its total memory) runs with ``generator.checkpointing=true`` where its generator has it
+(``bench.checkpointing=auto``; ``always`` / ``never`` force it): each block is recomputed in backward, which
+gives the same values bit for bit and costs time, not results. Prompts per step are never reduced. The row's
+``memory_levers`` and notes say what was changed and why.
 """
 from __future__ import annotations
 
@@ -69,6 +77,12 @@ class PaperStepOptions:
     weights: str = "runs/bench/paper_step/weights"  # the random-weight prior folders, written once and reused
     corpora: str = "../shared/corpora"  # ScaleDreamer's prompt libraries (MG15, DF415, AT2520)
     timeout_s: int = 3600  # per config subprocess
+    predict: bool = True  # run `scalegen plan` first (its predicted peak goes in the row; auto checkpointing needs it)
+    # generator.checkpointing for conv3d / triplane_transformer: auto = only where the plan's predicted step does
+    # not fit bench.memory_gib (or the plan's own step ran out of memory); always / never: regardless (the row says
+    # which; not on / off, which YAML reads as booleans)
+    checkpointing: Literal["auto", "always", "never"] = "auto"
+    memory_gib: float = 0.0  # memory a config may use here; 0: this machine's total (MemTotal)
 
 
 def resolve_configs(names: list[str]) -> list[str]:
@@ -235,6 +249,86 @@ def run_child(spec: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Memory: the plan's prediction, and the one lever that changes no result
+
+
+def machine_memory_bytes() -> int:
+    """This machine's total memory (``MemTotal`` of /proc/meminfo; 0 where it is not readable)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def prediction_overrides(items: list[str], scale: str, prior_dtype: str) -> list[str]:
+    """The run's overrides as ``scalegen plan`` takes them: at true size without ``prior.model`` (the published
+    architecture, its UNet on ``meta``: predicting costs no 5 GB of weights), with the run's prior dtype."""
+    keep = [i for i in items if not (scale == "true" and i.startswith("prior.model="))]
+    return [*keep, f"prior.dtype={prior_dtype}"]
+
+
+def predict_peak(config: str, items: list[str], work: Path, scale: str, prior_dtype: str, timeout_s: int,
+                 limit_bytes: int = 0) -> dict:
+    """``scalegen plan --no-table --no-growth`` of this run in its own process (its measured step's memory
+    does not stay in this one), its address space limited to ``limit_bytes`` (0: none). ``predicted_step_bytes``
+    is the plan's total less the text caches counted full (a run's first steps hold one batch's embeddings; the
+    caches fill over a long run). ``plan_out_of_memory``: the plan's own measured step could not be held (it
+    was killed or an allocation failed)."""
+    out = work / "plan.json"
+    out.unlink(missing_ok=True)
+    plan_items = prediction_overrides(items, scale, prior_dtype)
+    argv = ["plan", "--config", config, "--no-table", "--no-growth", "--json", str(out), *plan_items]
+    rc, usage, tail = _run_module(["scalegen.cli", *argv], work / "plan.log", timeout_s, limit_bytes)
+    res = {"plan_command": " ".join(["scalegen", *argv]),
+           "plan_peak_rss_bytes": usage["peak_rss_bytes"]}
+    if rc != 0 or not out.is_file():
+        last = tail.strip().splitlines()[-1] if tail.strip() else f"exit code {rc}"
+        return {**res, "plan_error": last if rc >= 0 else f"killed by signal {-rc}: {last}",
+                "plan_out_of_memory": ran_out_of_memory(rc, tail)}
+    plan = json.loads(out.read_text())
+    caches = plan["parts"]["text_caches"]
+    return {**res, "predicted_peak_bytes": plan["total_bytes"], "predicted_text_cache_bytes": caches,
+            "predicted_step_bytes": plan["total_bytes"] - caches, "predicted_parts": plan["parts"]}
+
+
+def ran_out_of_memory(rc: int, tail: str) -> bool:
+    """Whether a process ended for want of memory: killed by a signal (the kernel's OOM killer; ``std::bad_alloc``
+    aborts), or a failed allocation in its last output (PyTorch's CPU allocator, Python's MemoryError)."""
+    return rc < 0 or any(w in tail.lower() for w in ("allocate memory", "memoryerror", "bad_alloc"))
+
+
+def memory_levers(generator: str, already: bool, mode: str, predicted: dict, budget: int) -> tuple[list[str], list[str]]:
+    """(overrides, notes): ``generator.checkpointing=true`` where ``mode`` asks for it (``always``) or the predicted
+    step does not fit ``budget`` bytes (``auto``), and the generator has checkpointing. Nothing else is changed:
+    checkpointing recomputes each block in backward from the same inputs and RNG state, so the step's values are
+    the same; it costs time."""
+    from scalegen.bench.plan import CHECKPOINTED  # noqa: PLC0415
+
+    if generator not in CHECKPOINTED or already or mode == "never":
+        return [], []
+    gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
+    why = ("each block recomputed in backward from the same inputs and RNG state: the same step values, more "
+           "CPU time per step; prompts per step unchanged")
+    if mode == "always":
+        return ["generator.checkpointing=true"], [f"generator.checkpointing=true (bench.checkpointing=always): {why}"]
+    if predicted.get("plan_out_of_memory"):
+        return ["generator.checkpointing=true"], [
+            f"generator.checkpointing=true (bench.checkpointing=auto): scalegen plan's own measured step of this config "
+            f"(its generator, renderer, VAE and optimizer, without the UNet's weights: less than the run holds) ran out "
+            f"of this machine's memory at {gib(predicted.get('plan_peak_rss_bytes', 0))} peak RSS, so the run "
+            f"cannot fit either; {why}"]
+    step = predicted.get("predicted_step_bytes")
+    if step is None or step <= budget:
+        return [], []
+    return ["generator.checkpointing=true"], [
+        f"generator.checkpointing=true (bench.checkpointing=auto): scalegen plan predicts {gib(step)} for this "
+        f"CPU step (fp32 prior), more than the {gib(budget)} this machine has; {why}"]
+
+
+# ---------------------------------------------------------------------------------------------
 # Checks (the parent)
 
 
@@ -340,17 +434,29 @@ def check_config(config: str, plan: dict, child: dict, work: Path) -> dict:
 
 def _run_subprocess(spec: dict, timeout_s: int) -> tuple[int, dict, str]:
     """(exit code, rusage of the child as a dict, its output tail): ``wait4`` gives this child's own peak RSS."""
+    spec_path = Path(spec["work"]) / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    return _run_module(["scalegen.bench.paper_step", str(spec_path)], Path(spec["work"]) / "child.log", timeout_s)
+
+
+def _run_module(argv: list[str], log_path: Path, timeout_s: int, limit_bytes: int = 0) -> tuple[int, dict, str]:
+    """``python -m argv`` in its own session, killed after ``timeout_s``: (exit code, its rusage, output tail).
+    ``limit_bytes``: its address-space limit (``RLIMIT_AS``), so that running out of memory fails its allocation
+    instead of calling the kernel's OOM killer onto this machine's other processes."""
     import signal  # noqa: PLC0415
     import threading  # noqa: PLC0415
 
-    spec_path = Path(spec["work"]) / "spec.json"
-    spec_path.write_text(json.dumps(spec))
-    log_path = Path(spec["work"]) / "child.log"
+    def limit():
+        if limit_bytes:
+            import resource  # noqa: PLC0415
+
+            resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     with open(log_path, "w") as log:
-        p = subprocess.Popen([sys.executable, "-m", "scalegen.bench.paper_step", str(spec_path)], stdout=log,
-                             stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        p = subprocess.Popen([sys.executable, "-m", *argv], stdout=log, stderr=subprocess.STDOUT, env=env,
+                             start_new_session=True, preexec_fn=limit if limit_bytes else None)
         timer = threading.Timer(timeout_s, lambda: os.killpg(p.pid, signal.SIGKILL))
         timer.start()
         try:
@@ -365,6 +471,13 @@ def _run_subprocess(spec: dict, timeout_s: int) -> tuple[int, dict, str]:
 def bench_paper_step(opts: PaperStepOptions, overrides: list[str], out_root: str = "runs/bench") -> dict:
     from scalegen.eval.report import format_table  # noqa: PLC0415
 
+    from scalegen.config import load_config  # noqa: PLC0415
+    from scalegen.errors import ConfigError  # noqa: PLC0415
+
+    if opts.memory_gib < 0:
+        raise ConfigError(f"bench.memory_gib must be >= 0 (0: this machine's memory), got {opts.memory_gib}")
+    machine = machine_memory_bytes()
+    budget = int(opts.memory_gib * 2**30) or machine
     configs = resolve_configs(opts.configs)
     rows = []
     for config in configs:
@@ -373,14 +486,34 @@ def bench_paper_step(opts: PaperStepOptions, overrides: list[str], out_root: str
         work.mkdir(parents=True, exist_ok=True)
         plan = plan_config(config, opts, overrides, work)
         items = [*overrides, *plan["overrides"]]
+        cfg = load_config(config, items)
+        gen, has = cfg.generator.name, cfg.generator.checkpointing
+        levers, lever_notes = memory_levers(gen, has, opts.checkpointing, {}, budget)  # bench.checkpointing=always
+        predicted = {}
+        if opts.predict:
+            print(f"{stem}: scalegen plan predicts the step's memory (a subprocess) ...", flush=True)
+            predicted = predict_peak(config, items + levers, work, opts.scale, "fp32", opts.timeout_s, machine)
+            if not levers:
+                levers, lever_notes = memory_levers(gen, has, opts.checkpointing, predicted, budget)
+                if levers:  # predict the run as it will run; the first prediction stays beside it
+                    print(f"{stem}: {', '.join(levers)}; scalegen plan predicts the step again ...", flush=True)
+                    first = {f"without_levers_{k}": v for k, v in predicted.items()}
+                    predicted = {**first, **predict_peak(config, items + levers, work, opts.scale, "fp32",
+                                                         opts.timeout_s, machine)}
+        items += levers
+        notes = plan["notes"] + lever_notes
         spec = {"config": config, "overrides": items, "work": str(work)}
         cmd = " ".join(["scalegen bench paper-step", f"bench.configs=[{stem}]"]
-                       + ([f"bench.scale={opts.scale}"] if opts.scale != "true" else []) + list(overrides))
-        print(f"{stem}: running two steps + a resume in a subprocess ({', '.join(plan['notes'])})", flush=True)
+                       + ([f"bench.scale={opts.scale}"] if opts.scale != "true" else [])
+                       + ([f"bench.checkpointing={opts.checkpointing}"] if opts.checkpointing != "auto" else [])
+                       + ([f"bench.memory_gib={opts.memory_gib:g}"] if opts.memory_gib else [])
+                       + ([] if opts.predict else ["bench.predict=false"]) + list(overrides))
+        print(f"{stem}: running two steps + a resume in a subprocess ({', '.join(notes)})", flush=True)
         (work / "child_result.json").unlink(missing_ok=True)
         t0 = time.perf_counter()
         rc, usage, tail = _run_subprocess(spec, opts.timeout_s)
-        row = {"config": config, "command": cmd, "notes": plan["notes"], "overrides": plan["overrides"],
+        row = {"config": config, "command": cmd, "notes": notes, "overrides": plan["overrides"] + levers,
+               "memory_levers": levers, "memory_budget_bytes": budget, **predicted,
                "exit_code": rc, **usage, "subprocess_wall_s": time.perf_counter() - t0}
         result = work / "child_result.json"
         if rc != 0 or not result.is_file():
@@ -398,22 +531,57 @@ def bench_paper_step(opts: PaperStepOptions, overrides: list[str], out_root: str
     table = []
     for r in rows:
         if "error" in r:
-            table.append([Path(r["config"]).stem, "-", "-", f"{r['peak_rss_bytes'] / 2**30:.1f}", "-", "-", "-",
-                          "failed"])
+            table.append([Path(r["config"]).stem, "-", "-", f"{r['peak_rss_bytes'] / 2**30:.1f}", _gib(r), "-", "-",
+                          "-", "failed"])
             continue
         s2 = r["step_s"].get("2", {})
         changed = sum(g["changed"] for g in r["groups"].values())
         nan = float("nan")
         table.append([Path(r["config"]).stem, f"{s2.get('cpu', nan):.1f}", f"{s2.get('wall', nan):.1f}",
-                      f"{r['peak_rss_bytes'] / 2**30:.1f}", "yes" if r["losses_finite"] else "NO",
+                      f"{r['peak_rss_bytes'] / 2**30:.1f}", _gib(r), "yes" if r["losses_finite"] else "NO",
                       f"{changed}/{len(r['groups'])}", "yes" if r["resumed_identical"] else "NO",
                       "; ".join(r["notes"][1:] + r["check_notes"])])
-    print(format_table(table, ["config", "cpu s/step", "wall s/step", "peak RSS GiB", "losses finite",
+    print(format_table(table, ["config", "cpu s/step", "wall s/step", "peak RSS GiB", "plan GiB", "losses finite",
                                "groups changed", "resume identical", "notes"]))
-    return {"scale": opts.scale, "rows": rows, "ok": all(r["ok"] for r in rows)}
+    base = Path(out_root) / "paper_step" / opts.scale
+    return {"scale": opts.scale, **import_baseline(base, 600), "rows": rows, "ok": all(r["ok"] for r in rows)}
+
+
+def _gib(row: dict) -> str:
+    """The plan's predicted step in GiB for the table ('-' without a prediction)."""
+    n = row.get("predicted_step_bytes")
+    return "-" if n is None else f"{n / 2**30:.1f}"
+
+
+def import_baseline(work: Path, timeout_s: int) -> dict:
+    """Peak RSS of a process that only imports what a config's subprocess imports (torch, accelerate, the loop, both
+    priors, the diffusers / transformers model classes they build): the part of each row's peak that is the
+    interpreter and its libraries."""
+    rc, usage, tail = _run_module(["scalegen.bench.paper_step", "--imports-only"], work / "baseline.log", timeout_s)
+    if rc != 0:
+        return {"import_baseline_error": tail.strip().splitlines()[-1] if tail.strip() else f"exit code {rc}"}
+    return {"import_baseline_rss_bytes": usage["peak_rss_bytes"]}
+
+
+def _imports_only() -> int:
+    import accelerate  # noqa: F401, PLC0415
+    import torch  # noqa: F401, PLC0415
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: F401, PLC0415 (lazy in diffusers)
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401, PLC0415
+
+    from scalegen.config import load_config  # noqa: F401, PLC0415
+    from scalegen.priors.mvdream import MVDreamPrior  # noqa: F401, PLC0415
+    from scalegen.priors.stable_diffusion import StableDiffusionPrior  # noqa: F401, PLC0415
+    from scalegen.train.checkpoint import checkpoints_dir  # noqa: F401, PLC0415
+    from scalegen.train.logger import read_metrics  # noqa: F401, PLC0415
+    from scalegen.train.loop import train  # noqa: F401, PLC0415
+
+    return 0
 
 
 def _child_main(spec_path: str) -> int:
+    if spec_path == "--imports-only":
+        return _imports_only()
     spec = json.loads(Path(spec_path).read_text())
     res = run_child(spec)
     out = Path(spec["work"]) / "child_result.json"

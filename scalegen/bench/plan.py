@@ -309,19 +309,25 @@ class TrackedPrior(Prior):
 # One measured micro-batch
 
 
+def _has_truth(cfg) -> bool:
+    """Whether ``build_ground_truth(cfg)`` is not None (the oracle prior), without building the world."""
+    return cfg.prior.name == "oracle"
+
+
 def _load_local(cfg) -> bool:
     """Whether the prior is built from files here (the oracle, or a local diffusers folder)."""
-    return build_ground_truth(cfg) is not None or Path(cfg.prior.model).is_dir()
+    return _has_truth(cfg) or Path(cfg.prior.model).is_dir()
 
 
-def measure_step(cfg, prompts: int, backward: bool = False) -> dict:
+def measure_step(cfg, prompts: int, backward: bool = False, truth=None) -> dict:
     """``_measure_step``, then its graph and models are freed (cycles collected, freed heap handed back to the
-    system where glibc allows), so a plan's several measured steps do not pile up in memory."""
+    system where glibc allows), so a plan's several measured steps do not pile up in memory. ``truth``: the
+    config's ``build_ground_truth`` when the caller has it (built here otherwise)."""
     import ctypes  # noqa: PLC0415
     import gc  # noqa: PLC0415
 
     try:
-        return _measure_step(cfg, prompts, backward)
+        return _measure_step(cfg, prompts, backward, truth)
     finally:
         gc.collect()
         try:
@@ -330,7 +336,7 @@ def measure_step(cfg, prompts: int, backward: bool = False) -> dict:
             pass
 
 
-def _measure_step(cfg, prompts: int, backward: bool = False) -> dict:
+def _measure_step(cfg, prompts: int, backward: bool = False, truth=None) -> dict:
     """Run one micro-batch of ``cfg`` with ``prompts`` prompts on CPU at the config's true sizes and count
     what it keeps for backward. With ``backward`` also backpropagate and step the config's optimizer once
     (its state is then counted)."""
@@ -347,7 +353,8 @@ def _measure_step(cfg, prompts: int, backward: bool = False) -> dict:
     cfg = replace(cfg, data=replace(cfg.data, prompts_per_step=prompts))
     bf16 = cfg.train.mixed_precision == "bf16"
     torch.manual_seed(cfg.train.seed)
-    truth = build_ground_truth(cfg)
+    if truth is None:
+        truth = build_ground_truth(cfg)
     world = truth.world if truth is not None else None
     if _load_local(cfg):
         if cfg.text.encoder == "clip":  # on the CPU, where the step is measured
@@ -422,6 +429,52 @@ def _measure_step(cfg, prompts: int, backward: bool = False) -> dict:
     return res
 
 
+ISOLATE_ABOVE = GIB  # activations of the base step above which the table's cells are measured each in its own process
+
+
+def measure_step_isolated(cfg, prompts: int) -> dict:
+    """``measure_step(cfg, prompts)`` in a fresh Python process: a cell's peak cannot add to the heap an earlier
+    measurement left behind (CPU allocators keep freed memory), and the process's own peak RSS (``wait4``) comes
+    back as ``process_peak_rss_bytes``. A child that fails is one clear line, with the peak it reached."""
+    import json  # noqa: PLC0415
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    from scalegen.errors import TrainingError  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory(prefix="scalegen-plan-") as tmp:
+        spec, out = Path(tmp) / "spec.json", Path(tmp) / "measured.json"
+        spec.write_text(json.dumps({"config": cfg.to_dict(), "prompts": prompts}))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
+        p = subprocess.Popen([sys.executable, "-m", "scalegen.bench.plan", str(spec), str(out)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        err = p.stderr.read()
+        _, status, ru = os.wait4(p.pid, 0)
+        p.stderr.close()
+        rc = os.waitstatus_to_exitcode(status)
+        peak = ru.ru_maxrss * 1024
+        if rc != 0 or not out.is_file():
+            last = err.strip().splitlines()[-1] if err.strip() else f"killed by signal {-rc}" if rc < 0 else f"exit {rc}"
+            raise TrainingError(f"measuring a table cell failed ({last}) at {peak / GIB:.1f} GiB peak RSS; this machine "
+                                "may lack the memory: plan with --no-table, or on a larger machine")
+        return {**json.loads(out.read_text()), "process_peak_rss_bytes": peak}
+
+
+def _isolated_main(spec_path: str, out_path: str) -> int:
+    import json  # noqa: PLC0415
+
+    from scalegen import atomic  # noqa: PLC0415
+    from scalegen.config import from_dict  # noqa: PLC0415
+
+    spec = json.loads(Path(spec_path).read_text())
+    res = measure_step(from_dict(spec["config"]), spec["prompts"])
+    atomic.write_text(Path(out_path), json.dumps(res))
+    return 0
+
+
 def frozen_bytes(cfg, prior, text_encoder) -> dict:
     """Bytes of the frozen prior and text tower at their run dtype, and of the text caches when full."""
     p = cfg.prior
@@ -437,7 +490,7 @@ def frozen_bytes(cfg, prior, text_encoder) -> dict:
         text = reachable_storages(text_encoder)
         own = {k: n for k, n in reachable_storages(prior.prior).items() if k not in text}
         # a loaded prior ran in fp32 on CPU: its weights count at prior.dtype's bytes
-        exact = build_ground_truth(cfg) is not None
+        exact = _has_truth(cfg)
         scale = size / 4 if not exact else 1.0
         res = {"source": "loaded" if not exact else "oracle prior (built here)",
                "prior_bytes": int(sum(own.values()) * scale), "text_bytes": sum(text.values())}
@@ -561,17 +614,19 @@ def _pair(meas: dict) -> tuple[float, float]:
 
 
 def plan_config(cfg, world_size: int = 1, zero: int = 0, measure_prompts: int | None = None, cells: bool = True,
-                growth: bool = True, log=print) -> dict:
+                growth: bool = True, log=print, isolate_cells: bool | None = None) -> dict:
     """The memory plan of ``cfg`` per rank; ``total_bytes`` is the prediction for the config as it is.
     ``measure_prompts``: prompts of the measured micro-batch (default: ``data.prompts_per_step``, exact); fewer
     are extrapolated along the line measured at 2 and 3 prompts (``Curve``); ``cells``: also measure the
     fp32 / bf16 x checkpointing table; ``growth=False``: no steps at 2 and 3 prompts (less time and memory); the
-    largest prompts per step then scales the measured batch in proportion (conservative where part is shared)."""
+    largest prompts per step then scales the measured batch in proportion (conservative where part is shared).
+    ``isolate_cells``: measure each table cell in a fresh process (default: when the base step's activations exceed
+    ``ISOLATE_ABOVE``, where one cell's left-over heap would add to the next one's peak)."""
     if world_size < 1 or zero not in (0, 2):
         raise ConfigError("--num-processes must be >= 1 and --zero 0 (DDP) or 2 (DeepSpeed ZeRO-2)")
     if measure_prompts is not None and measure_prompts < 1:
         raise ConfigError("--measure-prompts must be >= 1")
-    if cfg.distill.name == "vsd" and build_ground_truth(cfg) is None:
+    if cfg.distill.name == "vsd" and not _has_truth(cfg):
         raise ConfigError("scalegen plan does not count VSD's LoRA backward through the UNet yet; plan an asd, "
                           "sds, csd or vdm config")
     if cfg.generator.name in ("gaussians",):
@@ -583,12 +638,13 @@ def plan_config(cfg, world_size: int = 1, zero: int = 0, measure_prompts: int | 
         raise ConfigError("--no-growth measures data.prompts_per_step itself: drop --measure-prompts")
     v = cfg.camera.views_per_prompt
     log(f"measuring one micro-batch of {m} prompt(s) x {v} view(s) on CPU, forward and backward (the config: {b})")
-    base = measure_step(cfg, m, backward=True)
+    truth = build_ground_truth(cfg)  # the oracle's world, built once for every measured step
+    base = measure_step(cfg, m, backward=True, truth=truth)
     s1 = max(m, 2)
     if growth:
         log(f"measuring {s1} and {s1 + 1} prompts (forward) for the growth per prompt ...")
-        m1 = base if s1 == m else measure_step(cfg, s1)
-        m2 = measure_step(cfg, s1 + 1)
+        m1 = base if s1 == m else measure_step(cfg, s1, truth=truth)
+        m2 = measure_step(cfg, s1 + 1, truth=truth)
         curve = Curve(m, _pair(base), s1, _pair(m1), tuple(max(0.0, y - x) for x, y in zip(_pair(m1), _pair(m2))))
     else:  # in proportion to the measured batch: an upper bound wherever part of it is shared by the prompts
         curve = Curve(m, _pair(base), m, _pair(base), tuple(x / m for x in _pair(base)))
@@ -624,16 +680,19 @@ def plan_config(cfg, world_size: int = 1, zero: int = 0, measure_prompts: int | 
     res["optimizer_states_per_param"] = round(states, 3)
     if cells:
         table = {}
+        isolate = base["activation_bytes"] > ISOLATE_ABOVE if isolate_cells is None else isolate_cells
         for name, items in CELLS.items():
             if name.endswith("ckpt") and cfg.generator.name not in CHECKPOINTED:
                 table[name] = {**table[name.split(" ")[0]], "checkpointing": "no effect on " + cfg.generator.name}
                 continue
             c = _with(cfg, items)
-            log(f"measuring {name} ...")
-            meas = measure_step(c, m)
+            log(f"measuring {name}{' in its own process' if isolate else ''} ...")
+            meas = measure_step_isolated(c, m) if isolate else measure_step(c, m, truth=truth)
             cell_curve = curve.scaled(_pair(meas))
             cell = plan_of(cell_curve, meas["frozen"], name.startswith("bf16"))
             cell["saved_by_part"] = meas["saved_by_part"]
+            if "process_peak_rss_bytes" in meas:
+                cell["measured_process_peak_rss_bytes"] = meas["process_peak_rss_bytes"]
             cell["overrides"] = items
             table[name] = cell
         res["cells"] = table
@@ -694,3 +753,9 @@ def format_plan(res: dict) -> str:
         else:
             lines.append("no measured setting fits a 24 GB card; see docs/memory-plan.md for further keys")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_isolated_main(sys.argv[1], sys.argv[2]))
