@@ -58,3 +58,16 @@ def test_gradcheck_float64_two_chunks():
     x = torch.rand(40, 3, dtype=torch.float64)
     table = torch.randn_like(g.table).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: _HashEncode.apply(t, x, g, 16, True), (table,))
+
+
+def test_no_grad_encodings_are_reused_only_for_the_same_points_and_table():
+    torch.manual_seed(0)
+    g = HashGrid(n_levels=3, n_features=2, log2_size=8, base_resolution=4, max_resolution=32)
+    x, y = torch.rand(100, 3), torch.rand(100, 3)
+    with torch.no_grad():
+        a = g(x)
+        assert g(y) is not a and g(x.clone()) is a  # same points (another tensor): the kept features
+        g.table.add_(1.0)  # the optimizer's in-place update: a new table version
+        b = g(x)
+    assert b is not a and not torch.equal(a, b)
+    assert torch.equal(b, g(x).detach())  # with grad: computed, the same values

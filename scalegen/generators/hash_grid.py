@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 _PRIMES = (1, 2654435761 - 2**32, 805459861)  # iNGP's primes as wrapped int32
+NO_GRAD_KEPT = 2  # no-grad encodings a grid keeps for reuse (an evaluation's proposal and fine passes)
 
 
 class _HashEncode(torch.autograd.Function):
@@ -88,6 +89,7 @@ class HashGrid(nn.Module):
         assert all(dense[:sum(dense)]), "dense levels are the coarsest (resolutions grow with the level)"
         self.n_dense = sum(dense)
         self.table = nn.Parameter(torch.empty(offsets[-1], n_features).uniform_(-init_scale, init_scale))
+        self._kept: list[tuple[tuple, Tensor, Tensor]] = []  # (table version, points, features) of no-grad passes
 
     @property
     def out_dim(self) -> int:
@@ -134,11 +136,29 @@ class HashGrid(nn.Module):
         return idx, w
 
     def forward(self, x: Tensor) -> Tensor:
-        """Encode points ``x`` [N, 3] in [0, 1]^3 (clamped) -> features [N, L*F]."""
+        """Encode points ``x`` [N, 3] in [0, 1]^3 (clamped) -> features [N, L*F].
+
+        Without grad, the last two encodings are kept (``NO_GRAD_KEPT``) and returned again for the
+        same points and an unchanged table: an evaluation renders every batch of prompts with the
+        same proposal samples, whose features need computing once."""
         x = x.detach().clamp(0.0, 1.0).to(self.table.dtype)
-        keep = torch.is_grad_enabled() and self.table.requires_grad
+        if not torch.is_grad_enabled():
+            return self._encode_no_grad(x)
+        keep = self.table.requires_grad
         out = _HashEncode.apply(self.table, x, self, 32768, keep)
         return out.reshape(x.shape[0], self.out_dim)
+
+    def _encode_no_grad(self, x: Tensor) -> Tensor:
+        version = (id(self.table), self.table._version, self.table.data_ptr())
+        kept = self._kept
+        for i, (ver, pts, feat) in enumerate(kept):
+            if ver == version and pts.shape == x.shape and torch.equal(pts, x):
+                kept.append(kept.pop(i))
+                return feat
+        feat = _HashEncode.apply(self.table, x, self, 32768, False).reshape(x.shape[0], self.out_dim)
+        kept.append((version, x, feat))
+        del kept[:-NO_GRAD_KEPT]
+        return feat
 
 
 class TCNNHashGrid(nn.Module):
