@@ -67,7 +67,10 @@ def test_no_grad_encodings_are_reused_only_for_the_same_points_and_table():
     with torch.no_grad():
         a = g(x)
         assert g(y) is not a and g(x.clone()) is a  # same points (another tensor): the kept features
-        g.table.add_(1.0)  # the optimizer's in-place update: a new table version
+        g.table.add_(1.0)  # the optimizer's in-place update
         b = g(x)
+        g.table.data.mul_(2.0)  # a write the version counter does not see
+        c = g(x)
     assert b is not a and not torch.equal(a, b)
-    assert torch.equal(b, g(x).detach())  # with grad: computed, the same values
+    assert c is not b and not torch.equal(b, c)
+    assert torch.equal(c, g(x).detach())  # with grad: computed, the same values

@@ -89,7 +89,7 @@ class HashGrid(nn.Module):
         assert all(dense[:sum(dense)]), "dense levels are the coarsest (resolutions grow with the level)"
         self.n_dense = sum(dense)
         self.table = nn.Parameter(torch.empty(offsets[-1], n_features).uniform_(-init_scale, init_scale))
-        self._kept: list[tuple[tuple, Tensor, Tensor]] = []  # (table version, points, features) of no-grad passes
+        self._kept: list[tuple[Tensor, Tensor, Tensor]] = []  # (table, points, features) of no-grad passes
 
     @property
     def out_dim(self) -> int:
@@ -149,15 +149,16 @@ class HashGrid(nn.Module):
         return out.reshape(x.shape[0], self.out_dim)
 
     def _encode_no_grad(self, x: Tensor) -> Tensor:
-        version = (id(self.table), self.table._version, self.table.data_ptr())
-        kept = self._kept
-        for i, (ver, pts, feat) in enumerate(kept):
-            if ver == version and pts.shape == x.shape and torch.equal(pts, x):
-                kept.append(kept.pop(i))
+        """Kept features for the same points and the same table (compared exactly: an update that
+        bypasses the version counter, such as a write through ``.data``, still counts), else computed."""
+        table = self.table.detach()
+        for i, (tab, pts, feat) in enumerate(self._kept):
+            if pts.shape == x.shape and torch.equal(pts, x) and tab.shape == table.shape and torch.equal(tab, table):
+                self._kept.append(self._kept.pop(i))
                 return feat
-        feat = _HashEncode.apply(self.table, x, self, 32768, False).reshape(x.shape[0], self.out_dim)
-        kept.append((version, x, feat))
-        del kept[:-NO_GRAD_KEPT]
+        feat = _HashEncode.apply(table, x, self, 32768, False).reshape(x.shape[0], self.out_dim)
+        self._kept.append((table.clone(), x, feat))
+        del self._kept[:-NO_GRAD_KEPT]
         return feat
 
 
