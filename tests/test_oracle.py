@@ -67,6 +67,25 @@ def test_ground_truth_renders_show_the_prompt():
     assert (corner.std(-1) < 1e-3).all()  # neutral backdrop
 
 
+def test_scenes_that_differ_in_colour_share_one_geometry_render_to_the_last_bit():
+    """GroundTruth.draw renders each (shape, size) once and composes the colours: the same pixels,
+    opacity and depth as rendering every scene on its own."""
+    cfg = load_config(None, [])
+    world = build_world(cfg)
+    truth = build_prior(cfg, world).ground_truth()
+    cams = orbit_cameras(3, 20.0, 1.3, 55.0, 16)
+    ids = [world.index(p) for p in ("a large red cube", "a small blue sphere", "a large green cube",
+                                    "a small red sphere", "a large blue torus", "a large yellow cube")]
+    field = world.component_field(ids)
+    assert field.distinct_geometry()[0].n_prompts == 3
+    got = truth.draw(ids, cams)
+    want = truth.renderer(field, cams.expand(len(ids)), background=world.background,
+                          **truth.renderer.eval_options())
+    for name in ("rgb", "opacity", "depth"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert world.component_field(ids[:2]).distinct_geometry() is None  # nothing shared: rendered as before
+
+
 def _tiny_prior(extra=()):
     cfg = load_config(None, ["world.colors=[red, green, blue]", "world.shapes=[sphere, cube, torus]",
                              "world.sizes=[large]", "world.n_unseen=0", "prior.oracle.n_uncond=4",

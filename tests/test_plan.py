@@ -131,7 +131,11 @@ def test_activations_extrapolated_from_one_prompt_match_a_measured_batch():
     measured = plan_config(cfg, cells=False, log=lambda *_: None)
     assert guessed["extrapolated"] and not measured["extrapolated"]
     assert guessed["parts"]["activations"] == pytest.approx(measured["parts"]["activations"], rel=0.05)
-    assert guessed["prior_transient_bytes"] == pytest.approx(measured["prior_transient_bytes"], rel=0.05)
+    # The oracle renders each distinct ground-truth shape of a step once (GroundTruth.draw), so its transient grows
+    # with the shapes its random unconditional set happens to hold, not linearly in prompts: the extrapolation is
+    # an upper bound there, never an underestimate.
+    assert guessed["prior_transient_bytes"] >= 0.95 * measured["prior_transient_bytes"]
+    assert guessed["prior_transient_bytes"] <= 2.0 * measured["prior_transient_bytes"]
 
 
 def test_adan_keeps_four_states_per_parameter():

@@ -9,8 +9,8 @@ corners and concatenated over levels: ``[N, L*F]``.
 Speed on CPU: the corner indices are built per axis and combined (8 cheap int32 ops on [N, L]
 tensors instead of materialising [N, L, 8, 3]); a custom autograd function walks the points in
 cache-sized chunks, gathers with ``index_select`` and scatters gradients with ``index_add_``
-(much faster than advanced indexing), and rebuilds indices in the backward pass instead of
-storing them.
+(much faster than advanced indexing), keeping each chunk's corner rows for the backward pass only
+when the pass will be differentiated.
 """
 from __future__ import annotations
 
@@ -20,17 +20,22 @@ import torch
 from torch import Tensor, nn
 
 _PRIMES = (1, 2654435761 - 2**32, 805459861)  # iNGP's primes as wrapped int32
+NO_GRAD_KEPT = 2  # no-grad encodings a grid keeps for reuse (an evaluation's proposal and fine passes)
 
 
 class _HashEncode(torch.autograd.Function):
     """Trilinear hash-grid features, computed over cache-sized chunks of points.
 
-    Corner indices and weights are rebuilt per chunk (they are cheap integer arithmetic) instead
-    of being kept for the backward pass, which would cost 96 bytes per point and level."""
+    With ``keep`` (a pass that will be differentiated: grad mode on and a trainable table) each chunk's
+    corner rows and weights are kept for the backward pass (96 bytes per point and level; rebuilding
+    them instead cost a third of the backward); without it (no-grad passes) nothing is kept. The
+    table's gradient is scattered with ``index_add_`` on a complex view of F = 2 features (one element
+    per row: the same sums in the same order, faster than rows of two floats)."""
 
     @staticmethod
-    def forward(ctx, table: Tensor, x: Tensor, grid: "HashGrid", chunk: int) -> Tensor:
+    def forward(ctx, table: Tensor, x: Tensor, grid: "HashGrid", chunk: int, keep: bool) -> Tensor:
         out = table.new_empty(x.shape[0], grid.n_levels, table.shape[1])
+        kept = []
         for s in range(0, x.shape[0], chunk):
             idx, w = grid.corner_indices(x[s:s + chunk])
             acc = None
@@ -38,21 +43,27 @@ class _HashEncode(torch.autograd.Function):
                 v = table.index_select(0, idx[c].reshape(-1)).view(*idx.shape[1:], -1).mul_(w[c].unsqueeze(-1))
                 acc = v if acc is None else acc.add_(v)
             out[s:s + chunk] = acc
-        ctx.save_for_backward(x)
-        ctx.grid, ctx.chunk, ctx.shape = grid, chunk, table.shape
+            if keep:
+                kept.append((idx.reshape(-1).long(), w))  # int32 index_add_ is much slower
+        ctx.kept, ctx.n, ctx.chunk, ctx.shape = kept, x.shape[0], chunk, table.shape
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        (x,) = ctx.saved_tensors
-        grad_table = grad_out.new_zeros(ctx.shape)
         f = ctx.shape[1]
-        for s in range(0, x.shape[0], ctx.chunk):
-            idx, w = ctx.grid.corner_indices(x[s:s + ctx.chunk])
+        as_complex = f == 2 and grad_out.dtype in (torch.float32, torch.float64)
+        if as_complex:
+            grad_table = torch.zeros(ctx.shape[0], dtype=torch.complex64 if grad_out.dtype == torch.float32
+                                     else torch.complex128)
+        else:
+            grad_table = grad_out.new_zeros(ctx.shape)
+        for (rows, w), s in zip(ctx.kept, range(0, ctx.n, ctx.chunk)):
             g = grad_out[s:s + ctx.chunk]
             contrib = (g.unsqueeze(0) * w.unsqueeze(-1)).reshape(-1, f)
-            grad_table.index_add_(0, idx.reshape(-1).long(), contrib)  # int32 index_add_ is much slower
-        return grad_table, None, None, None
+            grad_table.index_add_(0, rows, torch.view_as_complex(contrib) if as_complex else contrib)
+        if as_complex:
+            grad_table = torch.view_as_real(grad_table)
+        return grad_table, None, None, None, None
 
 
 class HashGrid(nn.Module):
@@ -78,6 +89,7 @@ class HashGrid(nn.Module):
         assert all(dense[:sum(dense)]), "dense levels are the coarsest (resolutions grow with the level)"
         self.n_dense = sum(dense)
         self.table = nn.Parameter(torch.empty(offsets[-1], n_features).uniform_(-init_scale, init_scale))
+        self._kept: list[tuple[Tensor, Tensor, Tensor]] = []  # (table, points, features) of no-grad passes
 
     @property
     def out_dim(self) -> int:
@@ -124,10 +136,30 @@ class HashGrid(nn.Module):
         return idx, w
 
     def forward(self, x: Tensor) -> Tensor:
-        """Encode points ``x`` [N, 3] in [0, 1]^3 (clamped) -> features [N, L*F]."""
+        """Encode points ``x`` [N, 3] in [0, 1]^3 (clamped) -> features [N, L*F].
+
+        Without grad, the last two encodings are kept (``NO_GRAD_KEPT``) and returned again for the
+        same points and an unchanged table: an evaluation renders every batch of prompts with the
+        same proposal samples, whose features need computing once."""
         x = x.detach().clamp(0.0, 1.0).to(self.table.dtype)
-        out = _HashEncode.apply(self.table, x, self, 32768)
+        if not torch.is_grad_enabled():
+            return self._encode_no_grad(x)
+        keep = self.table.requires_grad
+        out = _HashEncode.apply(self.table, x, self, 32768, keep)
         return out.reshape(x.shape[0], self.out_dim)
+
+    def _encode_no_grad(self, x: Tensor) -> Tensor:
+        """Kept features for the same points and the same table (compared exactly: an update that
+        bypasses the version counter, such as a write through ``.data``, still counts), else computed."""
+        table = self.table.detach()
+        for i, (tab, pts, feat) in enumerate(self._kept):
+            if pts.shape == x.shape and torch.equal(pts, x) and tab.shape == table.shape and torch.equal(tab, table):
+                self._kept.append(self._kept.pop(i))
+                return feat
+        feat = _HashEncode.apply(table, x, self, 32768, False).reshape(x.shape[0], self.out_dim)
+        self._kept.append((table.clone(), x, feat))
+        del self._kept[:-NO_GRAD_KEPT]
+        return feat
 
 
 class TCNNHashGrid(nn.Module):

@@ -106,6 +106,16 @@ class AnalyticField(Field):
     def constant_rgb(self) -> Tensor:
         return self._rgb
 
+    def distinct_geometry(self) -> tuple["AnalyticField", Tensor] | None:
+        """One scene per (shape, size) group, and each row's group: colour is the only difference."""
+        if len(self._groups) == self.n_prompts:
+            return None
+        first = [ids[0] for ids in self._groups.values()]
+        row = torch.empty(self.n_prompts, dtype=torch.long)
+        for g, ids in enumerate(self._groups.values()):
+            row[ids] = g
+        return AnalyticField([self.scenes[i] for i in first]), row
+
 
 def background_rgb(dirs: Tensor) -> Tensor:
     """The world's backdrop: a neutral vertical gradient, darker below the horizon."""

@@ -16,7 +16,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from scalegen.data.cameras import Cameras
+from einops import rearrange
+
+from scalegen.data.cameras import Cameras, camera_rays
 from scalegen.render.base import Field, Renderer, RenderOutput
 
 RGB = tuple[float, float, float]
@@ -77,9 +79,27 @@ class GroundTruth:
 
     @torch.no_grad()
     def draw(self, ids: list[int], cameras: Cameras) -> RenderOutput:
-        """Renders of components ``ids`` at shared cameras [1, U] (deterministic sample placement)."""
-        return self.renderer(self.world.component_field(ids), cameras.expand(len(ids)),
-                             background=self.world.background, **self.renderer.eval_options())
+        """Renders of components ``ids`` at shared cameras [1, U] (deterministic sample placement). Scenes
+        that differ only in their constant colour (``Field.distinct_geometry``) share one render of their
+        geometry: each component's image is then composed as the renderer composes a constant-colour
+        field, ``opacity * colour + (1 - opacity) * background``, the same pixels to the last bit."""
+        field = self.world.component_field(ids)
+        flat = field.constant_rgb()
+        shared = field.distinct_geometry() if flat is not None else None
+        if shared is None:
+            return self.renderer(field, cameras.expand(len(ids)), background=self.world.background,
+                                 **self.renderer.eval_options())
+        geometry, row = shared
+        g, v = geometry.n_prompts, cameras.shape[1]
+        out = self.renderer(geometry, cameras.expand(g), **self.renderer.eval_options())
+        k, h, w = len(ids), cameras.height, cameras.width
+        opacity = out.opacity.view(g, v, 1, h, w)[row]  # [K, V, 1, H, W]
+        depth = out.depth.view(g, v, 1, h, w)[row]
+        _, dirs = camera_rays(cameras.expand(k))
+        bg = rearrange(self.world.background(dirs), "k v (h w) c -> k v c h w", h=h, w=w)
+        rgb = opacity * flat.to(opacity)[:, None, :, None, None] + (1.0 - opacity) * bg
+        return RenderOutput(rgb=rgb.flatten(0, 1), opacity=opacity.flatten(0, 1), depth=depth.flatten(0, 1),
+                            normals=None, eikonal=None, n_prompts=k, n_views=v)
 
     @torch.no_grad()
     def render_components(self, ids: list[int], cameras: Cameras, chunk: int = 64) -> Tensor:

@@ -44,6 +44,13 @@ class Field:
         per-sample colours; None (the default) otherwise."""
         return None
 
+    def distinct_geometry(self) -> Optional[tuple["Field", Tensor]]:
+        """(a field of the distinct signed distance functions among the rows, each row's index into it
+        [B]) when several rows share one SDF and differ only in a constant colour (ground truth of
+        scenes that differ in colour alone), so their geometry is rendered once; None (the default)
+        otherwise."""
+        return None
+
     def select(self, prompts: list[int]) -> "Field":
         """The fields of ``prompts`` (indices, in that order) alone, so per-prompt point sets of
         different sizes need not be padded to the largest (mesh export). The default evaluates every
