@@ -245,7 +245,7 @@ def run_child(spec: dict) -> dict:
             "prompts_per_step": cfg.data.prompts_per_step, "views_per_prompt": cfg.camera.views_per_prompt,
             "grad_accum": cfg.train.grad_accum, "resolution": cfg.camera.resolution,
             "encode_resolution": cfg.prior.resolutions()[0], "distill": cfg.distill.name,
-            "generator": cfg.generator.name}
+            "generator": cfg.generator.name, "own_peak_rss_bytes": own_peak_rss_bytes()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,6 +479,8 @@ def bench_paper_step(opts: PaperStepOptions, overrides: list[str], out_root: str
     machine = machine_memory_bytes()
     budget = int(opts.memory_gib * 2**30) or machine
     configs = resolve_configs(opts.configs)
+    # first, while this process is small (a child's wait4 peak includes this process's high-water mark at the fork)
+    baseline = import_baseline(Path(out_root) / "paper_step" / opts.scale, 600)
     rows = []
     for config in configs:
         stem = Path(config).stem
@@ -543,8 +545,7 @@ def bench_paper_step(opts: PaperStepOptions, overrides: list[str], out_root: str
                       "; ".join(r["notes"][1:] + r["check_notes"])])
     print(format_table(table, ["config", "cpu s/step", "wall s/step", "peak RSS GiB", "plan GiB", "losses finite",
                                "groups changed", "resume identical", "notes"]))
-    base = Path(out_root) / "paper_step" / opts.scale
-    return {"scale": opts.scale, **import_baseline(base, 600), "rows": rows, "ok": all(r["ok"] for r in rows)}
+    return {"scale": opts.scale, **baseline, "rows": rows, "ok": all(r["ok"] for r in rows)}
 
 
 def _gib(row: dict) -> str:
@@ -553,14 +554,25 @@ def _gib(row: dict) -> str:
     return "-" if n is None else f"{n / 2**30:.1f}"
 
 
+def own_peak_rss_bytes() -> int:
+    """This process's own peak RSS (``VmHWM``: its address space's high-water mark since exec). ``wait4``'s
+    ``ru_maxrss`` of a child also carries the parent's high-water mark at the fork (Linux copies it into the exec'd
+    process), so a child reports this one itself."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def import_baseline(work: Path, timeout_s: int) -> dict:
     """Peak RSS of a process that only imports what a config's subprocess imports (torch, accelerate, the loop, both
     priors, the diffusers / transformers model classes they build): the part of each row's peak that is the
     interpreter and its libraries."""
+    work.mkdir(parents=True, exist_ok=True)
     rc, usage, tail = _run_module(["scalegen.bench.paper_step", "--imports-only"], work / "baseline.log", timeout_s)
-    if rc != 0:
+    if rc != 0 or "VmHWM" not in tail:
         return {"import_baseline_error": tail.strip().splitlines()[-1] if tail.strip() else f"exit code {rc}"}
-    return {"import_baseline_rss_bytes": usage["peak_rss_bytes"]}
+    return {"import_baseline_rss_bytes": int(tail.split("VmHWM")[-1].split()[0])}
 
 
 def _imports_only() -> int:
@@ -576,6 +588,7 @@ def _imports_only() -> int:
     from scalegen.train.logger import read_metrics  # noqa: F401, PLC0415
     from scalegen.train.loop import train  # noqa: F401, PLC0415
 
+    print(f"VmHWM {own_peak_rss_bytes()}")
     return 0
 
 

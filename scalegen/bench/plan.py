@@ -309,17 +309,15 @@ class TrackedPrior(Prior):
 # One measured micro-batch
 
 
-def _has_truth(cfg) -> bool:
-    """Whether ``build_ground_truth(cfg)`` is not None (the oracle prior), without building the world."""
-    return cfg.prior.name == "oracle"
+BUILD = object()  # measure_step's ``truth`` when the caller has not built it
 
 
-def _load_local(cfg) -> bool:
-    """Whether the prior is built from files here (the oracle, or a local diffusers folder)."""
-    return _has_truth(cfg) or Path(cfg.prior.model).is_dir()
+def _load_local(cfg, truth) -> bool:
+    """Whether the prior is built from files here (the oracle, whose ``truth`` is not None, or a local folder)."""
+    return truth is not None or Path(cfg.prior.model).is_dir()
 
 
-def measure_step(cfg, prompts: int, backward: bool = False, truth=None) -> dict:
+def measure_step(cfg, prompts: int, backward: bool = False, truth=BUILD) -> dict:
     """``_measure_step``, then its graph and models are freed (cycles collected, freed heap handed back to the
     system where glibc allows), so a plan's several measured steps do not pile up in memory. ``truth``: the
     config's ``build_ground_truth`` when the caller has it (built here otherwise)."""
@@ -336,7 +334,7 @@ def measure_step(cfg, prompts: int, backward: bool = False, truth=None) -> dict:
             pass
 
 
-def _measure_step(cfg, prompts: int, backward: bool = False, truth=None) -> dict:
+def _measure_step(cfg, prompts: int, backward: bool = False, truth=BUILD) -> dict:
     """Run one micro-batch of ``cfg`` with ``prompts`` prompts on CPU at the config's true sizes and count
     what it keeps for backward. With ``backward`` also backpropagate and step the config's optimizer once
     (its state is then counted)."""
@@ -353,10 +351,10 @@ def _measure_step(cfg, prompts: int, backward: bool = False, truth=None) -> dict
     cfg = replace(cfg, data=replace(cfg.data, prompts_per_step=prompts))
     bf16 = cfg.train.mixed_precision == "bf16"
     torch.manual_seed(cfg.train.seed)
-    if truth is None:
+    if truth is BUILD:
         truth = build_ground_truth(cfg)
     world = truth.world if truth is not None else None
-    if _load_local(cfg):
+    if _load_local(cfg, truth):
         if cfg.text.encoder == "clip":  # on the CPU, where the step is measured
             from scalegen.text.clip import CLIPTextEncoder  # noqa: PLC0415
 
@@ -425,7 +423,7 @@ def _measure_step(cfg, prompts: int, backward: bool = False, truth=None) -> dict
                     "optimizer_state_bytes": state,
                     "optimizer_states_per_param": round(state / max(1, 4 * n_params), 3),
                     "distiller_param_bytes": sum(p.numel() * p.element_size() for p in distiller.parameters())})
-    res["frozen"] = frozen_bytes(cfg, prior, text_encoder if _load_local(cfg) else None)
+    res["frozen"] = frozen_bytes(cfg, prior, text_encoder if _load_local(cfg, truth) else None, truth is not None)
     return res
 
 
@@ -475,8 +473,9 @@ def _isolated_main(spec_path: str, out_path: str) -> int:
     return 0
 
 
-def frozen_bytes(cfg, prior, text_encoder) -> dict:
-    """Bytes of the frozen prior and text tower at their run dtype, and of the text caches when full."""
+def frozen_bytes(cfg, prior, text_encoder, exact: bool) -> dict:
+    """Bytes of the frozen prior and text tower at their run dtype, and of the text caches when full. ``exact``: the
+    prior was built here at its own dtype (the oracle); a loaded one ran in fp32 on CPU and counts at ``prior.dtype``."""
     p = cfg.prior
     size = DTYPE_BYTES[p.dtype]
     if isinstance(prior, PublishedPrior):
@@ -490,7 +489,6 @@ def frozen_bytes(cfg, prior, text_encoder) -> dict:
         text = reachable_storages(text_encoder)
         own = {k: n for k, n in reachable_storages(prior.prior).items() if k not in text}
         # a loaded prior ran in fp32 on CPU: its weights count at prior.dtype's bytes
-        exact = _has_truth(cfg)
         scale = size / 4 if not exact else 1.0
         res = {"source": "loaded" if not exact else "oracle prior (built here)",
                "prior_bytes": int(sum(own.values()) * scale), "text_bytes": sum(text.values())}
@@ -626,7 +624,8 @@ def plan_config(cfg, world_size: int = 1, zero: int = 0, measure_prompts: int | 
         raise ConfigError("--num-processes must be >= 1 and --zero 0 (DDP) or 2 (DeepSpeed ZeRO-2)")
     if measure_prompts is not None and measure_prompts < 1:
         raise ConfigError("--measure-prompts must be >= 1")
-    if cfg.distill.name == "vsd" and not _has_truth(cfg):
+    truth = build_ground_truth(cfg)  # the oracle's world, built once for every measured step here
+    if cfg.distill.name == "vsd" and truth is None:
         raise ConfigError("scalegen plan does not count VSD's LoRA backward through the UNet yet; plan an asd, "
                           "sds, csd or vdm config")
     if cfg.generator.name in ("gaussians",):
@@ -638,7 +637,6 @@ def plan_config(cfg, world_size: int = 1, zero: int = 0, measure_prompts: int | 
         raise ConfigError("--no-growth measures data.prompts_per_step itself: drop --measure-prompts")
     v = cfg.camera.views_per_prompt
     log(f"measuring one micro-batch of {m} prompt(s) x {v} view(s) on CPU, forward and backward (the config: {b})")
-    truth = build_ground_truth(cfg)  # the oracle's world, built once for every measured step
     base = measure_step(cfg, m, backward=True, truth=truth)
     s1 = max(m, 2)
     if growth:
