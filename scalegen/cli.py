@@ -432,7 +432,7 @@ def cmd_eval_train_clip(args) -> int:
           + f" in {res['train_wall_s']:.0f} s ({res['train_cpu_s']:.0f} s CPU), {res['params'] / 1e6:.2f}M parameters, "
           f"loss {res['loss_ema']:.3f}; R@1 on ground truth: seen {r['seen']:.3f}, unseen {r.get('unseen', math.nan):.3f} "
           f"(chance {r['chance']:.3f}); use --model {out}")
-    _write_json(args.json, res)
+    _write_json(args.json, {"meta": _bench_meta(getattr(args, "argv", [])), **res})
     return 0
 
 
@@ -689,7 +689,7 @@ def cmd_prior_train_learned(args) -> int:
               f"{res['wall_s']:.0f} s ({res['cpu_s']:.0f} s CPU), {res['params'] / 1e6:.2f}M parameters, loss "
               f"{res['loss_ema']:.4f}; use prior.name=learned prior.model={args.out}"
               + (" (rerun the same command to continue)" if res["step"] < opts.steps else ""))
-    _write_json(args.json, res)
+    _write_json(args.json, {"meta": _bench_meta(getattr(args, "argv", [])), **res})
     return 0
 
 
@@ -719,7 +719,7 @@ def cmd_prior_score_learned(args) -> int:
         for name, imgs in images.items():
             sample_sheet(imgs, args.per_prompt, Path(args.sheet) / f"{name}.png")
         print(f"sample sheets (a row per prompt, seen then unseen) in {args.sheet}/")
-    _write_json(args.json, res)
+    _write_json(args.json, {"meta": _bench_meta(getattr(args, "argv", [])), **res})
     return 0
 
 

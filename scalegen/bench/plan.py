@@ -437,9 +437,9 @@ def frozen_bytes(cfg, prior, text_encoder) -> dict:
         text = reachable_storages(text_encoder)
         own = {k: n for k, n in reachable_storages(prior.prior).items() if k not in text}
         # a loaded prior ran in fp32 on CPU: its weights count at prior.dtype's bytes
-        exact = build_ground_truth(cfg) is not None
-        scale = size / 4 if not exact else 1.0
-        res = {"source": "loaded" if not exact else "oracle prior (built here)",
+        built = build_ground_truth(cfg) is not None  # the oracle, or the learned prior of an oracle world (fp32)
+        scale = size / 4 if not built else 1.0
+        res = {"source": "loaded" if not built else f"{p.name} prior (built here)",
                "prior_bytes": int(sum(own.values()) * scale), "text_bytes": sum(text.values())}
         text_dim = text_encoder.dim
     n_corpus = _corpus_size(cfg)
@@ -571,7 +571,7 @@ def plan_config(cfg, world_size: int = 1, zero: int = 0, measure_prompts: int | 
         raise ConfigError("--num-processes must be >= 1 and --zero 0 (DDP) or 2 (DeepSpeed ZeRO-2)")
     if measure_prompts is not None and measure_prompts < 1:
         raise ConfigError("--measure-prompts must be >= 1")
-    if cfg.distill.name == "vsd" and build_ground_truth(cfg) is None:
+    if cfg.distill.name == "vsd" and cfg.prior.name != "oracle":
         raise ConfigError("scalegen plan does not count VSD's LoRA backward through the UNet yet; plan an asd, "
                           "sds, csd or vdm config")
     if cfg.generator.name in ("gaussians",):

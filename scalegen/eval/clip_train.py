@@ -82,8 +82,7 @@ def build_clip(opts: ClipTraining, folder: Path):
     width, layers, heads, patch = CLIP_SIZES[opts.size]
     vocab, merges = clip_bpe_vocab()
     (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) if isinstance(m, tuple) else m
-                                                                      for m in merges) + "\n")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>",
                         model_max_length=77)
     tok.save_pretrained(folder)

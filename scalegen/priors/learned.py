@@ -141,8 +141,8 @@ class LearnedPrior(Prior):
         self.unet = unet.to(self.device).eval().requires_grad_(False)
         self.resolution = int(self.unet.config.sample_size)
         own = text_encoder_of(self.info)
-        if text_encoder is not None and getattr(text_encoder, "id", None) != own.id:
-            raise WeightsError(f"the run's text encoder ({getattr(text_encoder, 'id', '?')}) is not the one the learned "
+        if text_encoder is not None and text_encoder.id != own.id:
+            raise WeightsError(f"the run's text encoder ({text_encoder.id}) is not the one the learned "
                                f"prior in '{model}' was trained with ({own.id}); set text.* as in its {INFO_FILE}")
         self.text_encoder = own
         self.null = torch.zeros(own.max_tokens, own.dim, device=self.device)  # the unconditional: no words

@@ -160,7 +160,7 @@ def train_learned(cfg, opts: LearnedTraining, out: str | Path, log: Callable = p
         gen.set_state(rng["generator"])
         start = int(state["step"])
     out.mkdir(parents=True, exist_ok=True)
-    if not (out / BANK_FILE).is_file():
+    if ckpt is None or not (out / BANK_FILE).is_file():  # a fresh run renders its own bank (a stale one may differ)
         bank = render_bank(cfg, opts.views_per_prompt, opts.seed, log)
         with atomic.writing(out / BANK_FILE) as tmp:
             save_file(bank, str(tmp))
