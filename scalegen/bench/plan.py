@@ -571,7 +571,7 @@ def plan_config(cfg, world_size: int = 1, zero: int = 0, measure_prompts: int | 
         raise ConfigError("--num-processes must be >= 1 and --zero 0 (DDP) or 2 (DeepSpeed ZeRO-2)")
     if measure_prompts is not None and measure_prompts < 1:
         raise ConfigError("--measure-prompts must be >= 1")
-    if cfg.distill.name == "vsd" and cfg.prior.name != "oracle":
+    if cfg.distill.name == "vsd" and (build_ground_truth(cfg) is None or cfg.prior.name == "learned"):
         raise ConfigError("scalegen plan does not count VSD's LoRA backward through the UNet yet; plan an asd, "
                           "sds, csd or vdm config")
     if cfg.generator.name in ("gaussians",):
