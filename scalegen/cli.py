@@ -420,6 +420,22 @@ def cmd_eval_make_tiny_clip(args) -> int:
     return 0
 
 
+def cmd_eval_train_clip(args) -> int:
+    from scalegen.eval.clip_train import clip_setup, train_clip
+
+    cfg, opts = clip_setup(args.world, args.overrides or [])
+    out = _empty_folder(args.out, "the trained CLIP")
+    with _locked(out, "scalegen eval train-clip"):
+        res = train_clip(cfg, opts, out)
+    r = res["truth_r_at_1"]
+    print(f"trained {res['steps']} of {opts.steps} steps" + (f" (clip.minutes={opts.minutes:g} spent)" if res["stopped"] else "")
+          + f" in {res['train_wall_s']:.0f} s ({res['train_cpu_s']:.0f} s CPU), {res['params'] / 1e6:.2f}M parameters, "
+          f"loss {res['loss_ema']:.3f}; R@1 on ground truth: seen {r['seen']:.3f}, unseen {r.get('unseen', math.nan):.3f} "
+          f"(chance {r['chance']:.3f}); use --model {out}")
+    _write_json(args.json, {"meta": _bench_meta(getattr(args, "argv", [])), **res})
+    return 0
+
+
 def _generate_options(args):
     from scalegen.export.pipeline import GenerateOptions
 
@@ -661,6 +677,52 @@ def cmd_prior_make_tiny_mvdream(args) -> int:
     return 0
 
 
+def cmd_prior_train_learned(args) -> int:
+    from scalegen.train.learned_prior import learned_setup, train_learned
+
+    cfg, opts = learned_setup(args.world, args.overrides or [])
+    with _locked(args.out, "scalegen prior train-learned"):
+        res = train_learned(cfg, opts, args.out)
+    how = {"budget": f" (learned.minutes={opts.minutes:g} spent)", None: ""}.get(res.get("stopped"), "")
+    if res["trained"]:
+        print(f"trained steps {res['step'] - res['trained'] + 1}-{res['step']} of {opts.steps}{how} in "
+              f"{res['wall_s']:.0f} s ({res['cpu_s']:.0f} s CPU), {res['params'] / 1e6:.2f}M parameters, loss "
+              f"{res['loss_ema']:.4f}; use prior.name=learned prior.model={args.out}"
+              + (" (rerun the same command to continue)" if res["step"] < opts.steps else ""))
+    _write_json(args.json, {"meta": _bench_meta(getattr(args, "argv", [])), **res})
+    return 0
+
+
+def cmd_prior_score_learned(args) -> int:
+    from scalegen.eval.learned import sample_sheet, score_learned
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    res = score_learned(args.model, ts=tuple(args.t), n_eps=args.eps_rows, per_prompt=args.per_prompt,
+                        steps=args.ddim_steps, cfg_scale=args.cfg, ref_views=args.ref_views, seed=args.seed,
+                        exact_samples=not args.no_exact)
+    images = res.pop("_images")
+    rows = [[r["t"], r["mse_cond"], r["mse_uncond"], r["loss_exact_cond"], r["loss_learned_cond"],
+             r["guidance_rms_exact"], r["guidance_rms_learned"], r["guidance_mse"]] for r in res["eps"]]
+    print(_table(rows, ["t", "MSE cond", "MSE uncond", "loss exact", "loss learned", "|d| exact", "|d| learned",
+                        "MSE d"]))
+    rows = [[name, split, r["psnr"], r["iou"], r["r_at_1"], r["n"]] for name, per in res["samples"].items()
+            for split, r in per.items()]
+    print(_table(rows, ["samples", "split", "PSNR (dB)", "mask IoU", "R@1", "images"]))
+    print(f"eps against the exact posterior of its training renders (d = eps_c - eps_u); samples: DDIM "
+          f"{args.ddim_steps} steps, CFG {args.cfg:g}, scored against the nearest of {args.ref_views} reference views "
+          f"(R@1 chance {res['r_at_1_chance']:.3f}); {res['wall_s']:.0f} s ({res['cpu_s']:.0f} s CPU); model at step "
+          f"{res['steps_trained']}")
+    if args.sheet:
+        for name, imgs in images.items():
+            sample_sheet(imgs, args.per_prompt, Path(args.sheet) / f"{name}.png")
+        print(f"sample sheets (a row per prompt, seen then unseen) in {args.sheet}/")
+    _write_json(args.json, {"meta": _bench_meta(getattr(args, "argv", [])), **res})
+    return 0
+
+
 def cmd_prior_convert_mvdream(args) -> int:
     import torch
 
@@ -877,6 +939,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--backend", default="transformers", choices=["transformers", "open_clip"])
     q.add_argument("--seed", type=seed_int, default=0)
     q.set_defaults(fn=cmd_eval_make_tiny_clip)
+    q = eval_sub.add_parser("train-clip", help="train a small CLIP on an oracle world's ground-truth renders and "
+                            "prompts (a transformers CLIP folder for --model)")
+    q.add_argument("--world", type=existing_file, help="YAML config whose world/camera keys set the world "
+                                                       "(default: the embedded default world)")
+    q.add_argument("--out", required=True, type=out_dir, help="new folder for the CLIP")
+    q.add_argument("--json", type=out_file, help="also write the summary to this JSON file")
+    q.add_argument("overrides", nargs="*", help="clip.* options (clip.steps, clip.minutes, clip.size, ...) and "
+                                                "config overrides (world.*, camera.*)")
+    q.set_defaults(fn=cmd_eval_train_clip)
 
     p = sub.add_parser("generate", help="prompts -> meshes (GLB/OBJ/PLY), optionally textured, with turntables")
     p.add_argument("--ckpt", required=True, type=model_ref, help="run directory, checkpoint folder, exported folder "
@@ -984,7 +1055,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("prior", help="prior tools: make-tiny (a tiny random Stable Diffusion), convert-mvdream, "
-                                      "make-tiny-mvdream")
+                                      "make-tiny-mvdream, train-learned and score-learned (the learned world)")
     prior_sub = p.add_subparsers(dest="prior_command", required=True)
     q = prior_sub.add_parser("make-tiny", help="write a tiny random SD (unet, vae, scheduler, CLIP) in diffusers layout")
     q.add_argument("--out", required=True, type=out_dir, help="new folder")
@@ -996,6 +1067,31 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=seed_int, default=0)
     q.add_argument("--context-dim", type=int_range(1, 4096), default=32, help="text width (32 = the tiny SD's CLIP)")
     q.set_defaults(fn=cmd_prior_make_tiny_mvdream)
+    q = prior_sub.add_parser("train-learned", help="train a small pixel-space diffusion UNet on an oracle world's "
+                             "ground-truth renders (prior.name=learned prior.model=OUT); rerun to continue")
+    q.add_argument("--world", type=existing_file, help="YAML config whose world/camera/render/text keys set the world "
+                                                       "(default: the embedded default world)")
+    q.add_argument("--out", required=True, type=out_dir, help="the prior's folder (checkpoints, bank, unet/, ...)")
+    q.add_argument("--json", type=out_file, help="also write the run's summary to this JSON file")
+    q.add_argument("overrides", nargs="*", help="learned.* options (learned.steps, learned.minutes, learned.size, ...) "
+                                                "and config overrides (world.*, camera.*)")
+    q.set_defaults(fn=cmd_prior_train_learned)
+    q = prior_sub.add_parser("score-learned", help="a learned prior against the exact one: eps error per t and DDIM "
+                             "samples scored against the ground truth (PSNR, mask IoU, R@1)")
+    q.add_argument("--model", required=True, type=existing_dir, help="a `scalegen prior train-learned` folder")
+    q.add_argument("--json", type=out_file, help="also write the figures to this JSON file")
+    q.add_argument("--sheet", type=out_dir, help="folder for PNG sheets of the samples (learned, exact, ground truth)")
+    q.add_argument("--t", type=int_range(0, 999), nargs="+", default=[50, 200, 500, 800, 950],
+                   help="timesteps of the eps error (default 50 200 500 800 950)")
+    q.add_argument("--eps-rows", type=positive_int, default=128, help="noisy images per t (default 128)")
+    q.add_argument("--per-prompt", type=positive_int, default=4, help="samples per prompt (default 4)")
+    q.add_argument("--ddim-steps", type=int_range(1, 1000), default=50, help="DDIM steps (default 50)")
+    q.add_argument("--cfg", type=float_range(0.0), default=7.5, help="classifier-free guidance scale (default 7.5)")
+    q.add_argument("--ref-views", type=positive_int, default=64, help="reference renders per prompt (default 64)")
+    q.add_argument("--seed", type=seed_int, default=0)
+    q.add_argument("--no-exact", action="store_true", help="skip the exact mixture's samples")
+    q.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (default: torch's choice)")
+    q.set_defaults(fn=cmd_prior_score_learned)
     q = prior_sub.add_parser("convert-mvdream", help="convert the official MVDream checkpoint (sd-v2.1-base-4view.pt) "
                              "to the folder prior.name=mvdream loads")
     q.add_argument("ckpt", type=existing_file, help="the official checkpoint (.pt/.ckpt, read without running pickled code, or .safetensors)")

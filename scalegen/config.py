@@ -202,10 +202,12 @@ class OracleConfig:
 @dataclass
 class PriorConfig:
     # the frozen diffusion prior the generator is distilled from
-    name: Literal["oracle", "stable_diffusion", "mvdream"] = "oracle"
+    # learned: a small UNet trained on the oracle world's renders (`scalegen prior train-learned`), prior.model=its folder
+    name: Literal["oracle", "stable_diffusion", "mvdream", "learned"] = "oracle"
     oracle: OracleConfig = field(default_factory=OracleConfig)
     # --- stable_diffusion and mvdream (scalegen/priors/stable_diffusion.py, mvdream.py) ------------
-    # SD: a diffusers folder or hub id (unet/ vae/ scheduler/); mvdream: a `scalegen prior convert-mvdream` folder
+    # SD: a diffusers folder or hub id (unet/ vae/ scheduler/); mvdream: a `scalegen prior convert-mvdream` folder;
+    # learned: a `scalegen prior train-learned --out` folder
     model: str = "stabilityai/stable-diffusion-2-1-base"
     dtype: Literal["fp16", "bf16", "fp32"] = "fp16"  # UNet + VAE weights (fp32 on CPU)
     channels_last: bool = True  # UNet in channels-last memory format

@@ -48,6 +48,11 @@ SUBCOMMANDS: dict[str, dict] = {
                   "--save-views": ([None], []), "--overwrite": ([None], []), "--cpu": ([None], []),
                   "--no-progress": ([None], []), "--split": (["test"], [])},
     },
+    "eval train-clip": {
+        "cheap": False, "overrides": True, "base": ["--out", "clipdir"],
+        "flags": {"--world": (["cfg.yaml"], ["missing.yaml", "adir", "bad.yaml"]),
+                  "--json": (["t.json"], ["adir"]), "--out": ([], ["afile", "afile/sub"])},
+    },
     "eval make-tiny-clip": {
         "cheap": False, "overrides": False, "base": ["--out", "tiny"],
         "flags": {"--backend": (["open_clip"], ["jax"]), "--seed": (["1"], ["-5", "x"]), "--out": ([], ["afile"])},
@@ -104,6 +109,18 @@ SUBCOMMANDS: dict[str, dict] = {
         "cheap": False, "overrides": False, "base": ["--out", "m.safetensors"],
         "flags": {"--seed": (["2"], ["-1"]), "--context-dim": (["16"], ["0", "x"]), "--out": ([], ["adir", "m.bin"])},
     },
+    "prior train-learned": {
+        "cheap": False, "overrides": True, "base": ["--out", "lp"],
+        "flags": {"--world": (["cfg.yaml"], ["missing.yaml", "adir", "bad.yaml"]),
+                  "--json": (["t.json"], ["adir", "no/such/t.json"]), "--out": ([], ["afile", "afile/sub"])},
+    },
+    "prior score-learned": {
+        "cheap": False, "overrides": False, "base": ["--model", "adir"],
+        "flags": {"--model": ([], ["afile", "missing"]), "--t": (["50", "999"], ["1000", "-1", "x"]),
+                  "--per-prompt": (["2"], ["0", "-1"]), "--ddim-steps": (["10"], ["0", "1001"]),
+                  "--cfg": (["7.5"], ["-1", "nan"]), "--json": (["s.json"], ["adir"]), "--sheet": (["sheets"], ["afile"]),
+                  "--no-exact": ([None], [])},
+    },
     "prior convert-mvdream": {
         "cheap": False, "overrides": False, "base": ["afile", "conv"],
         "flags": {"--text-from": (["adir"], []), "--head-channels": (["32"], ["0"]), "--half": ([None], [])},
@@ -133,7 +150,9 @@ SUBCOMMANDS: dict[str, dict] = {
 }
 VALID_OVERRIDES = {"train": ["train.max_steps=1", "text.dim=16", "optim.lr=0.001"],
                    "refine": ["train.max_steps=1"], "info": ["text.dim=16", "data.prompts_per_step=2"],
-                   "data build": ["text.dim=16"], "data compose": [], "bench": []}
+                   "data build": ["text.dim=16"], "data compose": [], "bench": [],
+                   "prior train-learned": ["learned.steps=1", "learned.size=tiny", "text.dim=16"],
+                   "eval train-clip": ["clip.steps=1", "clip.size=tiny"]}
 INVALID_OVERRIDES = ["trian.max_steps=3", "train.max_steps=-1", "optim.lr=abc", "train.nope=1", "camera.resolution=0",
                      "text.dim=0", "=3", "train.max_steps"]
 STRAYS = ["--bogus", "stray", "-x"]

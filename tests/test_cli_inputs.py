@@ -186,7 +186,8 @@ def test_bench_help_lists_every_benchmark_from_the_one_name_list(capsys):
 
 @pytest.mark.parametrize("argv, needle", [
     (["data"], "scalegen data needs a subcommand: build | check | compose"),
-    (["prior"], "scalegen prior needs a subcommand: make-tiny | make-tiny-mvdream | convert-mvdream"),
+    (["prior"], "scalegen prior needs a subcommand: make-tiny | make-tiny-mvdream | train-learned | score-learned | "
+     "convert-mvdream"),
     ([], "scalegen needs a subcommand: train | eval | generate"),
 ])
 def test_a_missing_subcommand_lists_the_choices(argv, needle, capsys):

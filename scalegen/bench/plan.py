@@ -489,8 +489,8 @@ def frozen_bytes(cfg, prior, text_encoder, exact: bool) -> dict:
         text = reachable_storages(text_encoder)
         own = {k: n for k, n in reachable_storages(prior.prior).items() if k not in text}
         # a loaded prior ran in fp32 on CPU: its weights count at prior.dtype's bytes
-        scale = size / 4 if not exact else 1.0
-        res = {"source": "loaded" if not exact else "oracle prior (built here)",
+        scale = size / 4 if not exact else 1.0  # built here (the oracle, or the learned prior of an oracle world): fp32
+        res = {"source": "loaded" if not exact else f"{p.name} prior (built here)",
                "prior_bytes": int(sum(own.values()) * scale), "text_bytes": sum(text.values())}
         text_dim = text_encoder.dim
     n_corpus = _corpus_size(cfg)
@@ -625,7 +625,7 @@ def plan_config(cfg, world_size: int = 1, zero: int = 0, measure_prompts: int | 
     if measure_prompts is not None and measure_prompts < 1:
         raise ConfigError("--measure-prompts must be >= 1")
     truth = build_ground_truth(cfg)  # the oracle's world, built once for every measured step here
-    if cfg.distill.name == "vsd" and truth is None:
+    if cfg.distill.name == "vsd" and (truth is None or cfg.prior.name == "learned"):
         raise ConfigError("scalegen plan does not count VSD's LoRA backward through the UNet yet; plan an asd, "
                           "sds, csd or vdm config")
     if cfg.generator.name in ("gaussians",):

@@ -21,14 +21,20 @@ def build_prior(cfg, world: World | None = None, text_encoder=None, device=None)
         from scalegen.priors.mvdream import build_mvdream_prior  # noqa: PLC0415 - needs the [sd] extra
 
         return build_mvdream_prior(cfg, text_encoder=text_encoder, device=device)
+    if cfg.prior.name == "learned":
+        from scalegen.priors.learned import build_learned_prior  # noqa: PLC0415 - needs the [sd] extra
+
+        return build_learned_prior(cfg, world if world is not None else build_world(cfg), ground_truth_renderer(cfg),
+                                   text_encoder=text_encoder, device=device)
     raise AssertionError(f"unhandled prior {cfg.prior.name}")  # config validation prevents this
 
 
 def build_ground_truth(cfg, world: World | None = None) -> GroundTruth | None:
-    """What ``build_prior(cfg).ground_truth()`` returns, without building the prior (a learned prior's
-    weights are not loaded to find out that it has no ground truth): the oracle's world (``world`` when
-    given) and renderer, or None."""
-    if cfg.prior.name == "oracle":
+    """What ``build_prior(cfg).ground_truth()`` returns, without building the prior (a real prior's
+    weights are not loaded to find out that it has no ground truth): the oracle world (``world`` when
+    given) and the oracle's renderer for the oracle prior and for the learned prior trained on that world
+    (priors/learned.py), else None."""
+    if cfg.prior.name in ("oracle", "learned"):
         return GroundTruth(world if world is not None else build_world(cfg), ground_truth_renderer(cfg))
     return None
 
