@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from scalegen.config import load_config
-from scalegen.data.cameras import orbit_cameras
+from scalegen.data.cameras import Cameras, orbit_cameras
 from scalegen.priors import build_prior, build_world, mixture_posterior_mean
 from scalegen.priors.base import Guidance
 from scalegen.priors.oracle_world import OracleWorld
@@ -84,6 +84,11 @@ def test_scenes_that_differ_in_colour_share_one_geometry_render_to_the_last_bit(
     for name in ("rgb", "opacity", "depth"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
     assert world.component_field(ids[:2]).distinct_geometry() is None  # nothing shared: rendered as before
+    # each scene at its own cameras [K, V] (the learned prior's training bank): rendered scene by scene
+    own = Cameras(*(t.expand(len(ids), *t.shape[1:]).clone() for t in (cams.c2w, cams.fovy, cams.elevation,
+                                                                        cams.azimuth, cams.distance)),
+                  cams.height, cams.width)
+    assert torch.equal(truth.draw(ids, own).rgb, want.rgb)
 
 
 def _tiny_prior(extra=()):

@@ -79,12 +79,13 @@ class GroundTruth:
 
     @torch.no_grad()
     def draw(self, ids: list[int], cameras: Cameras) -> RenderOutput:
-        """Renders of components ``ids`` at shared cameras [1, U] (deterministic sample placement). Scenes
-        that differ only in their constant colour (``Field.distinct_geometry``) share one render of their
-        geometry: each component's image is then composed as the renderer composes a constant-colour
-        field, ``opacity * colour + (1 - opacity) * background``, the same pixels to the last bit."""
+        """Renders of components ``ids`` at shared cameras [1, U] or at their own [len(ids), U]
+        (deterministic sample placement). At shared cameras, scenes that differ only in their constant
+        colour (``Field.distinct_geometry``) share one render of their geometry: each component's image is
+        then composed as the renderer composes a constant-colour field, ``opacity * colour + (1 - opacity)
+        * background``, the same pixels to the last bit."""
         field = self.world.component_field(ids)
-        flat = field.constant_rgb()
+        flat = field.constant_rgb() if cameras.shared else None
         shared = field.distinct_geometry() if flat is not None else None
         if shared is None:
             return self.renderer(field, cameras.expand(len(ids)), background=self.world.background,
