@@ -398,13 +398,11 @@ def make_tiny_clip_model(out_dir: str | Path, backend: str = "transformers", wid
     torch.manual_seed(seed)
     vocab, merges = clip_bpe_vocab()
     if backend == "transformers":
-        from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer  # noqa: PLC0415
+        from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel  # noqa: PLC0415
 
-        (out / "vocab.json").write_text(json.dumps(vocab))
-        (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-        tok = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), pad_token="<|endoftext|>",
-                            model_max_length=77)
-        tok.save_pretrained(out)
+        from scalegen.text.clip import save_clip_tokenizer  # noqa: PLC0415
+
+        tok, _ = save_clip_tokenizer(out, pad_token="<|endoftext|>")
         cfg = CLIPConfig(
             text_config=dict(vocab_size=len(vocab), hidden_size=width, intermediate_size=4 * width,
                              num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=77,

@@ -19,7 +19,6 @@ and fov) retrieves its prompt among all the world's prompts (seen and unseen); c
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,17 +74,12 @@ def clip_setup(world_config: str | None, overrides: list[str]):
 def build_clip(opts: ClipTraining, folder: Path):
     """A randomly initialised transformers CLIP of ``opts.size`` with CLIP's real tokenizer, written into
     ``folder`` (tokenizer + preprocessor files); returns (model, tokenizer)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer  # noqa: PLC0415
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel  # noqa: PLC0415
 
-    from scalegen.text.clip import clip_bpe_vocab  # noqa: PLC0415
+    from scalegen.text.clip import save_clip_tokenizer  # noqa: PLC0415
 
     width, layers, heads, patch = CLIP_SIZES[opts.size]
-    vocab, merges = clip_bpe_vocab()
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>",
-                        model_max_length=77)
-    tok.save_pretrained(folder)
+    tok, vocab = save_clip_tokenizer(folder, pad_token="<|endoftext|>")
     CLIPImageProcessor(size={"shortest_edge": opts.image_size},
                        crop_size={"height": opts.image_size, "width": opts.image_size},
                        image_mean=list(OPENAI_MEAN), image_std=list(OPENAI_STD)).save_pretrained(folder)

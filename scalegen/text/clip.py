@@ -134,20 +134,28 @@ def clip_bpe_vocab() -> tuple[dict[str, int], list[str]]:
     return {tok: i for i, tok in enumerate(vocab)}, [" ".join(m) for m in merges]
 
 
+def save_clip_tokenizer(folder: Path, pad_token: str):
+    """CLIP's real BPE tokenizer written into ``folder`` (vocab.json, merges.txt and transformers' files);
+    returns (tokenizer, vocab). SD's tokenizer pads with "!", CLIPModel checkpoints with <|endoftext|>."""
+    from transformers import CLIPTokenizer  # noqa: PLC0415
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = clip_bpe_vocab()
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token,
+                              model_max_length=77)
+    tokenizer.save_pretrained(folder)
+    return tokenizer, vocab
+
+
 def make_tiny_clip(out_dir: str | Path, hidden: int = 32, layers: int = 2, heads: int = 2,
                    projection: int | None = None, seed: int = 0) -> Path:
     """Write ``tokenizer/`` and ``text_encoder/`` of a tiny random CLIP text tower (SD layout)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: PLC0415
+    from transformers import CLIPTextConfig, CLIPTextModel  # noqa: PLC0415
 
     out = Path(out_dir)
-    tok_dir = out / "tokenizer"
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    vocab, merges = clip_bpe_vocab()
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), pad_token="!",
-                              model_max_length=77)
-    tokenizer.save_pretrained(tok_dir)
+    tokenizer, vocab = save_clip_tokenizer(out / "tokenizer", pad_token="!")
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=4 * hidden,
                          num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
