@@ -32,6 +32,7 @@ BENCHES: dict[str, tuple[str, str, str]] = {
     "generators-curve": ("scalegen.bench.generators_curve", "GeneratorsCurveOptions", "bench_generators_curve"),
     "generate": ("scalegen.bench.generate", "GenerateBenchOptions", "bench_generate"),
     "eval": ("scalegen.bench.clip_eval", "EvalOptions", "bench_eval"),
+    "clip-agreement": ("scalegen.bench.clip_agreement", "ClipAgreementOptions", "bench_clip_agreement"),
     "refine": ("scalegen.bench.refine", "RefineBenchOptions", "bench_refine"),
     "claims": ("scalegen.bench.claims", "ClaimsOptions", "bench_claims"),
     "oracle-cost": ("scalegen.bench.oracle_cost", "OracleCostOptions", "bench_oracle_cost"),
