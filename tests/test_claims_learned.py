@@ -132,6 +132,8 @@ def test_another_learned_budget_continues_the_prior_and_retrains_its_runs(tmp_pa
     assert len(runs) == 12 and res["claims"][0]["learned_prior"]["steps_trained"] == 4
     rec = json.loads((tmp_path / "claims" / "learned_priors" / "multimodal" / "bench_learned.json").read_text())
     assert [t["step"] for t in rec["trainings"]] == [2, 4]
+    with pytest.raises(ScalegenError, match="other world, camera, render or text settings"):  # the runs' config changed
+        claims.bench_claims(_opts(claims=["a"], learned_steps=4), [*TINY, "camera.fovy_range=[30,50]"], str(tmp_path))
 
 
 @pytest.mark.slow

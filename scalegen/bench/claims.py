@@ -51,7 +51,7 @@ from scalegen.eval.report import format_table
 from scalegen.priors import build_ground_truth, build_prior, build_world
 from scalegen.render import build_renderer
 from scalegen.render.images import image_grid
-from scalegen.train.learned_prior import LearnedTraining, split_overrides, train_learned
+from scalegen.train.learned_prior import LearnedTraining, split_overrides, train_learned, world_record
 from scalegen.train.loop import train
 from scalegen.train.model import load_run
 
@@ -171,16 +171,21 @@ class Runner:
             return out
         opts = self.learned_opts
         options = {k: v for k, v in asdict(opts).items() if k not in ("progress", "ckpt_every")}
+        cfg = load_config(self.world_config(world), [*BUDGET, *self.overrides])
+        record = world_record(cfg)
         done = out / "bench_learned.json"
         rec = json.loads(done.read_text()) if done.is_file() else {}
+        if rec and rec.get("record") != record:
+            raise ScalegenError(f"'{out}' holds a learned prior trained on other world, camera, render or text settings "
+                                "than these runs' (a config override changed); remove it or give another --out")
         if rec.get("options") == options:
             print(f"[claims] reusing the learned prior {out}", flush=True)
         else:
-            cfg = load_config(self.world_config(world), [*BUDGET, *self.overrides])
             print(f"[claims] training the learned prior of world {world} in {out} (learned.size={opts.size}, "
                   f"steps={opts.steps}, minutes={opts.minutes:g}) ...", flush=True)
             summary = train_learned(cfg, opts, out, log=lambda m: print(f"[claims] {m}", flush=True))
-            rec = {"options": options, "trainings": [*rec.get("trainings", []), {**summary, "options": options}]}
+            rec = {"options": options, "record": record,
+                   "trainings": [*rec.get("trainings", []), {**summary, "options": options}]}
             atomic.write_json(done, rec, indent=1)
         info = json.loads((out / "learned_prior.json").read_text())
         self.learned_info[world] = {
