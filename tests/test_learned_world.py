@@ -162,3 +162,45 @@ def test_train_clip_writes_a_clip_the_eval_loader_reads(tmp_path):
     assert f.shape == (2, opts.embed_dim) and torch.allclose(f.norm(dim=-1), torch.ones(2))
     with pytest.raises(ScalegenError):  # a new folder only
         train_clip(cfg, opts, tmp_path / "clip", log=lambda m: None)
+
+
+# Under-specified prompts with two instances per scene: "a sphere" stands for 2 colours x 2 instances.
+MULTI = ["world.kind=compositional", "world.colors=[red, blue]", "world.shapes=[sphere, cube]", "world.sizes=[small]",
+         "world.patterns=[plain]", "world.relations=[]", "world.underspecified=true", "world.instances=2",
+         "world.unseen_attribute_pairs=0", "world.n_prompts=8", "world.n_eval=0", "camera.resolution=12",
+         "prior.oracle.samples=8", "prior.oracle.importance_samples=4", "text.dim=32"]
+
+
+def test_the_bank_of_a_world_with_completions_samples_each_prompts_mixture():
+    """Each bank view of a prompt renders one of its components (completions x instances) drawn uniformly, at that
+    view's camera: the pixels are that component's own render, the draws are the prompt's components and no
+    other, and an under-specified prompt's views are not all one component."""
+    from scalegen.data.cameras import Cameras
+    from scalegen.priors import build_ground_truth
+    from scalegen.train.learned_prior import render_bank
+
+    cfg = load_config(None, MULTI)
+    v = 12
+    bank = render_bank(cfg, v, seed=0, log=lambda m: None)
+    truth = build_ground_truth(cfg)
+    world = truth.world
+    seen = world.splits()["seen"]
+    assert bank["rgb"].shape == (len(seen) * v, 3, 12, 12) and bank["component"].shape == (len(seen) * v,)
+    under = 0
+    for p, prompt in enumerate(seen):
+        own = set(world.completions([world.index(prompt)])[0])
+        drawn = bank["component"][p * v:(p + 1) * v].tolist()
+        assert set(drawn) <= own
+        if len(own) > 1:
+            under += 1
+            assert len(set(drawn)) > 1, (prompt, drawn)
+    assert under > 0  # the world has under-specified prompts
+    for row in (0, 5, len(seen) * v - 1):  # each row is its component's render at its camera
+        cam = Cameras(bank["c2w"][row].view(1, 1, 4, 4), bank["fovy"][row].view(1, 1), torch.zeros(1, 1),
+                      torch.zeros(1, 1), torch.zeros(1, 1), 12, 12)
+        ref = truth.draw([int(bank["component"][row])], cam).rgb.clamp(0, 1)[0]
+        assert torch.allclose(bank["rgb"][row], ref, atol=1e-5)
+    again = render_bank(cfg, v, seed=0, log=lambda m: None)
+    assert torch.equal(again["component"], bank["component"]) and torch.equal(again["rgb"], bank["rgb"])
+    other = render_bank(cfg, v, seed=1, log=lambda m: None)
+    assert not torch.equal(other["component"], bank["component"])

@@ -279,20 +279,28 @@ def results_page(name: str, data: dict) -> str:
 
 
 def claims_page(data: dict) -> str:
-    """The claims summary from docs/claims.json (the bench's own file): verdict, budget and command per claim."""
+    """The claims summary from docs/claims.json (the bench's own file): verdict, budget and command per claim and
+    prior (``prior``: exact or learned; rows without it are exact)."""
     out = ["# Claims: verdicts", "",
            "Generated from `docs/claims.json`, the file `scalegen bench claims` writes. What each claim means, why each",
            "verdict came out as it did and the pictures are in [The papers' claims](../claims.md).", "",
-           "| claim | statement | verdict | seeds | steps |", "| --- | --- | --- | ---: | ---: |"]
+           "| claim | prior | statement | verdict | seeds | steps |", "| --- | --- | --- | --- | ---: | ---: |"]
     for c in data["claims"]:
-        out.append(f"| {_cell(c['id'])} | {_cell(c['claim'])} | **{_cell(c['verdict'])}** | {_cell(c.get('seeds', ''))} "
-                   f"| {_cell(c.get('steps', ''))} |")
+        out.append(f"| {_cell(c['id'])} | {_cell(c.get('prior', 'exact'))} | {_cell(c['claim'])} | "
+                   f"**{_cell(c['verdict'])}** | {_cell(c.get('seeds', ''))} | {_cell(c.get('steps', ''))} |")
     out.append("")
     for c in data["claims"]:
-        out += [f"## {c['id']}. {c['claim']}", "", f"Verdict: **{c['verdict']}**. Rule: {c.get('rule', '')}", ""]
+        prior = c.get("prior", "exact")
+        out += [f"## {c['id']}. {c['claim']} ({prior} prior)", "",
+                f"Verdict: **{c['verdict']}**. Rule: {c.get('rule', '')}", ""]
+        if c.get("not_defined_because"):
+            out += [f"Not run: {c['not_defined_because']}.", ""]
         if c.get("command"):
             out += ["```bash", c["command"], "```", ""]
-        out += _generic(c.get("numbers", {}), c["id"], depth=3)
+        key = c["id"] if prior == "exact" else f"{c['id']}-{prior}"
+        out += _generic(c.get("numbers", {}), key, depth=3)
+        if c.get("learned_prior"):
+            out += _generic({"learned_prior": c["learned_prior"]}, key, depth=3)
     return "\n".join(out) + "\n"
 
 

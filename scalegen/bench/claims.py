@@ -7,6 +7,15 @@ same budget). Runs are kept in ``--out``/claims and reused when their resolved c
 so the bench runs in pieces (``bench.claims=[a,b]``) and ``bench.merge=docs/claims.json`` updates one
 JSON with the claims of each piece.
 
+``bench.prior`` picks the prior every run distils from: ``exact`` (the oracle's exact mixture, the default) or
+``learned`` (priors/learned.py: a small UNet trained on the world's renders, so its errors are a real prior's).
+With ``learned``, each world a claim uses gets its learned prior trained when missing, at the runs' own world,
+camera, render and text settings (``BUDGET``), in ``--out``/claims/learned_priors/WORLD (``Runner.learned_prior``;
+budget ``bench.learned_size`` / ``learned_steps`` / ``learned_minutes``, other ``learned.KEY=value`` items as
+`scalegen prior train-learned` takes them), and its runs live in ``--out``/claims/learned/WORLD. Same arms,
+seeds and verdict rules; an arm that needs what the learned prior lacks (the camera, view prompts, Perp-Neg) is
+not trained: its claim's row says ``not_defined`` and why (``LEARNED_UNDEFINED``). Rows carry ``prior``.
+
 Verdict rules (fixed before anything was measured; never tuned to the results):
 
 * Paired rule (``paired``), for "A beats B" claims: per seed s, d_s = sign * (metric_A - metric_B)
@@ -25,7 +34,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -33,15 +42,16 @@ import imageio.v3 as iio
 import torch
 
 from scalegen import atomic
-from scalegen.config import load_config
+from scalegen.config import load_config, parse_options
 from scalegen.data.compose import compose_oracle_corpus
 from scalegen.data.cameras import orbit_cameras
 from scalegen.errors import ScalegenError
 from scalegen.eval.oracle import evaluate_oracle
 from scalegen.eval.report import format_table
-from scalegen.priors import build_prior, build_world
+from scalegen.priors import build_ground_truth, build_prior, build_world
 from scalegen.render import build_renderer
 from scalegen.render.images import image_grid
+from scalegen.train.learned_prior import LearnedTraining, split_overrides, train_learned, world_record
 from scalegen.train.loop import train
 from scalegen.train.model import load_run
 
@@ -59,6 +69,16 @@ BUDGET = [
     "train.logger=none", "train.progress=false", "train.log_every=25", "train.val_assets=0",
 ]
 MIN_PSNR, MIN_COLOUR, MIN_FACE = 0.5, 0.02, 0.1
+# Claims (rows) that need what the learned prior lacks: it is conditioned on the prompt only (the bag of words,
+# Stable-Diffusion-like), trained without view words and without the camera.
+NO_VIEW_WORDS = ("it is conditioned on the prompt only and was trained without view words, so it has no "
+                 "view-dependent prompts (prior.oracle.view_prompts is the exact oracle's)")
+LEARNED_UNDEFINED = {
+    "f2": f"f2 is not defined for the learned prior: {NO_VIEW_WORDS}",
+    "f3": f"f3 is not defined for the learned prior: {NO_VIEW_WORDS}, and Perp-Neg's negatives are those prompts",
+    "f4": "f4 is not defined for the learned prior: it does not see the camera (prompt-only conditioning, "
+          "Stable-Diffusion-like); there is no camera-aware learned prior",
+}
 
 
 @dataclass
@@ -78,6 +98,12 @@ class ClaimsOptions:
     reuse: bool = True  # reuse a finished run whose resolved config is unchanged
     merge: Optional[str] = None  # a claims JSON to update in place (rows of other claims are kept)
     pictures: Optional[str] = "docs/claims"  # a grid per claim (None: no pictures)
+    # the prior every run distils from: exact (the oracle's exact mixture) or learned (a small UNet trained on
+    # the world's renders, in --out/claims/learned_priors/WORLD, trained when missing)
+    prior: Literal["exact", "learned"] = "exact"
+    learned_size: Literal["small", "tiny"] = "small"  # bench.prior=learned: the UNet (learned.size; tiny for tests)
+    learned_steps: int = 20000  # bench.prior=learned: the learned prior's length in steps (learned.steps)
+    learned_minutes: float = 60.0  # bench.prior=learned: its training's wall-clock budget (learned.minutes; 0: none)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,9 +152,49 @@ class Runner:
     """Trains and evaluates arms (a world config + overrides + seed), each once, cached by its config."""
 
     def __init__(self, opts: ClaimsOptions, overrides: list[str], out_root: str):
-        self.opts, self.overrides = opts, overrides
+        learned_items, overrides = split_overrides(overrides, "learned")
+        self.opts, self.overrides, self.learned_items = opts, overrides, learned_items
         self.root = Path(out_root) / "claims"
         self.commands: list[str] = []
+        self.learned = opts.prior == "learned"
+        self.learned_opts = learned_options(opts, learned_items)
+        self.learned_info: dict[str, dict] = {}  # world -> what its learned prior is (rows carry it)
+
+    def learned_prior(self, world: str) -> Path:
+        """``world``'s learned prior, trained unless this budget's training already finished: in
+        ``--out``/claims/learned_priors/WORLD, on the config the runs use (world yaml, ``BUDGET``, the overrides),
+        so its world, text and resolution are the runs'. A training that stopped early (killed) continues from its
+        checkpoint (train/learned_prior.py) with a fresh ``learned_minutes``; another budget continues it too
+        (only steps and minutes may change) and invalidates the runs distilled from it (``Runner.run``)."""
+        out = self.root / "learned_priors" / world
+        if world in self.learned_info:
+            return out
+        opts = self.learned_opts
+        options = {k: v for k, v in asdict(opts).items() if k not in ("progress", "ckpt_every")}
+        cfg = load_config(self.world_config(world), [*BUDGET, *self.overrides])
+        record = world_record(cfg)
+        done = out / "bench_learned.json"
+        rec = json.loads(done.read_text()) if done.is_file() else {}
+        if rec and rec.get("record") != record:
+            raise ScalegenError(f"'{out}' holds a learned prior trained on other world, camera, render or text settings "
+                                "than these runs' (a config override changed); remove it or give another --out")
+        if rec.get("options") == options:
+            print(f"[claims] reusing the learned prior {out}", flush=True)
+        else:
+            print(f"[claims] training the learned prior of world {world} in {out} (learned.size={opts.size}, "
+                  f"steps={opts.steps}, minutes={opts.minutes:g}) ...", flush=True)
+            summary = train_learned(cfg, opts, out, log=lambda m: print(f"[claims] {m}", flush=True))
+            rec = {"options": options, "record": record,
+                   "trainings": [*rec.get("trainings", []), {**summary, "options": options}]}
+            atomic.write_json(done, rec, indent=1)
+        info = json.loads((out / "learned_prior.json").read_text())
+        self.learned_info[world] = {
+            "dir": str(out), "steps_trained": info["steps"], "size": info["size"], "params": info["params"],
+            "views_per_prompt": info["views_per_prompt"], "resolution": info["resolution"],
+            "options": options, "train_wall_s": round(sum(t["wall_s"] for t in rec["trainings"]), 1),
+            "train_cpu_s": round(sum(t["cpu_s"] for t in rec["trainings"]), 1),
+            "loss_ema": rec["trainings"][-1].get("loss_ema")}
+        return out
 
     def world_config(self, world: str) -> Path:
         path = CONFIGS / f"world_{world}.yaml"
@@ -147,13 +213,23 @@ class Runner:
         return path
 
     def run(self, world: str, name: str, arm: list[str], seed: int, splits=None) -> dict:
-        """Metrics of one arm at one seed (training it unless a finished run with this config exists)."""
-        run_dir = self.root / world / f"{name}-s{seed}"
+        """Metrics of one arm at one seed (training it unless a finished run with this config exists). With
+        the learned prior: its runs live under claims/learned/, and the cache key holds the prior's
+        learned_prior.json (a prior trained further is another prior)."""
+        prior_items, fingerprint = [], ""
+        if self.learned:
+            why = learned_refusal(arm)
+            if why:
+                raise ScalegenError(f"arm {name} of world {world} is not defined for the learned prior: {why}")
+            model = self.learned_prior(world)
+            prior_items = ["prior.name=learned", f"prior.model={model}"]
+            fingerprint = (model / "learned_prior.json").read_text()
+        run_dir = self.root / ("learned" if self.learned else "") / world / f"{name}-s{seed}"
         items = [*BUDGET, f"train.max_steps={self.opts.steps}", f"train.threads={self.opts.threads}",
                  f"train.val_every={self.opts.steps}", f"train.ckpt_every={self.opts.steps}", f"train.seed={seed}",
-                 f"eval.max_prompts={self.opts.eval_prompts}", *arm, *self.overrides]
+                 f"eval.max_prompts={self.opts.eval_prompts}", *arm, *prior_items, *self.overrides]
         cfg = load_config(self.world_config(world), items)
-        key = hashlib.sha256(cfg.to_yaml().encode()).hexdigest()[:16]
+        key = hashlib.sha256((cfg.to_yaml() + fingerprint).encode()).hexdigest()[:16]
         done = run_dir / "result.json"
         if self.opts.reuse and done.is_file():
             res = json.loads(done.read_text())
@@ -164,7 +240,16 @@ class Runner:
             shutil.rmtree(run_dir)
         cmd = f"scalegen train --config {self.world_config(world).relative_to(CONFIGS.parents[1])} --out {run_dir} " + \
             " ".join(items)
-        print(f"[claims] training {world}/{name} seed {seed} ...", flush=True)
+        print(f"[claims] training {world}/{name} seed {seed} ({self.opts.prior} prior) ...", flush=True)
+        train_s, metrics = self.train_eval(cfg, run_dir, splits)
+        res = {"config_hash": key, "world": world, "arm": name, "seed": seed, "prior": self.opts.prior,
+               "train_s": train_s, "s_per_step": train_s / cfg.train.max_steps, "metrics": metrics, "command": cmd,
+               "run_dir": str(run_dir)}
+        atomic.write_json(done, res, indent=1)
+        return res
+
+    def train_eval(self, cfg, run_dir: Path, splits=None) -> tuple[float, dict]:
+        """Train one run in ``run_dir`` and score it against the world's truth: (training seconds, metrics)."""
         t0 = time.perf_counter()
         train(cfg, run_dir)
         train_s = time.perf_counter() - t0
@@ -172,13 +257,8 @@ class Runner:
         world_obj = build_world(cfg)
         if splits is not None:
             splits = splits(world_obj)
-        metrics = evaluate_oracle(cfg, model, text_encoder, world_obj, max_prompts=self.opts.eval_prompts,
-                                  splits=splits)
-        res = {"config_hash": key, "world": world, "arm": name, "seed": seed, "train_s": train_s,
-               "s_per_step": train_s / cfg.train.max_steps, "metrics": metrics, "command": cmd,
-               "run_dir": str(run_dir)}
-        atomic.write_json(done, res, indent=1)
-        return res
+        return train_s, evaluate_oracle(cfg, model, text_encoder, world_obj, max_prompts=self.opts.eval_prompts,
+                                        splits=splits)
 
     def lr_items(self, world: str, scale: float) -> list[str]:
         """Overrides that multiply every generator learning rate of ``world`` by ``scale`` (the background's
@@ -220,6 +300,37 @@ class Runner:
                 for name, arm in arms.items()}
 
 
+def learned_options(opts: ClaimsOptions, items: list[str]) -> LearnedTraining:
+    """The learned prior's training options: ``bench.learned_*`` and ``bench.threads``, then any other
+    ``learned.KEY=value`` item of the command line (as `scalegen prior train-learned` takes them)."""
+    if items and opts.prior != "learned":
+        raise ScalegenError(f"'{items[0]}' trains the learned prior: it needs bench.prior=learned")
+    for it in items:
+        key = it.split("=", 1)[0].removeprefix("learned.")
+        if key in ("size", "steps", "minutes"):
+            raise ScalegenError(f"'{it}': give the learned prior's {key} as bench.learned_{key}= (rows record it)")
+    if opts.learned_steps < 1 or opts.learned_minutes < 0:
+        raise ScalegenError(f"bench.learned_steps={opts.learned_steps} must be >= 1 and bench.learned_minutes="
+                            f"{opts.learned_minutes} >= 0 (0: no wall-clock budget)")
+    return parse_options(LearnedTraining, [
+        f"learned.size={opts.learned_size}", f"learned.steps={opts.learned_steps}",
+        f"learned.minutes={opts.learned_minutes}", f"learned.threads={opts.threads}", "learned.progress=false",
+        *items], "learned", "the learned prior's options (train/learned_prior.py LearnedTraining)")
+
+
+def learned_refusal(arm: list[str]) -> str:
+    """Why an arm's overrides need what the learned prior lacks ('' when it runs on it): a camera-aware oracle,
+    view prompts, Perp-Neg (the learned prior ignores prior.oracle.* and prior.perp_neg)."""
+    kv = dict(it.split("=", 1) for it in arm)
+    if kv.get("prior.oracle.mode") == "camera_aware":
+        return "prior.oracle.mode=camera_aware needs a prior that sees the camera; the learned prior is conditioned on the prompt only"
+    if kv.get("prior.oracle.view_prompts", "false").lower() == "true":
+        return NO_VIEW_WORDS
+    if float(kv.get("prior.perp_neg", 0)) > 0:
+        return "Perp-Neg's negatives are view prompts; " + NO_VIEW_WORDS
+    return ""
+
+
 def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
@@ -254,8 +365,8 @@ def picture(path: Path, rows: list[tuple[str, dict]], prompts: list[str], scale:
                                          importance_samples=cfg.eval.importance_samples)
         out_rows.append(out.rgb.view(len(prompts), 4, *out.rgb.shape[1:]))
         if cfg0 is None:
-            cfg0, prior = cfg, build_prior(cfg, world)
-            gt = prior.render([world.index(p) for p in prompts], cams)
+            cfg0 = cfg
+            gt = build_ground_truth(cfg, world).render(prompts, cams)
     grid = []
     for i in range(len(prompts)):
         grid.append(gt[i])
@@ -434,6 +545,8 @@ def claim_d(r: Runner) -> list[dict]:
                                               for k, v in runs.items()},
           "prior_rows_per_image": cost, "s_per_step": s_step, "vdm_minus_vsd": dq,
           "reduced_sd_unet_step_s_reference": "docs/results/distill-sd-step.json: VDM 1.18x SDS, 0.37x VSD per step"}
+    if r.learned:
+        n1["prior_rows_counted_on"] = "the exact oracle (the rows a distiller asks per image do not depend on the prior)"
     v2, d2 = paired(psnr["vdm_dca"], psnr["vdm_constant"], +1, MIN_PSNR)
     n2 = {"psnr_seen": {k: psnr[k] for k in ("vdm_dca", "vdm_constant")}, "dca_minus_constant": d2}
     pic = {k: runs[k] for k in ("sds_cfg7.5", "vsd", "vdm_dca", "vdm_constant")}
@@ -500,7 +613,8 @@ def claim_f(r: Runner) -> list[dict]:
     a camera-aware prior removes it: as f2, and its rate is <= 0.05 on every seed (does_not_hold if it is
     > 0.05 on every seed). (The quality condition was added after a 150-step pilot in which Perp-Neg's
     rate fell to 0 while its PSNR fell below the untrained generator's: docs/claims.md.)"""
-    arms = {k: ["distill.name=sds", "distill.guidance_scale=7.5", *v] for k, v in FRONT_ARMS.items()}
+    names = ["view_agnostic"] if r.learned else list(FRONT_ARMS)  # f2..f4's arms need views or the camera
+    arms = {k: ["distill.name=sds", "distill.guidance_scale=7.5", *FRONT_ARMS[k]] for k in names}
 
     def splits(world):
         fronts = [p for p in world.seen if world.marker_of(p) is not None]
@@ -520,25 +634,31 @@ def claim_f(r: Runner) -> list[dict]:
                    "object_kept": d["object_kept"]}
 
     v1 = level(rate["view_agnostic"], MIN_FACE)
-    v2, n2 = remedy("view_prompts")
-    v3, n3 = remedy("view_prompts_perp_neg")
-    v4, n4 = remedy("camera_aware")
-    low = level(rate["camera_aware"], 0.05, above=False)
-    n4["camera_aware_rate_at_most_0.05"] = low
-    v4 = "does_not_hold" if low == "does_not_hold" else v4 if low == "holds" else \
-        ("does_not_hold" if v4 == "does_not_hold" else "inconclusive")
-    return shared_picture([
-        row("f1", "View-agnostic priors produce multi-faced objects (the Janus problem)",
-            "Perp-Neg (Armandpour et al. 2023) Sec. 1; MVDream (Shi et al. 2023) Sec. 1",
-            exp + "view-agnostic oracle", base, v1, claim_f.__doc__, runs, r, picture_world="front"),
-        row("f2", "View-dependent prompts reduce the multi-face problem",
-            "DreamFusion (Poole et al. 2022) Sec. 3.2 (view-dependent prompting)",
-            exp + "view-agnostic vs view prompts", n2, v2, claim_f.__doc__, {}, r),
-        row("f3", "View-dependent prompts with Perp-Neg reduce the multi-face problem",
-            "Perp-Neg (Armandpour et al. 2023) Sec. 4 (2D-to-3D); ScaleDreamer's SD runs use it",
-            exp + "view-agnostic vs view prompts perp neg", n3, v3, claim_f.__doc__, {}, r),
-        row("f4", "A camera-aware (MVDream-like) prior removes it", "MVDream (Shi et al. 2023) Sec. 4",
-            exp + "view-agnostic vs camera aware", n4, v4, claim_f.__doc__, {}, r)])
+    f1 = row("f1", "View-agnostic priors produce multi-faced objects (the Janus problem)",
+             "Perp-Neg (Armandpour et al. 2023) Sec. 1; MVDream (Shi et al. 2023) Sec. 1",
+             exp + ("view-agnostic learned prior" if r.learned else "view-agnostic oracle"), base, v1, claim_f.__doc__,
+             runs, r, picture_world="front")
+    remedies = [("f2", "View-dependent prompts reduce the multi-face problem",
+                 "DreamFusion (Poole et al. 2022) Sec. 3.2 (view-dependent prompting)", "view_prompts"),
+                ("f3", "View-dependent prompts with Perp-Neg reduce the multi-face problem",
+                 "Perp-Neg (Armandpour et al. 2023) Sec. 4 (2D-to-3D); ScaleDreamer's SD runs use it",
+                 "view_prompts_perp_neg"),
+                ("f4", "A camera-aware (MVDream-like) prior removes it", "MVDream (Shi et al. 2023) Sec. 4",
+                 "camera_aware")]
+    if r.learned:
+        return shared_picture([f1, *(not_defined(cid, claim, source, exp + "view-agnostic vs " + arm.replace("_", " "),
+                                                 claim_f.__doc__, r, "front") for cid, claim, source, arm in remedies)])
+    out = [f1]
+    for cid, claim, source, arm in remedies:
+        v, n = remedy(arm)
+        if arm == "camera_aware":
+            low = level(rate["camera_aware"], 0.05, above=False)
+            n["camera_aware_rate_at_most_0.05"] = low
+            v = "does_not_hold" if low == "does_not_hold" else v if low == "holds" else \
+                ("does_not_hold" if v == "does_not_hold" else "inconclusive")
+        out.append(row(cid, claim, source, exp + "view-agnostic vs " + arm.replace("_", " "), n, v, claim_f.__doc__,
+                       {}, r, picture_world="front"))
+    return shared_picture(out)
 
 
 def shared_picture(rows: list[dict]) -> list[dict]:
@@ -555,18 +675,31 @@ CLAIMS = {"a": claim_a, "b": claim_b, "c": claim_c, "d": claim_d, "e": claim_e, 
 
 def row(cid: str, claim: str, source: str, experiment: str, numbers: dict, verdict: str, rule: str,
         pic_runs: dict, r: Runner, picture_world: str = "multimodal") -> dict:
-    out = {"id": cid, "claim": claim, "source": source, "experiment": experiment, "numbers": numbers,
-           "verdict": verdict, "rule": " ".join(rule.split()), "seeds": r.opts.seeds, "steps": r.opts.steps,
-           "budget": " ".join(BUDGET),
+    """A claim's JSON row; ``picture_world`` is the claim's world (its picture's, and its learned prior's)."""
+    out = {"id": cid, "prior": r.opts.prior, "claim": claim, "source": source, "experiment": experiment,
+           "numbers": numbers, "verdict": verdict, "rule": " ".join(rule.split()), "seeds": r.opts.seeds,
+           "steps": r.opts.steps, "budget": " ".join(BUDGET),
            "command": " ".join([f"scalegen bench claims bench.claims=[{cid[0]}] bench.seeds={r.opts.seeds} "
-                                f"bench.steps={r.opts.steps}", *option_items(r.opts), *r.overrides])}
+                                f"bench.steps={r.opts.steps}", *option_items(r.opts), *r.learned_items, *r.overrides])}
+    if r.learned:
+        out["learned_prior"] = r.learned_info.get(picture_world, {})
     if pic_runs and r.opts.pictures:
         rows = [(name, runs[0]) for name, runs in pic_runs.items()]
         world = build_world(load_config(r.world_config(picture_world)))
         prompts = probe_prompts(picture_world, world)
-        path = Path(r.opts.pictures) / f"{cid}.png"
+        path = Path(r.opts.pictures) / (f"{cid}-learned.png" if r.learned else f"{cid}.png")
         out["picture"] = str(path)
         out["picture_legend"] = picture(path, rows, prompts)
+    return out
+
+
+def not_defined(cid: str, claim: str, source: str, experiment: str, rule: str, r: Runner, world: str) -> dict:
+    """The row of a claim that needs what the learned prior lacks: verdict ``not_defined``, the reason in one line
+    (``LEARNED_UNDEFINED``), printed as well; nothing is trained for it."""
+    why = LEARNED_UNDEFINED[cid]
+    print(f"[claims] {why}", flush=True)
+    out = row(cid, claim, source, experiment, {}, "not_defined", rule, {}, r, picture_world=world)
+    out["not_defined_because"] = why
     return out
 
 
@@ -605,17 +738,30 @@ def bench_claims(opts: ClaimsOptions, overrides: list[str], out_root: str) -> di
     for cid in dict.fromkeys(opts.claims):
         print(f"[claims] claim {cid} ...", flush=True)
         rows += CLAIMS[cid](runner)
-    print(format_table([[x["id"], x["verdict"], x["claim"][:70]] for x in rows], ["claim", "verdict", "statement"]))
+    print(format_table([[x["id"], x["prior"], x["verdict"], x["claim"][:70]] for x in rows],
+                       ["claim", "prior", "verdict", "statement"]))
     for x in rows:
-        print(f"[claims] {x['id']}: {json.dumps(x['numbers'])}")
+        print(f"[claims] {x['id']} ({x['prior']} prior): {json.dumps(x['numbers'])}")
     result = {"claims": rows}
     if opts.merge:
         path = Path(opts.merge)
         old = json.loads(path.read_text())["claims"] if path.is_file() else []
-        ids = {x["id"] for x in rows}
-        merged = sorted([x for x in old if x["id"] not in ids] + rows, key=lambda x: x["id"])
-        result = {"claims": merged}
+        result = {"claims": merge_rows(old, rows)}
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic.write_json(path, result)
-        print(f"[claims] {path} now holds claims {', '.join(x['id'] for x in merged)}")
+        print(f"[claims] {path} now holds claims {', '.join(row_key(x)[0] + '/' + row_key(x)[1] for x in result['claims'])}")
     return result
+
+
+def row_key(x: dict) -> tuple[str, str]:
+    """A row's identity in the claims JSON: (claim id, prior); rows written before bench.prior existed are exact."""
+    return x["id"], x.get("prior", "exact")
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` rows with ``new`` ones put in place of the same (claim, prior): the exact and learned rows of a
+    claim live side by side; sorted by claim, the exact row first."""
+    keys = {row_key(x) for x in new}
+    order = {"exact": 0, "learned": 1}
+    return sorted([x for x in old if row_key(x) not in keys] + new,
+                  key=lambda x: (x["id"], order.get(row_key(x)[1], 2)))

@@ -97,17 +97,12 @@ def build_clip(opts: ClipTraining, folder: Path):
 
 
 @torch.no_grad()
-def render_views(truth, prompts: list[str], cams: Cameras) -> torch.Tensor:
-    """uint8 [P, V, 3, H, W] ground truth of ``prompts`` at cameras [P, V] (or shared [1, V])."""
+def render_views(truth, prompts: list[str], cams: Cameras, seed: int = 0) -> torch.Tensor:
+    """uint8 [P, V, 3, H, W] ground truth of ``prompts`` at cameras [P, V] (or shared [1, V]), each view one
+    of the prompt's components drawn uniformly (seeded; ``GroundTruth.draw_mixture``)."""
     ids = [truth.world.index(p) for p in prompts]
-    out = []
-    for i in range(0, len(ids), 8):
-        sl = slice(i, i + 8)
-        sub = cams if cams.shared else Cameras(cams.c2w[sl], cams.fovy[sl], cams.elevation[sl], cams.azimuth[sl],
-                                               cams.distance[sl], cams.height, cams.width)
-        o = truth.draw(ids[sl], sub)
-        out.append(o.rgb.reshape(len(ids[sl]), cams.shape[1], 3, cams.height, cams.width))
-    return (torch.cat(out).clamp(0, 1) * 255).round().byte()
+    rgb, _, _ = truth.draw_mixture(ids, cams, torch.Generator().manual_seed(seed))
+    return (rgb.clamp(0, 1) * 255).round().byte()
 
 
 def protocol_truth(cfg, truth, prompts: list[str], resolution: int = 64) -> torch.Tensor:
@@ -154,7 +149,7 @@ def train_clip(cfg, opts: ClipTraining, out: str | Path, log: Callable = print) 
     cam_cfg = dataclasses.replace(cfg.camera, views_per_prompt=opts.views_per_prompt, share_across_prompts=False,
                                   resolution=opts.render_resolution, resolution_milestones=[])
     t_render = time.perf_counter()
-    bank = render_views(truth, seen, sample_train_cameras(cam_cfg, len(seen), gen))  # [P, V, 3, R, R] uint8
+    bank = render_views(truth, seen, sample_train_cameras(cam_cfg, len(seen), gen), opts.seed)  # [P, V, 3, R, R] uint8
     log(f"rendered {len(seen)} prompts x {opts.views_per_prompt} views at {opts.render_resolution} px in "
         f"{time.perf_counter() - t_render:.0f} s")
     p = PROTOCOLS["scalegen"]

@@ -60,7 +60,10 @@ def exact_x0(x: Tensor, a: Tensor, s_t: Tensor, mu: Tensor, s: float, chunk: int
 
 
 class ExactMixture:
-    """The exact eps of the learned prior's training distribution (the bank mixture), conditional and not."""
+    """The exact eps of the learned prior's training distribution (the bank mixture), conditional and not. A
+    prompt's conditional is the equal-weight mixture over its own bank rows; each row renders a component drawn
+    uniformly from the prompt's completions x instances (``render_bank``), so this is the training data exactly,
+    and the oracle's conditional mixture over the prompt's components in expectation over the bank's draws."""
 
     def __init__(self, bank_z: Tensor, prompt: Tensor, n_prompts: int, s: float, alphas_cumprod: Tensor):
         self.mu = bank_z.flatten(1)  # [N, D]
@@ -144,25 +147,20 @@ def ddim_sample(eps_fn, shape, alphas_cumprod: Tensor, steps: int, cfg_scale: fl
 
 @torch.no_grad()
 def reference_views(truth, prompts: list[str], cam_cfg, views: int, seed: int):
-    """Ground truth of ``prompts`` at ``views`` training cameras each (its own draws per prompt, seeded):
-    rgb [P, V, 3, H, W], opacity [P, V, 1, H, W], backdrop [P, V, 3, H, W]."""
+    """Ground truth of ``prompts`` at ``views`` training cameras each (its own draws per prompt, seeded), each
+    view one of the prompt's components drawn uniformly (``GroundTruth.draw_mixture``: a sample of the prompt's
+    conditional, as the bank's renders are): rgb [P, V, 3, H, W], opacity [P, V, 1, H, W], backdrop
+    [P, V, 3, H, W]."""
     import dataclasses  # noqa: PLC0415
 
     c = dataclasses.replace(cam_cfg, views_per_prompt=views, share_across_prompts=False, resolution_milestones=[])
-    cams = sample_train_cameras(c, len(prompts), torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    cams = sample_train_cameras(c, len(prompts), gen)
     ids = [truth.world.index(p) for p in prompts]
-    rgb, op = [], []
-    for i in range(0, len(ids), 8):
-        sl = slice(i, i + 8)
-        sub = Cameras(cams.c2w[sl], cams.fovy[sl], cams.elevation[sl], cams.azimuth[sl], cams.distance[sl],
-                      cams.height, cams.width)
-        out = truth.draw(ids[sl], sub)
-        k = len(ids[sl])
-        rgb.append(out.rgb.reshape(k, views, 3, cams.height, cams.width).clamp(0, 1))
-        op.append(out.opacity.reshape(k, views, 1, cams.height, cams.width))
+    rgb, op, _ = truth.draw_mixture(ids, cams, gen)
     _, dirs = camera_rays(cams)  # [P, V, H*W, 3]
     bg = truth.world.background(dirs).reshape(len(ids), views, cams.height, cams.width, 3).permute(0, 1, 4, 2, 3)
-    return torch.cat(rgb), torch.cat(op), bg.contiguous()
+    return rgb.clamp(0, 1), op, bg.contiguous()
 
 
 def score_samples(samples: Tensor, own: Tensor, ref_rgb: Tensor, ref_op: Tensor, ref_bg: Tensor) -> dict:

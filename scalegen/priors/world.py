@@ -113,6 +113,36 @@ class GroundTruth:
                                                           cameras.width))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
+    @torch.no_grad()
+    def draw_mixture(self, prompt_ids: list[int], cameras: Cameras, gen: torch.Generator,
+                     chunk: int = 8) -> tuple[Tensor, Tensor, Tensor]:
+        """Samples of each prompt's conditional: view v of prompt p (cameras [P, V], or shared [1, V]) renders
+        one component drawn uniformly (``gen``) from p's completions x instances, so the renders of a prompt
+        are draws from the equal-weight mixture over its components that the oracle's conditional is. Returns
+        rgb [P, V, 3, H, W], opacity [P, V, 1, H, W], component ids [P, V]. A prompt with one component draws
+        nothing from ``gen`` and renders its views together."""
+        cameras = cameras.expand(len(prompt_ids))
+        comps = self.world.completions(prompt_ids)
+        p, v = cameras.shape
+        pick = [torch.randint(len(c), (v,), generator=gen).tolist() if len(c) > 1 else [0] * v for c in comps]
+        component = torch.tensor([[c[k] for k in ks] for c, ks in zip(comps, pick)], dtype=torch.long).view(p, v)
+        rgb, op = [], []
+        for i in range(0, p, chunk):
+            sl = slice(i, i + chunk)
+            sub = Cameras(cameras.c2w[sl], cameras.fovy[sl], cameras.elevation[sl], cameras.azimuth[sl],
+                          cameras.distance[sl], cameras.height, cameras.width)
+            ids = component[sl]
+            if all(len(c) == 1 for c in comps[sl]):  # one component per prompt: its views in one draw
+                out = self.draw(ids[:, 0].tolist(), sub)
+            else:  # one row per view: each view its own component
+                f = lambda t: t.reshape(-1, 1, *t.shape[2:])  # noqa: E731
+                out = self.draw(ids.flatten().tolist(), Cameras(f(sub.c2w), f(sub.fovy), f(sub.elevation),
+                                                                f(sub.azimuth), f(sub.distance), sub.height, sub.width))
+            k = ids.shape[0]
+            rgb.append(out.rgb.reshape(k, v, 3, cameras.height, cameras.width))
+            op.append(out.opacity.reshape(k, v, 1, cameras.height, cameras.width))
+        return torch.cat(rgb), torch.cat(op), component
+
     def render(self, prompts: list[str], cameras: Cameras) -> Tensor:
         """Ground truth of world prompts at shared cameras [1, U] -> rgb [K, U, 3, H, W]: each prompt's
         first completion (the prompt itself in the default world)."""

@@ -2,8 +2,9 @@
 
 Data: a *bank* of ground-truth renders of the world's training prompts (``world.splits()["seen"]``),
 ``views_per_prompt`` per prompt from the training camera distribution (``camera.*``, stratified per
-prompt), drawn once from the seed and cached in ``OUT/bank.safetensors``. The learned model's data
-distribution is therefore known exactly: the equal-weight mixture of N(mu_k, s^2 I) over the bank's
+prompt), each view one of the prompt's components (completions x instances) drawn uniformly, all drawn
+once from the seed and cached in ``OUT/bank.safetensors``. The learned model's data distribution is therefore
+known exactly: the equal-weight mixture of N(mu_k, s^2 I) over the bank's
 renders mu_k (``sharpness`` s; 0 = the clean renders), whose exact posterior is the oracle's formula
 (``priors.mixture_posterior_mean``) — what `scalegen prior score-learned` compares it against.
 
@@ -97,8 +98,11 @@ def world_record(cfg) -> dict:
 @torch.no_grad()
 def render_bank(cfg, views_per_prompt: int, seed: int, log: Callable = print) -> dict[str, torch.Tensor]:
     """Ground-truth renders of every training prompt at ``views_per_prompt`` cameras drawn from the training
-    distribution (each prompt its own draws): rgb [N, 3, H, W], opacity [N, 1, H, W], prompt [N] (index into
-    the world's seen prompts), c2w [N, 4, 4], fovy [N] (radians)."""
+    distribution (each prompt its own draws), each view a render of one of the prompt's components drawn
+    uniformly from its completions x instances (``GroundTruth.draw_mixture``; the prompt itself in the default
+    world), so a prompt's bank rows sample the mixture the oracle's conditional is: rgb [N, 3, H, W], opacity
+    [N, 1, H, W], prompt [N] (index into the world's seen prompts), component [N] (the world's component id),
+    c2w [N, 4, 4], fovy [N] (radians)."""
     truth = build_ground_truth(cfg)
     seen = truth.world.splits()["seen"]
     ids = [truth.world.index(p) for p in seen]
@@ -106,22 +110,13 @@ def render_bank(cfg, views_per_prompt: int, seed: int, log: Callable = print) ->
                                   resolution_milestones=[])
     gen = torch.Generator().manual_seed(seed)
     cams = sample_train_cameras(cam_cfg, len(seen), gen)
-    rgb, op = [], []
     t0 = time.perf_counter()
-    chunk = 8
-    for i in range(0, len(ids), chunk):
-        part = slice(i, i + chunk)
-        sub = type(cams)(cams.c2w[part], cams.fovy[part], cams.elevation[part], cams.azimuth[part],
-                         cams.distance[part], cams.height, cams.width)
-        out = truth.draw(ids[part], sub)
-        n = len(ids[part]) * views_per_prompt
-        rgb.append(out.rgb.reshape(n, 3, cams.height, cams.width).clamp(0, 1))
-        op.append(out.opacity.reshape(n, 1, cams.height, cams.width))
+    rgb, op, component = truth.draw_mixture(ids, cams, gen)
     log(f"rendered the bank: {len(seen)} prompts x {views_per_prompt} views at {cams.height} px in "
         f"{time.perf_counter() - t0:.0f} s")
     v = views_per_prompt
-    return {"rgb": torch.cat(rgb).contiguous(), "opacity": torch.cat(op).contiguous(),
-            "prompt": torch.arange(len(seen)).repeat_interleave(v),
+    return {"rgb": rgb.flatten(0, 1).clamp(0, 1).contiguous(), "opacity": op.flatten(0, 1).contiguous(),
+            "prompt": torch.arange(len(seen)).repeat_interleave(v), "component": component.reshape(-1).contiguous(),
             "c2w": cams.c2w.reshape(-1, 4, 4).contiguous(), "fovy": cams.fovy.reshape(-1).contiguous()}
 
 
