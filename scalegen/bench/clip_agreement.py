@@ -23,7 +23,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import torch
 
@@ -72,7 +72,9 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float("nan") if den == 0 else float((da * db).sum() / den)
 
 
-def _score_run(path: str, clip, protocol, out: Path) -> dict:
+def _score_run(path: str, clip, protocol, out: Path, first: Optional[dict]) -> dict:
+    """One run's oracle and CLIP metrics; refused before any scoring when its world's prompts differ from those
+    of ``first`` (the first run's row): runs of different worlds have nothing to rank against each other."""
     cfg, text_encoder, model, ckpt = load_run(path)
     truth = build_ground_truth(cfg)
     if truth is None:
@@ -83,15 +85,19 @@ def _score_run(path: str, clip, protocol, out: Path) -> dict:
     if set(splits) != {"seen", "unseen"}:
         raise ScalegenError(f"'{path}' is a run of a world with the splits {', '.join(splits)}; clip-agreement "
                             "scores the default world's seen and unseen prompts")
+    pool = Pool(list(splits["seen"]) + list(splits["unseen"]),
+                [True] * len(splits["seen"]) + [False] * len(splits["unseen"]), ["seen", "unseen"])
+    if first is not None and pool.digest() != first["pool"]:
+        raise ScalegenError(f"'{path}' is a run of another world than '{first['run']}' (other prompts); "
+                            "bench.runs ranks runs of one world")
     t0 = time.perf_counter()
     oracle = evaluate_oracle(cfg, model, text_encoder, world, cache_dir=run_dir_of(Path(ckpt)) / "eval-cache")
     oracle_s = time.perf_counter() - t0
-    pool = Pool(list(splits["seen"]) + list(splits["unseen"]),
-                [True] * len(splits["seen"]) + [False] * len(splits["unseen"]), ["seen", "unseen"])
     name = hashlib.sha1(str(Path(ckpt).resolve()).encode()).hexdigest()[:10]
     source = run_views(cfg, text_encoder, model, ckpt, protocol, torch.device("cpu"))
     summary = evaluate_clip(source, pool, protocol, clip, out / name, out / "text-cache", progress=False)
-    return {"run": str(path), "label": f"{run_dir_of(Path(ckpt)).name}/{Path(ckpt).name}", "checkpoint": str(ckpt), "world": cfg.world.kind, "prior": cfg.prior.name,
+    return {"run": str(path), "label": f"{run_dir_of(Path(ckpt)).name}/{Path(ckpt).name}", "checkpoint": str(ckpt),
+            "world": cfg.world.kind, "pool": pool.digest(), "prior": cfg.prior.name,
             "distill": cfg.distill.name, "oracle_s": oracle_s, "clip_s": summary["eval_s"],
             **{s: {**{m: float(oracle[s][m]) for m in ORACLE_METRICS},
                    **{f"clip_{m}" if not m.startswith("clip") else m: float(summary[s][m]) for m in CLIP_METRICS}}
@@ -115,10 +121,8 @@ def bench_clip_agreement(opts: ClipAgreementOptions, overrides: list[str], out_r
     rows = []
     for path in opts.runs:
         print(f"[clip-agreement] scoring {path} ...", flush=True)
-        rows.append(_score_run(path, clip, protocol, out))
-    worlds = {(r["world"]) for r in rows}
-    if len(worlds) > 1:
-        raise ScalegenError(f"bench.runs mixes worlds ({', '.join(sorted(worlds))}); rank runs of one world")
+        rows.append(_score_run(path, clip, protocol, out, rows[0] if rows else None))
+
     def rho_of(a: list[float], b: list[float]):
         r = spearman(a, b)
         return None if r != r else round(r, 4)  # None: one side constant over the runs (no order to compare)
