@@ -33,31 +33,29 @@ class Cameras:
     def shared(self) -> bool:
         return self.fovy.shape[0] == 1
 
+    def map(self, fn, height: int | None = None, width: int | None = None) -> "Cameras":
+        """The same cameras with ``fn`` applied to every per-view tensor (c2w, fovy, elevation, azimuth,
+        distance): slicing, reshaping, moving; ``height`` / ``width`` replace the image size when given."""
+        return Cameras(fn(self.c2w), fn(self.fovy), fn(self.elevation), fn(self.azimuth), fn(self.distance),
+                       self.height if height is None else height, self.width if width is None else width)
+
     def expand(self, n_prompts: int) -> "Cameras":
         """Materialise a shared camera set for ``n_prompts`` prompts (no copy)."""
         if self.fovy.shape[0] == n_prompts:
             return self
         assert self.shared, "only a shared camera set (P == 1) can be expanded"
-        e = lambda t: t.expand(n_prompts, *t.shape[1:])  # noqa: E731
-        return Cameras(e(self.c2w), e(self.fovy), e(self.elevation), e(self.azimuth), e(self.distance),
-                       self.height, self.width)
+        return self.map(lambda t: t.expand(n_prompts, *t.shape[1:]))
 
     def rows(self) -> "Cameras":
         """Flatten to one camera per image row, shape [1, P*V] (the prior's view of a batch)."""
-        f = lambda t: t.reshape(1, -1, *t.shape[2:])  # noqa: E731
-        return Cameras(f(self.c2w), f(self.fovy), f(self.elevation), f(self.azimuth), f(self.distance),
-                       self.height, self.width)
+        return self.map(lambda t: t.reshape(1, -1, *t.shape[2:]))
 
     def repeat_rows(self, repeats: int) -> "Cameras":
         """The per-row cameras of ``repeats`` stacked branches of this batch, [1, repeats*P*V]."""
-        r = self.rows()
-        cat = lambda t: torch.cat([t] * repeats, 1)  # noqa: E731
-        return Cameras(cat(r.c2w), cat(r.fovy), cat(r.elevation), cat(r.azimuth), cat(r.distance),
-                       self.height, self.width)
+        return self.rows().map(lambda t: torch.cat([t] * repeats, 1))
 
     def to(self, device) -> "Cameras":
-        return Cameras(self.c2w.to(device), self.fovy.to(device), self.elevation.to(device),
-                       self.azimuth.to(device), self.distance.to(device), self.height, self.width)
+        return self.map(lambda t: t.to(device))
 
 
 def look_at(position: Tensor, target: Tensor | None = None) -> Tensor:
@@ -132,8 +130,7 @@ def sample_train_cameras(cfg, n_prompts: int, generator: torch.Generator | None 
         c = sample_mvdream_cameras(cfg, p * k, generator)  # [P * K, group]
         if k == 1:
             return c
-        f = lambda t: t.reshape(p, cfg.views_per_prompt, *t.shape[2:])  # noqa: E731
-        return Cameras(f(c.c2w), f(c.fovy), f(c.elevation), f(c.azimuth), f(c.distance), c.height, c.width)
+        return c.map(lambda t: t.reshape(p, cfg.views_per_prompt, *t.shape[2:]))
     v = cfg.views_per_prompt
     u = lambda: torch.rand(p, v, generator=generator)  # noqa: E731
     elevation = _elevation(cfg, (p, v), generator)

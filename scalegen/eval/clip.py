@@ -239,9 +239,7 @@ def render_views(model, text_encoder, renderer: Renderer, cameras: Cameras, prom
     step = max(1, ray_budget // (b * r * r))
     rgb = []
     for s in range(0, v, step):
-        sl = lambda t: t[:, s:s + step]  # noqa: E731
-        sub = Cameras(sl(cameras.c2w), sl(cameras.fovy), sl(cameras.elevation), sl(cameras.azimuth),
-                      sl(cameras.distance), cameras.height, cameras.width)
+        sub = cameras.map(lambda t: t[:, s:s + step])
         out = renderer(field_, sub, background=bg, **renderer.eval_options(samples, importance_samples))
         rgb.append(to_uint8(out.rgb).view(b, -1, 3, r, r).cpu())
     return list(torch.cat(rgb, dim=1))

@@ -7,6 +7,7 @@ rendered; around it the frame is the backdrop (``render_turntables``): 2-5x fewe
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +59,8 @@ def render_turntables(field, background, renderer, cameras: Cameras, samples: in
     frames = np.empty((b, n, size, size, 3), dtype=np.uint8)
     for s in range(0, n, views_per_call):
         sl = slice(s, s + views_per_call)
-        full = Cameras(cameras.c2w[:, sl], cameras.fovy[:, sl], cameras.elevation[:, sl], cameras.azimuth[:, sl],
-                       cameras.distance[:, sl], size, size)
-        window = Cameras(full.c2w, 2 * half_angle[:, sl], full.elevation, full.azimuth, full.distance, crop, crop)
+        full = cameras.map(lambda t: t[:, sl], size, size)
+        window = dataclasses.replace(full, fovy=2 * half_angle[:, sl], height=crop, width=crop)
         v = full.shape[1]
         out = renderer(field, window, background=background, **renderer.eval_options(samples, importance_samples))
         if crop < size:

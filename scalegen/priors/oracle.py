@@ -177,8 +177,7 @@ class OraclePrior(Prior):
             ukey, inv = torch.unique(key, dim=0, return_inverse=True)
             first = torch.full((len(ukey),), n, dtype=torch.long).scatter_reduce(
                 0, inv, torch.arange(n), reduce="amin")
-            ucams = Cameras(rows.c2w[:, first], rows.fovy[:, first], rows.elevation[:, first],
-                            rows.azimuth[:, first], rows.distance[:, first], h, w)
+            ucams = rows.map(lambda t: t[:, first], h, w)
             comps = self.encode(self.render_components(uset.tolist(), ucams)).flatten(2).to(x)  # [S, U, D]
             mu_cond = comps[pos[comp], inv[:, None]]  # [N, K, D]
             mu_unc = comps[:, inv].transpose(0, 1)  # [N, S, D]

@@ -129,15 +129,12 @@ class GroundTruth:
         rgb, op = [], []
         for i in range(0, p, chunk):
             sl = slice(i, i + chunk)
-            sub = Cameras(cameras.c2w[sl], cameras.fovy[sl], cameras.elevation[sl], cameras.azimuth[sl],
-                          cameras.distance[sl], cameras.height, cameras.width)
+            sub = cameras.map(lambda t: t[sl])
             ids = component[sl]
             if all(len(c) == 1 for c in comps[sl]):  # one component per prompt: its views in one draw
                 out = self.draw(ids[:, 0].tolist(), sub)
             else:  # one row per view: each view its own component
-                f = lambda t: t.reshape(-1, 1, *t.shape[2:])  # noqa: E731
-                out = self.draw(ids.flatten().tolist(), Cameras(f(sub.c2w), f(sub.fovy), f(sub.elevation),
-                                                                f(sub.azimuth), f(sub.distance), sub.height, sub.width))
+                out = self.draw(ids.flatten().tolist(), sub.map(lambda t: t.reshape(-1, 1, *t.shape[2:])))
             k = ids.shape[0]
             rgb.append(out.rgb.reshape(k, v, 3, cameras.height, cameras.width))
             op.append(out.opacity.reshape(k, v, 1, cameras.height, cameras.width))
