@@ -200,6 +200,17 @@ def test_claims_choose_each_distillers_rate_on_the_smallest_corpus_and_keep_the_
         bench_claims(ClaimsOptions(lr_scales=[0.3, 3.0]), [], str(tmp_path))
 
 
+def test_claims_run_cache_does_not_depend_on_how_out_is_spelled(tmp_path, monkeypatch):
+    """A cached run is found again whether --out was given relative or absolute: the corpus path inside a
+    run's config (its cache key) is the same absolute path either way."""
+    from scalegen.bench.claims import ClaimsOptions, Runner
+
+    monkeypatch.chdir(tmp_path)
+    rel = Runner(ClaimsOptions(), [], "out").size_arm("sds", 15, 1.0)[1]
+    absolute = Runner(ClaimsOptions(), [], str(tmp_path / "out")).size_arm("sds", 15, 1.0)[1]
+    assert rel == absolute and f"data.prompts={tmp_path / 'out' / 'claims' / 'corpora' / 'compose_15.json'}" in rel
+
+
 def test_claims_rate_overrides_scale_every_generator_rate():
     from scalegen.bench.claims import ClaimsOptions, Runner
 

@@ -154,7 +154,8 @@ class Runner:
     def __init__(self, opts: ClaimsOptions, overrides: list[str], out_root: str):
         learned_items, overrides = split_overrides(overrides, "learned")
         self.opts, self.overrides, self.learned_items = opts, overrides, learned_items
-        self.root = Path(out_root) / "claims"
+        # absolute, so a run's config (its corpus path) and cache key do not depend on how --out is spelled
+        self.root = Path(out_root).resolve() / "claims"
         self.commands: list[str] = []
         self.learned = opts.prior == "learned"
         self.learned_opts = learned_options(opts, learned_items)
