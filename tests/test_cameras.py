@@ -140,3 +140,13 @@ def test_mvdream_elevations_follow_the_references_formula():
     assert _ks(el_true, _mixture_cdf("sine")) < 1.63 / math.sqrt(n)
     assert sphere_draw(load_config(None, []).camera) == "sine"
     assert sphere_draw(load_config(None, ["camera.sampler=mvdream"]).camera) == "mvdream"
+
+
+def test_cameras_map_applies_to_every_per_view_tensor_and_keeps_the_size_unless_given():
+    cams = orbit_cameras(6, elevation=15.0, distance=1.5, fovy=60.0, resolution=16)
+    half = cams.map(lambda t: t[:, ::2])
+    for name in ("c2w", "fovy", "elevation", "azimuth", "distance"):
+        assert torch.equal(getattr(half, name), getattr(cams, name)[:, ::2])
+    assert (half.height, half.width) == (16, 16) and half.shape == (1, 3)
+    assert (cams.map(lambda t: t, 8, 12).height, cams.map(lambda t: t, 8, 12).width) == (8, 12)
+    assert torch.equal(cams.expand(3).rows().fovy, cams.fovy.repeat(1, 3))
