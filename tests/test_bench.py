@@ -155,6 +155,26 @@ def test_claims_bench_json(tmp_path):
     assert (tmp_path / "pics" / "f1.png").stat().st_size > 0
 
 
+@pytest.mark.slow
+def test_two_claims_calls_on_one_out_train_each_run_once(tmp_path):
+    """Two `bench claims` processes started together on one --out split the runs (each trained by one of
+    them, the other reuses it) and give the same row."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "scalegen.cli", "bench", "claims", "--out", str(tmp_path), "bench.claims=[c]",
+           "bench.sizes=[15]", "bench.steps=2", "bench.eval_prompts=2", "bench.pictures=null"]
+    procs = [subprocess.Popen([*cmd, "--json", str(tmp_path / f"{i}.json")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    trained = [line for out, _ in outs for line in out.splitlines() if line.startswith("[claims] training")]
+    assert len(trained) == len(set(trained)) == 4  # eta 0.1 and eta 0, 2 seeds: each trained once in all
+    rows = [json.loads((tmp_path / f"{i}.json").read_text())["claims"][0] for i in range(2)]
+    assert rows[0]["numbers"] == rows[1]["numbers"]
+
+
 def test_claims_row_command_carries_the_options_that_shape_the_runs():
     from scalegen.bench.claims import ClaimsOptions, option_items
 
@@ -175,7 +195,7 @@ def test_claims_choose_each_distillers_rate_on_the_smallest_corpus_and_keep_the_
     best = {"sds": 1.0, "asd": 3.0}
     trained = []
 
-    def fake_run(self, world, name, arm, seed, splits=None):
+    def fake_run(self, world, name, arm, seed, splits=None, wait=True):
         d, n, scale = re.fullmatch(r"([a-z]+)_n(\d+)(?:_lr([\d.]+))?", name).groups()
         n, scale = int(n), float(scale or 1.0)
         trained.append((d, n, scale, seed))
@@ -209,6 +229,46 @@ def test_claims_run_cache_does_not_depend_on_how_out_is_spelled(tmp_path, monkey
     rel = Runner(ClaimsOptions(), [], "out").size_arm("sds", 15, 1.0)[1]
     absolute = Runner(ClaimsOptions(), [], str(tmp_path / "out")).size_arm("sds", 15, 1.0)[1]
     assert rel == absolute and f"data.prompts={tmp_path / 'out' / 'claims' / 'corpora' / 'compose_15.json'}" in rel
+
+
+def test_claims_calls_on_one_out_split_the_runs_and_train_each_once(tmp_path, monkeypatch):
+    """A run whose folder another live process holds is skipped in the first pass (this call trains the
+    others meanwhile) and reused in the second, once that process has finished it: never trained twice,
+    never removed half-trained."""
+    import socket
+    import subprocess
+
+    import scalegen.bench.claims as claims
+    from scalegen.bench.claims import ClaimsOptions, Runner
+    from scalegen.locks import lock_path
+
+    monkeypatch.setattr(claims, "LOCK_POLL_S", 0.05)
+    r = Runner(ClaimsOptions(seeds=2, steps=2, eval_prompts=2), [], str(tmp_path))
+    arms = {"sds_cfg7.5": claims.MULTIMODAL_ARMS["sds_cfg7.5"], "vsd": claims.MULTIMODAL_ARMS["vsd"]}
+    held = r.root / "multimodal" / "sds_cfg7.5-s1"
+    holder = subprocess.Popen(["sleep", "60"])  # a live process on this host: its lock is not stale
+    lock = lock_path(held)
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "start": 0, "command": "other call"}))
+    trained = []
+
+    def fake_train_eval(self, cfg, run_dir, splits=None):
+        run_dir.mkdir(parents=True)
+        trained.append(run_dir.name)
+        if len(trained) == 3:  # this call has trained every free run: the other call finishes its run
+            lock.unlink()
+            other = Runner(self.opts, [], str(tmp_path))
+            other.run("multimodal", "sds_cfg7.5", arms["sds_cfg7.5"], 1)
+        return 1.0, {"seen": {"psnr": 20.0 + len(trained)}}
+
+    monkeypatch.setattr(Runner, "train_eval", fake_train_eval)
+    try:
+        out = r.arms("multimodal", arms)
+    finally:
+        holder.kill()
+    assert trained == ["sds_cfg7.5-s0", "vsd-s0", "vsd-s1", "sds_cfg7.5-s1"]  # the last by the "other call"
+    assert [x["metrics"]["seen"]["psnr"] for x in out["sds_cfg7.5"]] == [21.0, 24.0]
+    assert not lock.exists() and (held / "result.json").is_file()
 
 
 def test_claims_rate_overrides_scale_every_generator_rate():

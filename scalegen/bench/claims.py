@@ -34,6 +34,7 @@ import hashlib
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Optional
@@ -48,6 +49,7 @@ from scalegen.data.cameras import orbit_cameras
 from scalegen.errors import ScalegenError
 from scalegen.eval.oracle import evaluate_oracle
 from scalegen.eval.report import format_table
+from scalegen.locks import FolderLock, FolderLocked
 from scalegen.priors import build_ground_truth, build_prior, build_world
 from scalegen.render import build_renderer
 from scalegen.render.images import image_grid
@@ -69,6 +71,7 @@ BUDGET = [
     "train.logger=none", "train.progress=false", "train.log_every=25", "train.val_assets=0",
 ]
 MIN_PSNR, MIN_COLOUR, MIN_FACE = 0.5, 0.02, 0.1
+LOCK_POLL_S = 5.0  # how often a call waiting for another call's run checks whether it finished
 # Claims (rows) that need what the learned prior lacks: it is conditioned on the prompt only (the bag of words,
 # Stable-Diffusion-like), trained without view words and without the camera.
 NO_VIEW_WORDS = ("it is conditioned on the prompt only and was trained without view words, so it has no "
@@ -175,19 +178,20 @@ class Runner:
         cfg = load_config(self.world_config(world), [*BUDGET, *self.overrides])
         record = world_record(cfg)
         done = out / "bench_learned.json"
-        rec = json.loads(done.read_text()) if done.is_file() else {}
-        if rec and rec.get("record") != record:
-            raise ScalegenError(f"'{out}' holds a learned prior trained on other world, camera, render or text settings "
-                                "than these runs' (a config override changed); remove it or give another --out")
-        if rec.get("options") == options:
-            print(f"[claims] reusing the learned prior {out}", flush=True)
-        else:
-            print(f"[claims] training the learned prior of world {world} in {out} (learned.size={opts.size}, "
-                  f"steps={opts.steps}, minutes={opts.minutes:g}) ...", flush=True)
-            summary = train_learned(cfg, opts, out, log=lambda m: print(f"[claims] {m}", flush=True))
-            rec = {"options": options, "record": record,
-                   "trainings": [*rec.get("trainings", []), {**summary, "options": options}]}
-            atomic.write_json(done, rec, indent=1)
+        with self.locked(out, f"scalegen bench claims (learned prior of world {world})"):  # one call trains it
+            rec = json.loads(done.read_text()) if done.is_file() else {}
+            if rec and rec.get("record") != record:
+                raise ScalegenError(f"'{out}' holds a learned prior trained on other world, camera, render or text "
+                                    "settings than these runs' (a config override changed); remove it or give another --out")
+            if rec.get("options") == options:
+                print(f"[claims] reusing the learned prior {out}", flush=True)
+            else:
+                print(f"[claims] training the learned prior of world {world} in {out} (learned.size={opts.size}, "
+                      f"steps={opts.steps}, minutes={opts.minutes:g}) ...", flush=True)
+                summary = train_learned(cfg, opts, out, log=lambda m: print(f"[claims] {m}", flush=True))
+                rec = {"options": options, "record": record,
+                       "trainings": [*rec.get("trainings", []), {**summary, "options": options}]}
+                atomic.write_json(done, rec, indent=1)
         info = json.loads((out / "learned_prior.json").read_text())
         self.learned_info[world] = {
             "dir": str(out), "steps_trained": info["steps"], "size": info["size"], "params": info["params"],
@@ -213,10 +217,13 @@ class Runner:
             atomic.write_json(path, {"train": c["train"]}, indent=None)
         return path
 
-    def run(self, world: str, name: str, arm: list[str], seed: int, splits=None) -> dict:
+    def run(self, world: str, name: str, arm: list[str], seed: int, splits=None, wait: bool = True) -> dict | None:
         """Metrics of one arm at one seed (training it unless a finished run with this config exists). With
         the learned prior: its runs live under claims/learned/, and the cache key holds the prior's
-        learned_prior.json (a prior trained further is another prior)."""
+        learned_prior.json (a prior trained further is another prior). The run's folder is locked while it is
+        checked and trained, so another `bench claims` call on the same ``--out`` never trains it twice or
+        removes it half-trained: this call waits for that one and reuses its run, or with ``wait=False``
+        returns None at once."""
         prior_items, fingerprint = [], ""
         if self.learned:
             why = learned_refusal(arm)
@@ -231,23 +238,47 @@ class Runner:
                  f"eval.max_prompts={self.opts.eval_prompts}", *arm, *prior_items, *self.overrides]
         cfg = load_config(self.world_config(world), items)
         key = hashlib.sha256((cfg.to_yaml() + fingerprint).encode()).hexdigest()[:16]
-        done = run_dir / "result.json"
-        if self.opts.reuse and done.is_file():
-            res = json.loads(done.read_text())
-            if res.get("config_hash") == key:
-                print(f"[claims] reusing {run_dir}", flush=True)
-                return res
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        cmd = f"scalegen train --config {self.world_config(world).relative_to(CONFIGS.parents[1])} --out {run_dir} " + \
-            " ".join(items)
-        print(f"[claims] training {world}/{name} seed {seed} ({self.opts.prior} prior) ...", flush=True)
-        train_s, metrics = self.train_eval(cfg, run_dir, splits)
-        res = {"config_hash": key, "world": world, "arm": name, "seed": seed, "prior": self.opts.prior,
-               "train_s": train_s, "s_per_step": train_s / cfg.train.max_steps, "metrics": metrics, "command": cmd,
-               "run_dir": str(run_dir)}
-        atomic.write_json(done, res, indent=1)
-        return res
+        with self.locked(run_dir, f"scalegen bench claims ({world}/{name} seed {seed})", wait) as lock:
+            if lock is None:
+                return None
+            done = run_dir / "result.json"
+            if self.opts.reuse and done.is_file():
+                res = json.loads(done.read_text())
+                if res.get("config_hash") == key:
+                    print(f"[claims] reusing {run_dir}", flush=True)
+                    return res
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            cmd = f"scalegen train --config {self.world_config(world).relative_to(CONFIGS.parents[1])} --out {run_dir} " + \
+                " ".join(items)
+            print(f"[claims] training {world}/{name} seed {seed} ({self.opts.prior} prior) ...", flush=True)
+            train_s, metrics = self.train_eval(cfg, run_dir, splits)
+            res = {"config_hash": key, "world": world, "arm": name, "seed": seed, "prior": self.opts.prior,
+                   "train_s": train_s, "s_per_step": train_s / cfg.train.max_steps, "metrics": metrics, "command": cmd,
+                   "run_dir": str(run_dir)}
+            atomic.write_json(done, res, indent=1)
+            return res
+
+    @contextmanager
+    def locked(self, folder: Path, command: str, wait: bool = True):
+        """Holds ``folder``'s lock (locks.py) for the ``with`` block; while another live process holds it:
+        yields None without ``wait``, else waits for it (announced once), checking every ``LOCK_POLL_S``."""
+        said, lock = False, None
+        while lock is None:
+            try:
+                lock = FolderLock(folder, command).acquire()
+            except FolderLocked as e:
+                if not wait:
+                    break
+                if not said:
+                    print(f"[claims] waiting: {e}", flush=True)
+                    said = True
+                time.sleep(LOCK_POLL_S)
+        try:
+            yield lock
+        finally:
+            if lock is not None:
+                lock.release()
 
     def train_eval(self, cfg, run_dir: Path, splits=None) -> tuple[float, dict]:
         """Train one run in ``run_dir`` and score it against the world's truth: (training seconds, metrics)."""
@@ -297,8 +328,14 @@ class Runner:
 
     def arms(self, world: str, arms: dict[str, list[str]], splits=None) -> dict[str, list[dict]]:
         """Every arm at every seed: {arm: [result of seed 0, seed 1, ...]}."""
-        return {name: [self.run(world, name, arm, s, splits) for s in range(self.opts.seeds)]
-                for name, arm in arms.items()}
+        todo = [(name, arm, s) for name, arm in arms.items() for s in range(self.opts.seeds)]
+        # A run another call on this --out is training is left for later, so several calls split the runs
+        # between them; the second pass waits for those and reuses them (or trains one whose holder died).
+        done = {(name, s): self.run(world, name, arm, s, splits, wait=False) for name, arm, s in todo}
+        for name, arm, s in todo:
+            if done[(name, s)] is None:
+                done[(name, s)] = self.run(world, name, arm, s, splits)
+        return {name: [done[(name, s)] for s in range(self.opts.seeds)] for name in arms}
 
 
 def learned_options(opts: ClaimsOptions, items: list[str]) -> LearnedTraining:
