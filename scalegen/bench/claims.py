@@ -5,7 +5,8 @@ at a budget sized for a 2-core CPU (``BUDGET``: Hyper-iNGP at reduced size, 24 x
 x 2 views per step, ``bench.steps`` steps, ``bench.seeds`` seeds per arm; every arm of a claim has the
 same budget). Runs are kept in ``--out``/claims and reused when their resolved config is unchanged,
 so the bench runs in pieces (``bench.claims=[a,b]``) and ``bench.merge=docs/claims.json`` updates one
-JSON with the claims of each piece.
+JSON with the claims of each piece. A run's folder is locked while it trains, so several calls on one ``--out``
+(one per core or node) split the runs between them (``Runner.arms``).
 
 ``bench.prior`` picks the prior every run distils from: ``exact`` (the oracle's exact mixture, the default) or
 ``learned`` (priors/learned.py: a small UNet trained on the world's renders, so its errors are a real prior's).
